@@ -1,0 +1,36 @@
+"""tl_thoughts: exact implicit weight updates of prompt chunks for TransformerLens models.
+
+The effect of a chunk of a prompt on every later token is exactly a token-dependent update of the
+model's weights: a vector added to each block's attention output (the virtual weight vector) and a
+low-rank patch of each MLP's input matrix (the virtual weight matrix). See ``docs/theory.md``.
+"""
+
+from tl_thoughts.chunks import Span
+from tl_thoughts.errors import (
+    ChunkError,
+    InputError,
+    TLThoughtsError,
+    UnsupportedArchitectureError,
+    ZeroDenominatorError,
+)
+from tl_thoughts.exact_weights import ExactWeightPatch, exact_weight_patch
+from tl_thoughts.updates import ImplicitUpdates, implicit_updates
+from tl_thoughts.verify import FormReport, VerificationReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkError",
+    "ExactWeightPatch",
+    "FormReport",
+    "ImplicitUpdates",
+    "InputError",
+    "Span",
+    "TLThoughtsError",
+    "UnsupportedArchitectureError",
+    "VerificationReport",
+    "ZeroDenominatorError",
+    "exact_weight_patch",
+    "implicit_updates",
+    "verify",
+]

@@ -1,0 +1,293 @@
+"""The TransformerLens backend: everything that reads a HookedTransformer's weights, hooks and caches.
+
+The mathematics (``_math.py``) and the public objects never touch TransformerLens internals
+directly; they go through the functions here. A TransformerBridge backend would replace this module.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_thoughts.errors import InputError, UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes and block structure of a supported model, read from its config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int | None
+    has_mlp: bool
+    gated_mlp: bool
+    parallel_attn_mlp: bool
+    positional: str  # "standard" (learned absolute) or "rotary"
+    dtype: torch.dtype
+
+    @property
+    def mlp_input_matrices(self) -> tuple[str, ...]:
+        """Names of the MLP matrices that read the MLP input (``W_gate`` first when gated)."""
+        if not self.has_mlp:
+            return ()
+        return ("W_gate", "W_in") if self.gated_mlp else ("W_in",)
+
+
+def model_spec(model: HookedTransformer) -> ModelSpec:
+    """Check that the exact construction applies to ``model`` and read its shapes.
+
+    Raises:
+        InputError: ``model`` is not a HookedTransformer.
+        UnsupportedArchitectureError: a config feature breaks exactness; the message says which.
+    """
+    if not isinstance(model, HookedTransformer):
+        raise InputError(
+            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
+        )
+    cfg = model.cfg
+    problems = []
+    if cfg.attention_dir != "causal":
+        problems.append("attention_dir != 'causal': the chunk would change the prefix")
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        problems.append(
+            f"positional_embedding_type={cfg.positional_embedding_type!r}: only learned absolute "
+            "('standard') and 'rotary' positions are handled"
+        )
+    if cfg.use_local_attn:
+        problems.append("use_local_attn: a sliding window sees other keys once the chunk is gone")
+    if getattr(cfg, "use_attention_sinks", False):
+        problems.append("use_attention_sinks: the pattern rows do not sum to one")
+    if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False):
+        problems.append("use_logn_attn / use_dynamic_ntk_rope: queries depend on the sequence length")
+    if cfg.num_experts:
+        problems.append("num_experts (mixture of experts) is not supported yet")
+    if cfg.use_normalization_before_and_after:
+        problems.append(
+            "use_normalization_before_and_after (post-attention/post-MLP norms) is not supported yet"
+        )
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if cfg.load_in_4bit:
+        problems.append("load_in_4bit: weights are not plain tensors")
+    if problems:
+        raise UnsupportedArchitectureError(
+            "tl_thoughts cannot compute exact implicit updates for this model: " + "; ".join(problems)
+        )
+    n_kv = cfg.n_key_value_heads
+    if n_kv is None or cfg.ungroup_grouped_query_attention:
+        n_kv = cfg.n_heads
+    return ModelSpec(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=n_kv,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=None if cfg.attn_only else cfg.d_mlp,
+        has_mlp=not cfg.attn_only,
+        gated_mlp=bool(cfg.gated_mlp) and not cfg.attn_only,
+        parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
+        positional=cfg.positional_embedding_type,
+        dtype=cfg.dtype,
+    )
+
+
+def check_no_hooks(model: HookedTransformer) -> None:
+    """Refuse a model with hooks attached: they would change the runs the equivalence compares."""
+    hooked = [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    if hooked:
+        shown = ", ".join(hooked[:5]) + (" ..." if len(hooked) > 5 else "")
+        raise InputError(
+            f"the model has hooks attached at {shown}; they would change the runs compared here. "
+            "Remove them first (model.reset_hooks(including_permanent=True))."
+        )
+
+
+def model_device(model: HookedTransformer) -> torch.device:
+    return model.W_E.device
+
+
+# --- hook names (TransformerLens vocabulary) ---
+
+
+def pattern_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def v_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_v"
+
+
+def z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def attn_out_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def resid_post_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def mlp_input_resid_name(spec: ModelSpec, layer: int) -> str:
+    """The residual stream the block's MLP normalises: resid_mid, or resid_pre in parallel blocks."""
+    if spec.parallel_attn_mlp:
+        return f"blocks.{layer}.hook_resid_pre"
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def mlp_post_name(layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def param_name(layer: int, weight: str) -> str:
+    """TransformerLens parameter name of a block weight: ``W_in``, ``W_gate``, ``b_out``, ``W_out``
+    (MLP) or ``W_O``, ``b_O`` (attention)."""
+    module = "attn" if weight in ("W_O", "b_O") else "mlp"
+    return f"blocks.{layer}.{module}.{weight}"
+
+
+# --- weights ---
+
+
+def W_O(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_head d_model"]:
+    return model.blocks[layer].attn.W_O
+
+
+def mlp_matrix(model: HookedTransformer, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
+    return getattr(model.blocks[layer].mlp, name)
+
+
+def apply_mlp_norm(
+    model: HookedTransformer, layer: int, resid: Float[Tensor, "pos d_model"]
+) -> Float[Tensor, "pos d_model"]:
+    """The block's pre-MLP normalisation (``ln2``, weights included) applied to residual rows."""
+    return model.blocks[layer].ln2(resid[None])[0]
+
+
+def expand_kv_heads(
+    spec: ModelSpec, v: Float[Tensor, "pos kv_head d_head"]
+) -> Float[Tensor, "pos head d_head"]:
+    """Give every query head its value vectors (GQA: head h reads key/value head h // group)."""
+    if spec.n_kv_heads == spec.n_heads:
+        return v
+    return torch.repeat_interleave(v, spec.n_heads // spec.n_kv_heads, dim=1)
+
+
+# --- runs ---
+
+
+def forward(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "1 pos"],
+    fwd_hooks: list[tuple[str, Callable]] | None = None,
+    cache_names: list[str] | None = None,
+) -> tuple[Float[Tensor, "1 pos d_vocab"], dict[str, Tensor]]:
+    """A forward pass with optional temporary hooks, caching ``cache_names``.
+
+    The attention mask is passed explicitly (all ones), so TransformerLens never guesses padding
+    from pad-token ids that also occur in the prompt (e.g. ``<|im_end|>`` in a chat template).
+    Hooks are added through ``model.hooks``, which removes exactly these hooks on exit, also on an
+    exception.
+    """
+    cache: dict[str, Tensor] = {}
+    hooks = list(fwd_hooks or [])
+    for name in cache_names or []:
+
+        def save(act: Tensor, hook, _name: str = name) -> None:
+            cache[_name] = act.detach()[0]
+
+        hooks.append((name, save))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, attention_mask=torch.ones_like(tokens))
+    return logits, cache
+
+
+def add_at_rows_hook(
+    rows: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]
+) -> Callable[[Tensor, object], Tensor]:
+    """A forward hook that adds ``vectors[i]`` to position ``rows[i]`` of a ``[batch pos d_model]``
+    activation (batch 1)."""
+
+    def hook(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        act[0, rows] += vectors.to(act.dtype)
+        return act
+
+    return hook
+
+
+@contextlib.contextmanager
+def swapped_tensors(model: HookedTransformer, new: Mapping[str, Tensor]) -> Iterator[None]:
+    """Temporarily replace parameters or buffers of ``model`` by name; the original tensor objects
+    are put back on exit, also on an exception, so the model is bit-identical afterwards."""
+    modules = dict(model.named_modules())
+    saved: list[tuple[torch.nn.Module, str, Tensor, bool]] = []
+    try:
+        for full_name, value in new.items():
+            module_name, _, attr = full_name.rpartition(".")
+            module = modules[module_name]
+            current = getattr(module, attr)
+            if tuple(value.shape) != tuple(current.shape):
+                raise InputError(
+                    f"{full_name}: replacement has shape {tuple(value.shape)}, "
+                    f"expected {tuple(current.shape)}"
+                )
+            is_param = isinstance(current, torch.nn.Parameter)
+            saved.append((module, attr, current.data if is_param else current, is_param))
+            value = value.to(device=current.device, dtype=current.dtype)
+            if is_param:
+                current.data = value
+            else:
+                setattr(module, attr, value)
+    except BaseException:
+        _restore(saved)
+        raise
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+def _restore(saved: list[tuple[torch.nn.Module, str, Tensor, bool]]) -> None:
+    for module, attr, original, is_param in reversed(saved):
+        if is_param:
+            getattr(module, attr).data = original
+        else:
+            setattr(module, attr, original)
+
+
+def position_tables(
+    model: HookedTransformer, spec: ModelSpec, positions: Int[Tensor, " T"]
+) -> dict[str, Tensor]:
+    """Replacement position tables that put reduced-run row ``i`` at original position
+    ``positions[i]`` (THEORY 1): rows of ``W_pos`` for learned positions, rows of every block's
+    rotary sin/cos tables for rotary models. Same shapes as the originals."""
+    T = positions.shape[0]
+    tables: dict[str, Tensor] = {}
+    if spec.positional == "standard":
+        W_pos = model.pos_embed.W_pos
+        new = W_pos.detach().clone()
+        new[:T] = W_pos.detach()[positions]
+        tables["pos_embed.W_pos"] = new
+    else:
+        for layer, block in enumerate(model.blocks):
+            for buf in ("rotary_sin", "rotary_cos"):
+                old = getattr(block.attn, buf)
+                if int(positions.max()) >= old.shape[0]:
+                    raise InputError(
+                        f"position {int(positions.max())} beyond the rotary table ({old.shape[0]})"
+                    )
+                new = old.clone()
+                new[:T] = old[positions]
+                tables[f"blocks.{layer}.attn.{buf}"] = new
+    return tables
