@@ -14,6 +14,9 @@ from tl_thoughts.errors import (
     ZeroDenominatorError,
 )
 from tl_thoughts.exact_weights import ExactWeightPatch, exact_weight_patch
+from tl_thoughts.patch import IncompatibleModelError, PatchFileError, PatchHandle, ThoughtPatch
+from tl_thoughts.templates import PromptTemplate
+from tl_thoughts.thoughts import fit_thought
 from tl_thoughts.updates import ImplicitUpdates, implicit_updates
 from tl_thoughts.verify import FormReport, VerificationReport, verify
 
@@ -23,6 +26,12 @@ __all__ = [
     "ChunkError",
     "ExactWeightPatch",
     "FormReport",
+    "IncompatibleModelError",
+    "PatchFileError",
+    "PatchHandle",
+    "PromptTemplate",
+    "ThoughtPatch",
+    "fit_thought",
     "ImplicitUpdates",
     "InputError",
     "Span",

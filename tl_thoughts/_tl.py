@@ -167,13 +167,6 @@ def mlp_matrix(model: HookedTransformer, layer: int, name: str) -> Float[Tensor,
     return getattr(model.blocks[layer].mlp, name)
 
 
-def apply_mlp_norm(
-    model: HookedTransformer, layer: int, resid: Float[Tensor, "pos d_model"]
-) -> Float[Tensor, "pos d_model"]:
-    """The block's pre-MLP normalisation (``ln2``, weights included) applied to residual rows."""
-    return model.blocks[layer].ln2(resid[None])[0]
-
-
 def expand_kv_heads(
     spec: ModelSpec, v: Float[Tensor, "pos kv_head d_head"]
 ) -> Float[Tensor, "pos head d_head"]:
@@ -291,3 +284,51 @@ def position_tables(
                 new[:T] = old[positions]
                 tables[f"blocks.{layer}.attn.{buf}"] = new
     return tables
+
+
+# --- block-level pieces, for streaming a stored residual through one block ---
+
+
+def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering block 0 (token + position embeddings, natural positions)."""
+    with torch.no_grad():
+        return model(tokens, stop_at_layer=0)
+
+
+def block_attention(
+    model: HookedTransformer, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_model"]:
+    """Block ``layer``'s attention output (``hook_attn_out``) for a stored residual stream, causal,
+    without an attention mask (right padding never reaches a real position under causal
+    attention), natural positions. Mirrors ``TransformerBlock.forward``."""
+    from transformer_lens.utilities import repeat_along_head_dimension
+
+    block = model.blocks[layer]
+    cfg = model.cfg
+    if cfg.use_attn_in or cfg.use_split_qkv_input:
+        n_kv = cfg.n_key_value_heads if cfg.n_key_value_heads and not cfg.ungroup_grouped_query_attention else cfg.n_heads
+        q_in = repeat_along_head_dimension(resid_pre, n_heads=cfg.n_heads)
+        kv_in = repeat_along_head_dimension(resid_pre, n_heads=n_kv if cfg.use_split_qkv_input else cfg.n_heads)
+    else:
+        q_in = kv_in = resid_pre
+    with torch.no_grad():
+        return block.attn(
+            query_input=block.ln1(q_in), key_input=block.ln1(kv_in), value_input=block.ln1(kv_in)
+        )
+
+
+def block_mlp(
+    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_model"]:
+    """Block ``layer``'s MLP output for an already normalised MLP input."""
+    with torch.no_grad():
+        return model.blocks[layer].mlp(mlp_in)
+
+
+def mlp_norm(
+    model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_model"]:
+    """The block's pre-MLP normalisation (``ln2``, weights included) on any leading shape."""
+    shape = resid.shape
+    with torch.no_grad():
+        return model.blocks[layer].ln2(resid.reshape(1, -1, shape[-1])).reshape(shape)

@@ -137,7 +137,17 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
             f"chunk {text!r} occurs more than once in the prompt (at characters {first} and "
             f"{second}); pass a longer substring or a slice of positions"
         )
-    lo, hi = first, first + len(text)
+    return char_span_to_tokens(pieces, first, first + len(text))
+
+
+def char_span_to_tokens(pieces: list[str], lo: int, hi: int) -> tuple[int, int]:
+    """Token positions ``[start, stop)`` covering characters ``[lo, hi)`` of ``"".join(pieces)``.
+
+    A token straddling a boundary is accepted only if its part outside the span is whitespace.
+
+    Raises:
+        ChunkError: a boundary cuts a token, or no token lies in the span.
+    """
     start = stop = None
     offset = 0
     for i, piece in enumerate(pieces):
@@ -153,5 +163,6 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
             )
         start = i if start is None else start
         stop = i + 1
-    assert start is not None and stop is not None
+    if start is None or stop is None:
+        raise ChunkError(f"no token lies in characters {lo}..{hi} of the prompt")
     return start, stop

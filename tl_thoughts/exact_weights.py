@@ -97,7 +97,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
             delta_rows = _with_zero_prefix(updates.vectors[layer], n_prefix)  # [T, d_model]
             if spec.has_mlp:
                 resid = cache[_tl.mlp_input_resid_name(spec, layer)]
-                a_prefix = _tl.apply_mlp_norm(model, layer, resid[: n_prefix])
+                a_prefix = _tl.mlp_norm(model, layer, resid[: n_prefix])
                 assert updates.mlp_in is not None and updates.mlp_in_with_chunk is not None
                 a_rows = torch.cat([a_prefix, updates.mlp_in[layer]])  # reduced MLP inputs [T, d]
                 shift = _with_zero_prefix(

@@ -185,11 +185,11 @@ def updates_from_cache(
             attention.append(beta)
             if spec.has_mlp:
                 resid = cache[_tl.mlp_input_resid_name(spec, layer)][queries]
-                a_c = _tl.apply_mlp_norm(model, layer, resid)
+                a_c = _tl.mlp_norm(model, layer, resid)
                 if spec.parallel_attn_mlp:
                     a = a_c  # the MLP reads resid_pre, which the chunk does not change at layer l
                 else:
-                    a = _tl.apply_mlp_norm(model, layer, resid - head_vectors.sum(1))
+                    a = _tl.mlp_norm(model, layer, resid - head_vectors.sum(1))
                 mlp_in.append(a)
                 mlp_in_c.append(a_c)
         head_stack = torch.stack(heads)

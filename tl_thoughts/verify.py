@@ -30,6 +30,7 @@ class FormReport:
         logit_errors: ``[T]`` max |logit difference| at each kept position.
         kl: ``[T]`` KL(full || reduced) of the next-token distributions, in nats (float64).
         argmax_match: ``[T]`` whether the top token agrees.
+        logits: ``[T, d_vocab]`` the run's logits at the kept positions.
     """
 
     form: str
@@ -37,6 +38,7 @@ class FormReport:
     logit_errors: Float[Tensor, " T"]
     kl: Float[Tensor, " T"]
     argmax_match: Bool[Tensor, " T"]
+    logits: Float[Tensor, "T d_vocab"]
 
     @property
     def max_abs_logit_error(self) -> float:
@@ -63,6 +65,7 @@ class VerificationReport:
     Attributes:
         forms: form name -> :class:`FormReport`; always has ``"unpatched"`` as the baseline.
         kept_positions: ``[T]`` positions of the reduced prompt in the full prompt.
+        full_logits: ``[T, d_vocab]`` the full run's logits at the kept positions (the reference).
         chunk: the removed positions.
         dtype: the dtype the runs were computed in.
         weight_form: description of the weight patch used (``None`` if not verified).
@@ -70,6 +73,7 @@ class VerificationReport:
 
     forms: dict[str, FormReport]
     kept_positions: Int[Tensor, " T"]
+    full_logits: Float[Tensor, "T d_vocab"]
     chunk: slice
     dtype: torch.dtype
     weight_form: str | None
@@ -194,6 +198,7 @@ def verify(
     return VerificationReport(
         forms={name: _compare(name, reference, run) for name, run in runs.items()},
         kept_positions=span.kept_positions,
+        full_logits=reference[0].cpu(),
         chunk=span.as_slice(),
         dtype=spec.dtype,
         weight_form=weight_form,
@@ -217,4 +222,5 @@ def _compare(
         logit_errors=(logits - ref_logits).abs().amax(-1).cpu(),
         kl=kl.cpu(),
         argmax_match=(logits.argmax(-1) == ref_logits.argmax(-1)).cpu(),
+        logits=logits.cpu(),
     )

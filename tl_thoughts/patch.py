@@ -1,0 +1,333 @@
+"""``ThoughtPatch``: a token-independent weight patch, applied without surprises, saved and loaded."""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_thoughts import _tl
+from tl_thoughts.errors import InputError, TLThoughtsError
+
+FORMAT = "tl_thoughts.ThoughtPatch/1"
+FORMS = ("weight", "activation")
+
+
+class PatchFileError(TLThoughtsError, ValueError):
+    """A saved patch that is truncated, corrupted, or not a tl_thoughts patch."""
+
+
+class IncompatibleModelError(TLThoughtsError, ValueError):
+    """A patch applied to (or loaded for) a model of other shapes or another identity."""
+
+
+def model_identity(model: HookedTransformer) -> dict:
+    """Shapes and a fingerprint of the weights (float32 bytes of a sample of W_E, W_U and the
+    first block), so that a patch is only ever applied to the model it was fitted on."""
+    cfg = model.cfg
+    spec = _tl.model_spec(model)
+    shapes = dict(
+        n_layers=spec.n_layers, d_model=spec.d_model, d_mlp=spec.d_mlp, n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads, d_head=spec.d_head, d_vocab=cfg.d_vocab,
+        gated_mlp=spec.gated_mlp, parallel_attn_mlp=spec.parallel_attn_mlp,
+        normalization_type=cfg.normalization_type, act_fn=cfg.act_fn, positional=spec.positional,
+    )
+    h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
+    samples = [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
+    if spec.has_mlp:
+        samples.append(model.blocks[0].mlp.W_in)
+    for t in samples:
+        h.update(t.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
+    return dict(model_name=cfg.model_name, shapes=shapes, fingerprint=h.hexdigest())
+
+
+def _tensor_digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class ThoughtPatch:
+    """Token-independent weight deltas fitted from a chunk, per block (THEORY 4).
+
+    Attributes:
+        deltas: TransformerLens parameter name -> the delta, same shape as the parameter:
+            ``blocks.{l}.mlp.b_out`` or ``blocks.{l}.attn.b_O`` ``[d_model]`` (the thought vector,
+            at its site), ``blocks.{l}.mlp.W_in`` / ``W_gate`` ``[d_model, d_mlp]`` (the thought
+            matrices).
+        steering: ``"steering.{l}"`` -> the plain mean-difference steering vector at block ``l``'s
+            attention output (full minus unpatched reduced run, averaged over the pooled
+            positions), and ``"residual.{l}"`` -> the mean accumulated residual difference entering
+            block ``l``'s MLP; empty if not computed.
+        meta: JSON metadata: the model's identity and shapes, layers, options, the chunk's text,
+            the template, how many examples and tokens it was fitted on, the library version.
+    """
+
+    deltas: dict[str, Tensor]
+    steering: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls, model: HookedTransformer, deltas: dict[str, Tensor], steering: dict[str, Tensor], meta: dict
+    ) -> "ThoughtPatch":
+        from tl_thoughts import __version__
+
+        params = dict(model.named_parameters())
+        for name, d in deltas.items():
+            if name not in params or params[name].shape != d.shape:
+                raise InputError(f"delta {name!r} does not match a parameter of the model")
+        meta = {**meta, "model": model_identity(model), "version": __version__, "format": FORMAT}
+        return cls(deltas=dict(deltas), steering=dict(steering), meta=meta)
+
+    # --- inspection ---
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(n.split(".")[1]) for n in self.deltas})
+
+    def vector(self, layer: int) -> Tensor | None:
+        """The thought vector of ``layer`` (at its site), or None."""
+        for name in (f"blocks.{layer}.mlp.b_out", f"blocks.{layer}.attn.b_O"):
+            if name in self.deltas:
+                return self.deltas[name]
+        return None
+
+    def matrix(self, layer: int, name: str = "W_in") -> Tensor | None:
+        """The thought matrix of ``layer`` for ``W_in`` or ``W_gate``, or None."""
+        return self.deltas.get(f"blocks.{layer}.mlp.{name}")
+
+    def summary(self) -> list[dict]:
+        """Per fitted layer: the vector's norm, each matrix's norm, numerical rank and effective
+        rank (exp of the entropy of its normalised singular values), and the cosine between the
+        thought vector and the plain mean-difference steering vector at the same layer."""
+        rows = []
+        for layer in self.layers:
+            row: dict = {"layer": layer}
+            v = self.vector(layer)
+            if v is not None:
+                row["vector_norm"] = float(v.norm())
+                s = self.steering.get(f"steering.{layer}")
+                r = self.steering.get(f"residual.{layer}")
+                if s is not None:
+                    row["cos_steering"] = _cos(v, s)
+                if r is not None:
+                    row["cos_residual"] = _cos(v, r)
+            for name in ("W_gate", "W_in"):
+                m = self.matrix(layer, name)
+                if m is None:
+                    continue
+                sv = torch.linalg.svdvals(m.double())
+                row[f"{name}_norm"] = float(sv.norm())
+                row[f"{name}_rank"] = int((sv > sv.max() * max(m.shape) * torch.finfo(m.dtype).eps).sum())
+                p = sv / sv.sum() if float(sv.sum()) > 0 else sv
+                nz = p[p > 0]
+                row[f"{name}_effective_rank"] = float(torch.exp(-(nz * nz.log()).sum())) if len(nz) else 0.0
+            rows.append(row)
+        return rows
+
+    def summary_table(self) -> str:
+        """``summary()`` as a fixed-width text table."""
+        rows = self.summary()
+        keys = [k for k in rows[0] if k != "layer"] if rows else []
+        lines = ["layer " + "".join(f"{k:>20}" for k in keys)]
+        for row in rows:
+            lines.append(f"{row['layer']:>5} " + "".join(f"{row.get(k, float('nan')):>20.4g}" for k in keys))
+        return "\n".join(lines)
+
+    # --- applying ---
+
+    def check_compatible(self, model: HookedTransformer) -> None:
+        """Refuse a model of other shapes or another identity than the one the patch was fitted on."""
+        mine = self.meta.get("model", {})
+        theirs = model_identity(model)
+        if mine.get("shapes") != theirs["shapes"]:
+            diff = {k: (mine.get("shapes", {}).get(k), v) for k, v in theirs["shapes"].items()
+                    if mine.get("shapes", {}).get(k) != v}
+            raise IncompatibleModelError(
+                f"this patch was fitted on a model with other shapes (patch vs model: {diff})"
+            )
+        if mine.get("fingerprint") != theirs["fingerprint"]:
+            raise IncompatibleModelError(
+                f"this patch was fitted on another model ({mine.get('model_name')!r}, weights "
+                f"fingerprint {str(mine.get('fingerprint'))[:12]}...) than this one "
+                f"({theirs['model_name']!r}, {theirs['fingerprint'][:12]}...)"
+            )
+
+    def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
+        """The patched parameter values (original + delta), by name."""
+        params = dict(model.named_parameters())
+        return {n: params[n].detach() + d.to(params[n]) for n, d in self.deltas.items()}
+
+    @contextlib.contextmanager
+    def apply(self, model: HookedTransformer, form: str = "weight") -> Iterator[HookedTransformer]:
+        """Context manager: ``model`` behaves as if the chunk were there (as far as the patch
+        carries it); restored bit-identically on exit, also on an exception.
+
+        Args:
+            model: The model the patch was fitted on.
+            form: ``"weight"`` (parameters really patched) or ``"activation"`` (hooks adding the
+                same changes to the activations).
+        """
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.check_compatible(model)
+        if form == "weight":
+            with _tl.swapped_tensors(model, self.parameters(model)):
+                yield model
+        else:
+            with model.hooks(fwd_hooks=self.hooks(model)):
+                yield model
+
+    def attach(self, model: HookedTransformer, form: str = "weight") -> "PatchHandle":
+        """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.apply(model, form))
+        return PatchHandle(stack)
+
+    def merge_into(self, model: HookedTransformer) -> None:
+        """Add the patch to the model's parameters FOR GOOD (explicit, not undone)."""
+        self.check_compatible(model)
+        new = self.parameters(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in new.items():
+                params[name].copy_(value)
+
+    def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
+        """TransformerLens forward hooks that add the patch's effect to the activations."""
+        spec = _tl.model_spec(model)
+        hooks: list[tuple[str, object]] = []
+        for layer in self.layers:
+            b_O = self.deltas.get(_tl.param_name(layer, "b_O"))
+            b_out = self.deltas.get(_tl.param_name(layer, "b_out"))
+            if b_O is not None:
+                hooks.append((_tl.attn_out_name(layer), _add_hook(b_O)))
+            if b_out is not None:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", _add_hook(b_out)))
+            mats = {n: self.deltas[_tl.param_name(layer, n)] for n in spec.mlp_input_matrices
+                    if _tl.param_name(layer, n) in self.deltas}
+            if mats:
+                store: dict[str, Tensor] = {}
+                block = model.blocks[layer]
+
+                def keep(act, hook, store=store, block=block):
+                    store["x"] = block.ln2(act)
+
+                hooks.append((_tl.mlp_input_resid_name(spec, layer), keep))
+                # gated: x @ W_gate -> mlp.hook_pre, x @ W_in -> mlp.hook_pre_linear; plain: x @ W_in + b_in -> hook_pre
+                sites = {"W_gate": "hook_pre", "W_in": "hook_pre_linear"} if spec.gated_mlp else {"W_in": "hook_pre"}
+                for name, site in sites.items():
+                    if name in mats:
+                        hooks.append((f"blocks.{layer}.mlp.{site}", _matmul_hook(store, mats[name])))
+        return hooks
+
+    # --- saving and loading ---
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the patch to one safetensors file (tensors + JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"delta:{k}": v.detach().contiguous().cpu() for k, v in self.deltas.items()}
+        tensors.update({f"steering:{k}": v.detach().contiguous().cpu() for k, v in self.steering.items()})
+        meta = {**self.meta, "sha256": _tensor_digest(tensors)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"tl_thoughts": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: HookedTransformer | None = None) -> "ThoughtPatch":
+        """Read a patch written by :meth:`save`; refuse a truncated or corrupted file, and (when
+        ``model`` is given) a model of other shapes or another identity."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get("tl_thoughts")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises several types on a damaged file
+            raise PatchFileError(f"{path}: not a readable patch file ({type(e).__name__}: {e})") from e
+        if raw_meta is None:
+            raise PatchFileError(f"{path}: no tl_thoughts metadata (not a ThoughtPatch file)")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as e:
+            raise PatchFileError(f"{path}: corrupted metadata") from e
+        if meta.get("format") != FORMAT:
+            raise PatchFileError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.pop("sha256", None) != _tensor_digest(tensors):
+            raise PatchFileError(f"{path}: the tensors do not match their checksum (file corrupted or edited)")
+        patch = cls(
+            deltas={k[len("delta:"):]: v for k, v in tensors.items() if k.startswith("delta:")},
+            steering={k[len("steering:"):]: v for k, v in tensors.items() if k.startswith("steering:")},
+            meta=meta,
+        )
+        if model is not None:
+            patch.check_compatible(model)
+        return patch
+
+
+class PatchHandle:
+    """Returned by :meth:`ThoughtPatch.attach`; ``remove()`` restores the model."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+        self.active = True
+
+    def remove(self) -> None:
+        if self.active:
+            self.active = False
+            self._stack.close()
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    na, nb = float(a.double().norm()), float(b.double().norm())
+    if na == 0 or nb == 0:
+        return math.nan
+    return float(a.double() @ b.double()) / (na * nb)
+
+
+def _add_hook(vector: Tensor):
+    def hook(act: Tensor, hook) -> Tensor:
+        return act + vector.to(act)
+
+    return hook
+
+
+def _matmul_hook(store: dict, matrix: Tensor):
+    def hook(act: Tensor, hook) -> Tensor:
+        return act + store["x"] @ matrix.to(act)
+
+    return hook

@@ -1,0 +1,103 @@
+"""Built-in prompts with an instruction or few-shot chunk, for the default chat model.
+
+Each case is a user turn whose chunk (an instruction or demonstrations) is removed; the rest is
+the query. ``chat_prompt`` wraps it in the model's chat template, so the chunk sits after a
+chat-template prefix (system turn and ``<|im_start|>user``) and before the query.
+"""
+
+from dataclasses import dataclass
+
+from transformer_lens import HookedTransformer
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """A user message ``chunk + separator + query``; the chunk is what gets removed."""
+
+    name: str
+    chunk: str
+    query: str
+    separator: str = "\n"
+
+    @property
+    def user_message(self) -> str:
+        return self.chunk + self.separator + self.query
+
+
+DEFAULT_CASE = PromptCase(
+    name="french",
+    chunk="Translate the following English word into French. Answer with one word.",
+    query="cat",
+)
+
+SUITE: tuple[PromptCase, ...] = (
+    DEFAULT_CASE,
+    PromptCase("antonym", "Give the opposite of the word. Answer with one word.", "hot"),
+    PromptCase("capital", "Name the capital city of the country. Answer with one word.", "Japan"),
+    PromptCase("past_tense", "Write the past tense of the verb. Answer with one word.", "run"),
+    PromptCase("plural", "Write the plural of the noun. Answer with one word.", "mouse"),
+    PromptCase("uppercase", "Repeat the word in capital letters.", "banana"),
+    PromptCase("sum", "Add the two numbers and answer with the number only.", "3 + 4"),
+    PromptCase("spanish", "Translate into Spanish. Answer with one word.", "dog"),
+    PromptCase("color", "Name the usual color of the object. Answer with one word.", "grass"),
+    PromptCase("rhyme", "Give a word that rhymes with the word.", "cat"),
+    PromptCase("synonym", "Give a synonym of the word. Answer with one word.", "big"),
+    PromptCase("yes_no", "Answer only yes or no.", "Is the sun hot?"),
+    PromptCase("pirate", "Answer like a pirate.", "How are you today?"),
+    PromptCase("haiku", "Reply with a haiku.", "Describe the sea."),
+    PromptCase("json", "Answer in JSON with a key named answer.", "What is 2 + 2?"),
+    PromptCase(
+        "fewshot_antonym",
+        "hot -> cold\nbig -> small\nfast -> slow\nhappy -> sad",
+        "tall ->",
+    ),
+    PromptCase(
+        "fewshot_capital",
+        "France -> Paris\nItaly -> Rome\nSpain -> Madrid\nGermany -> Berlin",
+        "Japan ->",
+    ),
+    PromptCase(
+        "fewshot_french",
+        "dog -> chien\nhouse -> maison\nwater -> eau\nbread -> pain",
+        "cat ->",
+    ),
+    PromptCase(
+        "fewshot_plural",
+        "cat -> cats\nbox -> boxes\nchild -> children\nfoot -> feet",
+        "mouse ->",
+    ),
+    PromptCase(
+        "fewshot_sum",
+        "2 + 3 = 5\n4 + 1 = 5\n6 + 2 = 8\n3 + 3 = 6",
+        "5 + 2 =",
+    ),
+    PromptCase(
+        "fewshot_past",
+        "walk -> walked\ngo -> went\neat -> ate\nsee -> saw",
+        "run ->",
+    ),
+    PromptCase(
+        "fewshot_upper",
+        "apple -> APPLE\nsun -> SUN\nriver -> RIVER\nbook -> BOOK",
+        "moon ->",
+    ),
+)
+
+
+def chat_prompt(model: HookedTransformer, case: PromptCase) -> str:
+    """The full prompt text of ``case`` in the model's chat template, ready for the assistant turn.
+
+    Args:
+        model: A model whose tokenizer has a chat template.
+        case: The prompt case.
+
+    Returns:
+        The prompt text; ``case.chunk`` occurs in it exactly once.
+    """
+    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+        raise ValueError("chat_prompt needs a model whose tokenizer has a chat template")
+    return model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": case.user_message}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )

@@ -1,0 +1,157 @@
+"""Prompt templates and the tokenisation of (chunk, query, answer) examples for thought patches."""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_thoughts.chunks import char_span_to_tokens
+from tl_thoughts.errors import ChunkError, InputError
+
+Example = str | tuple[str, str]
+POOLS = ("query", "answer", "kept", "all")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Where the chunk and the query go in a prompt.
+
+    ``text`` holds the placeholders ``{chunk}`` and ``{query}`` once each, the chunk first. The
+    chunk is rendered as ``chunk + separator``, and that whole piece is what is removed: the
+    reduced prompt is ``text`` with ``{chunk}`` replaced by nothing.
+
+    Example:
+        >>> t = PromptTemplate("Q: {chunk}{query}\\nA:", separator=" ")
+        >>> t.render("2+2?", "Answer briefly.")
+        'Q: Answer briefly. 2+2?\\nA:'
+        >>> t.render("2+2?")
+        'Q: 2+2?\\nA:'
+    """
+
+    text: str = "{chunk}{query}"
+    separator: str = "\n"
+
+    def __post_init__(self) -> None:
+        if self.text.count("{chunk}") != 1 or self.text.count("{query}") != 1:
+            raise ValueError("a template holds '{chunk}' and '{query}' exactly once each")
+        if self.text.index("{chunk}") > self.text.index("{query}"):
+            raise ValueError("the chunk must come before the query in the template")
+
+    def render(self, query: str, chunk: str | None = None) -> str:
+        """The prompt for ``query``, with ``chunk`` (and the separator) or without it."""
+        piece = "" if chunk is None else chunk + self.separator
+        return self.text.replace("{chunk}", piece).replace("{query}", query)
+
+    def chunk_chars(self, query: str, chunk: str) -> tuple[int, int]:
+        """Character span of ``chunk + separator`` in ``render(query, chunk)``."""
+        lo = self.text.index("{chunk}")
+        return lo, lo + len(chunk) + len(self.separator)
+
+    @classmethod
+    def chat(cls, model: HookedTransformer, separator: str = "\n") -> "PromptTemplate":
+        """The model's chat template, chunk and query in one user turn, ready for the answer."""
+        tok = model.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise InputError("PromptTemplate.chat needs a tokenizer with a chat template")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "{chunk}{query}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return cls(text=text, separator=separator)
+
+
+def default_template(model: HookedTransformer) -> PromptTemplate:
+    """The chat template when the tokenizer has one, else ``"{chunk}\\n{query}"``."""
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "chat_template", None):
+        return PromptTemplate.chat(model)
+    return PromptTemplate()
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """One example tokenised with and without the chunk, with aligned positions.
+
+    Attributes:
+        full: ``[pos]`` tokens with the chunk (and the answer, teacher-forced).
+        reduced: ``[T]`` the same tokens with the chunk removed.
+        start, stop: the chunk's positions in ``full``.
+        answer_start: position in ``full`` of the first answer token (``len(full)`` if none).
+    """
+
+    full: Int[Tensor, " pos"]
+    reduced: Int[Tensor, " T"]
+    start: int
+    stop: int
+    answer_start: int
+
+    def pooled(self, pool: str) -> Int[Tensor, " n"]:
+        """Positions in ``full`` pooled for fitting: ``"query"`` (after the chunk, before the
+        answer), ``"answer"`` (the positions that predict the answer tokens), ``"kept"`` (every
+        position after the chunk) or ``"all"`` (every kept position, the prefix too)."""
+        n = self.full.shape[0]
+        if pool == "query":
+            return torch.arange(self.stop, self.answer_start)
+        if pool == "answer":
+            if self.answer_start >= n:
+                raise InputError("pool='answer' needs (query, answer) examples")
+            return torch.arange(self.answer_start - 1, n - 1)
+        if pool == "kept":
+            return torch.arange(self.stop, n)
+        if pool == "all":
+            return torch.cat([torch.arange(0, self.start), torch.arange(self.stop, n)])
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+    def to_reduced(self, positions: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
+        """Map kept positions of ``full`` to their index in ``reduced``."""
+        return torch.where(positions >= self.stop, positions - (self.stop - self.start), positions)
+
+
+def encode_example(
+    model: HookedTransformer, template: PromptTemplate, chunk: str, example: Example
+) -> EncodedExample:
+    """Tokenise one example with and without the chunk.
+
+    The reduced tokens are the full tokens minus the chunk's tokens, so that positions align; if
+    tokenising the reduced text directly gives other tokens, a warning says so (the patch is then
+    fitted on a tokenisation the user would not type).
+    """
+    if model.tokenizer is None:
+        raise InputError("fitting from text needs a model with a tokenizer")
+    query, answer = (example, "") if isinstance(example, str) else example
+    if not isinstance(query, str) or not isinstance(answer, str):
+        raise InputError(f"an example is a string or a (query, answer) pair of strings, got {example!r}")
+    prompt = template.render(query, chunk)
+    text = prompt + answer
+    tokens = model.to_tokens(text)[0]
+    pieces = model.to_str_tokens(tokens)
+    joined = "".join(pieces)
+    if not joined.endswith(text):
+        raise ChunkError(
+            "the tokenizer's token strings do not concatenate back to the prompt; cannot align the "
+            f"chunk by characters (prompt {text[:60]!r}...)"
+        )
+    offset = len(joined) - len(text)  # e.g. a prepended BOS
+    lo, hi = template.chunk_chars(query, chunk)
+    start, stop = char_span_to_tokens(pieces, offset + lo, offset + hi)
+    if answer:
+        answer_start, _ = char_span_to_tokens(pieces, offset + len(prompt), offset + len(text))
+        if answer_start <= stop:
+            raise ChunkError(f"the answer {answer!r} starts inside the chunk or right at its end")
+    else:
+        answer_start = tokens.shape[0]
+    if stop >= tokens.shape[0]:
+        raise ChunkError("nothing follows the chunk in the prompt")
+    reduced = torch.cat([tokens[:start], tokens[stop:]])
+    direct = model.to_tokens(template.render(query) + answer)[0]
+    if not torch.equal(direct.cpu(), reduced.cpu()):
+        warnings.warn(
+            f"for example {query!r}, tokenising the prompt without the chunk gives other tokens than "
+            "removing the chunk's tokens; the latter are used",
+            stacklevel=3,
+        )
+    return EncodedExample(full=tokens, reduced=reduced, start=start, stop=stop, answer_start=answer_start)

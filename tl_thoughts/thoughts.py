@@ -1,0 +1,267 @@
+"""Thought vectors and thought matrices: token-independent patches fitted from a chunk (THEORY 4).
+
+``fit_thought`` streams the examples through the model layer by layer, twice side by side: the full
+prompts (with the chunk) and the reduced prompts (without it, natural positions, as at inference)
+under the patches already fitted for the blocks below (the papers' Algorithm 1). Each block costs
+one attention and one MLP call per stream, so the whole fit costs about one full and one reduced
+forward pass, plus a third reduced pass without patches when ``compare_steering`` (the
+mean-difference steering baseline). Only sufficient statistics (``A^T A``, ``A^T U``) are
+accumulated for the matrices; the streamed residuals take ``O(examples x pos x d_model)``.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_thoughts import _tl
+from tl_thoughts.errors import InputError
+from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.templates import POOLS, EncodedExample, Example, PromptTemplate, default_template, encode_example
+
+FITS = ("vector", "matrix", "both")
+SITES = ("b_out", "attn_out")
+TARGETS = ("residual", "attention")
+
+
+def ridge_solve(
+    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: int
+) -> Float[Tensor, "d m"]:
+    """``argmin_M sum_i ||a_i @ M - u_i||^2 + lam ||M||^2`` from the sufficient statistics.
+
+    ``lam = ridge * trace(A^T A) / n`` (ridge relative to the mean squared input norm).
+    ``ridge = 0`` gives the minimum-norm least-squares solution ``pinv(A^T A) @ A^T U``
+    (``= pinv(A) @ U``).
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if ridge == 0:
+        return torch.linalg.pinv(AtA, hermitian=True) @ AtU
+    lam = ridge * torch.trace(AtA) / n
+    eye = torch.eye(AtA.shape[0], dtype=AtA.dtype, device=AtA.device)
+    return torch.linalg.solve(AtA + lam * eye, AtU)
+
+
+@dataclass
+class _Batch:
+    """Examples padded on the right (exact under causal attention: real positions never see pads)."""
+
+    full: Float[Tensor, "batch pos d_model"]
+    reduced: Float[Tensor, "batch T d_model"]
+    base: Float[Tensor, "batch T d_model"] | None
+    rows_full: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]  # (batch index, position) pooled
+    rows_reduced: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
+    cache: dict = field(default_factory=dict)
+
+
+def _pad(seqs: list[Tensor]) -> Tensor:
+    n = max(s.shape[0] for s in seqs)
+    out = torch.zeros(len(seqs), n, dtype=seqs[0].dtype, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out
+
+
+def _make_batch(model: HookedTransformer, encoded: list[EncodedExample], pool: str, base: bool) -> _Batch:
+    bf, pf, br, pr = [], [], [], []
+    for i, ex in enumerate(encoded):
+        pos = ex.pooled(pool)
+        bf.append(torch.full_like(pos, i))
+        pf.append(pos)
+        pr.append(ex.to_reduced(pos))
+    full = _tl.embed(model, _pad([e.full for e in encoded]))
+    reduced = _tl.embed(model, _pad([e.reduced for e in encoded]))
+    dev = full.device
+    rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
+    rows_red = (rows_full[0], torch.cat(pr).to(dev))
+    return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red)
+
+
+def fit_thought(
+    model: HookedTransformer,
+    chunk: str,
+    examples: Sequence[Example],
+    *,
+    template: PromptTemplate | None = None,
+    layers: Sequence[int] | None = None,
+    fit: str = "both",
+    ridge: float = 1e-2,
+    pool: str = "kept",
+    vector_site: str = "b_out",
+    vector_target: str = "residual",
+    batch_size: int = 16,
+    compare_steering: bool = True,
+    progress: bool = True,
+) -> ThoughtPatch:
+    """Fit a thought patch (a thought vector and/or thought matrix per block) from a chunk.
+
+    Args:
+        model: The model (not modified; no hooks may be attached).
+        chunk: The chunk's text (an instruction, demonstrations, knowledge).
+        examples: Queries (strings) or ``(query, answer)`` pairs; answers are teacher-forced.
+        template: Where chunk and query go (default: the model's chat template, chunk and query in
+            one user turn, or ``"{chunk}\\n{query}"`` without a chat template).
+        layers: Blocks to patch (default: all). The other blocks are left as they are.
+        fit: ``"vector"``, ``"matrix"`` or ``"both"``.
+        ridge: Ridge strength relative to the mean squared MLP input norm (0: minimum-norm
+            least squares).
+        pool: Positions pooled in the fit: ``"query"``, ``"answer"``, ``"kept"`` (all after the
+            chunk) or ``"all"`` (the prefix too). See ``EncodedExample.pooled``.
+        vector_site: ``"b_out"`` (the papers: the vector on the MLP output bias, the matrix carries
+            the effect on the MLP input) or ``"attn_out"`` (the vector on the attention output bias
+            ``b_O``, where the MLP reads it: the usual steering site).
+        vector_target: ``"residual"`` (the vector restores the mean residual difference entering
+            the MLP: attention difference plus what lower patches left uncorrected) or
+            ``"attention"`` (the attention-output difference only, as in Algorithm 1).
+        batch_size: Examples per padded batch.
+        compare_steering: Also stream the unpatched reduced prompts, to store the plain
+            mean-difference steering vectors (``ThoughtPatch.steering``) for comparison.
+        progress: Show a progress bar over blocks.
+
+    Returns:
+        The fitted :class:`ThoughtPatch`.
+
+    Example:
+        >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
+        >>> with patch.apply(model):  # doctest: +SKIP
+        ...     logits = model("<prompt without the chunk>")
+    """
+    spec = _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if vector_site not in SITES:
+        raise ValueError(f"vector_site must be one of {SITES}, got {vector_site!r}")
+    if vector_target not in TARGETS:
+        raise ValueError(f"vector_target must be one of {TARGETS}, got {vector_target!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if fit != "vector" and not spec.has_mlp:
+        raise InputError("attention-only model: only fit='vector' is possible (no MLP matrix)")
+    if not isinstance(chunk, str) or not chunk:
+        raise InputError("the chunk must be a non-empty string")
+    if len(examples) == 0:
+        raise InputError("at least one example is needed")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    layers = sorted(set(range(spec.n_layers) if layers is None else layers))
+    if not layers or layers[0] < 0 or layers[-1] >= spec.n_layers:
+        raise ValueError(f"layers must be a non-empty subset of 0..{spec.n_layers - 1}")
+    template = template or default_template(model)
+
+    encoded = [encode_example(model, template, chunk, ex) for ex in examples]
+    n_tokens = sum(int(e.pooled(pool).shape[0]) for e in encoded)
+    if n_tokens == 0:
+        raise InputError(f"no position to pool with pool={pool!r}")
+    batches = [
+        _make_batch(model, encoded[i : i + batch_size], pool, compare_steering)
+        for i in range(0, len(encoded), batch_size)
+    ]
+    deltas: dict[str, Tensor] = {}
+    steering: dict[str, Tensor] = {}
+    want_vector, want_matrix = fit in ("vector", "both"), fit in ("matrix", "both")
+    bias = "b_O" if vector_site == "attn_out" else "b_out"
+    if not spec.has_mlp:
+        bias = "b_O"
+    for layer in tqdm(range(spec.n_layers), desc="fitting thought patch", disable=not progress):
+        fitting = layer in layers
+        # 1. attention of every stream; the per-token targets at the pooled rows
+        sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=model.W_E.device)
+        sum_steer = torch.zeros_like(sum_delta)
+        sum_resid = torch.zeros_like(sum_delta)
+        for b in batches:
+            b.cache["attn_full"] = _tl.block_attention(model, layer, b.full)
+            b.cache["attn_red"] = _tl.block_attention(model, layer, b.reduced)
+            mid_full = (b.full + b.cache["attn_full"])[b.rows_full]
+            mid_red = (b.reduced + b.cache["attn_red"])[b.rows_reduced]
+            if vector_target == "residual":
+                delta = mid_full - mid_red
+            else:
+                delta = b.cache["attn_full"][b.rows_full] - b.cache["attn_red"][b.rows_reduced]
+            sum_delta += delta.double().sum(0)
+            if b.base is not None:
+                b.cache["attn_base"] = _tl.block_attention(model, layer, b.base)
+                sum_steer += (b.cache["attn_full"][b.rows_full] - b.cache["attn_base"][b.rows_reduced]).double().sum(0)
+                sum_resid += (mid_full - (b.base + b.cache["attn_base"])[b.rows_reduced]).double().sum(0)
+        if compare_steering:
+            steering[f"steering.{layer}"] = (sum_steer / n_tokens).to(spec.dtype)
+            steering[f"residual.{layer}"] = (sum_resid / n_tokens).to(spec.dtype)
+        vector = (sum_delta / n_tokens).to(spec.dtype)
+        new: dict[str, Tensor] = {}
+        if fitting and want_vector:
+            deltas[_tl.param_name(layer, bias)] = vector
+        # 2. the thought matrices, from sufficient statistics
+        if fitting and want_matrix and spec.has_mlp:
+            shift = vector if (want_vector and bias == "b_O" and not spec.parallel_attn_mlp) else None
+            AtA = torch.zeros(spec.d_model, spec.d_model, dtype=torch.float64, device=vector.device)
+            AtU = {n: torch.zeros(spec.d_model, spec.d_mlp, dtype=torch.float64, device=vector.device)
+                   for n in spec.mlp_input_matrices}
+            for b in batches:
+                r_full, r_red = _mlp_resids(spec, b)
+                x = r_red[b.rows_reduced]
+                a = _tl.mlp_norm(model, layer, x if shift is None else x + shift).double()
+                a_c = _tl.mlp_norm(model, layer, r_full[b.rows_full]).double()
+                AtA += a.T @ a
+                for name in spec.mlp_input_matrices:
+                    W = _tl.mlp_matrix(model, layer, name).double()
+                    AtU[name] += a.T @ ((a_c - a) @ W)
+            for name in spec.mlp_input_matrices:
+                M = ridge_solve(AtA, AtU[name], ridge, n_tokens)
+                deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
+        # 3. finish the block in every stream (the reduced one under this block's patch)
+        for name, d in deltas.items():
+            if name.startswith(f"blocks.{layer}."):
+                new[name] = dict(model.named_parameters())[name].detach() + d
+        for b in batches:
+            b.full = _finish_block(model, spec, layer, b.full, b.cache.pop("attn_full"), {})
+            b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
+            if b.base is not None:
+                b.base = _finish_block(model, spec, layer, b.base, b.cache.pop("attn_base"), {})
+            b.cache.clear()
+
+    meta = dict(
+        chunk=chunk,
+        template=dict(text=template.text, separator=template.separator),
+        layers=layers,
+        options=dict(
+            fit=fit, ridge=ridge, pool=pool, vector_site=vector_site, vector_target=vector_target
+        ),
+        n_examples=len(examples),
+        n_tokens=n_tokens,
+    )
+    return ThoughtPatch.create(model, deltas=deltas, steering=steering, meta=meta)
+
+
+def _mlp_resids(spec: _tl.ModelSpec, b: _Batch) -> tuple[Tensor, Tensor]:
+    """The residual streams the MLP normalises (resid_mid, or resid_pre for parallel blocks)."""
+    if spec.parallel_attn_mlp:
+        return b.full, b.reduced
+    return b.full + b.cache["attn_full"], b.reduced + b.cache["attn_red"]
+
+
+def _finish_block(
+    model: HookedTransformer,
+    spec: _tl.ModelSpec,
+    layer: int,
+    resid_pre: Tensor,
+    attn_out: Tensor,
+    patched: dict[str, Tensor],
+) -> Tensor:
+    """resid_post of block ``layer`` from its input and attention output, with the block's
+    parameters temporarily replaced by ``patched`` (full parameter values, by name)."""
+    attn_bias = patched.get(_tl.param_name(layer, "b_O"))
+    if attn_bias is not None:  # b_O is added after the heads: shift the attention output
+        attn_out = attn_out + (attn_bias - model.blocks[layer].attn.b_O.detach())
+    if not spec.has_mlp:
+        return resid_pre + attn_out
+    mlp_params = {k: v for k, v in patched.items() if ".mlp." in k}
+    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
+    with _tl.swapped_tensors(model, mlp_params):
+        mlp_out = _tl.block_mlp(model, layer, _tl.mlp_norm(model, layer, mlp_resid))
+    return resid_pre + attn_out + mlp_out
