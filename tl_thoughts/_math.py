@@ -101,11 +101,15 @@ def min_norm_factors(
             "a nonzero change (the rank-1 formula divides by its squared norm)."
         )
     Q, R = torch.linalg.qr(rows.T, mode="reduced")  # rows^T = Q R, Q: [d_in, T], R: [T, T]
-    diag = R.diagonal()
-    if bool((diag == 0).any()):
+    # numerical rank: a diagonal entry of R at rounding level means a row is (numerically) a
+    # combination of the others; solving would divide by rounding noise
+    diag = R.diagonal().abs()
+    tol = max(T, d_in) * torch.finfo(R.dtype).eps * float(diag.max())
+    if bool((diag <= tol).any()):
         raise ZeroDenominatorError(
-            f"{what}: the {T} kept inputs are linearly dependent, so no exact minimum-norm patch "
-            "maps each of them to its own target."
+            f"{what}: the {T} kept inputs are linearly dependent (numerical rank "
+            f"{int((diag > tol).sum())} < {T}), so no exact minimum-norm patch maps each of them to "
+            "its own target (e.g. a repeated token with identical activations)."
         )
     # left = Q R^{-T} = (R^{-1} Q^T)^T, with R upper triangular
     left = torch.linalg.solve_triangular(R, Q.T, upper=True).T

@@ -69,6 +69,11 @@ def resolve_tokens(
         )
     if tokens.shape[1] == 0:
         raise InputError("the prompt is empty")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise InputError(
+            f"the prompt has {tokens.shape[1]} tokens, more than the model's context "
+            f"(n_ctx={model.cfg.n_ctx})"
+        )
     if bool((tokens < 0).any()) or bool((tokens >= model.cfg.d_vocab).any()):
         raise InputError(f"token ids must lie in [0, {model.cfg.d_vocab}) (the model's d_vocab)")
     return tokens.to(model.W_E.device).long()

@@ -40,6 +40,7 @@ class ExactWeightPatch:
     kept_positions: Tensor
     description: str
 
+    @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameters (original + delta), dense, keyed by parameter name."""
         params = dict(model.named_parameters())
@@ -64,6 +65,7 @@ class ExactWeightPatch:
             yield model
 
 
+@torch.no_grad()
 def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> ExactWeightPatch:
     """Fold the token-dependent updates into pure weight patches of every block (THEORY 3).
 
@@ -123,14 +125,11 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
                 )
                 z_rows = torch.cat([z_full[: n_prefix], z_red]).flatten(1)  # [T, head*d_head]
                 _fold_vectors(layer, "W_O", "b_O", z_rows, delta_rows, matrices, biases)
+    inputs = "" if spec.parallel_attn_mlp else "/".join(spec.mlp_input_matrices) + " + "
     if T == 1:
-        form = "rank-1 " + "/".join(spec.mlp_input_matrices) + " + b_out" if spec.has_mlp else "b_O"
+        form = f"rank-1 {inputs}b_out" if spec.has_mlp else "b_O"
     else:
-        form = (
-            f"min-norm rank<={T} " + "/".join(spec.mlp_input_matrices) + " + W_out"
-            if spec.has_mlp
-            else f"min-norm rank<={T} W_O"
-        )
+        form = f"min-norm rank<={T} {inputs}W_out" if spec.has_mlp else f"min-norm rank<={T} W_O"
     return ExactWeightPatch(
         matrices=matrices,
         biases=biases,

@@ -82,6 +82,7 @@ class ThoughtPatch:
     meta: dict = field(default_factory=dict)
 
     @classmethod
+    @torch.no_grad()
     def create(
         cls, model: HookedTransformer, deltas: dict[str, Tensor], steering: dict[str, Tensor], meta: dict
     ) -> "ThoughtPatch":
@@ -111,6 +112,7 @@ class ThoughtPatch:
         """The thought matrix of ``layer`` for ``W_in`` or ``W_gate``, or None."""
         return self.deltas.get(f"blocks.{layer}.mlp.{name}")
 
+    @torch.no_grad()
     def summary(self) -> list[dict]:
         """Per fitted layer: the vector's norm, each matrix's norm, numerical rank and effective
         rank (exp of the entropy of its normalised singular values), and the cosine between the
@@ -168,6 +170,7 @@ class ThoughtPatch:
                 f"({theirs['model_name']!r}, {theirs['fingerprint'][:12]}...)"
             )
 
+    @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameter values (original + delta), by name."""
         params = dict(model.named_parameters())

@@ -83,6 +83,7 @@ def _make_batch(model: HookedTransformer, encoded: list[EncodedExample], pool: s
     return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red)
 
 
+@torch.no_grad()
 def fit_thought(
     model: HookedTransformer,
     chunk: str,
@@ -169,7 +170,8 @@ def fit_thought(
     bias = "b_O" if vector_site == "attn_out" else "b_out"
     if not spec.has_mlp:
         bias = "b_O"
-    for layer in tqdm(range(spec.n_layers), desc="fitting thought patch", disable=not progress):
+    # blocks above the last fitted one change nothing in the fit: stop there
+    for layer in tqdm(range(layers[-1] + 1), desc="fitting thought patch", disable=not progress):
         fitting = layer in layers
         # 1. attention of every stream; the per-token targets at the pooled rows
         sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=model.W_E.device)

@@ -69,6 +69,7 @@ class ImplicitUpdates:
     def n_layers(self) -> int:
         return self.vectors.shape[0]
 
+    @torch.no_grad()
     def matrix_factors(
         self, name: str = "W_in"
     ) -> tuple[Float[Tensor, "layer kept d_model"], Float[Tensor, "layer kept d_mlp"]]:
@@ -119,6 +120,7 @@ class ImplicitUpdates:
         return FactoredMatrix(keys[..., :, None], values[..., None, :])
 
 
+@torch.no_grad()
 def implicit_updates(
     model: HookedTransformer,
     tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str,
@@ -160,6 +162,7 @@ def implicit_updates(
     return updates_from_cache(model, tokens, span, cache)
 
 
+@torch.no_grad()
 def updates_from_cache(
     model: HookedTransformer, tokens: Int[Tensor, "1 pos"], span: Span, cache: dict[str, Tensor]
 ) -> ImplicitUpdates:

@@ -160,7 +160,7 @@ def verify(
         ValueError: an unknown form.
         ZeroDenominatorError: the weight form has no exact solution (see ``exact_weight_patch``).
     """
-    unknown = set(forms) - set(FORMS)
+    unknown = set(forms) - set(FORMS[1:])
     if unknown or not forms:
         raise ValueError(f"forms must be a non-empty subset of {FORMS[1:]}, got {tuple(forms)}")
     spec = _tl.model_spec(model)

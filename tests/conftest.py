@@ -1,0 +1,51 @@
+"""Fixtures for the tiny random models of ``helpers.ARCHITECTURES`` (no pretrained model here;
+real-model fixtures live in ``test_real_model.py``)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from every test module
+
+from helpers import make_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(arch, dtype=torch.float64)``: a cached tiny randomised model, shared by the
+    tests of the session. Tests must not modify it (they check that the library does not either);
+    a test that needs to modify a model uses ``fresh_model``."""
+    cache = {}
+
+    def get(arch: str, dtype: torch.dtype = torch.float64):
+        key = (arch, dtype)
+        if key not in cache:
+            cache[key] = make_model(arch, dtype=dtype)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def fresh_model():
+    """``fresh_model(arch, dtype=torch.float64, seed=0, **config_overrides)``: a new tiny model
+    that the test owns and may modify."""
+    return make_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny tensors: torch's intra-op thread pool costs milliseconds per op on a small, busy
+    machine (softmax of a 4x13x13 tensor: ~7 ms with 2 threads, ~10 us with 1). Real-model tests
+    (marker ``real_model``) keep the default."""
+    if request.node.get_closest_marker("real_model") is not None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

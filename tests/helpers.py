@@ -1,0 +1,296 @@
+"""Shared helpers for the tl_thoughts test suite: tiny random models covering the supported
+architectures, tolerance assertions, and checks that a model was left untouched.
+
+Nothing here loads a pretrained model; everything is built offline from a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+# --- tiny models --------------------------------------------------------------------------------
+
+D_MODEL = 32
+D_HEAD = 8
+N_HEADS = 4
+D_MLP = 64
+D_VOCAB = 50
+N_CTX = 64
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One tiny architecture of the test matrix: a readable id plus config overrides."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def attn_only(self) -> bool:
+        return bool(self.overrides.get("attn_only", False))
+
+    @property
+    def gated(self) -> bool:
+        return bool(self.overrides.get("gated_mlp", False)) and not self.attn_only
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.overrides.get("parallel_attn_mlp", False))
+
+    @property
+    def rotary(self) -> bool:
+        return self.overrides.get("positional_embedding_type", "standard") == "rotary"
+
+
+# Every supported feature appears in at least two configs, combined with different others:
+# normalisation LN / LNPre / RMS / RMSPre; plain and gated MLPs with gelu, relu, silu; learned
+# absolute ("standard") and rotary positions (full and partial rotary_dim); grouped-query attention
+# (2 and 1 key/value heads); parallel attention + MLP; attention-only.
+_ARCH_LIST = [
+    Arch("ln_gelu_learned", dict(normalization_type="LN", act_fn="gelu")),
+    Arch(
+        "ln_relu_rotary_partial",
+        dict(normalization_type="LN", act_fn="relu", positional_embedding_type="rotary", rotary_dim=4),
+    ),
+    Arch(
+        "lnpre_relu_learned_parallel",
+        dict(normalization_type="LNPre", act_fn="relu", parallel_attn_mlp=True),
+    ),
+    Arch(
+        "lnpre_silu_learned_gqa",
+        dict(normalization_type="LNPre", act_fn="silu", n_key_value_heads=2, n_layers=3),
+    ),
+    Arch(
+        "rms_gated_silu_rotary_gqa",
+        dict(
+            normalization_type="RMS",
+            act_fn="silu",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            n_key_value_heads=2,
+            n_layers=3,
+        ),
+    ),
+    Arch(
+        "rms_gated_gelu_learned_parallel_gqa",
+        dict(
+            normalization_type="RMS",
+            act_fn="gelu",
+            gated_mlp=True,
+            parallel_attn_mlp=True,
+            n_key_value_heads=2,
+        ),
+    ),
+    Arch("rms_silu_learned", dict(normalization_type="RMS", act_fn="silu")),
+    Arch(
+        "rmspre_gated_relu_rotary_parallel_mqa",
+        dict(
+            normalization_type="RMSPre",
+            act_fn="relu",
+            gated_mlp=True,
+            parallel_attn_mlp=True,
+            positional_embedding_type="rotary",
+            n_key_value_heads=1,
+        ),
+    ),
+    Arch(
+        "rmspre_attn_only_rotary",
+        dict(normalization_type="RMSPre", attn_only=True, positional_embedding_type="rotary"),
+    ),
+    Arch("ln_attn_only_learned_gqa", dict(normalization_type="LN", attn_only=True, n_key_value_heads=2)),
+    Arch(
+        "ln_gated_gelu_rotary_mqa",
+        dict(
+            normalization_type="LN",
+            act_fn="gelu",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            n_key_value_heads=1,
+        ),
+    ),
+]
+
+ARCHS: dict[str, Arch] = {a.name: a for a in _ARCH_LIST}
+ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST]
+MLP_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.attn_only]
+ATTN_ONLY_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.attn_only]
+
+
+def make_config(arch: str, dtype: torch.dtype = torch.float64, **extra) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of architecture ``arch`` (see ``ARCHITECTURES``), tiny."""
+    overrides = dict(ARCHS[arch].overrides)
+    overrides.update(extra)
+    kwargs = dict(
+        n_layers=2,
+        d_model=D_MODEL,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        d_mlp=None if overrides.get("attn_only") else D_MLP,
+        d_vocab=D_VOCAB,
+        n_ctx=N_CTX,
+        act_fn="relu",
+        dtype=dtype,
+        device="cpu",
+        seed=None,  # a config seed would reseed the global RNGs; randomize_ sets every parameter
+        default_prepend_bos=False,
+    )
+    kwargs.update(overrides)
+    return HookedTransformerConfig(**kwargs)
+
+
+def randomize_(model: HookedTransformer, seed: int = 0, scale: float = 0.3) -> HookedTransformer:
+    """Give EVERY parameter a non-trivial random value (TransformerLens' init leaves biases at zero,
+    norm weights at one and some matrices tiny, which would make some checks vacuous).
+
+    Norm weights become ``1 + noise`` (so no coordinate is killed); everything else ``N(0, scale^2)``.
+    Buffers (rotary tables, masks) are left alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            is_norm_weight = (".ln" in name or name.startswith("ln")) and name.endswith(".w")
+            if is_norm_weight:
+                value = 1.0 + 0.2 * noise
+            else:
+                value = scale * noise
+            p.copy_(value.to(p.dtype))
+    return model
+
+
+def make_model(
+    arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, tokenizer=None, **extra
+) -> HookedTransformer:
+    """A tiny randomised HookedTransformer of architecture ``arch`` (eval mode, CPU)."""
+    cfg = make_config(arch, dtype=dtype, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "HookedTransformer is deprecated"
+        if tokenizer is None:
+            model = HookedTransformer(cfg)
+        else:
+            model = HookedTransformer(cfg, tokenizer=tokenizer)
+    randomize_(model, seed=seed)
+    model.eval()
+    return model
+
+
+def random_tokens(n: int, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:
+    """``[1, n]`` random token ids (int64), reproducible."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, d_vocab, (1, n), generator=gen)
+
+
+# --- runtime shape checks -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def runtime_checks_off():
+    """Switch off jaxtyping's runtime checks (on in the suite through pytest's
+    ``--jaxtyping-packages``), to test the library's own input validation as users meet it."""
+    import jaxtyping
+
+    previous = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", previous)
+
+
+# --- assertions ---------------------------------------------------------------------------------
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
+    """Max-abs-difference check with a readable message (no relative tolerance: all tests here
+    state the absolute error they accept)."""
+    assert torch.is_tensor(actual) and torch.is_tensor(expected)
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    )
+    assert bool(torch.isfinite(actual.detach()).all()), f"{what}: non-finite values"
+    err = max_abs_diff(actual, expected)
+    assert err <= atol, f"{what}: max |difference| {err:.3e} > {atol:.1e}"
+
+
+# --- the model must be left exactly as it was -----------------------------------------------------
+
+
+def param_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of every parameter and buffer (by name), plus the parameter objects' identities."""
+    snap = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    snap.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    snap["__ids__"] = {n: id(p) for n, p in model.named_parameters()}  # type: ignore[assignment]
+    return snap
+
+
+def hooks_attached(model: HookedTransformer) -> list[str]:
+    """Names of hook points that have any forward or backward hook."""
+    return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+
+
+def torch_module_hooks(model: torch.nn.Module) -> list[str]:
+    """Names of modules with any raw torch hook (HookPoint hooks included)."""
+    out = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            out.append(name)
+    return out
+
+
+def assert_model_untouched(model: HookedTransformer, snapshot: dict) -> None:
+    """Every parameter and buffer is bit-identical to ``snapshot`` (same names, shapes, dtypes,
+    values), the parameter objects are the same objects, and no hook is left anywhere."""
+    now = {f"param:{n}": p.detach() for n, p in model.named_parameters()}
+    now.update({f"buffer:{n}": b.detach() for n, b in model.named_buffers()})
+    expected_keys = set(snapshot) - {"__ids__"}
+    assert set(now) == expected_keys, (
+        f"parameter/buffer names changed: missing {sorted(expected_keys - set(now))}, "
+        f"new {sorted(set(now) - expected_keys)}"
+    )
+    for name, value in now.items():
+        old = snapshot[name]
+        assert value.dtype == old.dtype, f"{name}: dtype {value.dtype} != {old.dtype}"
+        assert value.shape == old.shape, f"{name}: shape {tuple(value.shape)} != {tuple(old.shape)}"
+        assert torch.equal(value, old), f"{name} changed (max diff {max_abs_diff(value, old):.3e})"
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    assert ids == snapshot["__ids__"], "parameter objects were replaced"
+    assert hooks_attached(model) == [], f"hooks left attached at {hooks_attached(model)}"
+    assert torch_module_hooks(model) == [], f"torch hooks left on {torch_module_hooks(model)}"
+
+
+# --- an offline tokenizer ---------------------------------------------------------------------------
+
+TOKENIZER_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "hat", "and", ".", ":"]
+
+
+def make_word_tokenizer():
+    """A tiny GPT-2-like tokenizer built offline: byte-level pre-tokenisation (a word's leading space
+    belongs to its token, ``" cat"``), a word-level vocabulary of ``TOKENIZER_WORDS`` with and without
+    the leading space, ``<unk>``/``<eos>``/``<pad>``. No BOS token (TransformerLens would otherwise try
+    to download a BOS-adding copy)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
+    for word in TOKENIZER_WORDS:
+        for piece in (word, "\u0120" + word):  # "\u0120" is the byte-level space marker
+            vocab.setdefault(piece, len(vocab))
+    assert len(vocab) <= D_VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    )

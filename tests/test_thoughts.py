@@ -1,0 +1,285 @@
+"""Thought patches (THEORY 4): the least-squares fits, exactness in the one-token case, composition
+across blocks, applying without surprises, saving and loading."""
+
+import json
+
+import pytest
+import torch
+
+import tl_thoughts as tt
+from helpers import (
+    MLP_ARCHITECTURES,
+    assert_close,
+    assert_model_untouched,
+    make_model,
+    make_word_tokenizer,
+    param_snapshot,
+)
+from tl_thoughts.templates import encode_example
+from tl_thoughts.thoughts import ridge_solve
+
+EXACT = 1e-10
+TEMPLATE = tt.PromptTemplate("{chunk}{query}", separator="")
+CHUNK = "the cat sat on the mat and"
+EXAMPLES = [(" the dog", " ran"), (" a big red hat", " sat"), (" the red cat", " ran ."), (" a dog", " sat on")]
+
+
+@pytest.fixture(scope="module")
+def text_models():
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = make_model(arch, tokenizer=make_word_tokenizer())
+        return cache[arch]
+
+    return get
+
+
+def _mlp_in(model, layer, tokens, positions, patch=None):
+    """Independent reference: run the model (optionally under a patch) and read the normalised MLP
+    input and the residual the MLP reads at ``positions``."""
+    name = f"blocks.{layer}.hook_resid_pre" if model.cfg.parallel_attn_mlp else f"blocks.{layer}.hook_resid_mid"
+    with torch.no_grad():
+        if patch is None:
+            _, cache = model.run_with_cache(tokens, names_filter=[name])
+        else:
+            with patch.apply(model):
+                _, cache = model.run_with_cache(tokens, names_filter=[name])
+    resid = cache[name][0, positions]
+    return model.blocks[layer].ln2(resid[None])[0], resid
+
+
+# --- 1. the least-squares solutions ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_rows", [1, 5, 40])
+def test_ridge_solve_matches_lstsq_and_closed_form(n_rows):
+    gen = torch.Generator().manual_seed(n_rows)
+    A = torch.randn(n_rows, 16, generator=gen, dtype=torch.float64)
+    U = torch.randn(n_rows, 24, generator=gen, dtype=torch.float64)
+    M0 = ridge_solve(A.T @ A, A.T @ U, 0.0, n_rows)
+    ref = torch.linalg.lstsq(A, U, driver="gelsd").solution  # minimum-norm least squares
+    assert_close(M0, ref, EXACT, "ridge=0 vs lstsq")
+    assert_close(M0, torch.linalg.pinv(A) @ U, EXACT, "ridge=0 vs pinv")
+    assert torch.linalg.matrix_rank(M0) <= min(n_rows, 16)
+    ridge = 0.3
+    lam = ridge * (A**2).sum() / n_rows
+    closed = torch.linalg.solve(A.T @ A + lam * torch.eye(16, dtype=A.dtype), A.T @ U)
+    assert_close(ridge_solve(A.T @ A, A.T @ U, ridge, n_rows), closed, EXACT, "ridge closed form")
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
+def test_fitted_matrix_and_vector_equal_independent_least_squares(text_models, arch):
+    """Layer 0 and layer 1 (under the layer-0 patch: the papers' Algorithm 1), against lstsq on
+    activations read from plain model runs."""
+    model = text_models(arch)
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=0.0, progress=False, layers=[0, 1])
+    assert patch.layers == [0, 1]
+    encoded = [encode_example(model, TEMPLATE, CHUNK, ex) for ex in EXAMPLES]
+    below = tt.ThoughtPatch(
+        deltas={k: v for k, v in patch.deltas.items() if k.startswith("blocks.0.")}, meta=patch.meta
+    )
+    for layer, under in ((0, None), (1, below)):
+        rows_a, rows_u, deltas = [], {n: [] for n in ("W_gate", "W_in")}, []
+        for ex in encoded:
+            pos = ex.pooled("kept")
+            a_c, r_full = _mlp_in(model, layer, ex.full[None], pos)
+            a, r_red = _mlp_in(model, layer, ex.reduced[None], ex.to_reduced(pos), under)
+            deltas.append(r_full - r_red)
+            rows_a.append(a)
+            for name in model.blocks[layer].mlp.state_dict():
+                if name in rows_u:
+                    rows_u[name].append((a_c - a) @ getattr(model.blocks[layer].mlp, name))
+        if not model.cfg.parallel_attn_mlp:
+            # the vector restores the residual entering the MLP: mean of the differences
+            assert_close(patch.vector(layer), torch.cat(deltas).mean(0), EXACT, f"vector L{layer}")
+        A = torch.cat(rows_a)
+        for name, rows in rows_u.items():
+            if rows:
+                ref = torch.linalg.lstsq(A, torch.cat(rows), driver="gelsd").solution
+                assert_close(patch.matrix(layer, name), ref, EXACT, f"{name} L{layer}")
+                assert torch.linalg.matrix_rank(patch.matrix(layer, name)) <= A.shape[0]
+    assert patch.meta["n_examples"] == len(EXAMPLES)
+    assert patch.meta["n_tokens"] == sum(len(e.pooled("kept")) for e in encoded)
+
+
+# --- 2. one example, one kept token: the thought patch IS the exact token patch -------------------
+
+
+@pytest.mark.parametrize("site", ["b_out", "attn_out"])
+@pytest.mark.parametrize("arch", MLP_ARCHITECTURES)
+def test_one_example_one_token_reproduces_full_run(text_models, arch, site):
+    model = text_models(arch)
+    snapshot = param_snapshot(model)
+    patch = tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, ridge=0.0, vector_site=site, progress=False)
+    full = model.to_tokens(CHUNK + " dog")
+    reduced = model.to_tokens(" dog")
+    assert reduced.shape == (1, 1)
+    with torch.no_grad():
+        reference = model(full)[0, -1]
+        unpatched = model(reduced)[0, -1]
+        assert (unpatched - reference).abs().max() > 1e-2  # the chunk matters
+        for form in ("weight", "activation"):
+            with patch.apply(model, form=form):
+                patched = model(reduced)[0, -1]
+            assert_close(patched, reference, EXACT, f"{form} form")
+    assert_model_untouched(model, snapshot)
+
+
+# --- 3. applying, handles, merging, restoring on errors --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(text_models):
+    model = text_models("rms_gated_silu_rotary_gqa")
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    return model, patch
+
+
+def test_weight_and_activation_forms_agree(fitted):
+    model, patch = fitted
+    tokens = model.to_tokens(" the dog ran on the mat")
+    with torch.no_grad():
+        base = model(tokens)
+        with patch.apply(model, "weight"):
+            w = model(tokens)
+        with patch.apply(model, "activation"):
+            a = model(tokens)
+    assert (w - base).abs().max() > 1e-3
+    assert_close(w, a, 1e-10, "weight vs activation form")
+
+
+def test_apply_restores_on_exception_and_attach_handle(fitted):
+    model, patch = fitted
+    snapshot = param_snapshot(model)
+    for form in ("weight", "activation"):
+        with pytest.raises(RuntimeError, match="boom"):
+            with patch.apply(model, form):
+                raise RuntimeError("boom")
+        assert_model_untouched(model, snapshot)
+        handle = patch.attach(model, form)
+        tokens = model.to_tokens(" the dog")
+        with torch.no_grad():
+            attached = model(tokens)
+        handle.remove()
+        handle.remove()  # idempotent
+        assert_model_untouched(model, snapshot)
+        with torch.no_grad(), patch.apply(model, form):
+            assert_close(attached, model(tokens), 1e-12, "attach == apply")
+
+
+def test_merge_into_is_explicit_and_permanent(text_models):
+    model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    tokens = model.to_tokens(" the dog")
+    with torch.no_grad(), patch.apply(model):
+        expected = model(tokens)
+    patch.merge_into(model)
+    with torch.no_grad():
+        assert_close(model(tokens), expected, 1e-12, "merged")
+
+
+def test_bad_options_are_refused_and_model_untouched(fitted):
+    model, _ = fitted
+    snapshot = param_snapshot(model)
+    bad = [
+        dict(fit="nope"), dict(vector_site="resid"), dict(vector_target="x"), dict(pool="x"),
+        dict(layers=[99]), dict(layers=[]), dict(ridge=-1.0), dict(batch_size=0),
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False, **kwargs)
+    with pytest.raises(tt.InputError):
+        tt.fit_thought(model, CHUNK, [], template=TEMPLATE, progress=False)
+    with pytest.raises(tt.InputError):
+        tt.fit_thought(model, "", EXAMPLES, template=TEMPLATE, progress=False)
+    with pytest.raises(tt.InputError):
+        tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, pool="answer", progress=False)
+    with pytest.raises(tt.ChunkError):
+        tt.fit_thought(model, CHUNK + " zebra", EXAMPLES, template=TEMPLATE, progress=False)
+    assert_model_untouched(model, snapshot)
+
+
+def test_subset_of_layers_and_vector_only(fitted):
+    model, _ = fitted
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, layers=[1], fit="vector", progress=False)
+    assert list(patch.deltas) == ["blocks.1.mlp.b_out"]
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="matrix", progress=False)
+    assert all(".W_" in k for k in patch.deltas)
+
+
+def test_summary_has_ranks_and_steering_cosines(fitted):
+    model, patch = fitted
+    rows = patch.summary()
+    assert [r["layer"] for r in rows] == patch.layers
+    n_tokens = patch.meta["n_tokens"]
+    for r in rows:
+        assert 0 < r["W_in_rank"] <= min(n_tokens, model.cfg.d_model)
+        assert 1 <= r["W_in_effective_rank"] <= r["W_in_rank"] + 1e-9
+        assert -1 <= r["cos_steering"] <= 1
+    # steering vectors are the plain mean differences of attention outputs (unpatched runs)
+    ex = encode_example(model, TEMPLATE, CHUNK, EXAMPLES[0])
+    assert set(patch.steering) == {f"{k}.{l}" for k in ("steering", "residual") for l in range(model.cfg.n_layers)}
+    assert "layer" in patch.summary_table()
+
+
+# --- 4. saving and loading --------------------------------------------------------------------------
+
+
+def test_save_load_apply_bit_identical(fitted, tmp_path):
+    model, patch = fitted
+    path = patch.save(tmp_path / "p.safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name != "p.safetensors"]  # no temp file left
+    loaded = tt.ThoughtPatch.load(path, model=model)
+    assert loaded.meta["chunk"] == CHUNK and loaded.meta["n_examples"] == len(EXAMPLES)
+    assert loaded.meta["version"] == tt.__version__
+    tokens = model.to_tokens(" a big dog")
+    with torch.no_grad():
+        with patch.apply(model):
+            before = model(tokens)
+        with loaded.apply(model):
+            after = model(tokens)
+    assert torch.equal(before, after)
+
+
+def test_load_refuses_other_model_shapes_and_identity(fitted, tmp_path):
+    model, patch = fitted
+    path = patch.save(tmp_path / "p.safetensors")
+    other_seed = make_model("rms_gated_silu_rotary_gqa", seed=1, tokenizer=make_word_tokenizer())
+    with pytest.raises(tt.IncompatibleModelError, match="another model"):
+        tt.ThoughtPatch.load(path, model=other_seed)
+    other_shape = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    snapshot = param_snapshot(other_shape)
+    with pytest.raises(tt.IncompatibleModelError, match="other shapes"):
+        with patch.apply(other_shape):
+            pass
+    assert_model_untouched(other_shape, snapshot)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_tensor_byte", "edit_metadata", "empty", "not_a_patch"])
+def test_load_refuses_damaged_files(fitted, tmp_path, damage):
+    model, patch = fitted
+    path = patch.save(tmp_path / "p.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flip_tensor_byte":
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "edit_metadata":
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["tl_thoughts"])
+        meta["sha256"] = "0" * 64
+        header["__metadata__"]["tl_thoughts"] = json.dumps(meta)
+        new_header = json.dumps(header).encode()
+        path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + bytes(data[8 + header_len :]))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(3)}, str(path))
+    with pytest.raises(tt.PatchFileError):
+        tt.ThoughtPatch.load(path)
