@@ -1,5 +1,5 @@
-"""Fixtures for the tiny random models of ``helpers.ARCHITECTURES`` (no pretrained model here;
-real-model fixtures live in ``test_real_model.py``)."""
+"""Fixtures: the tiny random models of ``helpers.ARCHITECTURES``, and the real pretrained model
+(SmolLM2-135M-Instruct, loaded once per session in float32 and in float64)."""
 
 import sys
 from pathlib import Path
@@ -49,3 +49,19 @@ def _one_thread_for_tiny_models(request):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model, float32 (loaded once per test session)."""
+    from tl_thoughts.models import load_default_model
+
+    return load_default_model(dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f64():
+    """The default model, float64 (loaded once per test session)."""
+    from tl_thoughts.models import load_default_model
+
+    return load_default_model(dtype=torch.float64)

