@@ -115,6 +115,27 @@ def model_device(model: HookedTransformer) -> torch.device:
     return model.W_E.device
 
 
+def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...)."""
+    return dict(model.named_parameters())
+
+
+def identity_tensors(model: HookedTransformer, spec: "ModelSpec") -> list[Tensor]:
+    """Weights that identify a checkpoint (embedding, unembedding, the first block's matrices)."""
+    tensors = [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
+    if spec.has_mlp:
+        tensors.append(model.blocks[0].mlp.W_in)
+    return tensors
+
+
+@contextlib.contextmanager
+def hooked(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
+    """Temporary forward hooks, removed on exit (also on an exception); the user's own hooks,
+    added outside this context, are left alone."""
+    with model.hooks(fwd_hooks=fwd_hooks):
+        yield
+
+
 # --- hook names (TransformerLens vocabulary) ---
 
 

@@ -7,6 +7,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
 
 ChunkSpec = slice | str | range
@@ -76,7 +77,7 @@ def resolve_tokens(
         )
     if bool((tokens < 0).any()) or bool((tokens >= model.cfg.d_vocab).any()):
         raise InputError(f"token ids must lie in [0, {model.cfg.d_vocab}) (the model's d_vocab)")
-    return tokens.to(model.W_E.device).long()
+    return tokens.to(_tl.model_device(model)).long()
 
 
 def resolve_chunk(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk: ChunkSpec) -> Span:

@@ -46,7 +46,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for name, form in report.forms.items()
     ]
     for label, logits in rows:
-        print(f"  {label:<28} {_top_k(model, logits, 5)}")
+        print(f"  {label:<30} {_top_k(model, logits, 5)}")
     return 0
 
 

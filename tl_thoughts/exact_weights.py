@@ -43,7 +43,7 @@ class ExactWeightPatch:
     @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameters (original + delta), dense, keyed by parameter name."""
-        params = dict(model.named_parameters())
+        params = _tl.parameters(model)
         new: dict[str, Tensor] = {}
         for name, delta in self.matrices.items():
             original = params[name].detach()
@@ -60,7 +60,7 @@ class ExactWeightPatch:
         kept tokens at their original positions; everything is restored on exit (also on errors).
         """
         spec = _tl.model_spec(model)
-        tables = _tl.position_tables(model, spec, self.kept_positions.to(model.W_E.device))
+        tables = _tl.position_tables(model, spec, self.kept_positions.to(_tl.model_device(model)))
         with _tl.swapped_tensors(model, {**self.parameters(model), **tables}):
             yield model
 

@@ -41,10 +41,7 @@ def model_identity(model: HookedTransformer) -> dict:
         normalization_type=cfg.normalization_type, act_fn=cfg.act_fn, positional=spec.positional,
     )
     h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
-    samples = [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
-    if spec.has_mlp:
-        samples.append(model.blocks[0].mlp.W_in)
-    for t in samples:
+    for t in _tl.identity_tensors(model, spec):
         h.update(t.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
     return dict(model_name=cfg.model_name, shapes=shapes, fingerprint=h.hexdigest())
 
@@ -88,7 +85,7 @@ class ThoughtPatch:
     ) -> "ThoughtPatch":
         from tl_thoughts import __version__
 
-        params = dict(model.named_parameters())
+        params = _tl.parameters(model)
         for name, d in deltas.items():
             if name not in params or params[name].shape != d.shape:
                 raise InputError(f"delta {name!r} does not match a parameter of the model")
@@ -173,7 +170,7 @@ class ThoughtPatch:
     @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameter values (original + delta), by name."""
-        params = dict(model.named_parameters())
+        params = _tl.parameters(model)
         return {n: params[n].detach() + d.to(params[n]) for n, d in self.deltas.items()}
 
     @contextlib.contextmanager
@@ -193,7 +190,7 @@ class ThoughtPatch:
             with _tl.swapped_tensors(model, self.parameters(model)):
                 yield model
         else:
-            with model.hooks(fwd_hooks=self.hooks(model)):
+            with _tl.hooked(model, self.hooks(model)):
                 yield model
 
     def attach(self, model: HookedTransformer, form: str = "weight") -> "PatchHandle":
@@ -206,7 +203,7 @@ class ThoughtPatch:
         """Add the patch to the model's parameters FOR GOOD (explicit, not undone)."""
         self.check_compatible(model)
         new = self.parameters(model)
-        params = dict(model.named_parameters())
+        params = _tl.parameters(model)
         with torch.no_grad():
             for name, value in new.items():
                 params[name].copy_(value)
@@ -226,10 +223,9 @@ class ThoughtPatch:
                     if _tl.param_name(layer, n) in self.deltas}
             if mats:
                 store: dict[str, Tensor] = {}
-                block = model.blocks[layer]
 
-                def keep(act, hook, store=store, block=block):
-                    store["x"] = block.ln2(act)
+                def keep(act, hook, store=store, layer=layer):
+                    store["x"] = _tl.mlp_norm(model, layer, act)
 
                 hooks.append((_tl.mlp_input_resid_name(spec, layer), keep))
                 # gated: x @ W_gate -> mlp.hook_pre, x @ W_in -> mlp.hook_pre_linear; plain: x @ W_in + b_in -> hook_pre

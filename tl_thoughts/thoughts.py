@@ -174,7 +174,7 @@ def fit_thought(
     for layer in tqdm(range(layers[-1] + 1), desc="fitting thought patch", disable=not progress):
         fitting = layer in layers
         # 1. attention of every stream; the per-token targets at the pooled rows
-        sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=model.W_E.device)
+        sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=_tl.model_device(model))
         sum_steer = torch.zeros_like(sum_delta)
         sum_resid = torch.zeros_like(sum_delta)
         for b in batches:
@@ -217,9 +217,10 @@ def fit_thought(
                 M = ridge_solve(AtA, AtU[name], ridge, n_tokens)
                 deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
         # 3. finish the block in every stream (the reduced one under this block's patch)
+        params = _tl.parameters(model)
         for name, d in deltas.items():
             if name.startswith(f"blocks.{layer}."):
-                new[name] = dict(model.named_parameters())[name].detach() + d
+                new[name] = params[name].detach() + d
         for b in batches:
             b.full = _finish_block(model, spec, layer, b.full, b.cache.pop("attn_full"), {})
             b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
@@ -257,9 +258,9 @@ def _finish_block(
 ) -> Tensor:
     """resid_post of block ``layer`` from its input and attention output, with the block's
     parameters temporarily replaced by ``patched`` (full parameter values, by name)."""
-    attn_bias = patched.get(_tl.param_name(layer, "b_O"))
-    if attn_bias is not None:  # b_O is added after the heads: shift the attention output
-        attn_out = attn_out + (attn_bias - model.blocks[layer].attn.b_O.detach())
+    name = _tl.param_name(layer, "b_O")
+    if name in patched:  # b_O is added after the heads: shift the attention output
+        attn_out = attn_out + (patched[name] - _tl.parameters(model)[name].detach())
     if not spec.has_mlp:
         return resid_pre + attn_out
     mlp_params = {k: v for k, v in patched.items() if ".mlp." in k}

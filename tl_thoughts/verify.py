@@ -190,8 +190,7 @@ def verify(
         patch = exact_weight_patch(model, updates)
         weight_form = patch.description
         with patch.applied(model):
-            with torch.no_grad():  # logits from a plain call: no hook of any kind
-                logits = model(reduced, attention_mask=torch.ones_like(reduced))
+            logits, _ = _tl.forward(model, reduced)  # logits from a call with no hook at all
             _, cache = _tl.forward(model, reduced, cache_names=resid_names)  # read-only hooks
         runs["weight"] = (logits[0], [cache[n] for n in resid_names])
 
