@@ -5,8 +5,10 @@ prompts (with the chunk) and the reduced prompts (without it, natural positions,
 under the patches already fitted for the blocks below (the papers' Algorithm 1). Each block costs
 one attention and one MLP call per stream, so the whole fit costs about one full and one reduced
 forward pass, plus a third reduced pass without patches when ``compare_steering`` (the
-mean-difference steering baseline). Only sufficient statistics (``A^T A``, ``A^T U``) are
-accumulated for the matrices; the streamed residuals take ``O(examples x pos x d_model)``.
+mean-difference steering baseline). The matrices are fitted from sufficient statistics only,
+``A^T A`` and ``A^T (A_C - A)`` (both ``d_model x d_model``, since every target is
+``u_i = (a_C,i - a_i) @ W``), whatever the number of examples; the streamed residuals themselves
+take ``O(examples x pos x d_model)``.
 """
 
 import contextlib
@@ -69,7 +71,7 @@ def _pad(seqs: list[Tensor]) -> Tensor:
 
 
 def _make_batch(model: HookedTransformer, encoded: list[EncodedExample], pool: str, base: bool) -> _Batch:
-    bf, pf, br, pr = [], [], [], []
+    bf, pf, pr = [], [], []
     for i, ex in enumerate(encoded):
         pos = ex.pooled(pool)
         bf.append(torch.full_like(pos, i))
@@ -201,20 +203,20 @@ def fit_thought(
         # 2. the thought matrices, from sufficient statistics
         if fitting and want_matrix and spec.has_mlp:
             shift = vector if (want_vector and bias == "b_O" and not spec.parallel_attn_mlp) else None
+            # targets u_i = (a_C,i - a_i) @ W for every MLP input matrix W: accumulate
+            # A^T A and A^T (A_C - A) (both d_model x d_model), and apply W once per layer
             AtA = torch.zeros(spec.d_model, spec.d_model, dtype=torch.float64, device=vector.device)
-            AtU = {n: torch.zeros(spec.d_model, spec.d_mlp, dtype=torch.float64, device=vector.device)
-                   for n in spec.mlp_input_matrices}
+            AtD = torch.zeros_like(AtA)
             for b in batches:
                 r_full, r_red = _mlp_resids(spec, b)
                 x = r_red[b.rows_reduced]
                 a = _tl.mlp_norm(model, layer, x if shift is None else x + shift).double()
                 a_c = _tl.mlp_norm(model, layer, r_full[b.rows_full]).double()
                 AtA += a.T @ a
-                for name in spec.mlp_input_matrices:
-                    W = _tl.mlp_matrix(model, layer, name).double()
-                    AtU[name] += a.T @ ((a_c - a) @ W)
+                AtD += a.T @ (a_c - a)
+            solved = ridge_solve(AtA, AtD, ridge, n_tokens)  # [d_model, d_model]
             for name in spec.mlp_input_matrices:
-                M = ridge_solve(AtA, AtU[name], ridge, n_tokens)
+                M = solved @ _tl.mlp_matrix(model, layer, name).double()
                 deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
         # 3. finish the block in every stream (the reduced one under this block's patch)
         params = _tl.parameters(model)
