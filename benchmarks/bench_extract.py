@@ -12,10 +12,9 @@ Run: .venv/bin/python benchmarks/bench_extract.py [--pos 128] [--repeats 7]
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import timed
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -32,14 +31,6 @@ STORY = (
     "where other children were waiting to hear them."
 )
 
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def naive_vectors(model, tokens, span) -> torch.Tensor:

@@ -13,10 +13,9 @@ Run: .venv/bin/python benchmarks/bench_fit.py [--examples 32] [--repeats 3]
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import timed
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -34,14 +33,6 @@ VERBS = (
 TEMPLATE = tt.PromptTemplate("<|im_start|>{chunk}{query} ->", separator="\n")
 
 
-def timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
 
 def pad(seqs):
     out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
@@ -57,7 +48,6 @@ def naive_fit(model, examples, layers, ridge, bs):
     spec = _tl.model_spec(model)
     enc = [encode_example(model, TEMPLATE, CHUNK, ex) for ex in examples]
     batches = [enc[i : i + bs] for i in range(0, len(enc), bs)]
-    mid = lambda l: _tl.mlp_input_resid_name(spec, l)  # noqa: E731
 
     def rows(cache, name, batch, reduced):
         out = []
@@ -68,7 +58,7 @@ def naive_fit(model, examples, layers, ridge, bs):
 
     full = []
     for batch in batches:
-        _, c = model.run_with_cache(pad([e.full for e in batch]), names_filter=[mid(l) for l in layers])
+        _, c = model.run_with_cache(pad([e.full for e in batch]), names_filter=[_tl.mlp_input_resid_name(spec, l) for l in layers])
         full.append(c)
     deltas: dict[str, torch.Tensor] = {}
     n = sum(len(e.pooled("kept")) for e in enc)
@@ -79,9 +69,9 @@ def naive_fit(model, examples, layers, ridge, bs):
         total = torch.zeros(spec.d_model, dtype=torch.float64)
         with _tl.swapped_tensors(model, patch.parameters(model)):
             for batch, fc in zip(batches, full):
-                _, rc = model.run_with_cache(pad([e.reduced for e in batch]), names_filter=[mid(layer)])
-                r_full = rows(fc, mid(layer), batch, False)
-                r_red = rows(rc, mid(layer), batch, True)
+                _, rc = model.run_with_cache(pad([e.reduced for e in batch]), names_filter=[_tl.mlp_input_resid_name(spec, layer)])
+                r_full = rows(fc, _tl.mlp_input_resid_name(spec, layer), batch, False)
+                r_red = rows(rc, _tl.mlp_input_resid_name(spec, layer), batch, True)
                 total += (r_full - r_red).double().sum(0)
                 a = _tl.mlp_norm(model, layer, r_red).double()
                 a_c = _tl.mlp_norm(model, layer, r_full).double()
@@ -125,12 +115,14 @@ def main() -> None:
     print("fitted layers | fit (s) | fit / passes | fit without steering stream / passes")
     for k in (1, 4, 8, 15, 30):
         layers = sorted({round(x) for x in torch.linspace(spec.n_layers - 1, 0, k).tolist()})
-        fit = lambda steer: tt.fit_thought(  # noqa: E731
-            model, CHUNK, examples, template=TEMPLATE, layers=layers, ridge=1.0,
-            batch_size=bs, compare_steering=steer, progress=False,
-        )
-        t_fit, patch = timed(lambda: fit(True), args.repeats)
-        t_fit_ns, _ = timed(lambda: fit(False), args.repeats)
+        def fit(steer: bool, layers: list[int] = layers) -> tt.ThoughtPatch:
+            return tt.fit_thought(
+                model, CHUNK, examples, template=TEMPLATE, layers=layers, ridge=1.0,
+                batch_size=bs, compare_steering=steer, progress=False,
+            )
+
+        t_fit, _ = timed(lambda fit=fit: fit(True), args.repeats)
+        t_fit_ns, _ = timed(lambda fit=fit: fit(False), args.repeats)
         print(f"{len(layers):>13} | {t_fit:7.2f} | {t_fit / t_pass:12.2f} | {t_fit_ns / t_pass:10.2f}")
     # naive Algorithm 1, all layers (one re-run of the reduced prompts per fitted layer)
     layers = list(range(spec.n_layers))

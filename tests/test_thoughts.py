@@ -218,8 +218,7 @@ def test_summary_has_ranks_and_steering_cosines(fitted):
         assert 0 < r["W_in_rank"] <= min(n_tokens, model.cfg.d_model)
         assert 1 <= r["W_in_effective_rank"] <= r["W_in_rank"] + 1e-9
         assert -1 <= r["cos_steering"] <= 1
-    # steering vectors are the plain mean differences of attention outputs (unpatched runs)
-    ex = encode_example(model, TEMPLATE, CHUNK, EXAMPLES[0])
+    # steering vectors: the plain mean differences, stored for every layer streamed
     assert set(patch.steering) == {f"{k}.{l}" for k in ("steering", "residual") for l in range(model.cfg.n_layers)}
     assert "layer" in patch.summary_table()
 

@@ -196,6 +196,9 @@ def load_default_model(
     try:
         return _build(folder, dtype, device, n_ctx)
     except Exception as e:  # an unreadable cache: rebuild it once, loudly
-        warnings.warn(f"the model cache {folder} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+        warnings.warn(
+            f"the model cache {folder} is unreadable ({type(e).__name__}: {e}); rebuilding it",
+            stacklevel=2,
+        )
         _ensure_cache(folder, gguf, refresh=True)
         return _build(folder, dtype, device, n_ctx)

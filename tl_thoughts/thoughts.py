@@ -11,9 +11,7 @@ mean-difference steering baseline). The matrices are fitted from sufficient stat
 take ``O(examples x pos x d_model)``.
 """
 
-import contextlib
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
