@@ -12,17 +12,18 @@ from tl_thoughts.errors import ZeroDenominatorError
 
 
 def head_updates(
-    pattern: Float[Tensor, "head query key"],
-    v: Float[Tensor, "key head d_head"],
-    z: Float[Tensor, "query head d_head"],
-    W_O: Float[Tensor, "head d_head d_model"],
+    pattern: Float[Tensor, "*layer head query key"],
+    v: Float[Tensor, "*layer key head d_head"],
+    z: Float[Tensor, "*layer query head d_head"],
+    W_O: Float[Tensor, "*layer head d_head d_model"],
     chunk_keys: Bool[Tensor, " key"],
 ) -> tuple[
-    Float[Tensor, "query head d_model"],
-    Float[Tensor, "query head"],
-    Float[Tensor, "query head d_head"],
+    Float[Tensor, "*layer query head d_model"],
+    Float[Tensor, "*layer query head"],
+    Float[Tensor, "*layer query head d_head"],
 ]:
-    """Per-head virtual weight vectors of one block, at the given query positions (THEORY 2).
+    """Per-head virtual weight vectors of one block (or a stack of blocks, leading ``layer``
+    axis), at the given query positions (THEORY 2).
 
     ``pattern`` rows are the full run's attention of the query positions of interest (kept positions
     after the chunk), over every key position; ``v`` are the full run's values, already expanded to
@@ -49,19 +50,20 @@ def head_updates(
             reduced attention is then undefined).
     """
     kept = ~chunk_keys
-    p_kept = pattern[:, :, kept]  # [head, query, kept_key]
-    kept_mass = p_kept.sum(-1)  # [head, query]  (= 1 - chunk mass, without cancellation)
+    p_kept = pattern[..., kept]  # [*layer, head, query, kept_key]
+    kept_mass = p_kept.sum(-1)  # [*layer, head, query]  (= 1 - chunk mass, without cancellation)
     if bool((kept_mass == 0).any()):
-        head, query = (kept_mass == 0).nonzero()[0].tolist()
+        *where, head, query = (kept_mass == 0).nonzero()[0].tolist()
+        layer = f"layer {where[0]}, " if where else ""
         raise ZeroDenominatorError(
-            f"head {head} puts all of its attention on the chunk at query row {query}: the attention "
-            "of the reduced prompt is undefined there (the kept keys' weights underflowed to zero). "
-            "Try float64, or a chunk that does not absorb the whole attention."
+            f"{layer}head {head} puts all of its attention on the chunk at query row {query}: the "
+            "attention of the reduced prompt is undefined there (the kept keys' weights underflowed "
+            "to zero). Try float64, or a chunk that does not absorb the whole attention."
         )
-    z_red_unnormalised = torch.einsum("hqk,khd->qhd", p_kept, v[kept])
-    z_red = z_red_unnormalised / kept_mass.T[..., None]  # [query, head, d_head]
-    head_vectors = torch.einsum("qhd,hdm->qhm", z - z_red, W_O)
-    chunk_attention = pattern[:, :, chunk_keys].sum(-1).T  # [query, head]
+    z_red_unnormalised = torch.einsum("...hqk,...khd->...qhd", p_kept, v[..., kept, :, :])
+    z_red = z_red_unnormalised / kept_mass.transpose(-1, -2)[..., None]  # [*layer, query, head, d_head]
+    head_vectors = torch.einsum("...qhd,...hdm->...qhm", z - z_red, W_O)
+    chunk_attention = pattern[..., chunk_keys].sum(-1).transpose(-1, -2)  # [*layer, query, head]
     return head_vectors, chunk_attention, z_red
 
 

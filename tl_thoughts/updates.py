@@ -175,27 +175,25 @@ def updates_from_cache(
     queries = span.positions
     chunk_keys = torch.zeros(span.n_pos, dtype=torch.bool, device=queries.device)
     chunk_keys[span.start : span.stop] = True
-    heads, attention, mlp_in, mlp_in_c = [], [], [], []
-    with torch.no_grad():
-        for layer in range(spec.n_layers):
-            pattern = cache[_tl.pattern_name(layer)][:, queries]
-            v = _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)])
-            z = cache[_tl.z_name(layer)][queries]
-            head_vectors, beta, _ = _math.head_updates(
-                pattern, v, z, _tl.W_O(model, layer), chunk_keys
-            )
-            heads.append(head_vectors)
-            attention.append(beta)
-            if spec.has_mlp:
-                resid = cache[_tl.mlp_input_resid_name(spec, layer)][queries]
-                a_c = _tl.mlp_norm(model, layer, resid)
-                if spec.parallel_attn_mlp:
-                    a = a_c  # the MLP reads resid_pre, which the chunk does not change at layer l
-                else:
-                    a = _tl.mlp_norm(model, layer, resid - head_vectors.sum(1))
-                mlp_in.append(a)
-                mlp_in_c.append(a_c)
-        head_stack = torch.stack(heads)
+    layers = range(spec.n_layers)
+    # all blocks at once: [layer, head, query, key], [layer, key, head, d_head], ...
+    pattern = torch.stack([cache[_tl.pattern_name(l)][:, queries] for l in layers])
+    v = torch.stack([_tl.expand_kv_heads(spec, cache[_tl.v_name(l)]) for l in layers])
+    z = torch.stack([cache[_tl.z_name(l)][queries] for l in layers])
+    W_O = torch.stack([_tl.W_O(model, l) for l in layers])
+    head_stack, attention, _ = _math.head_updates(pattern, v, z, W_O, chunk_keys)
+    vectors = head_stack.sum(2)
+    mlp_in, mlp_in_c = [], []
+    if spec.has_mlp:
+        for layer in layers:
+            resid = cache[_tl.mlp_input_resid_name(spec, layer)][queries]
+            a_c = _tl.mlp_norm(model, layer, resid)
+            if spec.parallel_attn_mlp:
+                a = a_c  # the MLP reads resid_pre, which the chunk does not change at layer l
+            else:
+                a = _tl.mlp_norm(model, layer, resid - vectors[layer])
+            mlp_in.append(a)
+            mlp_in_c.append(a_c)
     weights = {
         name: [_tl.mlp_matrix(model, layer, name).detach() for layer in range(spec.n_layers)]
         for name in spec.mlp_input_matrices
@@ -203,9 +201,9 @@ def updates_from_cache(
     return ImplicitUpdates(
         tokens=tokens,
         span=span,
-        vectors=head_stack.sum(2),
+        vectors=vectors,
         head_vectors=head_stack,
-        chunk_attention=torch.stack(attention),
+        chunk_attention=attention,
         mlp_in=torch.stack(mlp_in) if spec.has_mlp else None,
         mlp_in_with_chunk=torch.stack(mlp_in_c) if spec.has_mlp else None,
         mlp_input_matrices=spec.mlp_input_matrices,
