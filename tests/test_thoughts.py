@@ -282,3 +282,19 @@ def test_load_refuses_damaged_files(fitted, tmp_path, damage):
         save_file({"x": torch.zeros(3)}, str(path))
     with pytest.raises(tt.PatchFileError):
         tt.ThoughtPatch.load(path)
+
+
+def test_patches_stack_and_survive_merging(text_models):
+    """A patch's identity check reads weights no patch changes: two patches can be applied
+    together, and a patch still applies to a model another patch was merged into."""
+    model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    first = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    second = tt.fit_thought(model, "a big red hat and", EXAMPLES, template=TEMPLATE, progress=False)
+    tokens = model.to_tokens(" the dog")
+    with torch.no_grad():
+        with first.apply(model), second.apply(model):
+            both = model(tokens)
+        first.merge_into(model)
+        with second.apply(model):
+            merged_then_second = model(tokens)
+    assert_close(both, merged_then_second, 1e-10, "stacked vs merged")

@@ -120,12 +120,10 @@ def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())
 
 
-def identity_tensors(model: HookedTransformer, spec: "ModelSpec") -> list[Tensor]:
-    """Weights that identify a checkpoint (embedding, unembedding, the first block's matrices)."""
-    tensors = [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
-    if spec.has_mlp:
-        tensors.append(model.blocks[0].mlp.W_in)
-    return tensors
+def identity_tensors(model: HookedTransformer) -> list[Tensor]:
+    """Weights that identify a checkpoint and that no tl_thoughts patch ever changes (so that
+    patches can be stacked or merged): the embedding, the unembedding, the first query matrix."""
+    return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
 
 
 @contextlib.contextmanager
@@ -221,7 +219,7 @@ def forward(
             cache[_name] = act.detach()[0]
 
         hooks.append((name, save))
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.no_grad(), hooked(model, hooks):
         logits = model(tokens, attention_mask=torch.ones_like(tokens))
     return logits, cache
 
@@ -311,9 +309,10 @@ def position_tables(
 
 
 def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-    """The residual stream entering block 0 (token + position embeddings, natural positions)."""
+    """The residual stream entering block 0 (token + position embeddings, natural positions; the
+    explicit all-ones mask keeps TransformerLens from guessing padding from pad-token ids)."""
     with torch.no_grad():
-        return model(tokens, stop_at_layer=0)
+        return model(tokens, stop_at_layer=0, attention_mask=torch.ones_like(tokens))
 
 
 def block_attention(

@@ -31,7 +31,8 @@ class IncompatibleModelError(TLThoughtsError, ValueError):
 
 def model_identity(model: HookedTransformer) -> dict:
     """Shapes and a fingerprint of the weights (float32 bytes of a sample of W_E, W_U and the
-    first block), so that a patch is only ever applied to the model it was fitted on."""
+    first query matrix, which no patch changes), so that a patch is only ever applied to the model
+    it was fitted on, also when other patches are applied or merged."""
     cfg = model.cfg
     spec = _tl.model_spec(model)
     shapes = dict(
@@ -41,7 +42,7 @@ def model_identity(model: HookedTransformer) -> dict:
         normalization_type=cfg.normalization_type, act_fn=cfg.act_fn, positional=spec.positional,
     )
     h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
-    for t in _tl.identity_tensors(model, spec):
+    for t in _tl.identity_tensors(model):
         h.update(t.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
     return dict(model_name=cfg.model_name, shapes=shapes, fingerprint=h.hexdigest())
 
