@@ -120,6 +120,15 @@ def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())
 
 
+def patched_values(model: HookedTransformer, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``parameter + delta`` for each named delta (reshaped to the parameter, in its dtype)."""
+    params = parameters(model)
+    return {
+        name: params[name].detach() + delta.reshape(params[name].shape).to(params[name])
+        for name, delta in deltas.items()
+    }
+
+
 def identity_tensors(model: HookedTransformer) -> list[Tensor]:
     """Weights that identify a checkpoint and that no tl_thoughts patch ever changes (so that
     patches can be stacked or merged): the embedding, the unembedding, the first query matrix."""

@@ -43,16 +43,8 @@ class ExactWeightPatch:
     @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameters (original + delta), dense, keyed by parameter name."""
-        params = _tl.parameters(model)
-        new: dict[str, Tensor] = {}
-        for name, delta in self.matrices.items():
-            original = params[name].detach()
-            dense = delta.AB.to(original.dtype)
-            new[name] = original + dense.reshape(original.shape)
-        for name, delta in self.biases.items():
-            original = params[name].detach()
-            new[name] = original + delta.to(original.dtype)
-        return new
+        dense = {name: delta.AB for name, delta in self.matrices.items()}
+        return _tl.patched_values(model, {**dense, **self.biases})
 
     @contextlib.contextmanager
     def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:

@@ -171,8 +171,7 @@ class ThoughtPatch:
     @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameter values (original + delta), by name."""
-        params = _tl.parameters(model)
-        return {n: params[n].detach() + d.to(params[n]) for n, d in self.deltas.items()}
+        return _tl.patched_values(model, self.deltas)
 
     @contextlib.contextmanager
     def apply(self, model: HookedTransformer, form: str = "weight") -> Iterator[HookedTransformer]:

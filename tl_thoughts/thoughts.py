@@ -195,7 +195,6 @@ def fit_thought(
             steering[f"steering.{layer}"] = (sum_steer / n_tokens).to(spec.dtype)
             steering[f"residual.{layer}"] = (sum_resid / n_tokens).to(spec.dtype)
         vector = (sum_delta / n_tokens).to(spec.dtype)
-        new: dict[str, Tensor] = {}
         if fitting and want_vector:
             deltas[_tl.param_name(layer, bias)] = vector
         # 2. the thought matrices, from sufficient statistics
@@ -217,10 +216,9 @@ def fit_thought(
                 M = solved @ _tl.mlp_matrix(model, layer, name).double()
                 deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
         # 3. finish the block in every stream (the reduced one under this block's patch)
-        params = _tl.parameters(model)
-        for name, d in deltas.items():
-            if name.startswith(f"blocks.{layer}."):
-                new[name] = params[name].detach() + d
+        new = _tl.patched_values(
+            model, {name: d for name, d in deltas.items() if name.startswith(f"blocks.{layer}.")}
+        )
         for b in batches:
             b.full = _finish_block(model, spec, layer, b.full, b.cache.pop("attn_full"), {})
             b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
