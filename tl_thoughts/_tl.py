@@ -177,6 +177,19 @@ def mlp_post_name(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_post"
 
 
+def mlp_out_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def mlp_input_product_names(spec: ModelSpec, layer: int) -> dict[str, str]:
+    """Where each MLP input matrix's product ``x @ W`` appears: gated MLPs put ``x @ W_gate`` at
+    ``mlp.hook_pre`` and ``x @ W_in`` at ``mlp.hook_pre_linear``; plain MLPs ``x @ W_in + b_in`` at
+    ``mlp.hook_pre``."""
+    if spec.gated_mlp:
+        return {"W_gate": f"blocks.{layer}.mlp.hook_pre", "W_in": f"blocks.{layer}.mlp.hook_pre_linear"}
+    return {"W_in": f"blocks.{layer}.mlp.hook_pre"}
+
+
 def param_name(layer: int, weight: str) -> str:
     """TransformerLens parameter name of a block weight: ``W_in``, ``W_gate``, ``b_out``, ``W_out``
     (MLP) or ``W_O``, ``b_O`` (attention)."""

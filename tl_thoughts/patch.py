@@ -218,7 +218,7 @@ class ThoughtPatch:
             if b_O is not None:
                 hooks.append((_tl.attn_out_name(layer), _add_hook(b_O)))
             if b_out is not None:
-                hooks.append((f"blocks.{layer}.hook_mlp_out", _add_hook(b_out)))
+                hooks.append((_tl.mlp_out_name(layer), _add_hook(b_out)))
             mats = {n: self.deltas[_tl.param_name(layer, n)] for n in spec.mlp_input_matrices
                     if _tl.param_name(layer, n) in self.deltas}
             if mats:
@@ -228,11 +228,9 @@ class ThoughtPatch:
                     store["x"] = _tl.mlp_norm(model, layer, act)
 
                 hooks.append((_tl.mlp_input_resid_name(spec, layer), keep))
-                # gated: x @ W_gate -> mlp.hook_pre, x @ W_in -> mlp.hook_pre_linear; plain: x @ W_in + b_in -> hook_pre
-                sites = {"W_gate": "hook_pre", "W_in": "hook_pre_linear"} if spec.gated_mlp else {"W_in": "hook_pre"}
-                for name, site in sites.items():
+                for name, site in _tl.mlp_input_product_names(spec, layer).items():
                     if name in mats:
-                        hooks.append((f"blocks.{layer}.mlp.{site}", _matmul_hook(store, mats[name])))
+                        hooks.append((site, _matmul_hook(store, mats[name])))
         return hooks
 
     # --- saving and loading ---
