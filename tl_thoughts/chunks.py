@@ -146,7 +146,7 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
     return char_span_to_tokens(pieces, first, first + len(text))
 
 
-def char_span_to_tokens(pieces: list[str], lo: int, hi: int) -> tuple[int, int]:
+def char_span_to_tokens(pieces: list[str], lo: int, hi: int, what: str = "chunk") -> tuple[int, int]:
     """Token positions ``[start, stop)`` covering characters ``[lo, hi)`` of ``"".join(pieces)``.
 
     A token straddling a boundary is accepted only if its part outside the span is whitespace.
@@ -164,11 +164,11 @@ def char_span_to_tokens(pieces: list[str], lo: int, hi: int) -> tuple[int, int]:
         outside = piece[: max(lo - a, 0)] + piece[len(piece) - max(b - hi, 0) :]
         if outside.strip():
             raise ChunkError(
-                f"the chunk boundary cuts token {i} ({piece!r}); extend or shorten the substring to "
+                f"the {what} boundary cuts token {i} ({piece!r}); extend or shorten the {what} to "
                 "whole tokens, or pass a slice of positions"
             )
         start = i if start is None else start
         stop = i + 1
     if start is None or stop is None:
-        raise ChunkError(f"no token lies in characters {lo}..{hi} of the prompt")
+        raise ChunkError(f"no token of the {what} lies in characters {lo}..{hi} of the prompt")
     return start, stop

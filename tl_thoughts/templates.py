@@ -139,7 +139,7 @@ def encode_example(
     lo, hi = template.chunk_chars(query, chunk)
     start, stop = char_span_to_tokens(pieces, offset + lo, offset + hi)
     if answer:
-        answer_start, _ = char_span_to_tokens(pieces, offset + len(prompt), offset + len(text))
+        answer_start, _ = char_span_to_tokens(pieces, offset + len(prompt), offset + len(text), "answer")
         if answer_start <= stop:
             raise ChunkError(f"the answer {answer!r} starts inside the chunk or right at its end")
     else:
