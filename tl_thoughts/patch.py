@@ -32,7 +32,12 @@ class IncompatibleModelError(TLThoughtsError, ValueError):
 def model_identity(model: HookedTransformer) -> dict:
     """Shapes and a fingerprint of the weights (float32 bytes of a sample of W_E, W_U and the
     first query matrix, which no patch changes), so that a patch is only ever applied to the model
-    it was fitted on, also when other patches are applied or merged."""
+    it was fitted on, also when other patches are applied or merged.
+
+    Example:
+        >>> sorted(model_identity(model))
+        ['fingerprint', 'model_name', 'shapes']
+    """
     cfg = model.cfg
     spec = _tl.model_spec(model)
     shapes = dict(
@@ -313,7 +318,8 @@ def _cos(a: Tensor, b: Tensor) -> float:
     na, nb = float(a.double().norm()), float(b.double().norm())
     if na == 0 or nb == 0:
         return math.nan
-    return float(a.double() @ b.double()) / (na * nb)
+    # clamped: rounding can put the cosine of parallel vectors a few ulps outside [-1, 1]
+    return min(1.0, max(-1.0, float(a.double() @ b.double()) / (na * nb)))
 
 
 def _add_hook(vector: Tensor):
