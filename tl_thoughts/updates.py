@@ -145,8 +145,9 @@ def implicit_updates(
         ZeroDenominatorError: a head attends only to the chunk at some position.
 
     Example:
-        >>> updates = tl_thoughts.implicit_updates(model, tokens, slice(2, 5))  # doctest: +SKIP
-        >>> updates.vectors.shape  # [layer, kept, d_model]  # doctest: +SKIP
+        >>> updates = tl_thoughts.implicit_updates(model, torch.arange(10)[None], slice(2, 5))
+        >>> updates.vectors.shape  # [layer, kept, d_model]
+        torch.Size([2, 5, 16])
     """
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
@@ -170,6 +171,15 @@ def updates_from_cache(
 
     The cache must hold, for every layer, ``attn.hook_pattern``, ``attn.hook_v``, ``attn.hook_z``
     and (MLP models) ``hook_resid_mid`` (``hook_resid_pre`` for parallel blocks).
+
+    Example:
+        >>> from tl_thoughts.chunks import Span
+        >>> tokens = torch.arange(10)[None]
+        >>> _, cache = model.run_with_cache(tokens)
+        >>> cache = {name: act[0] for name, act in cache.items()}
+        >>> again = updates_from_cache(model, tokens, Span(2, 5, 10), cache)
+        >>> bool((again.vectors - updates.vectors).abs().max() < 1e-12)
+        True
     """
     spec = _tl.model_spec(model)
     queries = span.positions

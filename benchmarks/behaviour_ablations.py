@@ -1,0 +1,73 @@
+"""Why thought patches fall short on some tasks: the protocol of ``tl-thoughts eval`` (thought
+patch only) under one change at a time, on a few shipped tasks and seeds.
+
+Prints a markdown table: accuracy of the thought patch on the filtered test examples (mean over
+seeds) and the number of filtered examples, per variant and task. The numbers in
+``docs/benchmark.md`` ("Findings") come from this script:
+
+    .venv/bin/python benchmarks/behaviour_ablations.py
+
+Options: ``--tasks`` (default: past_tense antonyms plural), ``--seeds`` (default: 0).
+"""
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+from tl_thoughts.templates import PromptTemplate
+
+N_LAYERS = 30  # SmolLM2-135M
+VARIANTS = {
+    "defaults (EvalConfig)": {},
+    "no fixed first token": {"template": "{chunk}{query} ->"},
+    "vector_target=residual": {"vector_target": "residual"},
+    "pool=kept": {"pool": "kept"},
+    "ridge=0.1": {"ridge": 0.1},
+    "ridge=10": {"ridge": 10.0},
+    "n_fit=40": {"n_fit": 40},
+    "layers 0-14 only": {"layers": tuple(range(0, 15))},
+    "layers 15-29 only": {"layers": tuple(range(15, N_LAYERS))},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["past_tense", "antonyms", "plural"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = load_default_model()
+    tasks = {p.stem: load_task(p) for p in shipped_tasks() if p.stem in args.tasks}
+    rows = []
+    t0 = time.perf_counter()
+    for name, change in VARIANTS.items():
+        change = dict(change)
+        template = change.pop("template", None)
+        config = dataclasses.replace(
+            E.EvalConfig(seeds=tuple(args.seeds)),
+            methods=("with_chunk", "without_chunk", "thought_patch"),
+            **change,
+        )
+        cells = []
+        for task in tasks.values():
+            if template is not None:
+                task = dataclasses.replace(task, template=PromptTemplate(template, task.template.separator))
+            result = E.evaluate_task(model, task, config, progress=False)
+            summary = result.summary("thought_patch")
+            cells.append(f"{100 * summary['accuracy']:.0f} ({'/'.join(map(str, summary['n_filtered']))})")
+            rows.append((name, task.name, summary["accuracy"]))
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\ntasks: {list(tasks)}; seeds {args.seeds}; cells: thought_patch accuracy % (filtered "
+          f"examples per seed); {time.perf_counter() - t0:.0f} s")
+    means = {n: np.mean([a for v, _, a in rows if v == n]) for n in VARIANTS}
+    print("mean over tasks:", {n: round(100 * m) for n, m in means.items()})
+
+
+if __name__ == "__main__":
+    main()

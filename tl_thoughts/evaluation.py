@@ -1,0 +1,705 @@
+"""The behavioural benchmark (THEORY 5): does a patch fitted from a chunk make the model, run
+WITHOUT the chunk, do what the chunk asked? Compared with the heuristics the theory explains.
+
+Protocol (:func:`evaluate_task`), per seed:
+
+1. the task's examples are shuffled with the seed and split into ``n_fit`` fit examples and the
+   rest, the test examples (disjoint);
+2. greedy decoding, exact match: an example is right when the model's greedy continuation of the
+   prompt is the answer's tokens (``answer_prefix + answer``) followed by a line break (a token
+   whose text starts with a line break after optional spaces, or an end-of-sequence / special
+   token), i.e. the generation cut at its first line break equals the answer. This is computed
+   exactly, for a whole batch in one forward pass, by teacher forcing: greedy decoding produces the
+   answer iff the argmax at every answer position is the next answer token (checked against real
+   generation in the test suite);
+3. the test examples are filtered to those right WITH the chunk and wrong WITHOUT it (their number
+   is reported);
+4. every method runs on the same filtered examples, without the chunk, after being fitted on the
+   same fit examples:
+
+   - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
+     the filtered set by construction; their unfiltered accuracies are reported too);
+   - ``thought_vector``, ``thought_matrix``, ``thought_patch``: :func:`tl_thoughts.fit_thought`
+     with ``fit="vector"``, ``"matrix"``, ``"both"``, applied in the weight form;
+   - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
+     ``l``, with the chunk minus without, averaged over the fit examples' pooled positions) added
+     at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
+     the fit examples;
+   - ``steering_all_layers``: at every block, the mean difference of the block's own output
+     (the increment of the mean residual difference), so that the vectors add up to the mean
+     residual difference at every depth;
+   - ``task_vector``: the hidden state of the run WITH the chunk after block ``l`` at the last
+     prompt position (the one that predicts the answer), averaged over the fit examples, written
+     into the run without the chunk at its last prompt position (Hendel et al. 2023), ``l`` chosen
+     on the fit examples.
+
+Layer choices on fit data rank layers by accuracy on the fit examples, then by mean
+log-probability of their continuations.
+"""
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_thoughts import _tl
+from tl_thoughts.errors import ChunkError, InputError
+from tl_thoughts.tasks import Task
+from tl_thoughts.templates import EncodedExample, encode_example
+from tl_thoughts.thoughts import fit_thought
+
+METHODS = (
+    "with_chunk",
+    "without_chunk",
+    "thought_vector",
+    "thought_matrix",
+    "thought_patch",
+    "steering_best_layer",
+    "steering_all_layers",
+    "task_vector",
+)
+FIT_METHODS = {"thought_vector": "vector", "thought_matrix": "matrix", "thought_patch": "both"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of the protocol (recorded in ``results.json``).
+
+    Attributes:
+        n_fit: Fit examples per seed (the rest are test examples).
+        seeds: One split (and one fit) per seed.
+        layers: Blocks the thought patches are fitted on (None: all).
+        ridge: Ridge strength of the thought matrices (relative to the mean squared MLP input).
+        pool: Positions pooled by the thought patches and the steering vectors (see
+            :func:`tl_thoughts.fit_thought`).
+        vector_site, vector_target: Where the thought vector goes and what it restores.
+        batch_size: Sequences per forward pass.
+        methods: The methods run (default: all of :data:`METHODS`).
+    """
+
+    n_fit: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2)
+    layers: tuple[int, ...] | None = None
+    ridge: float = 1.0
+    pool: str = "answer"
+    vector_site: str = "attn_out"
+    vector_target: str = "attention"
+    batch_size: int = 32
+    methods: tuple[str, ...] = METHODS
+
+    @property
+    def fit_options(self) -> dict:
+        """The keyword arguments of :func:`tl_thoughts.fit_thought` this configuration fits with.
+
+        Example:
+            >>> EvalConfig().fit_options["vector_target"]
+            'attention'
+        """
+        return dict(layers=self.layers, ridge=self.ridge, pool=self.pool,
+                    vector_site=self.vector_site, vector_target=self.vector_target)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        if "with_chunk" not in self.methods or "without_chunk" not in self.methods:
+            raise ValueError("the protocol filters on 'with_chunk' and 'without_chunk': keep both")
+        if self.n_fit < 1:
+            raise ValueError("n_fit must be >= 1")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+
+
+# --- encoding and the exact greedy-match check --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Example:
+    """One example tokenised with and without the chunk, continuation teacher-forced."""
+
+    enc: EncodedExample  # full = prompt with chunk + continuation; reduced = without the chunk
+    n_cont: int  # continuation tokens: answer tokens then the stop token
+
+    @property
+    def last_prompt_full(self) -> int:
+        return self.enc.answer_start - 1
+
+    @property
+    def last_prompt_reduced(self) -> int:
+        return self.enc.answer_start - 1 - (self.enc.stop - self.enc.start)
+
+
+def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence[int]) -> list[_Example]:
+    """Tokenise examples with and without the chunk (aligned positions, see
+    :func:`tl_thoughts.templates.encode_example`), checking that the continuation ends with a token
+    of its own holding the line break.
+
+    Example:
+        >>> examples = encode_task_examples(load_default_model(), task, range(20))  # doctest: +SKIP
+        >>> examples[0].n_cont  # answer tokens + the line-break token  # doctest: +SKIP
+        2
+    """
+    out = []
+    for i in indices:
+        query, answer = task.examples[i]
+        enc = encode_example(model, task.template, task.chunk, (query, task.continuation(answer)))
+        n_cont = enc.full.shape[0] - enc.answer_start
+        last = model.to_single_str_token(int(enc.full[-1])) if n_cont else ""
+        if n_cont < 2 or "\n" not in last or last.strip():
+            raise ChunkError(
+                f"task {task.name!r}, example {query!r}: the continuation must tokenise as the answer's "
+                f"tokens then a line-break token (got last token {last!r})"
+            )
+        out.append(_Example(enc=enc, n_cont=n_cont))
+    return out
+
+
+def stop_tokens(model: HookedTransformer) -> Bool[Tensor, " d_vocab"]:
+    """Tokens that end an answer under greedy decoding: a line break after optional spaces, or a
+    special token (end of sequence, chat turn markers).
+
+    Example:
+        >>> stops = stop_tokens(model)
+        >>> stops.shape, bool(stops[model.tokenizer.eos_token_id])
+        (torch.Size([50]), True)
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise InputError("the behavioural benchmark needs a model with a tokenizer")
+    strings = tok.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
+    decoded = [tok.convert_tokens_to_string([s]) if s is not None else "" for s in strings]
+    mask = torch.tensor([d.lstrip(" \t").startswith("\n") for d in decoded])
+    special = [i for i in tok.all_special_ids if i < model.cfg.d_vocab]
+    mask[special] = True
+    return mask
+
+
+def _pad(seqs: list[Tensor]) -> Int[Tensor, "batch pos"]:
+    """Right padding (exact under causal attention: real positions never see the pads)."""
+    n = max(s.shape[0] for s in seqs)
+    out = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s.cpu()
+    return out
+
+
+HookFactory = Callable[[list[_Example], bool], list[tuple[str, Callable]]]
+
+
+def _verdicts(
+    model: HookedTransformer,
+    batch: list[_Example],
+    seqs: list[Tensor],
+    final_resid: Float[Tensor, "batch pos d_model"],
+    stops: Bool[Tensor, " d_vocab"],
+) -> tuple[list[bool], list[float]]:
+    """Right/wrong and mean log-probability of each continuation, from the residual stream after
+    the last block (the final norm and the unembedding are applied to the needed rows only)."""
+    b_idx, p_idx, spans = [], [], []
+    for i, (e, seq) in enumerate(zip(batch, seqs)):
+        n = seq.shape[0]
+        rows = list(range(n - e.n_cont - 1, n - 1))
+        spans.append((len(p_idx), len(p_idx) + len(rows), seq[n - e.n_cont :]))
+        b_idx += [i] * len(rows)
+        p_idx += rows
+    picked = final_resid[torch.tensor(b_idx), torch.tensor(p_idx)]  # [rows, d_model]
+    logits = model.unembed(model.ln_final(picked[None]))[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    right, logprob = [], []
+    for lo, hi, targets in spans:
+        targets = targets.to(logits.device)
+        preds = logits[lo:hi].argmax(-1)
+        right.append(bool((preds[:-1] == targets[:-1]).all()) and bool(stops[int(preds[-1])]))
+        logprob.append(float(logp[lo:hi].gather(-1, targets[:, None]).mean()))
+    return right, logprob
+
+
+def _run_to_end(model: HookedTransformer, x: Tensor, start_at_layer: int | None = None) -> Tensor:
+    """The residual stream after the last block, from tokens or from a residual at a layer."""
+    n_layers = model.cfg.n_layers
+    if start_at_layer is not None and start_at_layer >= n_layers:
+        return x
+    mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    return model(x, start_at_layer=start_at_layer, stop_at_layer=n_layers, attention_mask=mask)
+
+
+@torch.no_grad()
+def greedy_match(
+    model: HookedTransformer,
+    examples: list[_Example],
+    *,
+    with_chunk: bool,
+    hooks: HookFactory | None = None,
+    stops: Bool[Tensor, " d_vocab"] | None = None,
+    batch_size: int = 32,
+) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
+    """Whether greedy decoding reproduces each example's continuation, and its mean
+    log-probability, in one teacher-forced forward pass per batch.
+
+    Args:
+        model: The model (as it is: apply a patch around the call to test the patch).
+        examples: From :func:`encode_task_examples`.
+        with_chunk: Run the prompts with the chunk (``full``) or without (``reduced``).
+        hooks: ``hooks(batch_examples, with_chunk)`` -> TransformerLens forward hooks for a batch
+            (steering, task vectors).
+        stops: :func:`stop_tokens` (computed if not given).
+        batch_size: Sequences per forward pass.
+
+    Returns:
+        ``(right [n], mean log-probability of the continuation's tokens [n])``.
+
+    Example:
+        >>> examples = encode_task_examples(model, task, range(10))  # doctest: +SKIP
+        >>> right, logprob = greedy_match(model, examples, with_chunk=True)  # doctest: +SKIP
+    """
+    stops = stop_tokens(model) if stops is None else stops
+    right, logprob = [], []
+    device = _tl.model_device(model)
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b : b + batch_size]
+        seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
+        with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
+            final = _run_to_end(model, _pad(seqs).to(device))
+        r, lp = _verdicts(model, batch, seqs, final, stops)
+        right += r
+        logprob += lp
+    return torch.tensor(right, dtype=torch.bool), torch.tensor(logprob, dtype=torch.float64)
+
+
+# --- the baselines ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _mean_differences(
+    model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
+) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
+    """Mean over the fit examples' pooled positions of ``resid(full) - resid(reduced)`` at
+    ``blocks.0.hook_resid_pre`` then every ``blocks.{l}.hook_resid_post`` (``[n_layers + 1, d]``),
+    and the task vectors: mean full-run ``resid_post`` at the last prompt position (``[n_layers, d]``)."""
+    n_layers = model.cfg.n_layers
+    names = ["blocks.0.hook_resid_pre"] + [_tl.resid_post_name(layer) for layer in range(n_layers)]
+    diff = torch.zeros(n_layers + 1, model.cfg.d_model, dtype=torch.float64)
+    task = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
+    n_pos = 0
+    device = _tl.model_device(model)
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b : b + batch_size]
+        caches = []
+        for which in ("full", "reduced"):
+            tokens = _pad([getattr(e.enc, which) for e in batch]).to(device)
+            store: dict[str, Tensor] = {}
+
+            def save(act, hook, store=store):
+                store[hook.name] = act.detach().double().cpu()
+
+            with _tl.hooked(model, [(name, save) for name in names]):
+                model(tokens, attention_mask=torch.ones_like(tokens))
+            caches.append(torch.stack([store[name] for name in names]))  # [L+1, batch, pos, d]
+        full, reduced = caches
+        for i, e in enumerate(batch):
+            pos = e.enc.pooled(pool)
+            diff += (full[:, i, pos] - reduced[:, i, e.enc.to_reduced(pos)]).sum(1)
+            n_pos += pos.shape[0]
+            task += full[1:, i, e.last_prompt_full]
+    return diff / n_pos, task / len(examples)
+
+
+def _region_start(examples: list[_Example]) -> int:
+    """First position after the chunk's place in the reduced prompts (the same for every example
+    of a task: the template puts the chunk at a fixed place)."""
+    starts = {e.enc.start for e in examples}
+    if len(starts) != 1:
+        raise InputError("the chunk must start at the same token position in every prompt of a task")
+    return starts.pop()
+
+
+def _add_from(start: int, vector: Tensor) -> Callable:
+    def hook(act, hook):
+        act = act.clone()
+        act[:, start:] += vector.to(act.dtype)
+        return act
+
+    return hook
+
+
+def _steering_hooks(deltas: Float[Tensor, "layer1 d_model"], layers: Sequence[int], start: int) -> HookFactory:
+    """Hooks adding the mean residual difference after each block of ``layers`` (index ``l + 1`` of
+    ``deltas``) at every position from ``start`` on, in runs without the chunk."""
+
+    def make(batch, with_chunk):
+        return [(_tl.resid_post_name(layer), _add_from(start, deltas[layer + 1])) for layer in layers]
+
+    return make
+
+
+def _all_layer_steering_hooks(deltas: Float[Tensor, "layer1 d_model"], start: int) -> HookFactory:
+    """At every block, the increment of the mean residual difference (``deltas[l+1] - deltas[l]``),
+    plus ``deltas[0]`` on the embeddings: the vectors add up to ``deltas[l+1]`` after block ``l``."""
+    n_layers = deltas.shape[0] - 1
+
+    def make(batch, with_chunk):
+        hooks = [("blocks.0.hook_resid_pre", _add_from(start, deltas[0]))] if bool(deltas[0].any()) else []
+        hooks += [
+            (_tl.resid_post_name(layer), _add_from(start, deltas[layer + 1] - deltas[layer]))
+            for layer in range(n_layers)
+        ]
+        return hooks
+
+    return make
+
+
+def _task_vector_hooks(vectors: Float[Tensor, "layer d_model"], layer: int) -> HookFactory:
+    """Hooks writing the task vector of ``layer`` over the residual stream after block ``layer`` at
+    each prompt's last position (the one predicting the answer), in runs without the chunk."""
+
+    def make(batch, with_chunk):
+        rows = torch.arange(len(batch))
+        cols = torch.tensor([e.last_prompt_reduced for e in batch])
+
+        def hook(act, hook):
+            act = act.clone()
+            act[rows, cols] = vectors[layer].to(act.dtype)
+            return act
+
+        return [(_tl.resid_post_name(layer), hook)]
+
+    return make
+
+
+def _steering_edit(deltas: Tensor, start: int) -> "ResidEdit":
+    def edit(layer: int, x: Tensor, batch: list[_Example]) -> Tensor:
+        x[:, start:] += deltas[layer + 1].to(x.dtype)
+        return x
+
+    return edit
+
+
+def _task_vector_edit(vectors: Tensor) -> "ResidEdit":
+    def edit(layer: int, x: Tensor, batch: list[_Example]) -> Tensor:
+        x[torch.arange(len(batch)), torch.tensor([e.last_prompt_reduced for e in batch])] = vectors[layer].to(x.dtype)
+        return x
+
+    return edit
+
+
+ResidEdit = Callable[[int, Tensor, list[_Example]], Tensor]
+
+
+@torch.no_grad()
+def _best_layer(
+    model: HookedTransformer, fit_set: list[_Example], edit: ResidEdit, stops, batch_size: int
+) -> tuple[int, float]:
+    """The layer whose residual edit does best on the fit examples without the chunk (accuracy,
+    then mean log-probability). ``edit(layer, resid_after_block_layer, batch)`` returns the edited
+    residual; each candidate runs from the cached residual after its block, not from the start."""
+    n_layers = model.cfg.n_layers
+    device = _tl.model_device(model)
+    names = [_tl.resid_post_name(layer) for layer in range(n_layers)]
+    scores = {layer: ([], []) for layer in range(n_layers)}
+    for b in range(0, len(fit_set), batch_size):
+        batch = fit_set[b : b + batch_size]
+        seqs = [e.enc.reduced for e in batch]
+        store: dict[str, Tensor] = {}
+
+        def save(act, hook, store=store):
+            store[hook.name] = act.detach().clone()
+
+        with _tl.hooked(model, [(name, save) for name in names]):
+            _run_to_end(model, _pad(seqs).to(device))
+        for layer in range(n_layers):
+            x = edit(layer, store[names[layer]].clone(), batch)
+            r, lp = _verdicts(model, batch, seqs, _run_to_end(model, x, start_at_layer=layer + 1), stops)
+            scores[layer][0].extend(r)
+            scores[layer][1].extend(lp)
+    ranked = max(range(n_layers), key=lambda layer: (float(np.mean(scores[layer][0])),
+                                                     float(np.mean(scores[layer][1])), -layer))
+    return ranked, float(np.mean(scores[ranked][0]))
+
+
+# --- the protocol ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    """One seed of one task: the split, the filter, and every method's right/wrong per filtered
+    test example."""
+
+    seed: int
+    fit_indices: list[int]
+    test_indices: list[int]
+    filtered_indices: list[int]
+    with_chunk_all: float  # accuracy on all test examples (before filtering)
+    without_chunk_all: float
+    accuracy: dict[str, float] = field(default_factory=dict)  # on the filtered examples
+    right: dict[str, list[bool]] = field(default_factory=dict)
+    layers: dict[str, int] = field(default_factory=dict)  # layer chosen on fit data
+    seconds: float = 0.0
+
+
+def split(n_examples: int, n_fit: int, seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint fit and test indices, from a seeded permutation (deterministic across machines).
+
+    Example:
+        >>> fit, test = split(80, 20, seed=0)
+        >>> len(fit), len(test), set(fit) & set(test)
+        (20, 60, set())
+    """
+    if n_fit >= n_examples:
+        raise InputError(f"n_fit={n_fit} leaves no test example out of {n_examples}")
+    order = np.random.default_rng(seed).permutation(n_examples).tolist()
+    return sorted(order[:n_fit]), sorted(order[n_fit:])
+
+
+@torch.no_grad()
+def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed: int) -> SeedResult:
+    """The protocol on one seed (see the module docstring).
+
+    Example:
+        >>> seed = evaluate_seed(load_default_model(), task, EvalConfig(), seed=0)  # doctest: +SKIP
+        >>> seed.accuracy["thought_patch"], len(seed.filtered_indices)  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    stops = stop_tokens(model)
+    fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
+    fit_set = encode_task_examples(model, task, fit_idx)
+    test_set = encode_task_examples(model, task, test_idx)
+    bs = config.batch_size
+    with_right, _ = greedy_match(model, test_set, with_chunk=True, stops=stops, batch_size=bs)
+    without_right, _ = greedy_match(model, test_set, with_chunk=False, stops=stops, batch_size=bs)
+    keep = with_right & ~without_right
+    filtered = [e for e, k in zip(test_set, keep.tolist()) if k]
+    result = SeedResult(
+        seed=seed,
+        fit_indices=fit_idx,
+        test_indices=test_idx,
+        filtered_indices=[i for i, k in zip(test_idx, keep.tolist()) if k],
+        with_chunk_all=float(with_right.double().mean()),
+        without_chunk_all=float(without_right.double().mean()),
+    )
+    result.right["with_chunk"] = [True] * len(filtered)
+    result.right["without_chunk"] = [False] * len(filtered)
+
+    def run(name: str, hooks: HookFactory | None = None) -> None:
+        right, _ = greedy_match(model, filtered, with_chunk=False, hooks=hooks, stops=stops, batch_size=bs)
+        result.right[name] = right.tolist()
+
+    if filtered:
+        fit_pairs = task.fit_examples(fit_idx)
+        for name, kind in FIT_METHODS.items():
+            if name not in config.methods:
+                continue
+            patch = fit_thought(
+                model, task.chunk, fit_pairs, template=task.template, fit=kind, compare_steering=False,
+                progress=False, batch_size=bs, **config.fit_options,
+            )
+            with patch.apply(model):
+                run(name)
+        wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
+        if wanted:
+            deltas, task_vectors = _mean_differences(model, fit_set, config.pool, bs)
+            start = _region_start(fit_set + filtered)
+            if "steering_best_layer" in wanted:
+                layer, _ = _best_layer(model, fit_set, _steering_edit(deltas, start), stops, bs)
+                result.layers["steering_best_layer"] = layer
+                run("steering_best_layer", _steering_hooks(deltas, [layer], start))
+            if "steering_all_layers" in wanted:
+                run("steering_all_layers", _all_layer_steering_hooks(deltas, start))
+            if "task_vector" in wanted:
+                layer, _ = _best_layer(model, fit_set, _task_vector_edit(task_vectors), stops, bs)
+                result.layers["task_vector"] = layer
+                run("task_vector", _task_vector_hooks(task_vectors, layer))
+    for name in config.methods:
+        values = result.right.get(name, [])
+        result.accuracy[name] = float(np.mean(values)) if values else float("nan")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@dataclass
+class TaskResult:
+    """All seeds of one task."""
+
+    task: str
+    n_examples: int
+    seeds: list[SeedResult]
+
+    def summary(self, method: str) -> dict:
+        """``accuracy`` (mean over seeds with filtered examples), ``std``, ``per_seed``,
+        ``n_filtered`` (per seed)."""
+        per_seed = [s.accuracy.get(method, float("nan")) for s in self.seeds]
+        valid = [a for a in per_seed if not np.isnan(a)]
+        return {
+            "accuracy": float(np.mean(valid)) if valid else None,
+            "std": float(np.std(valid)) if valid else None,
+            "per_seed": [None if np.isnan(a) else a for a in per_seed],
+            "n_filtered": [len(s.filtered_indices) for s in self.seeds],
+        }
+
+
+def evaluate_task(
+    model: HookedTransformer, task: Task, config: EvalConfig = EvalConfig(), progress: bool = True
+) -> TaskResult:
+    """Run the protocol on ``task`` for every seed of ``config``. The model is left untouched
+    (every patch and hook is removed on exit, also on an exception).
+
+    Example:
+        >>> from tl_thoughts.tasks import load_task, shipped_tasks
+        >>> result = evaluate_task(load_default_model(), load_task(shipped_tasks()[0]))  # doctest: +SKIP
+        >>> result.summary("thought_patch")["accuracy"]  # doctest: +SKIP
+    """
+    _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    seeds = [
+        evaluate_seed(model, task, config, seed)
+        for seed in tqdm(config.seeds, desc=f"{task.name}: seeds", disable=not progress)
+    ]
+    return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds)
+
+
+def results_json(results: list[TaskResult], config: EvalConfig, model_name: str) -> dict:
+    """The content of ``results.json``: one top-level key per method (accuracy averaged over tasks,
+    each task's mean over seeds, spread, per-seed values and filtered counts), plus ``meta``.
+
+    Example:
+        >>> data = results_json([evaluate_task(model, task)], EvalConfig(), "SmolLM2")  # doctest: +SKIP
+        >>> data["thought_patch"]["accuracy"]  # doctest: +SKIP
+    """
+    from tl_thoughts import __version__
+
+    out: dict = {}
+    for method in config.methods:
+        per_task = {r.task: r.summary(method) for r in results}
+        means = [t["accuracy"] for t in per_task.values() if t["accuracy"] is not None]
+        out[method] = {
+            "accuracy": float(np.mean(means)) if means else None,
+            "std_over_tasks": float(np.std(means)) if means else None,
+            "n_filtered": {task: t["n_filtered"] for task, t in per_task.items()},
+            "per_seed": {task: t["per_seed"] for task, t in per_task.items()},
+            "per_task": per_task,
+        }
+    out["meta"] = {
+        "model": model_name,
+        "version": __version__,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "tasks": {
+            r.task: {
+                "n_examples": r.n_examples,
+                "with_chunk_all": [s.with_chunk_all for s in r.seeds],
+                "without_chunk_all": [s.without_chunk_all for s in r.seeds],
+                "layers": [s.layers for s in r.seeds],
+                "fit_indices": [s.fit_indices for s in r.seeds],
+                "filtered_indices": [s.filtered_indices for s in r.seeds],
+                "seconds": sum(s.seconds for s in r.seeds),
+            }
+            for r in results
+        },
+    }
+    return out
+
+
+def markdown_table(results: list[TaskResult], config: EvalConfig) -> str:
+    """Per task: every method's accuracy on the filtered examples (mean ± spread over seeds) and
+    the number of filtered examples per seed; a last row averages over tasks.
+
+    Example:
+        >>> print(markdown_table([evaluate_task(model, task)], EvalConfig()))  # doctest: +SKIP
+    """
+    methods = list(config.methods)
+    lines = [
+        "| task | filtered (per seed) | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    means: dict[str, list[float]] = {m: [] for m in methods}
+    for r in results:
+        cells = []
+        for m in methods:
+            s = r.summary(m)
+            if s["accuracy"] is None:
+                cells.append("n/a")
+            else:
+                means[m].append(s["accuracy"])
+                cells.append(f"{100 * s['accuracy']:.0f} ± {100 * s['std']:.0f}")
+        n = "/".join(str(k) for k in r.summary(methods[0])["n_filtered"])
+        lines.append(f"| {r.task} | {n} | " + " | ".join(cells) + " |")
+    avg = [f"**{100 * float(np.mean(v)):.0f}**" if v else "n/a" for v in means.values()]
+    lines.append("| **mean over tasks** | | " + " | ".join(avg) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: list[TaskResult], config: EvalConfig, save: str | Path | None = None):
+    """Grouped bars: accuracy on the filtered examples per task and method (mean over seeds, with
+    the spread as error bars).
+
+    Example:
+        >>> fig = plot_results([evaluate_task(model, task)], EvalConfig(), save="results.png")  # doctest: +SKIP
+    """
+    from matplotlib.figure import Figure
+
+    methods = [m for m in config.methods if m not in ("with_chunk", "without_chunk")]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(results) + 3), 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        acc = [r.summary(m)["accuracy"] or 0.0 for r in results]
+        err = [r.summary(m)["std"] or 0.0 for r in results]
+        xs = np.arange(len(results)) + (j - (len(methods) - 1) / 2) * width
+        ax.bar(xs, acc, width, yerr=err, label=m, capsize=2)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([r.task for r in results], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy on filtered examples (without the chunk)")
+    ax.legend(fontsize=7, ncols=2)
+    if save is not None:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=120)
+    return fig
+
+
+def write_results(results: list[TaskResult], config: EvalConfig, model_name: str, out: str | Path) -> Path:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out`` (created).
+
+    Example:
+        >>> write_results([evaluate_task(model, task)], EvalConfig(), "SmolLM2", "out")  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results_json(results, config, model_name), indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(results, config) + "\n")
+    plot_results(results, config, save=out / "results.png")
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: HookedTransformer, prompt: str, max_new_tokens: int = 10, stop_at_newline: bool = True
+) -> str:
+    """Greedy continuation of ``prompt`` (as the model is: apply a patch around the call), cut at
+    the first line break or special token when ``stop_at_newline``.
+
+    Example:
+        >>> greedy_generate(model, "<|im_start|>walk -> walked\\ngo ->")  # doctest: +SKIP
+        ' went'
+    """
+    if model.tokenizer is None:
+        raise InputError("greedy_generate needs a model with a tokenizer")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    stops = stop_tokens(model) if stop_at_newline else None
+    tokens = model.to_tokens(prompt)
+    pieces = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens, attention_mask=torch.ones_like(tokens))
+        nxt = int(logits[0, -1].argmax())
+        if stops is not None and bool(stops[nxt]):
+            break
+        pieces.append(nxt)
+        tokens = torch.cat([tokens, torch.tensor([[nxt]], device=tokens.device)], dim=1)
+    return model.tokenizer.decode(pieces)

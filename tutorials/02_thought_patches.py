@@ -1,0 +1,102 @@
+# %% [markdown]
+# # Tutorial 2: thought patches, fitted, saved, loaded, compared with steering
+#
+# The exact update of tutorial 1 depends on the token. A *thought patch* condenses it over many
+# queries into one token-independent weight update per block (THEORY section 4): a thought vector
+# (the attention output bias `b_O`) and thought matrices (`W_gate`, `W_in`). We fit one for a
+# few-shot task (past tense), run the model WITHOUT the demonstrations under the patch, save and
+# reload it, and compare it with the mean-difference steering vector it explains. A few minutes
+# on a CPU.
+
+# %%
+import os
+import tempfile
+from pathlib import Path
+
+import tl_thoughts as tt
+from tl_thoughts import analysis, evaluation, plots
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+
+OUT = Path(os.environ.get("TUTORIAL_OUT", "tutorial_outputs"))
+model = load_default_model()
+task = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
+print(task.description)
+print(task.chunk)
+print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("went")))
+
+# %% [markdown]
+# ## Fit
+# Disjoint fit and test examples. The options are the benchmark's defaults (`EvalConfig`): the
+# thought vector on `b_O`, fitted to the attention-output difference (Algorithm 1 of the papers),
+# pooled over the positions that predict the answer (and the line break after it), ridge 1.
+# The prompts start with the `<|im_start|>` token: without a fixed first token, removing the
+# chunk removes the attention sink, and no token-independent patch recovers (see
+# `docs/benchmark.md`).
+
+# %%
+fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
+config = evaluation.EvalConfig()
+print(config.fit_options)
+patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), template=task.template,
+                       fit="both", **config.fit_options)
+print(patch.summary_table())
+
+# %% [markdown]
+# ## Apply: the model without the chunk, patched
+# `apply` is a context manager (weight form: real parameters, restored on exit, also on an
+# exception). `apply(model, "activation")` does the same with hooks.
+
+# %%
+for i in test_idx[:8]:
+    query, answer = task.examples[i]
+    without = evaluation.greedy_generate(model, task.prompt(query, False))
+    with patch.apply(model):
+        patched = evaluation.greedy_generate(model, task.prompt(query, False))
+    print(f"{query:>8} (expected {answer!r}): without {without!r:<24} patched {patched!r}")
+
+# %% [markdown]
+# ## Save and load
+# One file: safetensors tensors and JSON metadata (the model's identity and shapes, the options,
+# the chunk, the number of examples and tokens), written atomically. Loading onto another model
+# is refused.
+
+# %%
+path = Path(tempfile.mkdtemp()) / "past_tense.safetensors"
+patch.save(path)
+loaded = tt.ThoughtPatch.load(path, model=model)
+print(loaded.meta["chunk"] == task.chunk, loaded.meta["n_examples"], loaded.meta["n_tokens"])
+query = task.examples[test_idx[0]][0]
+with loaded.apply(model):
+    print(query, "->", evaluation.greedy_generate(model, task.prompt(query, False)))
+
+# %% [markdown]
+# ## The protocol on the test examples, against the steering baselines
+# `evaluate_seed` filters the test examples to those right WITH the chunk and wrong WITHOUT it,
+# then runs every method on them (see `tl_thoughts.evaluation`).
+
+# %%
+result = evaluation.evaluate_seed(model, task, config, seed=0)
+print(f"{len(result.filtered_indices)} filtered test examples")
+for method, accuracy in result.accuracy.items():
+    print(f"{method:>20}: {accuracy:.0%}")
+
+# %% [markdown]
+# ## What the theory says about steering vectors
+# The thought vector of a block is the mean of the exact per-token vectors; the plain
+# mean-difference steering vector (full minus unpatched reduced attention output) and the
+# accumulated residual difference are what steering methods add. Their cosines, per layer:
+
+# %%
+comparison = analysis.steering_comparison(patch)
+print(comparison.table())
+fig = plots.steering_comparison(comparison, save=OUT / "02_steering.png")
+fig
+
+# %% [markdown]
+# The thought matrices are low-rank: their singular values fall quickly.
+
+# %%
+fig = plots.spectra({f"L{l} W_in": analysis.thought_matrix_spectrum(patch, l) for l in (2, 10, 20, 28)},
+                    save=OUT / "02_spectra.png")
+fig
