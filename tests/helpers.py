@@ -46,6 +46,13 @@ class Arch:
     def rotary(self) -> bool:
         return self.overrides.get("positional_embedding_type", "standard") == "rotary"
 
+    @property
+    def post_norm(self) -> bool:
+        """Norms after the sublayers (Gemma 2/3 style pre+post norms, or OLMo 2 post-norm)."""
+        return bool(self.overrides.get("use_normalization_before_and_after")) or (
+            self.overrides.get("original_architecture") == "Olmo2ForCausalLM"
+        )
+
 
 # Every supported feature appears in at least two configs, combined with different others:
 # normalisation LN / LNPre / RMS / RMSPre; plain and gated MLPs with gelu, relu, silu; learned
@@ -113,12 +120,55 @@ _ARCH_LIST = [
             n_key_value_heads=1,
         ),
     ),
+    # norms after the sublayers: Gemma 2/3 style (pre and post norms; q/k norms, score soft-cap)
+    Arch(
+        "rms_gated_gelu_rotary_gqa_prepost",
+        dict(
+            normalization_type="RMS",
+            act_fn="gelu",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            n_key_value_heads=2,
+            use_normalization_before_and_after=True,
+            use_qk_norm=True,
+            attn_scores_soft_cap=20.0,
+        ),
+    ),
+    Arch(
+        "rmspre_relu_learned_prepost",
+        dict(normalization_type="RMSPre", act_fn="relu", use_normalization_before_and_after=True),
+    ),
+    Arch(
+        "rms_attn_only_rotary_prepost",
+        dict(
+            normalization_type="RMS",
+            attn_only=True,
+            positional_embedding_type="rotary",
+            use_normalization_before_and_after=True,
+        ),
+    ),
+    # OLMo 2 style post-norm (norms after the sublayers only; q/k norms over all heads)
+    Arch(
+        "olmo2_rms_gated_silu_rotary",
+        dict(
+            normalization_type="RMS",
+            act_fn="silu",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            original_architecture="Olmo2ForCausalLM",
+        ),
+    ),
 ]
 
 ARCHS: dict[str, Arch] = {a.name: a for a in _ARCH_LIST}
 ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST]
 MLP_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.attn_only]
 ATTN_ONLY_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.attn_only]
+# architectures whose sublayers write straight into the residual stream (no post norm): thought
+# patches and the additive per-head analyses apply to them
+PRE_NORM_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.post_norm]
+PRE_NORM_MLP_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.post_norm and not a.attn_only]
+POST_NORM_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.post_norm]
 
 
 def make_config(arch: str, dtype: torch.dtype = torch.float64, **extra) -> HookedTransformerConfig:

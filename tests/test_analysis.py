@@ -6,8 +6,9 @@ model is left untouched."""
 import pytest
 import torch
 from helpers import (
-    ARCHITECTURES,
     MLP_ARCHITECTURES,
+    POST_NORM_ARCHITECTURES,
+    PRE_NORM_ARCHITECTURES,
     assert_close,
     assert_model_untouched,
     make_model,
@@ -38,7 +39,7 @@ def setup():
     return get
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_direct_effects_add_up_over_heads_and_blocks(setup, arch):
     model, updates = setup(arch)
     snap = param_snapshot(model)
@@ -52,6 +53,26 @@ def test_direct_effects_add_up_over_heads_and_blocks(setup, arch):
         model, _summed(updates), metric="direct_effect", answer_tokens=PAIR, per_head=False
     )[0]
     assert_close(per_block.sum(0), total, 1e-12, "blocks -> total")
+    assert_model_untouched(model, snap)
+
+
+@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
+def test_post_norm_blocks_attribute_whole_blocks_only(setup, arch):
+    """With a post-attention norm the heads' vectors (before the norm) do not add up to the block's:
+    per-head direct effects and head subsets are refused with a message saying why; the blocks'
+    direct effects and the layer-by-layer recovery (whole blocks) work, and end at the full run."""
+    model, updates = setup(arch)
+    snap = param_snapshot(model)
+    with pytest.raises(tt.UnsupportedArchitectureError, match="post-attention norm"):
+        analysis.head_attribution(model, updates, metric="direct_effect", answer_tokens=PAIR)
+    with pytest.raises(tt.UnsupportedArchitectureError, match="do not add up"):
+        analysis.top_k_recovery(model, updates, PAIR)
+    norms = analysis.head_attribution(model, updates, metric="norm")  # per-head norms (pre-norm)
+    assert norms.shape == (model.cfg.n_layers * model.cfg.n_heads, updates.vectors.shape[1])
+    blocks = analysis.direct_effect(model, updates, PAIR)
+    assert blocks.shape == (model.cfg.n_layers, updates.vectors.shape[1])
+    curve = analysis.layer_recovery(model, updates, PAIR)
+    assert abs(float(curve.recovered[-1]) - 1.0) <= 1e-9 and float(curve.recovered[0]) == 0.0
     assert_model_untouched(model, snap)
 
 
@@ -91,7 +112,7 @@ def test_direct_path_matches_transformer_lens_apply_ln_to_stack(setup, arch):
     assert_close(actual, expected, 1e-12, "direct effect vs apply_ln_to_stack")
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_top_k_recovery_ends_at_the_full_run_and_starts_at_the_reduced_run(setup, arch):
     model, updates = setup(arch)
     snap = param_snapshot(model)
@@ -307,6 +328,9 @@ def test_plots_render_and_save(setup, fitted, tmp_path):
     tokens = [str(int(t)) for t in PROMPT[0]]
     fig = plots.token_bars(values, tokens, chunk=CHUNK, save=tmp_path / "tokens.png")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == tokens
+    assert len(fig.axes[0].patches) == len(tokens) + 1  # the bars and one shaded chunk
+    fig = plots.token_bars(values, tokens, chunk=[slice(2, 3), slice(5, 7)])
+    assert len(fig.axes[0].patches) == len(tokens) + 2  # several chunks: one shading each
     curve = analysis.top_k_recovery(model, updates, PAIR)
     fig = plots.recovery_curve(curve, save=tmp_path / "curve.png")
     assert list(fig.axes[0].lines[0].get_ydata()) == curve.recovered.tolist()

@@ -73,7 +73,7 @@ def test_bad_chunk_raises_chunk_error(model, tokens, chunk):
     assert_model_untouched(model, snapshot)
 
 
-WRONG_CHUNK_TYPES = {"int": 3, "tuple": (2, 5), "list": [2, 3, 4]}
+WRONG_CHUNK_TYPES = {"int": 3, "tuple": (2, 5), "float_list": [2.0, 3.0], "dict": {2: 5}}
 
 
 @pytest.mark.parametrize("chunk", WRONG_CHUNK_TYPES.values(), ids=WRONG_CHUNK_TYPES.keys())
@@ -227,8 +227,7 @@ UNSUPPORTED = {
     ),
     "bidirectional": ("ln_gelu_learned", dict(attention_dir="bidirectional")),
     "moe": ("rms_gated_silu_rotary_gqa", dict(num_experts=2, experts_per_token=1)),
-    "pre_and_post_norm": ("rms_gated_silu_rotary_gqa", dict(use_normalization_before_and_after=True)),
-    "post_norm_architecture": ("rms_gated_silu_rotary_gqa", dict(original_architecture="Olmo2ForCausalLM")),
+    "post_norm_parallel": ("rms_gated_silu_rotary_gqa", dict(original_architecture="Olmo2ForCausalLM", parallel_attn_mlp=True)),
     "attention_sinks": ("rms_gated_silu_rotary_gqa", dict(use_attention_sinks=True)),
     "logn_attn": ("rms_gated_silu_rotary_gqa", dict(use_logn_attn=True)),
 }

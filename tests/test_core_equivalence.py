@@ -13,8 +13,11 @@ from helpers import (
     ARCHS,
     D_VOCAB,
     MLP_ARCHITECTURES,
+    POST_NORM_ARCHITECTURES,
+    PRE_NORM_ARCHITECTURES,
     assert_close,
     assert_model_untouched,
+    max_abs_diff,
     param_snapshot,
 )
 
@@ -147,8 +150,15 @@ def test_head_vectors_and_chunk_attention(tiny_model, arch, placement):
     model = tiny_model(arch)
     tokens, chunk = case_tokens(placement, 5)
     updates = tt.implicit_updates(model, tokens, chunk)
-    # the per-head decomposition sums to the block vector
-    assert_close(updates.head_vectors.sum(2), updates.vectors, 1e-12, "sum over heads")
+    # the per-head decomposition sums to the block vector (before the post-attention norm, in
+    # blocks that have one: the norm makes the block's vector a difference of normalised outputs)
+    if ARCHS[arch].post_norm:
+        assert updates.pre_norm_vectors is not None
+        assert_close(updates.head_vectors.sum(2), updates.pre_norm_vectors, 1e-12, "sum over heads")
+        assert max_abs_diff(updates.pre_norm_vectors, updates.vectors) > 1e-3  # the norm matters
+    else:
+        assert updates.pre_norm_vectors is None
+        assert_close(updates.head_vectors.sum(2), updates.vectors, 1e-12, "sum over heads")
     # the attention mass on the chunk, against an independent cached run
     beta = updates.chunk_attention
     assert bool((beta >= 0).all()) and bool((beta <= 1).all())
@@ -354,7 +364,7 @@ def test_rank1_matrices_map_reduced_input_to_full_input(tiny_model, arch, placem
 
 @pytest.mark.parametrize("n_after", N_AFTER.values(), ids=N_AFTER.keys())
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_exact_weight_patch_structure(tiny_model, arch, placement, n_after):
     model = tiny_model(arch)
     tokens, chunk = case_tokens(placement, n_after)
@@ -397,13 +407,79 @@ def test_exact_weight_patch_structure(tiny_model, arch, placement, n_after):
                 hidden = cache["post", l][0, kept]
                 target = torch.cat([updates.vectors.new_zeros(chunk.start, model.cfg.d_model), updates.vectors[l]])
                 assert_close(hidden @ patch.matrices[f"blocks.{l}.mlp.W_out"].AB, target, EXACT, "W_out")
-    # dense parameters: original + delta, same shapes
+    _check_dense_parameters(model, patch)
+    assert_model_untouched(model, snapshot)
+
+
+def _check_dense_parameters(model, patch) -> None:
+    """Dense parameters: original + delta, same shapes and dtypes, every one really changed."""
     params = dict(model.named_parameters())
     dense = patch.parameters(model)
-    assert set(dense) == set(patch.matrices) | set(patch.biases)
+    assert set(dense) == set(patch.matrices) | set(patch.biases) | set(patch.scales)
     for name, value in dense.items():
         assert value.shape == params[name].shape and value.dtype == params[name].dtype
         assert not torch.equal(value, params[name]), name
+
+
+@pytest.mark.parametrize("n_after", N_AFTER.values(), ids=N_AFTER.keys())
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
+def test_post_norm_weight_patch_structure(tiny_model, arch, placement, n_after):
+    """Blocks with norms after their sublayers (THEORY 3, Goldwaser et al.): with one kept token,
+    rank-1 MLP input patches plus an element-wise patch of the post-MLP norm's scale,
+    ``dw = vector / f_C``; with several, the minimum-norm ``W_O`` patch mapping each kept token's
+    reduced head outputs to the change of the attention output before its norm."""
+    model = tiny_model(arch)
+    a = ARCHS[arch]
+    tokens, chunk = case_tokens(placement, n_after)
+    snapshot = param_snapshot(model)
+    updates = tt.implicit_updates(model, tokens, chunk)
+    patch = tt.exact_weight_patch(model, updates)
+    kept = kept_positions(chunk, tokens.shape[1])
+    T, L = len(kept), model.cfg.n_layers
+    post_mlp = "ln2" if "olmo2" in arch else "ln2_post"
+    _, cache = model.run_with_cache(tokens)
+    if T == 1 and not a.attn_only:
+        inputs = ("W_gate", "W_in") if a.gated else ("W_in",)
+        assert set(patch.matrices) == {f"blocks.{l}.mlp.{w}" for l in range(L) for w in inputs}
+        assert set(patch.scales) == {f"blocks.{l}.{post_mlp}.w" for l in range(L)} and not patch.biases
+        assert "Goldwaser" in patch.description
+        for l in range(L):
+            f_c = cache[f"blocks.{l}.{post_mlp}.hook_normalized"][0, kept[0]]
+            assert_close(f_c * patch.scales[f"blocks.{l}.{post_mlp}.w"], updates.vectors[l, 0], EXACT, "scale")
+    elif T == 1:
+        assert set(patch.biases) == {f"blocks.{l}.attn.b_O" for l in range(L)} and not patch.matrices
+        for l in range(L):
+            assert_close(patch.biases[f"blocks.{l}.attn.b_O"], updates.pre_norm_vectors[l, 0], 0.0, "b_O")
+    else:
+        assert set(patch.matrices) == {f"blocks.{l}.attn.W_O" for l in range(L)}
+        assert not patch.biases and not patch.scales
+        assert f"min-norm rank<={T} W_O" in patch.description
+        for l in range(L):
+            dW = patch.matrices[f"blocks.{l}.attn.W_O"].AB  # [head*d_head, d_model]
+            assert 1 <= int(torch.linalg.matrix_rank(dW)) <= T
+            # prefix rows: the full run's head outputs, mapped to zero
+            z_prefix = cache["z", l][0, : chunk.start].flatten(1)
+            assert_close(z_prefix @ dW, torch.zeros(chunk.start, model.cfg.d_model, dtype=dW.dtype), EXACT, "prefix")
+    _check_dense_parameters(model, patch)
+    report = tt.verify(model, updates, forms=("weight",))
+    assert report.max_abs_logit_error <= EXACT and report["unpatched"].max_abs_logit_error > 1e-2
+    assert_model_untouched(model, snapshot)
+
+
+def test_post_norm_scale_patch_refuses_a_zero_coordinate(fresh_model):
+    """Goldwaser's output-side patch divides by the normalised MLP output: a zero coordinate raises
+    (no epsilon), and the model is left untouched."""
+    model = fresh_model("rms_gated_gelu_rotary_gqa_prepost")
+    with torch.no_grad():  # the MLP's output can never use coordinate 3: it is zero after the norm
+        model.blocks[1].mlp.W_out[:, 3] = 0.0
+        model.blocks[1].mlp.b_out[3] = 0.0
+    snapshot = param_snapshot(model)
+    tokens, chunk = case_tokens("start", 1)
+    updates = tt.implicit_updates(model, tokens, chunk)
+    with pytest.raises(tt.ZeroDenominatorError, match="blocks.1.ln2_post.w: coordinate 3"):
+        tt.exact_weight_patch(model, updates)
+    assert tt.verify(model, updates, forms=("activation",)).max_abs_logit_error <= EXACT
     assert_model_untouched(model, snapshot)
 
 
@@ -468,7 +544,8 @@ def test_weight_patch_description_names_what_is_patched(tiny_model, arch):
         tokens, chunk = case_tokens(placement, n_after)
         patch = tt.exact_weight_patch(model, tt.implicit_updates(model, tokens, chunk))
         patched = {name.rsplit(".", 1)[1] for name in [*patch.matrices, *patch.biases]}
-        for family in ("W_in", "W_gate", "W_out", "b_out", "W_O", "b_O"):
+        patched |= {name.split(".")[2] + ".w" for name in patch.scales}  # e.g. "ln2_post.w"
+        for family in ("W_in", "W_gate", "W_out", "b_out", "W_O", "b_O", "ln2_post.w", "ln2.w"):
             assert (family in patch.description) == (family in patched), (
                 f"{placement}: description {patch.description!r}, patched {sorted(patched)}"
             )

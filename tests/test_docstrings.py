@@ -17,6 +17,7 @@ from helpers import make_model, make_word_tokenizer
 import tl_thoughts
 
 MODULES = [
+    "tl_thoughts.chunks",
     "tl_thoughts.updates",
     "tl_thoughts.verify",
     "tl_thoughts.exact_weights",

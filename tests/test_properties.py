@@ -75,5 +75,6 @@ def test_head_vectors_sum_to_block_vectors_on_every_draw(case):
     model = _model(arch, seed, n_layers)
     updates = tt.implicit_updates(model, tokens, chunk)
     assert updates.head_vectors.shape[:2] == updates.vectors.shape[:2]
-    assert float((updates.head_vectors.sum(2) - updates.vectors).abs().max()) <= 1e-12
+    summed = updates.vectors if updates.pre_norm_vectors is None else updates.pre_norm_vectors
+    assert float((updates.head_vectors.sum(2) - summed).abs().max()) <= 1e-12
     assert bool((updates.chunk_attention >= 0).all()) and bool((updates.chunk_attention <= 1 + 1e-12).all())

@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch, smollm2):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)  # the examples write files
     import tl_thoughts.models
 
@@ -23,5 +23,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, smollm2):
         exec(compile(block, str(README), "exec"), namespace)
     report = namespace["report"]
     assert report.max_abs_logit_error <= 1e-2 and report.argmax_agreement == 1.0
+    assert namespace["two"].span.n_chunks == 2 and len(namespace["batch"]) == 2
+    exact = namespace["exact"]
+    assert str(exact.dtype) == "torch.float64" and exact.max_abs_logit_error <= 1e-8
+    assert namespace["part"].vectors.shape[:2] == (10, 1)
     assert (tmp_path / "past_tense.safetensors").exists()
     assert namespace["patch"].meta["n_examples"] == 4

@@ -8,7 +8,8 @@ import torch
 
 import tl_thoughts as tt
 from helpers import (
-    MLP_ARCHITECTURES,
+    POST_NORM_ARCHITECTURES,
+    PRE_NORM_MLP_ARCHITECTURES,
     assert_close,
     assert_model_untouched,
     make_model,
@@ -108,7 +109,7 @@ def test_fitted_matrix_and_vector_equal_independent_least_squares(text_models, a
 
 
 @pytest.mark.parametrize("site", ["b_out", "attn_out"])
-@pytest.mark.parametrize("arch", MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
 def test_one_example_one_token_reproduces_full_run(text_models, arch, site):
     model = text_models(arch)
     snapshot = param_snapshot(model)
@@ -124,6 +125,15 @@ def test_one_example_one_token_reproduces_full_run(text_models, arch, site):
             with patch.apply(model, form=form):
                 patched = model(reduced)[0, -1]
             assert_close(patched, reference, EXACT, f"{form} form")
+    assert_model_untouched(model, snapshot)
+
+
+@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
+def test_post_norm_models_are_refused_with_the_reason(text_models, arch):
+    model = text_models(arch)
+    snapshot = param_snapshot(model)
+    with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
+        tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, progress=False)
     assert_model_untouched(model, snapshot)
 
 

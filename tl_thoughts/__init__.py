@@ -5,10 +5,12 @@ model's weights: a vector added to each block's attention output (the virtual we
 low-rank patch of each MLP's input matrix (the virtual weight matrix). See ``docs/theory.md``.
 """
 
+from tl_thoughts._tl import computing_in
 from tl_thoughts.chunks import Span
 from tl_thoughts.errors import (
     ChunkError,
     InputError,
+    PrecisionWarning,
     TLThoughtsError,
     UnsupportedArchitectureError,
     ZeroDenominatorError,
@@ -17,7 +19,7 @@ from tl_thoughts.exact_weights import ExactWeightPatch, exact_weight_patch
 from tl_thoughts.patch import IncompatibleModelError, PatchFileError, PatchHandle, ThoughtPatch
 from tl_thoughts.templates import PromptTemplate
 from tl_thoughts.thoughts import fit_thought
-from tl_thoughts.updates import ImplicitUpdates, implicit_updates
+from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
 from tl_thoughts.verify import FormReport, VerificationReport, verify
 
 __version__ = "0.1.0"
@@ -34,12 +36,15 @@ __all__ = [
     "fit_thought",
     "ImplicitUpdates",
     "InputError",
+    "PrecisionWarning",
     "Span",
     "TLThoughtsError",
     "UnsupportedArchitectureError",
     "VerificationReport",
     "ZeroDenominatorError",
     "exact_weight_patch",
+    "computing_in",
     "implicit_updates",
+    "implicit_updates_batch",
     "verify",
 ]

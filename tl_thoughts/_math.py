@@ -11,39 +11,25 @@ from torch import Tensor
 from tl_thoughts.errors import ZeroDenominatorError
 
 
-def head_updates(
+def reduced_attention(
     pattern: Float[Tensor, "*layer head query key"],
     v: Float[Tensor, "*layer key head d_head"],
-    z: Float[Tensor, "*layer query head d_head"],
-    W_O: Float[Tensor, "*layer head d_head d_model"],
     chunk_keys: Bool[Tensor, " key"],
-) -> tuple[
-    Float[Tensor, "*layer query head d_model"],
-    Float[Tensor, "*layer query head"],
-    Float[Tensor, "*layer query head d_head"],
-]:
-    """Per-head virtual weight vectors of one block (or a stack of blocks, leading ``layer``
-    axis), at the given query positions (THEORY 2).
-
-    ``pattern`` rows are the full run's attention of the query positions of interest (kept positions
-    after the chunk), over every key position; ``v`` are the full run's values, already expanded to
-    one value vector per query head (GQA); ``z`` the full run's ``hook_z`` at the queries.
+) -> tuple[Float[Tensor, "*layer query head d_head"], Float[Tensor, "*layer query head"]]:
+    """The reduced run's head outputs, from the full run's attention (THEORY 2).
 
     The reduced run attends only to kept keys, with the pattern renormalised over them:
-    ``p'[k] = p[k] / sum_{j kept} p[j]``. Its head output is ``z_red = sum_{k kept} p'[k] v_k``,
-    and the head's update is ``(z - z_red) @ W_O[h]`` (``b_O`` cancels).
+    ``p'[k] = p[k] / sum_{j kept} p[j]``, so its head output is ``z_red = sum_{k kept} p'[k] v_k``.
+    Keys the full run never attends to (causally masked, padding) have ``p = 0`` and drop out.
 
     Args:
-        pattern: Full-run attention pattern of the chosen queries.
-        v: Full-run value vectors of every key position, one per query head.
-        z: Full-run ``hook_z`` of the chosen queries.
-        W_O: The block's output matrices.
-        chunk_keys: True at the key positions of the chunk.
+        pattern: Full-run attention pattern of the query positions of interest, over every key.
+        v: Full-run value vectors of every key position, one per query head (GQA expanded).
+        chunk_keys: True at the key positions of the chunk(s).
 
     Returns:
-        ``(head_vectors, chunk_attention, z_reduced)``: the per-head update (sums over heads to the
-        block's virtual weight vector), the attention mass each head puts on the chunk, and the
-        reduced run's head outputs.
+        ``(z_reduced, chunk_attention)``: the reduced run's head outputs and the attention mass
+        each head puts on the chunk in the full run.
 
     Raises:
         ZeroDenominatorError: a head puts all of its attention on the chunk at some query (the
@@ -62,9 +48,52 @@ def head_updates(
         )
     z_red_unnormalised = torch.einsum("...hqk,...khd->...qhd", p_kept, v[..., kept, :, :])
     z_red = z_red_unnormalised / kept_mass.transpose(-1, -2)[..., None]  # [*layer, query, head, d_head]
-    head_vectors = torch.einsum("...qhd,...hdm->...qhm", z - z_red, W_O)
     chunk_attention = pattern[..., chunk_keys].sum(-1).transpose(-1, -2)  # [*layer, query, head]
-    return head_vectors, chunk_attention, z_red
+    return z_red, chunk_attention
+
+
+def head_vectors(
+    z: Float[Tensor, "*layer query head d_head"],
+    z_red: Float[Tensor, "*layer query head d_head"],
+    W_O: Float[Tensor, "*layer head d_head d_model"],
+) -> Float[Tensor, "*layer query head d_model"]:
+    """Per-head update ``(z - z_red) @ W_O[h]`` (``b_O`` cancels); sums over heads to the change
+    of the attention output (before any post-attention norm)."""
+    return torch.einsum("...qhd,...hdm->...qhm", z - z_red, W_O)
+
+
+def head_updates(
+    pattern: Float[Tensor, "*layer head query key"],
+    v: Float[Tensor, "*layer key head d_head"],
+    z: Float[Tensor, "*layer query head d_head"],
+    W_O: Float[Tensor, "*layer head d_head d_model"],
+    chunk_keys: Bool[Tensor, " key"],
+) -> tuple[
+    Float[Tensor, "*layer query head d_model"],
+    Float[Tensor, "*layer query head"],
+    Float[Tensor, "*layer query head d_head"],
+]:
+    """Per-head virtual weight vectors of one block (or a stack of blocks, leading ``layer``
+    axis), at the given query positions (THEORY 2): :func:`reduced_attention` then
+    :func:`head_vectors`.
+
+    Args:
+        pattern: Full-run attention pattern of the chosen queries (kept positions after the chunk).
+        v: Full-run value vectors of every key position, one per query head.
+        z: Full-run ``hook_z`` of the chosen queries.
+        W_O: The block's output matrices.
+        chunk_keys: True at the key positions of the chunk.
+
+    Returns:
+        ``(head_vectors, chunk_attention, z_reduced)``: the per-head update (sums over heads to the
+        block's virtual weight vector), the attention mass each head puts on the chunk, and the
+        reduced run's head outputs.
+
+    Raises:
+        ZeroDenominatorError: a head puts all of its attention on the chunk at some query.
+    """
+    z_red, chunk_attention = reduced_attention(pattern, v, chunk_keys)
+    return head_vectors(z, z_red, W_O), chunk_attention, z_red
 
 
 def min_norm_factors(

@@ -31,6 +31,11 @@ class ModelSpec:
     parallel_attn_mlp: bool
     positional: str  # "standard" (learned absolute) or "rotary"
     dtype: torch.dtype
+    # the block's norms, by TransformerLens module name (None: no such norm)
+    attn_pre_norm: str | None = "ln1"  # normalises the attention input
+    attn_post_norm: str | None = None  # normalises the attention output (Gemma 2/3: ln1_post; OLMo 2: ln1)
+    mlp_pre_norm: str | None = "ln2"  # normalises the MLP input
+    mlp_post_norm: str | None = None  # normalises the MLP output (Gemma 2/3: ln2_post; OLMo 2: ln2)
 
     @property
     def mlp_input_matrices(self) -> tuple[str, ...]:
@@ -38,6 +43,11 @@ class ModelSpec:
         if not self.has_mlp:
             return ()
         return ("W_gate", "W_in") if self.gated_mlp else ("W_in",)
+
+    @property
+    def post_norm(self) -> bool:
+        """Whether a norm sits between a sublayer's output and the residual stream."""
+        return self.attn_post_norm is not None or self.mlp_post_norm is not None
 
 
 def model_spec(model: HookedTransformer) -> ModelSpec:
@@ -68,14 +78,14 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         problems.append("use_logn_attn / use_dynamic_ntk_rope: queries depend on the sequence length")
     if cfg.num_experts:
         problems.append("num_experts (mixture of experts) is not supported yet")
-    if cfg.use_normalization_before_and_after:
-        problems.append(
-            "use_normalization_before_and_after (post-attention/post-MLP norms) is not supported yet"
-        )
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    post_only = _norm_names(cfg)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
+    post = f"original_architecture={cfg.original_architecture!r} (post-norm blocks)"
+    if post_only and cfg.use_normalization_before_and_after:
+        problems.append(f"{post} with use_normalization_before_and_after (TransformerLens applies both)")
+    if post_only and cfg.parallel_attn_mlp:
+        problems.append(f"{post} with parallel_attn_mlp (TransformerLens skips the MLP's post-norm there)")
+    if post_only and (cfg.use_attn_in or cfg.use_split_qkv_input):
+        problems.append(f"{post} with use_attn_in / use_split_qkv_input (no pre-norm to split)")
     if cfg.load_in_4bit:
         problems.append("load_in_4bit: weights are not plain tensors")
     if problems:
@@ -97,6 +107,22 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
         positional=cfg.positional_embedding_type,
         dtype=cfg.dtype,
+        **_norm_names(cfg),
+    )
+
+
+def _norm_names(cfg) -> dict[str, str | None]:
+    """The block's norm modules by role (see :class:`ModelSpec`), from the config."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    post_only = cfg.original_architecture in POST_NORM_ARCHITECTURES  # OLMo 2/3: norms after only
+    both = bool(cfg.use_normalization_before_and_after) and cfg.normalization_type is not None
+    has_mlp = not cfg.attn_only
+    return dict(
+        attn_pre_norm=None if post_only else "ln1",
+        attn_post_norm="ln1" if post_only else ("ln1_post" if both else None),
+        mlp_pre_norm="ln2" if has_mlp and not post_only else None,
+        mlp_post_norm=("ln2" if post_only else ("ln2_post" if both else None)) if has_mlp else None,
     )
 
 
@@ -204,6 +230,14 @@ def W_O(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_head d_mo
     return model.blocks[layer].attn.W_O
 
 
+def attn_output(
+    model: HookedTransformer, layer: int, z: Float[Tensor, "... head d_head"]
+) -> Float[Tensor, "... d_model"]:
+    """The attention output before any post-attention norm, ``sum_h z[h] @ W_O[h] + b_O``."""
+    attn = model.blocks[layer].attn
+    return z.flatten(-2) @ attn.W_O.flatten(0, 1) + attn.b_O
+
+
 def mlp_matrix(model: HookedTransformer, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
     return getattr(model.blocks[layer].mlp, name)
 
@@ -246,6 +280,22 @@ def forward(
     return logits, cache
 
 
+def run(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    fwd_hooks: list[tuple[str, Callable]],
+    stop_at_layer: int | None = None,
+) -> Tensor:
+    """A batched forward pass with temporary hooks and an explicit attention mask (all ones when
+    ``None``: TransformerLens then never guesses padding from pad-token ids), optionally stopping
+    after block ``stop_at_layer - 1``. Left padding is handled by TransformerLens (positions
+    offset by the mask, padded keys masked)."""
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    with torch.no_grad(), hooked(model, fwd_hooks):
+        return model(tokens, attention_mask=mask, stop_at_layer=stop_at_layer)
+
+
 def add_at_rows_hook(
     rows: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]
 ) -> Callable[[Tensor, object], Tensor]:
@@ -261,9 +311,12 @@ def add_at_rows_hook(
 
 
 @contextlib.contextmanager
-def swapped_tensors(model: HookedTransformer, new: Mapping[str, Tensor]) -> Iterator[None]:
+def swapped_tensors(
+    model: HookedTransformer, new: Mapping[str, Tensor], keep_dtype: bool = True
+) -> Iterator[None]:
     """Temporarily replace parameters or buffers of ``model`` by name; the original tensor objects
-    are put back on exit, also on an exception, so the model is bit-identical afterwards."""
+    are put back on exit, also on an exception, so the model is bit-identical afterwards. The
+    replacements are cast to the originals' dtype unless ``keep_dtype`` is False."""
     modules = dict(model.named_modules())
     saved: list[tuple[torch.nn.Module, str, Tensor, bool]] = []
     try:
@@ -278,7 +331,7 @@ def swapped_tensors(model: HookedTransformer, new: Mapping[str, Tensor]) -> Iter
                 )
             is_param = isinstance(current, torch.nn.Parameter)
             saved.append((module, attr, current.data if is_param else current, is_param))
-            value = value.to(device=current.device, dtype=current.dtype)
+            value = value.to(device=current.device, dtype=current.dtype if keep_dtype else value.dtype)
             if is_param:
                 current.data = value
             else:
@@ -353,10 +406,11 @@ def block_attention(
         kv_in = repeat_along_head_dimension(resid_pre, n_heads=n_kv if cfg.use_split_qkv_input else cfg.n_heads)
     else:
         q_in = kv_in = resid_pre
+    names = _norm_names(cfg)
+    pre = (lambda x: x) if names["attn_pre_norm"] is None else getattr(block, names["attn_pre_norm"])
     with torch.no_grad():
-        return block.attn(
-            query_input=block.ln1(q_in), key_input=block.ln1(kv_in), value_input=block.ln1(kv_in)
-        )
+        out = block.attn(query_input=pre(q_in), key_input=pre(kv_in), value_input=pre(kv_in))
+    return attn_post_norm(model, layer, out)
 
 
 def block_mlp(
@@ -391,10 +445,83 @@ def final_norm_linear(
     return x
 
 
+def _norm(
+    model: HookedTransformer, layer: int, name: str | None, x: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_model"]:
+    """Apply the block's norm module ``name`` (weights included) on any leading shape; identity
+    for ``None``."""
+    if name is None:
+        return x
+    shape = x.shape
+    with torch.no_grad():
+        return getattr(model.blocks[layer], name)(x.reshape(1, -1, shape[-1])).reshape(shape)
+
+
 def mlp_norm(
     model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
-    """The block's pre-MLP normalisation (``ln2``, weights included) on any leading shape."""
-    shape = resid.shape
-    with torch.no_grad():
-        return model.blocks[layer].ln2(resid.reshape(1, -1, shape[-1])).reshape(shape)
+    """The block's pre-MLP normalisation (``ln2``, weights included; identity for post-norm
+    architectures such as OLMo 2) on any leading shape."""
+    return _norm(model, layer, _norm_names(model.cfg)["mlp_pre_norm"], resid)
+
+
+def attn_post_norm(
+    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_model"]:
+    """The block's post-attention normalisation (``ln1_post``, or ``ln1`` for OLMo 2); identity
+    when the block has none."""
+    return _norm(model, layer, _norm_names(model.cfg)["attn_post_norm"], x)
+
+
+def mlp_post_norm(
+    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_model"]:
+    """The block's post-MLP normalisation (``ln2_post``, or ``ln2`` for OLMo 2); identity when
+    the block has none."""
+    return _norm(model, layer, _norm_names(model.cfg)["mlp_post_norm"], x)
+
+
+def norm_scale_name(layer: int, norm: str) -> str:
+    """Parameter name of a block norm's scale (``blocks.3.ln2_post.w``)."""
+    return f"blocks.{layer}.{norm}.w"
+
+
+def norm_normalized_name(layer: int, norm: str) -> str:
+    """Hook name of a block norm's input divided by its scale, before the weights."""
+    return f"blocks.{layer}.{norm}.hook_normalized"
+
+
+# --- precision ---
+
+
+@contextlib.contextmanager
+def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]:
+    """Run ``model`` in ``dtype`` for the duration of the context: every floating parameter and
+    buffer is replaced by a converted copy and ``cfg.dtype`` is set (TransformerLens casts some
+    activations to it); the original tensor objects and config are put back on exit, also on an
+    exception, so the model is bit-identical afterwards. No-op when ``dtype`` is the model's.
+
+    Example:
+        >>> with tl_thoughts.computing_in(model, torch.float64):  # a float32 model, run in float64
+        ...     updates = tl_thoughts.implicit_updates(model, tokens, slice(2, 5))
+        ...     report = tl_thoughts.verify(model, updates)
+        >>> report.dtype, model.cfg.dtype
+        (torch.float64, torch.float32)
+    """
+    if dtype == model.cfg.dtype:
+        yield
+        return
+    if not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating dtype, got {dtype}")
+    new = {
+        name: t.detach().to(dtype)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.dtype.is_floating_point
+    }
+    previous = model.cfg.dtype
+    with swapped_tensors(model, new, keep_dtype=False):
+        model.cfg.dtype = dtype
+        try:
+            yield
+        finally:
+            model.cfg.dtype = previous

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError, ZeroDenominatorError
+from tl_thoughts.errors import InputError, UnsupportedArchitectureError, ZeroDenominatorError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.updates import ImplicitUpdates
 
@@ -165,6 +165,13 @@ def head_attribution(
         else:
             if answer_tokens is None:
                 raise InputError("metric='direct_effect' needs answer_tokens")
+            if per_head and updates.pre_norm_vectors is not None:
+                raise UnsupportedArchitectureError(
+                    "per-head direct effects: this model normalises the attention output before "
+                    "adding it to the residual stream (post-attention norm), so the heads' vectors "
+                    "(taken before the norm) do not add up to what the block adds; use "
+                    "per_head=False for the blocks' direct effects"
+                )
             _tl.check_no_hooks(model)
             directions = _answer_directions(model, answer_tokens, n_kept)  # [kept, d_model]
             name = _tl.final_scale_name(model)
@@ -177,7 +184,10 @@ def head_attribution(
     values = values.reshape(-1, n_kept)[:, index]
     if not return_labels:
         return values
-    labels = head_labels(n_layers, n_heads) if per_head else [f"L{layer}" for layer in range(n_layers)]
+    if per_head:
+        labels = [f"L{layer}H{head}" for layer in updates.layers for head in range(n_heads)]
+    else:
+        labels = [f"L{layer}" for layer in updates.layers]
     return values, labels
 
 
@@ -246,6 +256,13 @@ class _ReducedRunner:
                              "answer_tokens is a token id or a (correct, incorrect) pair")
         self.spec = _tl.model_spec(model)
         _tl.check_no_hooks(model)
+        updates.require_complete("a causal check")
+        if updates.dtype != self.spec.dtype:
+            raise InputError(
+                f"the updates were computed in {updates.dtype} and the model runs in "
+                f"{self.spec.dtype}: run the causal checks under "
+                f"tl_thoughts.computing_in(model, {updates.dtype})"
+            )
         n_kept = updates.vectors.shape[1]
         _answer_ids(answer_tokens, n_kept, model.cfg.d_vocab)  # validates the ids
         self.model, self.updates, self.answer_tokens = model, updates, answer_tokens
@@ -270,7 +287,18 @@ class _ReducedRunner:
     def run(self, mask: Float[Tensor, "layer head"]) -> float:
         """The metric with the vectors of the heads where ``mask`` is 1 added back."""
         heads = self.updates.head_vectors  # [layer, kept, head, d_model]
-        added = torch.einsum("lthd,lh->ltd", heads, mask.to(heads.dtype))
+        if self.updates.pre_norm_vectors is None:
+            added = torch.einsum("lthd,lh->ltd", heads, mask.to(heads.dtype))
+        else:  # post-attention norm: only whole blocks can be added back, as the block's vector
+            whole = mask.bool().all(1)
+            if bool((mask.bool().any(1) & ~whole).any()):
+                raise UnsupportedArchitectureError(
+                    "adding back a subset of a block's heads: this model normalises the attention "
+                    "output before adding it to the residual stream, so the heads' vectors (taken "
+                    "before the norm) do not add up; only whole blocks can be added back "
+                    "(layer_recovery)"
+                )
+            added = self.updates.vectors * whole.to(heads.dtype)[:, None, None]
         hooks = [
             (_tl.attn_out_name(layer), _tl.add_at_rows_hook(self.rows, added[layer]))
             for layer in range(self.spec.n_layers)

@@ -3,33 +3,91 @@
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
 
-ChunkSpec = slice | str | range
+Interval = slice | range | str
+ChunkSpec = Interval | list[Interval] | list[int] | Bool[Tensor, " pos"]
+# one chunk specification per prompt of a batch (prompts of different lengths)
+BatchChunkSpec = Interval | list[Interval | list[Interval] | list[int] | Bool[Tensor, " _"]]
 
 
 @dataclass(frozen=True)
 class Span:
-    """A resolved chunk: token positions ``start <= i < stop`` of a prompt of ``n_pos`` tokens."""
+    """Resolved chunk(s): the token positions removed from a prompt of ``n_pos`` tokens.
+
+    One chunk is the positions ``start <= i < stop``. Several chunks (``intervals``: sorted,
+    disjoint, non-adjacent ``(start, stop)`` pairs) are removed at once; ``start`` is then the
+    first removed position and ``stop`` one past the last. The *kept* positions are all the others;
+    the ones before ``start`` (the prefix) are never affected, the others (``positions``, between
+    and after the chunks) carry the implicit updates.
+
+    Example:
+        >>> span = Span(2, 5, n_pos=8)
+        >>> span.positions.tolist(), span.kept_positions.tolist()
+        ([5, 6, 7], [0, 1, 5, 6, 7])
+        >>> two = Span.from_intervals([(1, 2), (4, 6)], n_pos=8)
+        >>> two.positions.tolist(), two.describe()
+        ([2, 3, 6, 7], '1, 4..5')
+    """
 
     start: int
     stop: int
     n_pos: int
+    intervals: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        intervals = tuple((int(a), int(b)) for a, b in self.intervals) or ((self.start, self.stop),)
+        for (a, b), nxt in zip(intervals, intervals[1:] + ((self.n_pos + 1, None),)):
+            if not 0 <= a < b <= self.n_pos or b >= nxt[0]:
+                raise ChunkError(
+                    f"chunk intervals {intervals} must be non-empty, sorted, disjoint, non-adjacent "
+                    f"and inside the {self.n_pos}-token prompt"
+                )
+        if (intervals[0][0], intervals[-1][1]) != (self.start, self.stop):
+            raise ChunkError(f"start/stop {self.start}, {self.stop} disagree with intervals {intervals}")
+        object.__setattr__(self, "intervals", intervals)
+
+    @classmethod
+    def from_intervals(cls, intervals: "list[tuple[int, int]]", n_pos: int) -> "Span":
+        """Several chunks at once (``[start, stop)`` pairs; sorted, adjacent ones merged)."""
+        merged: list[list[int]] = []
+        for a, b in sorted((int(a), int(b)) for a, b in intervals):
+            if merged and a <= merged[-1][1]:
+                if a < merged[-1][1]:
+                    raise ChunkError(f"chunks overlap at positions {a}..{min(b, merged[-1][1]) - 1}")
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        if not merged:
+            raise ChunkError("no chunk given")
+        return cls(merged[0][0], merged[-1][1], n_pos, tuple((a, b) for a, b in merged))
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.intervals)
+
+    @property
+    def chunk_mask(self) -> Bool[Tensor, " pos"]:
+        """True at the removed positions."""
+        mask = torch.zeros(self.n_pos, dtype=torch.bool)
+        for a, b in self.intervals:
+            mask[a:b] = True
+        return mask
 
     @property
     def prefix_positions(self) -> Int[Tensor, " prefix"]:
-        """Positions before the chunk (never affected by it)."""
+        """Positions before the (first) chunk (never affected by it)."""
         return torch.arange(0, self.start)
 
     @property
     def positions(self) -> Int[Tensor, " kept"]:
-        """Kept positions after the chunk, where the implicit updates live."""
-        return torch.arange(self.stop, self.n_pos)
+        """Kept positions after the (first) chunk, where the implicit updates live."""
+        return torch.arange(self.start, self.n_pos)[~self.chunk_mask[self.start :]]
 
     @property
     def kept_positions(self) -> Int[Tensor, " T"]:
@@ -37,7 +95,21 @@ class Span:
         return torch.cat([self.prefix_positions, self.positions])
 
     def as_slice(self) -> slice:
+        """The chunk as a slice of positions (one chunk only)."""
+        if self.n_chunks != 1:
+            raise ChunkError(
+                f"{self.n_chunks} chunks were removed ({self.describe()}): they are no single "
+                "slice; use .intervals or .as_slices()"
+            )
         return slice(self.start, self.stop)
+
+    def as_slices(self) -> list[slice]:
+        """Every chunk as a slice of positions."""
+        return [slice(a, b) for a, b in self.intervals]
+
+    def describe(self) -> str:
+        """``"24..37"``; several chunks comma-separated; a one-token chunk as its position."""
+        return ", ".join(f"{a}" if b == a + 1 else f"{a}..{b - 1}" for a, b in self.intervals)
 
 
 def resolve_tokens(
@@ -48,6 +120,10 @@ def resolve_tokens(
     Raises:
         InputError: a string without a tokenizer, an empty prompt, a batch > 1, non-integer tokens,
             or token ids outside the vocabulary.
+
+    Example:
+        >>> resolve_tokens(model, torch.arange(4, dtype=torch.int32)).tolist()
+        [[0, 1, 2, 3]]
     """
     if isinstance(tokens, str):
         if model.tokenizer is None:
@@ -81,7 +157,11 @@ def resolve_tokens(
 
 
 def resolve_chunk(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk: ChunkSpec) -> Span:
-    """Resolve a chunk given as a slice or range of positions, or as a substring of the prompt.
+    """Resolve the chunk(s) to remove.
+
+    One chunk is a ``slice`` or ``range`` of positions (step 1), or a substring of the prompt.
+    Several chunks are a list of those (removed together; they must not overlap), or any set of
+    positions: a list of ints or a boolean mask over the prompt's positions.
 
     A substring is located in the concatenation of the prompt's token strings
     (``model.to_str_tokens``); it must occur exactly once, and its boundaries must fall on token
@@ -89,28 +169,89 @@ def resolve_chunk(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk:
     substring is whitespace).
 
     Raises:
-        ChunkError: empty chunk, out of range, a step other than 1, nothing after it, substring not
-            found, found more than once, or cutting a token.
+        ChunkError: empty chunk, out of range, a step other than 1, overlapping chunks, repeated
+            positions, nothing after the last chunk, substring not found, found more than once, or
+            cutting a token; a tuple of ints (ambiguous: a range or two positions?).
+
+    Example:
+        >>> tokens = torch.arange(10)[None]
+        >>> resolve_chunk(model, tokens, slice(2, 5)).positions.tolist()
+        [5, 6, 7, 8, 9]
+        >>> resolve_chunk(model, tokens, [slice(1, 3), range(6, 8)]).describe()
+        '1..2, 6..7'
+        >>> resolve_chunk(model, tokens, [3, 4, 7]).intervals
+        ((3, 5), (7, 8))
     """
+    n_pos = tokens.shape[1]
+    if isinstance(chunk, Tensor):
+        if chunk.dtype != torch.bool or chunk.shape != (n_pos,):
+            raise ChunkError(
+                f"a chunk given as a tensor is a boolean mask of shape ({n_pos},), got dtype "
+                f"{chunk.dtype} and shape {tuple(chunk.shape)}"
+            )
+        chunk = chunk.nonzero()[:, 0].tolist()
+        if not chunk:
+            raise ChunkError("the chunk mask selects no position")
+    if isinstance(chunk, tuple):
+        raise ChunkError(
+            f"a tuple {chunk!r} is ambiguous as a chunk: pass slice(a, b) for positions a..b-1, a "
+            "list of positions, or a list of slices/substrings for several chunks"
+        )
+    if isinstance(chunk, list):
+        if not chunk:
+            raise ChunkError("the list of chunks is empty")
+        if all(isinstance(c, int) and not isinstance(c, bool) for c in chunk):
+            intervals = _positions_to_intervals(chunk, n_pos)
+        elif any(isinstance(c, (int, bool)) for c in chunk):
+            raise ChunkError("a list of chunks holds either positions (ints) or slices/substrings, not both")
+        else:
+            intervals = [_interval(model, tokens, c) for c in chunk]
+        span = Span.from_intervals(intervals, n_pos)
+    else:
+        start, stop = _interval(model, tokens, chunk)
+        span = Span(start, stop, n_pos)
+    if span.stop >= n_pos:
+        raise ChunkError(
+            f"the chunk covers positions {span.start}..{span.stop - 1}, up to the end of the {n_pos}-token "
+            "prompt: no token follows it, so it has no effect to measure"
+            if span.n_chunks == 1
+            else f"the last chunk ({span.describe().split(', ')[-1]}) reaches the end of the {n_pos}-token "
+            "prompt: no token follows it, so removing it has no effect to measure"
+        )
+    return span
+
+
+def _interval(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk: Interval) -> tuple[int, int]:
+    """One chunk as ``(start, stop)``."""
     n_pos = tokens.shape[1]
     if isinstance(chunk, range):
         if chunk.step != 1:
             raise ChunkError(f"chunk {chunk} must be contiguous (step 1)")
         chunk = slice(chunk.start, chunk.stop)
     if isinstance(chunk, slice):
-        start, stop = _slice_bounds(chunk, n_pos)
-    elif isinstance(chunk, str):
-        start, stop = _substring_bounds(model, tokens, chunk)
-    else:
-        raise ChunkError(
-            f"chunk must be a slice of positions or a substring, got {type(chunk).__name__}"
-        )
-    if stop >= n_pos:
-        raise ChunkError(
-            f"the chunk covers positions {start}..{stop - 1}, up to the end of the {n_pos}-token "
-            "prompt: no token follows it, so it has no effect to measure"
-        )
-    return Span(start=start, stop=stop, n_pos=n_pos)
+        return _slice_bounds(chunk, n_pos)
+    if isinstance(chunk, str):
+        return _substring_bounds(model, tokens, chunk)
+    raise ChunkError(
+        "a chunk is a slice or range of positions or a substring (or a list of those, a list of "
+        f"positions, a boolean mask), got {type(chunk).__name__}"
+    )
+
+
+def _positions_to_intervals(positions: list[int], n_pos: int) -> list[tuple[int, int]]:
+    for p in positions:
+        if not -n_pos <= p < n_pos:
+            raise ChunkError(f"position {p} is out of range for a {n_pos}-token prompt")
+    resolved = sorted(p % n_pos for p in positions)
+    if len(set(resolved)) != len(resolved):
+        raise ChunkError(f"repeated positions in the chunk {positions}")
+    intervals: list[list[int]] = []
+    for p in resolved:
+        if intervals and p == intervals[-1][1]:
+            intervals[-1][1] = p + 1
+        else:
+            intervals.append([p, p + 1])
+    return [(a, b) for a, b in intervals]
 
 
 def _slice_bounds(chunk: slice, n_pos: int) -> tuple[int, int]:
@@ -132,8 +273,8 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
         raise ChunkError("the chunk substring is empty")
     if model.tokenizer is None:
         raise InputError("locating a chunk by substring needs a model with a tokenizer")
-    pieces = model.to_str_tokens(tokens[0])
-    joined = "".join(pieces)
+    pieces = token_pieces(model, tokens[0])
+    joined = "".join(p for _, _, p in pieces)
     first = joined.find(text)
     if first < 0:
         raise ChunkError(f"chunk {text!r} not found in the prompt")
@@ -146,29 +287,69 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
     return char_span_to_tokens(pieces, first, first + len(text))
 
 
-def char_span_to_tokens(pieces: list[str], lo: int, hi: int, what: str = "chunk") -> tuple[int, int]:
-    """Token positions ``[start, stop)`` covering characters ``[lo, hi)`` of ``"".join(pieces)``.
+Piece = tuple[int, int, str]
 
-    A token straddling a boundary is accepted only if its part outside the span is whitespace.
+
+def token_pieces(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> list[Piece]:
+    """The prompt's text cut at token boundaries: ``(first token, one past the last, text)`` per
+    piece, in order. A piece is one token (its ``to_str_tokens`` string), except where a character
+    is split over several tokens (a multi-byte character in a byte-level tokenizer, e.g. an emoji):
+    those tokens form one piece holding the whole character, found by decoding prefixes.
+
+    Example:
+        >>> token_pieces(model, model.to_tokens("the cat")[0])
+        [(0, 1, 'the'), (1, 2, ' cat')]
+    """
+    strings = model.to_str_tokens(tokens)
+    if "\ufffd" not in "".join(strings):  # every token decodes to whole characters
+        return [(i, i + 1, piece) for i, piece in enumerate(strings)]
+    ids = [int(t) for t in tokens]
+
+    def decode(n: int) -> str:
+        return model.tokenizer.decode(ids[:n], clean_up_tokenization_spaces=False)
+
+    full = decode(len(ids))
+    pieces: list[Piece] = []
+    first, at = 0, 0
+    for n in range(1, len(ids) + 1):
+        prefix = decode(n) if n < len(ids) else full
+        if full.startswith(prefix) and not prefix.endswith("\ufffd"):  # a character boundary
+            pieces.append((first, n, full[at : len(prefix)]))
+            first, at = n, len(prefix)
+    if first < len(ids):
+        pieces.append((first, len(ids), full[at:]))
+    return pieces
+
+
+def char_span_to_tokens(pieces: list[Piece], lo: int, hi: int, what: str = "chunk") -> tuple[int, int]:
+    """Token positions ``[start, stop)`` covering characters ``[lo, hi)`` of the joined pieces
+    (:func:`token_pieces`).
+
+    A piece straddling a boundary is accepted only if its part outside the span is whitespace.
 
     Raises:
         ChunkError: a boundary cuts a token, or no token lies in the span.
+
+    Example:
+        >>> char_span_to_tokens([(0, 1, "the"), (1, 2, " cat"), (2, 3, " sat")], 3, 11)
+        (1, 3)
     """
     start = stop = None
     offset = 0
-    for i, piece in enumerate(pieces):
+    for first, last, piece in pieces:
         a, b = offset, offset + len(piece)
         offset = b
         if b <= lo or a >= hi or a == b:
             continue
         outside = piece[: max(lo - a, 0)] + piece[len(piece) - max(b - hi, 0) :]
         if outside.strip():
+            where = f"token {first}" if last == first + 1 else f"tokens {first}..{last - 1}"
             raise ChunkError(
-                f"the {what} boundary cuts token {i} ({piece!r}); extend or shorten the {what} to "
+                f"the {what} boundary cuts {where} ({piece!r}); extend or shorten the {what} to "
                 "whole tokens, or pass a slice of positions"
             )
-        start = i if start is None else start
-        stop = i + 1
+        start = first if start is None else start
+        stop = last
     if start is None or stop is None:
         raise ChunkError(f"no token of the {what} lies in characters {lo}..{hi} of the prompt")
     return start, stop

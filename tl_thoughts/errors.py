@@ -31,3 +31,8 @@ class ZeroDenominatorError(TLThoughtsError, ZeroDivisionError):
     tl_thoughts never adds an epsilon on the exact path: a zero-norm MLP input, a head that puts
     all its attention on the chunk, or linearly dependent rows in a minimum-norm solve raise this.
     """
+
+
+class PrecisionWarning(UserWarning):
+    """A half-precision model (float16, bfloat16): tl_thoughts computes its updates in float32 (or
+    the dtype asked for) instead, since half precision cannot resolve the exact equivalence."""

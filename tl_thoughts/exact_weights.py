@@ -4,12 +4,14 @@ With one kept token (Dherin et al.'s setting): rank-1 patches of the MLP input m
 (``W_in``, and ``W_gate`` for gated MLPs) plus the virtual weight vector on ``b_out``.
 With T kept tokens (a prefix, several query tokens): the minimum-norm rank <= T patches of the MLP
 input matrices (prefix rows with a zero target) and of ``W_out`` (carrying the vectors).
-Attention-only models carry the vectors on ``b_O`` (one token) or ``W_O`` (T tokens).
+Attention-only models carry the vectors on ``b_O`` (one token) or ``W_O`` (T tokens). Blocks with
+norms after their sublayers (Gemma 2/3, OLMo 2): Goldwaser et al.'s output-side scale patch with
+one token, the ``W_O`` form with several (see :func:`exact_weight_patch`).
 """
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -17,6 +19,7 @@ from torch import Tensor
 from transformer_lens import FactoredMatrix, HookedTransformer
 
 from tl_thoughts import _math, _tl
+from tl_thoughts.errors import ZeroDenominatorError
 from tl_thoughts.updates import ImplicitUpdates
 
 
@@ -32,6 +35,9 @@ class ExactWeightPatch:
         n_kept: T, the number of tokens of the reduced prompt.
         kept_positions: their positions in the full prompt.
         description: a short human-readable summary of the form used.
+        scales: parameter name of a post-MLP norm's scale (``"blocks.3.ln2_post.w"``) -> its delta
+            ``[d_model]`` (Goldwaser et al.'s output-side patch; post-norm blocks, one token).
+        dtype: the dtype the patch was computed in; :meth:`applied` runs the model in it.
     """
 
     matrices: dict[str, FactoredMatrix]
@@ -39,38 +45,55 @@ class ExactWeightPatch:
     n_kept: int
     kept_positions: Tensor
     description: str
+    scales: dict[str, Float[Tensor, " d_model"]] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
 
     @torch.no_grad()
     def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
         """The patched parameters (original + delta), dense, keyed by parameter name."""
         dense = {name: delta.AB for name, delta in self.matrices.items()}
-        return _tl.patched_values(model, {**dense, **self.biases})
+        return _tl.patched_values(model, {**dense, **self.biases, **self.scales})
 
     @contextlib.contextmanager
     def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
         """Context manager: run ``model`` on the REDUCED prompt with the patched weights and the
-        kept tokens at their original positions; everything is restored on exit (also on errors).
-        """
-        spec = _tl.model_spec(model)
-        tables = _tl.position_tables(model, spec, self.kept_positions.to(_tl.model_device(model)))
-        with _tl.swapped_tensors(model, {**self.parameters(model), **tables}):
-            yield model
+        kept tokens at their original positions, in the patch's dtype; everything is restored on
+        exit (also on errors)."""
+        with _tl.computing_in(model, self.dtype or model.cfg.dtype):
+            spec = _tl.model_spec(model)
+            tables = _tl.position_tables(model, spec, self.kept_positions.to(_tl.model_device(model)))
+            with _tl.swapped_tensors(model, {**self.parameters(model), **tables}):
+                yield model
 
 
 @torch.no_grad()
 def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> ExactWeightPatch:
     """Fold the token-dependent updates into pure weight patches of every block (THEORY 3).
 
+    The forms, per block:
+
+    - pre-norm blocks with an MLP (the papers' form): minimum-norm rank <= T patches of the MLP
+      input matrices (``W_in``, and ``W_gate`` for gated MLPs) so that the MLP sees the full run's
+      input, and the vectors on ``b_out`` (T = 1) or as a minimum-norm ``W_out`` patch;
+    - blocks with norms after the attention and the MLP (Gemma 2/3, OLMo 2), one kept token:
+      Goldwaser et al.'s form, rank-1 MLP input patches and an element-wise patch of the post-MLP
+      norm's scale, ``dw = vector / f_C`` (``f_C``: the full run's normalised MLP output);
+    - attention-only blocks, and post-norm blocks with several kept tokens (a per-coordinate scale
+      carries one vector only): the change of the attention output before its norm, on ``b_O``
+      (T = 1) or as a minimum-norm rank <= T ``W_O`` patch from the reduced head outputs.
+
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates`.
+        updates: From :func:`tl_thoughts.implicit_updates`, every block and kept position.
 
     Returns:
         The patch; apply it with ``patch.applied(model)`` to the reduced prompt.
 
     Raises:
-        ZeroDenominatorError: a zero-norm MLP input, linearly dependent inputs, or more kept tokens
-            than the patched matrix's input dimension (no exact patch of this form exists).
+        ZeroDenominatorError: a zero-norm MLP input, linearly dependent inputs, more kept tokens
+            than the patched matrix's input dimension, or (Goldwaser's form) a zero coordinate of
+            the normalised MLP output: no exact patch of this form exists.
+        InputError: updates computed for a subset of layers or positions.
 
     Example:
         >>> patch = tl_thoughts.exact_weight_patch(model, updates)
@@ -80,62 +103,98 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
         >>> bool((logits[0, -1] - model(updates.tokens)[0, -1]).abs().max() < 1e-10)
         True
     """
-    spec = _tl.model_spec(model)
+    _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    updates.require_complete("exact_weight_patch")
+    with _tl.computing_in(model, updates.dtype):
+        return _exact_weight_patch(model, updates)
+
+
+def _exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> ExactWeightPatch:
+    spec = _tl.model_spec(model)
     span = updates.span
     kept = span.kept_positions.to(updates.tokens.device)
     n_prefix, T = span.start, kept.shape[0]
+    if not spec.has_mlp or (spec.post_norm and (T > 1 or spec.parallel_attn_mlp)):
+        form = "attention"
+    elif spec.post_norm:
+        form = "goldwaser"
+    else:
+        form = "mlp"
     names = []
     for layer in range(spec.n_layers):
-        if spec.has_mlp:
-            names += [_tl.mlp_input_resid_name(spec, layer), _tl.mlp_post_name(layer)]
-        else:
+        if form == "attention":
             names += [_tl.pattern_name(layer), _tl.v_name(layer), _tl.z_name(layer)]
+        else:
+            names.append(_tl.mlp_input_resid_name(spec, layer))
+            names.append(
+                _tl.mlp_post_name(layer) if form == "mlp"
+                else _tl.norm_normalized_name(layer, spec.mlp_post_norm)
+            )
     _, cache = _tl.forward(model, updates.tokens, cache_names=names)
     matrices: dict[str, FactoredMatrix] = {}
     biases: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for layer in range(spec.n_layers):
-            delta_rows = _with_zero_prefix(updates.vectors[layer], n_prefix)  # [T, d_model]
-            if spec.has_mlp:
-                resid = cache[_tl.mlp_input_resid_name(spec, layer)]
-                a_prefix = _tl.mlp_norm(model, layer, resid[: n_prefix])
-                assert updates.mlp_in is not None and updates.mlp_in_with_chunk is not None
-                a_rows = torch.cat([a_prefix, updates.mlp_in[layer]])  # reduced MLP inputs [T, d]
-                shift = _with_zero_prefix(
-                    updates.mlp_in_with_chunk[layer] - updates.mlp_in[layer], n_prefix
+    scales: dict[str, Tensor] = {}
+    for layer in range(spec.n_layers):
+        if form == "attention":
+            # the change of the attention output before any post-attention norm
+            pre = updates.vectors if updates.pre_norm_vectors is None else updates.pre_norm_vectors
+            z_full = cache[_tl.z_name(layer)]
+            _, _, z_red = _math.head_updates(
+                cache[_tl.pattern_name(layer)][:, span.positions],
+                _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)]),
+                z_full[span.positions],
+                _tl.W_O(model, layer),
+                span.chunk_mask.to(kept.device),
+            )
+            z_rows = torch.cat([z_full[:n_prefix], z_red]).flatten(1)  # [T, head*d_head]
+            pre_rows = _with_zero_prefix(pre[layer], n_prefix)
+            _fold_vectors(layer, "W_O", "b_O", z_rows, pre_rows, matrices, biases)
+            continue
+        delta_rows = _with_zero_prefix(updates.vectors[layer], n_prefix)  # [T, d_model]
+        resid = cache[_tl.mlp_input_resid_name(spec, layer)]
+        a_prefix = _tl.mlp_norm(model, layer, resid[:n_prefix])
+        assert updates.mlp_in is not None and updates.mlp_in_with_chunk is not None
+        a_rows = torch.cat([a_prefix, updates.mlp_in[layer]])  # reduced MLP inputs [T, d]
+        shift = _with_zero_prefix(updates.mlp_in_with_chunk[layer] - updates.mlp_in[layer], n_prefix)
+        if not spec.parallel_attn_mlp:  # parallel blocks: the MLP input is unchanged
+            for name in spec.mlp_input_matrices:
+                W = _tl.mlp_matrix(model, layer, name)
+                pname = _tl.param_name(layer, name)
+                left, right = _math.min_norm_factors(a_rows, shift @ W, pname)
+                matrices[pname] = FactoredMatrix(left, right)
+        # with the input patches, the reduced run's hidden rows equal the full run's
+        if form == "mlp":
+            hidden = cache[_tl.mlp_post_name(layer)][kept]
+            _fold_vectors(layer, "W_out", "b_out", hidden, delta_rows, matrices, biases)
+        else:
+            # post-MLP norm: out = f_C * (w + dw) must gain the attention's change: dw = delta / f_C
+            f_c = cache[_tl.norm_normalized_name(layer, spec.mlp_post_norm)][kept[0]]
+            pname = _tl.norm_scale_name(layer, spec.mlp_post_norm)
+            if bool((f_c == 0).any()):
+                coord = int((f_c == 0).nonzero()[0])
+                raise ZeroDenominatorError(
+                    f"{pname}: coordinate {coord} of the normalised MLP output is zero, so no "
+                    "patch of the post-MLP norm's scale can add the chunk's vector there (the "
+                    "output-side patch divides by it)"
                 )
-                if not spec.parallel_attn_mlp:  # parallel blocks: the MLP input is unchanged
-                    for name in spec.mlp_input_matrices:
-                        W = _tl.mlp_matrix(model, layer, name)
-                        pname = _tl.param_name(layer, name)
-                        left, right = _math.min_norm_factors(a_rows, shift @ W, pname)
-                        matrices[pname] = FactoredMatrix(left, right)
-                # with the input patches, the reduced run's hidden rows equal the full run's
-                hidden = cache[_tl.mlp_post_name(layer)][kept]
-                _fold_vectors(layer, "W_out", "b_out", hidden, delta_rows, matrices, biases)
-            else:
-                pattern = cache[_tl.pattern_name(layer)][:, span.positions]
-                v = _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)])
-                z_full = cache[_tl.z_name(layer)]
-                chunk_keys = torch.zeros(span.n_pos, dtype=torch.bool, device=kept.device)
-                chunk_keys[span.start : span.stop] = True
-                _, _, z_red = _math.head_updates(
-                    pattern, v, z_full[span.positions], _tl.W_O(model, layer), chunk_keys
-                )
-                z_rows = torch.cat([z_full[: n_prefix], z_red]).flatten(1)  # [T, head*d_head]
-                _fold_vectors(layer, "W_O", "b_O", z_rows, delta_rows, matrices, biases)
+            scales[pname] = delta_rows[0] / f_c
     inputs = "" if spec.parallel_attn_mlp else "/".join(spec.mlp_input_matrices) + " + "
-    if T == 1:
-        form = f"rank-1 {inputs}b_out" if spec.has_mlp else "b_O"
+    if form == "attention":
+        where = " (before the post-attention norm)" if spec.attn_post_norm else ""
+        description = ("b_O" if T == 1 else f"min-norm rank<={T} W_O") + where
+    elif form == "goldwaser":
+        description = f"rank-1 {inputs}{spec.mlp_post_norm}.w scale (Goldwaser et al.)"
     else:
-        form = f"min-norm rank<={T} {inputs}W_out" if spec.has_mlp else f"min-norm rank<={T} W_O"
+        description = f"rank-1 {inputs}b_out" if T == 1 else f"min-norm rank<={T} {inputs}W_out"
     return ExactWeightPatch(
         matrices=matrices,
         biases=biases,
         n_kept=T,
         kept_positions=span.kept_positions,
-        description=form,
+        description=description,
+        scales=scales,
+        dtype=updates.dtype,
     )
 
 

@@ -99,17 +99,17 @@ def token_bars(
     values: Float[Tensor, " pos"],
     str_tokens: Sequence[str],
     *,
-    chunk: slice | None = None,
+    chunk: slice | Sequence[slice] | None = None,
     title: str = "",
     label: str = "",
     save: str | Path | None = None,
 ) -> "Figure":
-    """Bars over the prompt's tokens (one value per token), the chunk shaded.
+    """Bars over the prompt's tokens (one value per token), the chunk(s) shaded.
 
     Args:
         values: ``[pos]``, one value per token (NaN for tokens without a value, e.g. the chunk).
         str_tokens: The ``pos`` token strings (``model.to_str_tokens``).
-        chunk: The chunk's positions, shaded.
+        chunk: The chunk's positions (a slice, or a list of slices: ``updates.chunks``), shaded.
         title: Figure title.
         label: Y-axis label.
         save: Optional PNG path.
@@ -127,7 +127,8 @@ def token_bars(
     ax = fig.add_subplot()
     ax.bar(range(n), _numpy(values), color="tab:blue")
     if chunk is not None:
-        ax.axvspan(chunk.start - 0.5, chunk.stop - 0.5, color="tab:orange", alpha=0.2, label="chunk")
+        for i, c in enumerate([chunk] if isinstance(chunk, slice) else chunk):
+            ax.axvspan(c.start - 0.5, c.stop - 0.5, color="tab:orange", alpha=0.2, label="chunk" if i == 0 else None)
         ax.legend(loc="upper left")
     ax.set_xticks(range(n))
     ax.set_xticklabels([repr(t)[1:-1] for t in str_tokens], rotation=90, fontsize=7)

@@ -8,7 +8,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_thoughts.chunks import char_span_to_tokens
+from tl_thoughts.chunks import char_span_to_tokens, token_pieces
 from tl_thoughts.errors import ChunkError, InputError
 
 Example = str | tuple[str, str]
@@ -138,8 +138,8 @@ def encode_example(
     prompt = template.render(query, chunk)
     text = prompt + answer
     tokens = model.to_tokens(text)[0]
-    pieces = model.to_str_tokens(tokens)
-    joined = "".join(pieces)
+    pieces = token_pieces(model, tokens)
+    joined = "".join(p for _, _, p in pieces)
     if not joined.endswith(text):
         raise ChunkError(
             "the tokenizer's token strings do not concatenate back to the prompt; cannot align the "

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError
+from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.templates import POOLS, EncodedExample, Example, PromptTemplate, default_template, encode_example
 
@@ -134,6 +134,12 @@ def fit_thought(
     Returns:
         The fitted :class:`ThoughtPatch`.
 
+    Raises:
+        InputError: an empty chunk or no examples, hooks on the model, nothing to pool, a matrix
+            fit on an attention-only model.
+        UnsupportedArchitectureError: blocks with norms after their sublayers (no bias after the
+            norm to carry a vector).
+
     Example:
         >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
         >>> with patch.apply(model):  # doctest: +SKIP
@@ -149,6 +155,13 @@ def fit_thought(
         raise ValueError(f"vector_target must be one of {TARGETS}, got {vector_target!r}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if spec.post_norm:
+        raise UnsupportedArchitectureError(
+            "thought patches for blocks with norms after their sublayers (Gemma 2/3 "
+            "use_normalization_before_and_after, OLMo 2): a token-independent vector would have to "
+            "be added after the norm, where the block has no bias to carry it. The exact updates, "
+            "their verification and their weight form do support these models."
+        )
     if fit != "vector" and not spec.has_mlp:
         raise InputError("attention-only model: only fit='vector' is possible (no MLP matrix)")
     if not isinstance(chunk, str) or not chunk:

@@ -1,5 +1,13 @@
-"""Exact implicit updates of every block, from one cached run of the full prompt (THEORY 2-3)."""
+"""Exact implicit updates of every block, from one run of the full prompt (THEORY 2-3).
 
+The run is streamed: hooks on each block reduce the attention pattern to what the updates need
+(the reduced run's head outputs and the attention mass on the chunk) as soon as it is computed, so
+memory grows with the kept positions, not with the square of the prompt length. Prompts of a batch
+(left- or right-padded) are processed in one run; each one's result is the same as alone.
+"""
+
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -8,24 +16,38 @@ from torch import Tensor
 from transformer_lens import FactoredMatrix, HookedTransformer
 
 from tl_thoughts import _math, _tl
-from tl_thoughts.chunks import ChunkSpec, Span, resolve_chunk, resolve_tokens
-from tl_thoughts.errors import UnsupportedArchitectureError, ZeroDenominatorError
+from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
+from tl_thoughts.errors import (
+    ChunkError,
+    InputError,
+    PrecisionWarning,
+    UnsupportedArchitectureError,
+    ZeroDenominatorError,
+)
+
+HALF = (torch.float16, torch.bfloat16)
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
 class ImplicitUpdates:
     """The exact implicit update a chunk induces in every block, at every kept position after it.
 
-    ``kept`` below indexes the positions after the chunk, in order (``positions``); at the positions
-    before the chunk every update is zero. Row vectors, TransformerLens convention (``x @ W``).
+    ``kept`` below indexes the positions after the (first) chunk that are not removed, in order
+    (``positions``; a subset if asked for); at the positions before the chunk every update is
+    zero. ``layer`` indexes ``layers`` (all blocks unless a subset was asked for). Row vectors,
+    TransformerLens convention (``x @ W``). All tensors are in the dtype the updates were computed
+    in (``dtype``).
 
     Attributes:
         tokens: ``[1, pos]`` the full prompt.
-        span: The chunk's positions (``span.start``, ``span.stop``) and the prompt length.
+        span: The removed positions (``span.start``, ``span.stop``; ``span.intervals`` for several
+            chunks) and the prompt length.
         vectors: ``[layer, kept, d_model]`` virtual weight vectors: what the chunk adds to
             ``blocks.{l}.hook_attn_out`` at each kept position (THEORY 2).
-        head_vectors: ``[layer, kept, head, d_model]`` the per-head decomposition; sums over heads to
-            ``vectors`` (GQA heads read their shared key/value head).
+        head_vectors: ``[layer, kept, head, d_model]`` the per-head decomposition (GQA heads read
+            their shared key/value head); sums over heads to ``vectors``, or, in blocks with a
+            post-attention norm, to ``pre_norm_vectors``.
         chunk_attention: ``[layer, kept, head]`` attention mass each head puts on the chunk.
         mlp_in: ``[layer, kept, d_model]`` the MLP input of the reduced run (``ln2`` output, weights
             included), ``a`` in THEORY 3. ``None`` for attention-only models.
@@ -33,6 +55,12 @@ class ImplicitUpdates:
             attention-only models.
         mlp_input_matrices: Names of the MLP matrices the virtual weight matrices patch
             (``("W_in",)``, or ``("W_gate", "W_in")`` for gated MLPs; empty for attention-only).
+        positions: ``[kept]`` the prompt positions of the ``kept`` axis.
+        layers: The blocks of the ``layer`` axis.
+        n_blocks: The model's number of blocks.
+        pre_norm_vectors: ``[layer, kept, d_model]`` in blocks with a post-attention norm (Gemma 2/3
+            ``ln1_post``, OLMo 2 ``ln1``): the change of the attention output BEFORE that norm (the
+            sum of ``head_vectors``); ``None`` otherwise (``vectors`` is then that sum).
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -53,21 +81,47 @@ class ImplicitUpdates:
     mlp_in: Float[Tensor, "layer kept d_model"] | None
     mlp_in_with_chunk: Float[Tensor, "layer kept d_model"] | None
     mlp_input_matrices: tuple[str, ...]
+    positions: Int[Tensor, " kept"]
+    layers: tuple[int, ...]
+    n_blocks: int
+    pre_norm_vectors: Float[Tensor, "layer kept d_model"] | None = None
     _weights: dict[str, list[Tensor]] = field(repr=False, default_factory=dict)
 
     @property
     def chunk(self) -> slice:
-        """The chunk as a slice of token positions."""
+        """The chunk as a slice of token positions (one chunk; see ``chunks`` for several)."""
         return self.span.as_slice()
 
     @property
-    def positions(self) -> Int[Tensor, " kept"]:
-        """Positions (in the full prompt) of the ``kept`` axis."""
-        return self.span.positions
+    def chunks(self) -> list[slice]:
+        """Every removed chunk as a slice of token positions."""
+        return self.span.as_slices()
 
     @property
     def n_layers(self) -> int:
+        """Number of blocks on the ``layer`` axis."""
         return self.vectors.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the updates were computed in."""
+        return self.vectors.dtype
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether every block and every kept position after the chunk is present."""
+        return self.layers == tuple(range(self.n_blocks)) and torch.equal(
+            self.positions.cpu(), self.span.positions
+        )
+
+    def require_complete(self, what: str) -> None:
+        """Raise unless every block and kept position is present (``what`` needs them all)."""
+        if not self.is_complete:
+            raise InputError(
+                f"{what} needs the updates of every block at every kept position; these were "
+                f"computed for layers {list(self.layers)} and {len(self.positions)} of "
+                f"{len(self.span.positions)} kept positions"
+            )
 
     @torch.no_grad()
     def matrix_factors(
@@ -88,6 +142,11 @@ class ImplicitUpdates:
         Raises:
             UnsupportedArchitectureError: attention-only model (no MLP: vectors only).
             ZeroDenominatorError: some reduced MLP input ``a`` has zero norm.
+
+        Example:
+            >>> keys, values = updates.matrix_factors("W_in")
+            >>> keys.shape, values.shape
+            (torch.Size([2, 5, 16]), torch.Size([2, 5, 32]))
         """
         if not self.mlp_input_matrices:
             raise UnsupportedArchitectureError(
@@ -101,13 +160,13 @@ class ImplicitUpdates:
         if bool((sq_norms == 0).any()):
             layer, row = (sq_norms[..., 0] == 0).nonzero()[0].tolist()
             raise ZeroDenominatorError(
-                f"layer {layer}, position {int(self.positions[row])}: the reduced run's MLP input "
-                "has zero norm, so no rank-1 patch of the MLP input matrix can reproduce the chunk "
-                "there (the formula divides by its squared norm)"
+                f"layer {self.layers[layer]}, position {int(self.positions[row])}: the reduced "
+                "run's MLP input has zero norm, so no rank-1 patch of the MLP input matrix can "
+                "reproduce the chunk there (the formula divides by its squared norm)"
             )
         keys = self.mlp_in / sq_norms
         diff = self.mlp_in_with_chunk - self.mlp_in
-        values = torch.stack([diff[l] @ W for l, W in enumerate(self._weights[name])])
+        values = torch.stack([diff[i] @ W.to(diff.dtype) for i, W in enumerate(self._weights[name])])
         return keys, values
 
     def matrices(self, name: str = "W_in") -> FactoredMatrix:
@@ -115,9 +174,37 @@ class ImplicitUpdates:
         ``[layer, kept, d_model, d_mlp]`` and rank 1 (never materialised densely).
 
         See :meth:`matrix_factors` for the definition and the errors raised.
+
+        Example:
+            >>> updates.matrices("W_in").shape
+            torch.Size([2, 5, 16, 32])
         """
         keys, values = self.matrix_factors(name)
         return FactoredMatrix(keys[..., :, None], values[..., None, :])
+
+
+def compute_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype updates are computed in: ``dtype`` if given (float32 or float64), else the
+    model's, except for half-precision models, which get float32 and a :class:`PrecisionWarning`.
+
+    Example:
+        >>> compute_dtype(torch.float32, None), compute_dtype(torch.float32, torch.float64)
+        (torch.float32, torch.float64)
+    """
+    if dtype is not None:
+        if dtype not in COMPUTE_DTYPES:
+            raise InputError(f"updates are computed in float32 or float64, not {dtype}")
+        return dtype
+    if model_dtype in HALF:
+        warnings.warn(
+            f"the model is in {str(model_dtype).replace('torch.', '')}: tl_thoughts computes the "
+            "updates in float32 (pass dtype=torch.float64 for the exact checks); the model itself "
+            "is left in its dtype",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+        return torch.float32
+    return model_dtype
 
 
 @torch.no_grad()
@@ -125,22 +212,34 @@ def implicit_updates(
     model: HookedTransformer,
     tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str,
     chunk: ChunkSpec,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | Int[Tensor, " n"] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> ImplicitUpdates:
     """Exact implicit updates of every block for removing ``chunk`` from the prompt.
 
-    One cached run of the full prompt; no re-run per layer. See :class:`ImplicitUpdates`.
+    One run of the full prompt, streamed (no re-run per layer, no attention pattern kept). See
+    :class:`ImplicitUpdates`.
 
     Args:
         model: A HookedTransformer (not modified; it must have no hooks attached).
         tokens: The prompt, ``[1, pos]`` token ids or a string (tokenized with ``model.to_tokens``).
-        chunk: A ``slice``/``range`` of positions, or a substring of the prompt occurring once.
+        chunk: A ``slice``/``range`` of positions or a substring of the prompt occurring once; or
+            several chunks at once: a list of those, a list of positions, a boolean mask.
+        layers: Only these blocks (default: all). The run stops after the last one.
+        positions: Only these kept positions (prompt positions after the chunk; default: all).
+        dtype: Compute in this dtype (float32 or float64; the model is run in it temporarily and
+            restored). Default: the model's, float32 for float16/bfloat16 models (with a warning).
 
     Returns:
-        The updates at every layer and every kept position after the chunk.
+        The updates at the chosen layers and kept positions.
 
     Raises:
-        ChunkError: empty chunk, out of range, nothing after it, substring not found or ambiguous.
-        InputError: batch > 1, bad token ids, text without a tokenizer, hooks on the model.
+        ChunkError: empty chunk, out of range, nothing after it, overlapping chunks, substring not
+            found or ambiguous.
+        InputError: a batch (use :func:`implicit_updates_batch`), bad token ids, text without a
+            tokenizer, hooks on the model, bad ``layers``/``positions``/``dtype``.
         UnsupportedArchitectureError: a config feature without an exact construction.
         ZeroDenominatorError: a head attends only to the chunk at some position.
 
@@ -148,19 +247,87 @@ def implicit_updates(
         >>> updates = tl_thoughts.implicit_updates(model, torch.arange(10)[None], slice(2, 5))
         >>> updates.vectors.shape  # [layer, kept, d_model]
         torch.Size([2, 5, 16])
+        >>> tl_thoughts.implicit_updates(model, torch.arange(10)[None], [slice(1, 2), slice(4, 6)],
+        ...     layers=[1], positions=[8, 9]).vectors.shape
+        torch.Size([1, 2, 16])
     """
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
     tokens = resolve_tokens(model, tokens)
     span = resolve_chunk(model, tokens, chunk)
-    names = [
-        name
-        for layer in range(spec.n_layers)
-        for name in (_tl.pattern_name(layer), _tl.v_name(layer), _tl.z_name(layer))
-        + ((_tl.mlp_input_resid_name(spec, layer),) if spec.has_mlp else ())
-    ]
-    _, cache = _tl.forward(model, tokens, cache_names=names)
-    return updates_from_cache(model, tokens, span, cache)
+    job = _Job(row=0, idx=torch.arange(tokens.shape[1]), tokens=tokens, span=span,
+               positions=_resolve_positions(span, positions))
+    dtype = compute_dtype(spec.dtype, dtype)
+    with _tl.computing_in(model, dtype):
+        return _extract(model, tokens, None, [job], _resolve_layers(spec, layers))[0]
+
+
+@torch.no_grad()
+def implicit_updates_batch(
+    model: HookedTransformer,
+    prompts: Sequence[str] | Sequence[Int[Tensor, " _"]] | Int[Tensor, "batch padded"],
+    chunks: BatchChunkSpec,
+    *,
+    attention_mask: Int[Tensor, "batch padded"] | None = None,
+    padding_side: str = "right",
+    layers: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[ImplicitUpdates]:
+    """:func:`implicit_updates` for a batch of prompts of different lengths, in one padded run.
+
+    Each result is that of its prompt run alone (same tokens, positions counted in the prompt
+    itself, not in the padded batch), up to floating-point rounding of the batched products.
+
+    Args:
+        model: A HookedTransformer (not modified; no hooks attached).
+        prompts: Strings or 1-D token tensors (padded here on ``padding_side``), or an already
+            padded ``[batch, pos]`` tensor with its ``attention_mask`` (left or right padding).
+        chunks: One chunk specification per prompt (a list as long as the batch; an entry may
+            itself be a list, for several chunks of that prompt), or a single slice, range or
+            substring used for every prompt.
+        attention_mask: ``[batch, pos]`` 1 on real tokens, 0 on padding, for a padded tensor.
+        padding_side: ``"right"`` or ``"left"``, when the prompts are padded here.
+        layers: Only these blocks (default: all).
+        dtype: As in :func:`implicit_updates`.
+
+    Returns:
+        One :class:`ImplicitUpdates` per prompt, in order.
+
+    Raises:
+        InputError: an empty batch, a mask of the wrong shape or that is not left or right
+            padding, a chunk list of another length than the batch, bad token ids.
+        ChunkError, UnsupportedArchitectureError, ZeroDenominatorError: as in
+            :func:`implicit_updates`, naming the prompt.
+
+    Example:
+        >>> batch = tl_thoughts.implicit_updates_batch(
+        ...     model, [torch.arange(10), torch.arange(3, 9)], [slice(2, 5), slice(0, 2)],
+        ...     padding_side="left")
+        >>> [u.vectors.shape[1] for u in batch]
+        [5, 4]
+    """
+    spec = _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    padded, mask, rows = _pad_batch(model, prompts, attention_mask, padding_side)
+    if isinstance(chunks, (slice, range, str)):
+        chunks = [chunks] * len(rows)
+    if not isinstance(chunks, (list, tuple)) or len(chunks) != len(rows):
+        raise InputError(
+            f"chunks must be one chunk specification per prompt ({len(rows)} prompts), or one "
+            "slice, range or substring for all"
+        )
+    jobs = []
+    for i, (idx, (tokens, chunk)) in enumerate(zip(rows, zip(_row_tokens(model, padded, rows), chunks))):
+        try:
+            span = resolve_chunk(model, tokens, chunk)
+        except ChunkError as e:
+            raise ChunkError(f"prompt {i}: {e}") from None
+        jobs.append(_Job(row=i, idx=idx, tokens=tokens, span=span, positions=span.positions))
+    dtype = compute_dtype(spec.dtype, dtype)
+    with _tl.computing_in(model, dtype):
+        return _extract(model, padded, mask, jobs, _resolve_layers(spec, layers))
 
 
 @torch.no_grad()
@@ -170,7 +337,8 @@ def updates_from_cache(
     """The arithmetic of :func:`implicit_updates` on an existing full-run cache (batch dim removed).
 
     The cache must hold, for every layer, ``attn.hook_pattern``, ``attn.hook_v``, ``attn.hook_z``
-    and (MLP models) ``hook_resid_mid`` (``hook_resid_pre`` for parallel blocks).
+    and (MLP models) ``hook_resid_mid`` (``hook_resid_pre`` for parallel blocks), and, in blocks
+    with a post-attention norm, ``hook_attn_out``.
 
     Example:
         >>> from tl_thoughts.chunks import Span
@@ -182,40 +350,258 @@ def updates_from_cache(
         True
     """
     spec = _tl.model_spec(model)
-    queries = span.positions
-    chunk_keys = torch.zeros(span.n_pos, dtype=torch.bool, device=queries.device)
-    chunk_keys[span.start : span.stop] = True
-    layers = range(spec.n_layers)
-    # all blocks at once: [layer, head, query, key], [layer, key, head, d_head], ...
-    pattern = torch.stack([cache[_tl.pattern_name(l)][:, queries] for l in layers])
-    v = torch.stack([_tl.expand_kv_heads(spec, cache[_tl.v_name(l)]) for l in layers])
-    z = torch.stack([cache[_tl.z_name(l)][queries] for l in layers])
-    W_O = torch.stack([_tl.W_O(model, l) for l in layers])
-    head_stack, attention, _ = _math.head_updates(pattern, v, z, W_O, chunk_keys)
-    vectors = head_stack.sum(2)
-    mlp_in, mlp_in_c = [], []
+    job = _Job(row=0, idx=torch.arange(span.n_pos), tokens=tokens, span=span, positions=span.positions)
+    queries = job.positions.to(tokens.device)
+    chunk_keys = span.chunk_mask.to(tokens.device)
+    stats = []
+    for layer in range(spec.n_layers):
+        v = _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)])
+        z_red, attention = _reduced(layer, cache[_tl.pattern_name(layer)][:, queries], v, chunk_keys, job)
+        stats.append(_stats_from(spec, layer, cache, queries, z_red, attention))
+    return _assemble(model, spec, job, tuple(range(spec.n_layers)), stats)
+
+
+# --- the streamed extraction ----------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One prompt of a run: its row in the (padded) batch, the batch positions of its tokens, its
+    own tokens, its chunk and the kept positions asked for."""
+
+    row: int
+    idx: Int[Tensor, " n"]  # batch positions of the prompt's tokens, in order
+    tokens: Int[Tensor, "1 n"]
+    span: Span
+    positions: Int[Tensor, " kept"]  # prompt positions of the kept axis
+
+    def batch_rows(self, device) -> Int[Tensor, " kept"]:
+        return self.idx.to(device)[self.positions.to(device)]
+
+
+def _resolve_layers(spec: _tl.ModelSpec, layers: Sequence[int] | None) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(spec.n_layers))
+    if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
+        raise InputError(f"layers must be a sequence of block indices, got {layers!r}")
+    chosen = tuple(sorted(set(layers)))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= spec.n_layers:
+        raise InputError(f"layers must be a non-empty subset of 0..{spec.n_layers - 1}, got {list(layers)}")
+    return chosen
+
+
+def _resolve_positions(span: Span, positions: Sequence[int] | Tensor | None) -> Int[Tensor, " kept"]:
+    if positions is None:
+        return span.positions
+    chosen = torch.as_tensor(positions).cpu()
+    if chosen.dtype.is_floating_point or chosen.dtype == torch.bool or chosen.ndim != 1 or not len(chosen):
+        raise InputError(f"positions must be a non-empty list of prompt positions, got {positions!r}")
+    chosen = torch.unique(chosen.long())  # sorted, deduplicated
+    allowed = span.positions
+    bad = [int(p) for p in chosen if not bool((allowed == p).any())]
+    if bad:
+        raise InputError(
+            f"positions {bad} are not kept positions after the chunk ({span.describe()} removed "
+            f"from a {span.n_pos}-token prompt): nothing changes before the chunk, and removed "
+            "positions have no update"
+        )
+    return chosen
+
+
+def _pad_batch(
+    model: HookedTransformer,
+    prompts: Sequence[str] | Sequence[Tensor] | Tensor,
+    attention_mask: Tensor | None,
+    padding_side: str,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], list[Int[Tensor, " n"]]]:
+    """The padded batch, its mask, and each prompt's batch positions."""
+    device = _tl.model_device(model)
+    if isinstance(prompts, Tensor) and prompts.ndim == 2:
+        mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
+        if not isinstance(mask, Tensor) or mask.shape != prompts.shape:
+            raise InputError(
+                f"attention_mask must have the tokens' shape {tuple(prompts.shape)}, got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise InputError("attention_mask must hold 0 (padding) and 1 (tokens) only")
+        rows = []
+        for i, m in enumerate(mask.bool().cpu()):
+            idx = m.nonzero()[:, 0]
+            if not len(idx):
+                raise InputError(f"prompt {i} has no token (its attention_mask is all zeros)")
+            if int(idx[-1] - idx[0]) + 1 != len(idx) or (idx[0] != 0 and idx[-1] != len(m) - 1):
+                raise InputError(
+                    f"prompt {i}: the attention_mask must be left or right padding (one block of "
+                    "ones at the start or at the end of the row)"
+                )
+            rows.append(idx)
+        return prompts.to(device).long(), mask.to(device).long(), rows
+    if attention_mask is not None:
+        raise InputError("attention_mask goes with a padded [batch, pos] tensor of tokens")
+    if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence) or not len(prompts):
+        raise InputError("prompts must be a non-empty list of strings or 1-D token tensors, or a [batch, pos] tensor")
+    seqs = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Tensor) and p.ndim != 1:
+            raise InputError(f"prompt {i}: a 1-D token tensor is expected, got shape {tuple(p.shape)}")
+        try:
+            seqs.append(resolve_tokens(model, p)[0])
+        except InputError as e:
+            raise InputError(f"prompt {i}: {e}") from None
+    n = max(len(s) for s in seqs)
+    padded = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    rows = []
+    for i, s in enumerate(seqs):
+        lo = n - len(s) if padding_side == "left" else 0
+        padded[i, lo : lo + len(s)] = s
+        mask[i, lo : lo + len(s)] = 1
+        rows.append(torch.arange(lo, lo + len(s)))
+    return padded, mask, rows
+
+
+def _row_tokens(model: HookedTransformer, padded: Tensor, rows: list[Tensor]) -> list[Tensor]:
+    out = []
+    for i, idx in enumerate(rows):
+        try:
+            out.append(resolve_tokens(model, padded[i, idx.to(padded.device)][None]))
+        except InputError as e:
+            raise InputError(f"prompt {i}: {e}") from None
+    return out
+
+
+def _reduced(
+    layer: int, pattern: Tensor, v: Tensor, chunk_keys: Tensor, job: _Job
+) -> tuple[Tensor, Tensor]:
+    """:func:`_math.reduced_attention` with the layer and prompt position in its error."""
+    try:
+        return _math.reduced_attention(pattern, v, chunk_keys)
+    except ZeroDenominatorError:
+        kept_mass = pattern[..., ~chunk_keys].sum(-1)  # [head, query]
+        head, row = (kept_mass == 0).nonzero()[0].tolist()
+        raise ZeroDenominatorError(
+            f"layer {layer}, head {head} puts all of its attention on the chunk at position "
+            f"{int(job.positions[row])}: the attention of the reduced prompt is undefined there "
+            "(the kept keys' weights underflowed to zero). Try dtype=torch.float64, or a chunk "
+            "that does not absorb the whole attention."
+        ) from None
+
+
+def _stats_from(
+    spec: _tl.ModelSpec, layer: int, acts: dict[str, Tensor], rows: Tensor, z_red: Tensor, attention: Tensor
+) -> dict[str, Tensor]:
+    """What the assembly needs of one block, from the full run's activations ``acts`` (no batch
+    axis) at the batch rows of the kept positions."""
+    out = {"z_red": z_red, "attention": attention, "z": acts[_tl.z_name(layer)][rows]}
     if spec.has_mlp:
-        for layer in layers:
-            resid = cache[_tl.mlp_input_resid_name(spec, layer)][queries]
-            a_c = _tl.mlp_norm(model, layer, resid)
-            if spec.parallel_attn_mlp:
-                a = a_c  # the MLP reads resid_pre, which the chunk does not change at layer l
-            else:
-                a = _tl.mlp_norm(model, layer, resid - vectors[layer])
+        out["resid"] = acts[_tl.mlp_input_resid_name(spec, layer)][rows]
+    if spec.attn_post_norm is not None:
+        out["attn_out"] = acts[_tl.attn_out_name(layer)][rows]
+    return out
+
+
+def _extract(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"] | None,
+    jobs: list[_Job],
+    layers: tuple[int, ...],
+) -> list[ImplicitUpdates]:
+    """One streamed run of the (padded) batch: each hooked block hands its activations to every
+    job, which keeps only its kept rows and its reduced attention."""
+    spec = _tl.model_spec(model)
+    device = tokens.device
+    chunk_keys = [job.span.chunk_mask.to(device) for job in jobs]
+    query_rows = [job.batch_rows(device) for job in jobs]
+    key_rows = [job.idx.to(device) for job in jobs]
+    stats: list[dict[int, dict[str, Tensor]]] = [{layer: {} for layer in layers} for _ in jobs]
+    pending: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
+
+    def keep(layer: int, act: Tensor, hook) -> None:
+        pending[layer][hook.name] = act.detach()
+
+    def reduce_attention(layer: int, pattern: Tensor, hook) -> None:
+        v_all = pending[layer].pop(_tl.v_name(layer))
+        for j, job in enumerate(jobs):
+            p = pattern[job.row][:, query_rows[j]][:, :, key_rows[j]]  # [head, kept, n]
+            v = _tl.expand_kv_heads(spec, v_all[job.row, key_rows[j]])  # [n, head, d_head]
+            z_red, attention = _reduced(layer, p, v, chunk_keys[j], job)
+            stats[j][layer].update(z_red=z_red, attention=attention)
+
+    def finish(layer: int, act: Tensor, hook) -> None:
+        pending[layer][hook.name] = act.detach()
+        if _tl.z_name(layer) not in pending[layer] or (spec.has_mlp and mlp_name(layer) not in pending[layer]):
+            return
+        if spec.attn_post_norm is not None and _tl.attn_out_name(layer) not in pending[layer]:
+            return
+        acts = pending.pop(layer)
+        for j, job in enumerate(jobs):
+            rows = query_rows[j]
+            per_row = {name: a[job.row] for name, a in acts.items()}
+            s = stats[j][layer]
+            s.update(_stats_from(spec, layer, per_row, rows, s["z_red"], s["attention"]))
+
+    def mlp_name(layer: int) -> str:
+        return _tl.mlp_input_resid_name(spec, layer)
+
+    hooks = []
+    for layer in layers:
+        hooks.append((_tl.v_name(layer), lambda a, hook, l=layer: keep(l, a, hook)))
+        hooks.append((_tl.pattern_name(layer), lambda a, hook, l=layer: reduce_attention(l, a, hook)))
+        names = [_tl.z_name(layer)]
+        if spec.has_mlp:
+            names.append(mlp_name(layer))
+        if spec.attn_post_norm is not None:
+            names.append(_tl.attn_out_name(layer))
+        for name in dict.fromkeys(names):
+            hooks.append((name, lambda a, hook, l=layer: finish(l, a, hook)))
+    stop = layers[-1] + 1 if layers[-1] + 1 < spec.n_layers else None
+    _tl.run(model, tokens, mask, hooks, stop_at_layer=stop)
+    return [_assemble(model, spec, job, layers, [stats[j][l] for l in layers]) for j, job in enumerate(jobs)]
+
+
+def _assemble(
+    model: HookedTransformer,
+    spec: _tl.ModelSpec,
+    job: _Job,
+    layers: tuple[int, ...],
+    stats: list[dict[str, Tensor]],
+) -> ImplicitUpdates:
+    """Per-head vectors, block vectors and MLP inputs from each block's reduced attention."""
+    heads, vectors, pre_norm, mlp_in, mlp_in_c = [], [], [], [], []
+    for layer, s in zip(layers, stats):
+        hv = _math.head_vectors(s["z"], s["z_red"], _tl.W_O(model, layer).detach())  # [kept, head, d]
+        heads.append(hv)
+        if spec.attn_post_norm is not None:
+            # the block adds attn_post_norm(attention output): its change is a difference of norms
+            reduced_out = _tl.attn_post_norm(model, layer, _tl.attn_output(model, layer, s["z_red"]))
+            vectors.append(s["attn_out"] - reduced_out)
+            pre_norm.append(hv.sum(1))
+        else:
+            vectors.append(hv.sum(1))
+        if spec.has_mlp:
+            a_c = _tl.mlp_norm(model, layer, s["resid"])
+            # parallel blocks: the MLP reads resid_pre, which the chunk does not change at layer l
+            a = a_c if spec.parallel_attn_mlp else _tl.mlp_norm(model, layer, s["resid"] - vectors[-1])
             mlp_in.append(a)
             mlp_in_c.append(a_c)
-    weights = {
-        name: [_tl.mlp_matrix(model, layer, name).detach() for layer in range(spec.n_layers)]
+    weights: dict[str, list[Tensor]] = {
+        name: [_tl.mlp_matrix(model, layer, name).detach() for layer in layers]
         for name in spec.mlp_input_matrices
     }
     return ImplicitUpdates(
-        tokens=tokens,
-        span=span,
-        vectors=vectors,
-        head_vectors=head_stack,
-        chunk_attention=attention,
+        tokens=job.tokens,
+        span=job.span,
+        vectors=torch.stack(vectors),
+        head_vectors=torch.stack(heads),
+        chunk_attention=torch.stack([s["attention"] for s in stats]),
         mlp_in=torch.stack(mlp_in) if spec.has_mlp else None,
         mlp_in_with_chunk=torch.stack(mlp_in_c) if spec.has_mlp else None,
         mlp_input_matrices=spec.mlp_input_matrices,
+        positions=job.positions.to(job.tokens.device),
+        layers=layers,
+        n_blocks=spec.n_layers,
+        pre_norm_vectors=torch.stack(pre_norm) if pre_norm else None,
         _weights=weights,
     )

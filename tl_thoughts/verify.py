@@ -9,6 +9,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts.chunks import Span
 from tl_thoughts.exact_weights import exact_weight_patch
 from tl_thoughts.updates import ImplicitUpdates
 
@@ -66,7 +67,7 @@ class VerificationReport:
         forms: form name -> :class:`FormReport`; always has ``"unpatched"`` as the baseline.
         kept_positions: ``[T]`` positions of the reduced prompt in the full prompt.
         full_logits: ``[T, d_vocab]`` the full run's logits at the kept positions (the reference).
-        chunk: the removed positions.
+        span: the removed positions (one chunk or several).
         dtype: the dtype the runs were computed in.
         weight_form: description of the weight patch used (``None`` if not verified).
     """
@@ -74,9 +75,14 @@ class VerificationReport:
     forms: dict[str, FormReport]
     kept_positions: Int[Tensor, " T"]
     full_logits: Float[Tensor, "T d_vocab"]
-    chunk: slice
+    span: Span
     dtype: torch.dtype
     weight_form: str | None
+
+    @property
+    def chunk(self) -> slice:
+        """The removed chunk as a slice (one chunk; ``span.as_slices()`` for several)."""
+        return self.span.as_slice()
 
     @property
     def patched(self) -> list[FormReport]:
@@ -106,9 +112,10 @@ class VerificationReport:
     def table(self) -> str:
         """The report as a fixed-width text table."""
         names = list(self.forms)
-        n_prefix = int((self.kept_positions < self.chunk.start).sum())
+        n_prefix = self.span.start
+        what = "Chunk positions" if self.span.n_chunks == 1 else f"{self.span.n_chunks} chunks, positions"
         lines = [
-            f"Chunk positions {self.chunk.start}..{self.chunk.stop - 1} removed; "
+            f"{what} {self.span.describe()} removed; "
             f"{len(self.kept_positions)} kept positions ({n_prefix} before the chunk); "
             f"dtype {str(self.dtype).replace('torch.', '')}",
         ]
@@ -146,7 +153,8 @@ def verify(
     ``"activation"`` adds ``updates.vectors`` at ``blocks.{l}.hook_attn_out`` through temporary
     hooks; ``"weight"`` runs the reduced prompt through the model with really patched parameters
     and no hooks (see :func:`tl_thoughts.exact_weight_patch`). The unpatched reduced run is always
-    reported as the baseline. The model is restored afterwards, also if an error is raised.
+    reported as the baseline. Every run is in the dtype the updates were computed in
+    (``report.dtype``). The model is restored afterwards, also if an error is raised.
 
     Args:
         model: The model the updates were computed on (no hooks attached).
@@ -158,6 +166,7 @@ def verify(
 
     Raises:
         ValueError: an unknown form.
+        InputError: updates computed for a subset of layers or positions.
         ZeroDenominatorError: the weight form has no exact solution (see ``exact_weight_patch``).
 
     Example:
@@ -168,8 +177,15 @@ def verify(
     unknown = set(forms) - set(FORMS[1:])
     if unknown or not forms:
         raise ValueError(f"forms must be a non-empty subset of {FORMS[1:]}, got {tuple(forms)}")
-    spec = _tl.model_spec(model)
+    _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    updates.require_complete("verify")
+    with _tl.computing_in(model, updates.dtype):
+        return _verify(model, updates, forms)
+
+
+def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[str]) -> VerificationReport:
+    spec = _tl.model_spec(model)
     span = updates.span
     kept = span.kept_positions.to(updates.tokens.device)
     reduced = updates.tokens[:, kept]
@@ -203,7 +219,7 @@ def verify(
         forms={name: _compare(name, reference, run) for name, run in runs.items()},
         kept_positions=span.kept_positions,
         full_logits=reference[0].cpu(),
-        chunk=span.as_slice(),
+        span=span,
         dtype=spec.dtype,
         weight_form=weight_form,
     )

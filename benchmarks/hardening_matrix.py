@@ -1,0 +1,277 @@
+"""The hardening table of docs/hardening.md: what was tried, how many cases, how many failures,
+and the worst error seen per dtype.
+
+1. Exactness: every tiny architecture of the test matrix (tests/helpers.py) x chunk layouts (at the
+   start, after a 1-token prefix, in the middle, two chunks) x kept tokens after the last chunk
+   (1, 5) x precision modes x batch shapes (alone; in a batch of three prompts of different
+   lengths, left- and right-padded). Each case verifies the activation and the weight form against
+   the full run; a batched case also compares its updates with the prompt's own. A case fails if
+   an error exceeds the tolerance of its compute dtype (float64: 1e-10; float32: 1e-4) or if
+   anything raises other than a documented ZeroDenominatorError of the weight form, which is
+   counted apart.
+2. Bad inputs: each must raise its documented error and leave the model bit-identical, hook-free.
+3. Damaged patch files: each must be refused on load.
+
+Run: .venv/bin/python benchmarks/hardening_matrix.py [--out docs/hardening_table.md]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import tl_thoughts as tt  # noqa: E402
+from helpers import (  # noqa: E402
+    ARCHITECTURES,
+    D_VOCAB,
+    assert_model_untouched,
+    make_model,
+    make_word_tokenizer,
+    param_snapshot,
+    runtime_checks_off,
+)
+
+LAYOUTS = {"start": [slice(0, 4)], "bos": [slice(1, 5)], "middle": [slice(4, 8)],
+           "two_chunks": [slice(1, 3), slice(5, 7)]}
+N_AFTER = (1, 5)
+# precision mode: (model dtype, dtype asked for, compute dtype)
+MODES = {
+    "float64": (torch.float64, None, torch.float64),
+    "float32 model, float64 mode": (torch.float32, torch.float64, torch.float64),
+    "float32": (torch.float32, None, torch.float32),
+    "bfloat16 model (computed in float32)": (torch.bfloat16, None, torch.float32),
+    "float16 model (computed in float32)": (torch.float16, None, torch.float32),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+BATCHES = ("alone", "batch, left-padded", "batch, right-padded")
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(D_VOCAB, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def exactness() -> tuple[list[dict], dict]:
+    rows = []
+    worst = {m: 0.0 for m in MODES}
+    for arch in ARCHITECTURES:
+        for mode, (model_dtype, ask, compute) in MODES.items():
+            model = make_model(arch, dtype=model_dtype)
+            snapshot = param_snapshot(model)
+            for layout, chunk in LAYOUTS.items():
+                for n_after in N_AFTER:
+                    n = chunk[-1].stop + n_after
+                    chunk_spec = chunk[0] if len(chunk) == 1 else chunk
+                    tokens = _tokens(n, seed=n + 31 * chunk[0].start)
+                    others = [_tokens(n + 3, seed=1), _tokens(max(n - 2, 5), seed=2)]
+                    other_chunks = [slice(1, 3), slice(0, 2)]
+                    for batch in BATCHES:
+                        rows.append(_case(model, arch, mode, layout, n_after, batch, tokens, chunk_spec,
+                                          others, other_chunks, ask, compute))
+                        worst[mode] = max(worst[mode], rows[-1]["error"])
+            assert_model_untouched(model, snapshot)
+    return rows, worst
+
+
+def _case(model, arch, mode, layout, n_after, batch, tokens, chunk, others, other_chunks, ask, compute):
+    row = dict(arch=arch, mode=mode, layout=layout, n_after=n_after, batch=batch, error=0.0,
+               status="exact", detail="")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tt.PrecisionWarning)
+            if batch == "alone":
+                updates = tt.implicit_updates(model, tokens[None], chunk, dtype=ask)
+            else:
+                side = "left" if "left" in batch else "right"
+                batch_updates = tt.implicit_updates_batch(
+                    model, [others[0], tokens, others[1]], [other_chunks[0], chunk, other_chunks[1]],
+                    padding_side=side, dtype=ask)
+                updates = batch_updates[1]
+                alone = tt.implicit_updates(model, tokens[None], chunk, dtype=ask)
+                row["error"] = float((updates.vectors - alone.vectors).abs().max())
+        assert updates.dtype == compute
+        report = tt.verify(model, updates, forms=("activation",))
+        row["error"] = max(row["error"], report.max_abs_logit_error)
+        try:
+            weight = tt.verify(model, updates, forms=("weight",))
+            row["error"] = max(row["error"], weight.max_abs_logit_error)
+        except tt.ZeroDenominatorError as e:
+            row["status"], row["detail"] = "weight form refused", str(e)[:80]
+        if row["error"] > TOL[compute] or report.argmax_agreement < 1.0:
+            row["status"], row["detail"] = "FAILED", f"error {row['error']:.2e}"
+    except Exception as e:  # noqa: BLE001 (a failure of the table, reported)
+        row["status"], row["detail"] = "FAILED", f"{type(e).__name__}: {e}"[:120]
+    return row
+
+
+def bad_inputs() -> list[dict]:
+    model = make_model("ln_gelu_learned")
+    text = make_model("rms_gated_silu_rotary_gqa", tokenizer=make_word_tokenizer())
+    toks = _tokens(10, 0)[None]
+    hooked = make_model("ln_gelu_learned")
+    hooked.add_hook("blocks.0.hook_attn_out", lambda a, hook: None)
+    cases = {
+        "empty string prompt": (text, lambda m: tt.implicit_updates(m, "", slice(0, 1)), tt.InputError),
+        "text given to a model without tokenizer": (model, lambda m: tt.implicit_updates(m, "the cat", slice(0, 1)), tt.InputError),
+        "substring chunk on a model without tokenizer": (model, lambda m: tt.implicit_updates(m, toks, "cat"), tt.InputError),
+        "unicode prompt, chunk not in it": (text, lambda m: tt.implicit_updates(m, "the cat ☃ sat", "dog"), tt.ChunkError),
+        "chunk equal to the whole prompt": (model, lambda m: tt.implicit_updates(m, toks, slice(None)), tt.ChunkError),
+        "empty chunk": (model, lambda m: tt.implicit_updates(m, toks, slice(3, 3)), tt.ChunkError),
+        "chunk out of range": (model, lambda m: tt.implicit_updates(m, toks, slice(5, 40)), tt.ChunkError),
+        "chunk covering the end": (model, lambda m: tt.implicit_updates(m, toks, slice(5, 10)), tt.ChunkError),
+        "overlapping chunks": (model, lambda m: tt.implicit_updates(m, toks, [slice(1, 4), slice(3, 6)]), tt.ChunkError),
+        "repeated positions": (model, lambda m: tt.implicit_updates(m, toks, [2, 2, 3]), tt.ChunkError),
+        "ambiguous tuple chunk": (model, lambda m: tt.implicit_updates(m, toks, (2, 5)), tt.ChunkError),
+        "substring found twice": (text, lambda m: tt.implicit_updates(m, "the cat sat on the mat", "the"), tt.ChunkError),
+        "substring cutting a token": (text, lambda m: tt.implicit_updates(m, "the cat sat on the mat", "at s"), tt.ChunkError),
+        "token id >= d_vocab": (model, lambda m: tt.implicit_updates(m, torch.tensor([[1, D_VOCAB, 2, 3]]), slice(0, 1)), tt.InputError),
+        "negative token id": (model, lambda m: tt.implicit_updates(m, torch.tensor([[1, -1, 2, 3]]), slice(0, 1)), tt.InputError),
+        "float tokens": (model, lambda m: tt.implicit_updates(m, toks.double(), slice(0, 1)), tt.InputError),
+        "3-d tokens": (model, lambda m: tt.implicit_updates(m, toks[None], slice(0, 1)), tt.InputError),
+        "batch given to implicit_updates": (model, lambda m: tt.implicit_updates(m, toks.repeat(2, 1), slice(0, 1)), tt.InputError),
+        "prompt longer than n_ctx": (model, lambda m: tt.implicit_updates(m, torch.zeros(1, 80, dtype=torch.long), slice(0, 1)), tt.InputError),
+        "mask that is not padding": (model, lambda m: tt.implicit_updates_batch(m, toks.reshape(2, 5), slice(0, 1), attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1] * 5])), tt.InputError),
+        "chunk list of the wrong length": (model, lambda m: tt.implicit_updates_batch(m, [toks[0], toks[0, :6]], [slice(0, 1)]), tt.InputError),
+        "layers out of range": (model, lambda m: tt.implicit_updates(m, toks, slice(2, 4), layers=[7]), tt.InputError),
+        "positions before the chunk": (model, lambda m: tt.implicit_updates(m, toks, slice(2, 4), positions=[1]), tt.InputError),
+        "float16 compute dtype": (model, lambda m: tt.implicit_updates(m, toks, slice(2, 4), dtype=torch.float16), tt.InputError),
+        "model with a hook attached": (hooked, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
+        "alibi positions": (make_model("ln_gelu_learned", positional_embedding_type="alibi"), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
+        "local attention": (make_model("ln_gelu_learned", use_local_attn=True, window_size=4, attn_types=["global", "local"]), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
+        "mixture of experts": (make_model("rms_gated_silu_rotary_gqa", num_experts=2, experts_per_token=1), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
+        "thought patch on a post-norm model": (make_model("olmo2_rms_gated_silu_rotary", tokenizer=make_word_tokenizer()), lambda m: tt.fit_thought(m, "the cat", [" sat"], progress=False), tt.UnsupportedArchitectureError),
+        "more kept tokens than d_model (weight form)": (make_model("ln_gelu_learned"), lambda m: tt.verify(m, tt.implicit_updates(m, _tokens(45, 3)[None], slice(2, 4)), forms=("weight",)), tt.ZeroDenominatorError),
+        "verify on a subset of layers": (model, lambda m: tt.verify(m, tt.implicit_updates(m, toks, slice(2, 4), layers=[0])), tt.InputError),
+    }
+    rows = []
+    for name, (m, call, error) in cases.items():
+        had_hooks = name == "model with a hook attached"
+        snapshot = param_snapshot(m)
+        status = "refused as documented"
+        try:
+            with runtime_checks_off():
+                call(m)
+            status = "FAILED: no error"
+        except error:
+            pass
+        except Exception as e:  # noqa: BLE001
+            status = f"FAILED: {type(e).__name__}: {e}"[:100]
+        if had_hooks:
+            m.reset_hooks(including_permanent=True)
+        try:
+            assert_model_untouched(m, snapshot)
+        except AssertionError as e:
+            status = f"FAILED: model changed ({e})"[:100]
+        rows.append(dict(case=name, expected=error.__name__, status=status))
+    return rows
+
+
+def damaged_files() -> list[dict]:
+    model = make_model("rms_gated_silu_rotary_gqa", tokenizer=make_word_tokenizer())
+    patch = tt.fit_thought(model, "the cat sat on the mat and", [(" the dog", " ran")],
+                           template=tt.PromptTemplate("{chunk}{query}", separator=""), progress=False)
+    other = make_model("rms_gated_silu_rotary_gqa", seed=1, tokenizer=make_word_tokenizer())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = patch.save(Path(tmp) / "p.safetensors")
+        good = path.read_bytes()
+        header_len = int.from_bytes(good[:8], "little")
+
+        def edit_meta(change):
+            header = json.loads(good[8 : 8 + header_len])
+            meta = json.loads(header["__metadata__"]["tl_thoughts"])
+            change(meta)
+            header["__metadata__"]["tl_thoughts"] = json.dumps(meta)
+            new = json.dumps(header).encode()
+            return len(new).to_bytes(8, "little") + new + good[8 + header_len :]
+
+        damages = {
+            "truncated to half": (good[: len(good) // 2], None, tt.PatchFileError),
+            "truncated by one byte": (good[:-1], None, tt.PatchFileError),
+            "one tensor byte flipped": (good[:-5] + bytes([good[-5] ^ 0xFF]) + good[-4:], None, tt.PatchFileError),
+            "checksum edited": (edit_meta(lambda m: m.update(sha256="0" * 64)), None, tt.PatchFileError),
+            "format edited": (edit_meta(lambda m: m.update(format="other/1")), None, tt.PatchFileError),
+            "empty file": (b"", None, tt.PatchFileError),
+            "garbage": (b"\x00" * 100, None, tt.PatchFileError),
+            "loaded for another model (same shapes)": (good, other, tt.IncompatibleModelError),
+            "loaded for another model (other shapes)": (good, make_model("ln_gelu_learned"), tt.IncompatibleModelError),
+        }
+        for name, (data, target, error) in damages.items():
+            path.write_bytes(data)
+            try:
+                tt.ThoughtPatch.load(path, model=target)
+                status = "FAILED: loaded"
+            except error:
+                status = "refused as documented"
+            except Exception as e:  # noqa: BLE001
+                status = f"FAILED: {type(e).__name__}: {e}"[:100]
+            rows.append(dict(case=name, expected=error.__name__, status=status))
+    return rows
+
+
+def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], seconds: float) -> str:
+    n_fail = sum(r["status"] == "FAILED" for r in rows)
+    n_refused = sum(r["status"] == "weight form refused" for r in rows)
+    lines = [
+        f"Generated by `.venv/bin/python benchmarks/hardening_matrix.py` ({seconds:.0f} s).",
+        "",
+        "**Exactness.** "
+        f"{len(ARCHITECTURES)} architectures x {len(LAYOUTS)} chunk layouts ({', '.join(LAYOUTS)}) x "
+        f"{len(N_AFTER)} numbers of kept tokens after the last chunk ({', '.join(map(str, N_AFTER))}) x "
+        f"{len(MODES)} precision modes x {len(BATCHES)} batch shapes ({', '.join(BATCHES)}) = "
+        f"**{len(rows)} cases, {n_fail} failures**. Each case verifies the activation and the weight "
+        "form against the full run (batched cases also against the prompt run alone); "
+        f"{n_refused} weight forms were refused with the documented `ZeroDenominatorError` "
+        "(linearly dependent reduced MLP inputs in a low-precision model), their activation form "
+        "still checked.",
+        "",
+        "| precision mode | compute dtype | cases | failures | worst error | tolerance |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, (_, _, compute) in MODES.items():
+        mine = [r for r in rows if r["mode"] == mode]
+        fails = sum(r["status"] == "FAILED" for r in mine)
+        lines.append(f"| {mode} | {str(compute).replace('torch.', '')} | {len(mine)} | {fails} | "
+                     f"{worst[mode]:.1e} | {TOL[compute]:.0e} |")
+    lines += ["", "| batch shape | cases | failures | worst error |", "|---|---|---|---|"]
+    for batch in BATCHES:
+        mine = [r for r in rows if r["batch"] == batch]
+        lines.append(f"| {batch} | {len(mine)} | {sum(r['status'] == 'FAILED' for r in mine)} | "
+                     f"{max(r['error'] for r in mine if r['mode'] in ('float64', 'float32 model, float64 mode')):.1e} (float64) |")
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    if failed:
+        lines += ["", "Failures:", ""] + [f"- {r['arch']}, {r['mode']}, {r['layout']}, {r['n_after']} after, "
+                                          f"{r['batch']}: {r['detail']}" for r in failed]
+    for title, items in (("Bad inputs", bad), ("Damaged or foreign patch files", damaged)):
+        n_bad_fail = sum(r["status"] != "refused as documented" for r in items)
+        lines += ["", f"**{title}.** {len(items)} cases, {n_bad_fail} failures "
+                  "(each must raise its documented error; bad inputs must also leave the model "
+                  "bit-identical with no hook attached).", "",
+                  "| case | expected error | outcome |", "|---|---|---|"]
+        lines += [f"| {r['case']} | `{r['expected']}` | {r['status']} |" for r in items]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    rows, worst = exactness()
+    bad = bad_inputs()
+    damaged = damaged_files()
+    text = table(rows, worst, bad, damaged, time.perf_counter() - t0)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
