@@ -7,7 +7,8 @@ seeds) and the number of filtered examples, per variant and task. The numbers in
 
     .venv/bin/python benchmarks/behaviour_ablations.py
 
-Options: ``--tasks`` (default: past_tense antonyms plural), ``--seeds`` (default: 0).
+Options: ``--tasks`` (default: antonyms past_tense country_capital uppercase), ``--seeds``
+(default: 0).
 """
 
 import argparse
@@ -25,6 +26,10 @@ from tl_thoughts.templates import PromptTemplate
 N_LAYERS = 30  # SmolLM2-135M
 VARIANTS = {
     "defaults (EvalConfig)": {},
+    "no W_O thought matrix (attention_matrix=False)": {"attention_matrix": False},
+    "no query rows (query_weight=0)": {"query_weight": 0.0},
+    "neither (the papers' vector + MLP matrices)": {"attention_matrix": False, "query_weight": 0.0},
+    "query_weight=0.3": {"query_weight": 0.3},
     "no fixed first token": {"template": "{chunk}{query} ->"},
     "vector_target=residual": {"vector_target": "residual"},
     "pool=kept": {"pool": "kept"},
@@ -38,7 +43,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["past_tense", "antonyms", "plural"])
+    parser.add_argument("--tasks", nargs="+", default=["antonyms", "past_tense", "country_capital", "uppercase"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args()
     torch.manual_seed(0)

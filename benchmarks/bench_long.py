@@ -25,9 +25,9 @@ PHASES = ("baseline", "streamed", "subset", "cached")
 def _prompt_tokens(model, n_pos: int):
     from tl_thoughts.prompts import PromptCase, chat_prompt
 
-    body = " ".join(f"The {i}th line of the ledger records {i * 7 % 101} barrels." for i in range(400))
+    body = " ".join(f"The {i}th line of the ledger records {i * 7 % 101} barrels." for i in range(600))
     case = PromptCase("long", "Keep this ledger in mind and answer questions about it.", body)
-    tokens = model.to_tokens(chat_prompt(model, case))[:, :n_pos]
+    tokens = model.to_tokens(chat_prompt(model, case), truncate=False)[:, :n_pos]
     assert tokens.shape[1] == n_pos, f"prompt too short: {tokens.shape[1]} tokens"
     return tokens, case.chunk
 

@@ -6,7 +6,7 @@ and the worst error seen per dtype.
    (1, 5) x precision modes x batch shapes (alone; in a batch of three prompts of different
    lengths, left- and right-padded). Each case verifies the activation and the weight form against
    the full run; a batched case also compares its updates with the prompt's own. A case fails if
-   an error exceeds the tolerance of its compute dtype (float64: 1e-10; float32: 1e-4) or if
+   an error exceeds the tolerance of its compute dtype (float64: 1e-10; float32: 1e-3) or if
    anything raises other than a documented ZeroDenominatorError of the weight form, which is
    counted apart.
 2. Bad inputs: each must raise its documented error and leave the model bit-identical, hook-free.
@@ -49,7 +49,7 @@ MODES = {
     "bfloat16 model (computed in float32)": (torch.bfloat16, None, torch.float32),
     "float16 model (computed in float32)": (torch.float16, None, torch.float32),
 }
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-3}
 BATCHES = ("alone", "batch, left-padded", "batch, right-padded")
 
 
@@ -227,9 +227,9 @@ def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], s
         f"{len(MODES)} precision modes x {len(BATCHES)} batch shapes ({', '.join(BATCHES)}) = "
         f"**{len(rows)} cases, {n_fail} failures**. Each case verifies the activation and the weight "
         "form against the full run (batched cases also against the prompt run alone); "
-        f"{n_refused} weight forms were refused with the documented `ZeroDenominatorError` "
-        "(linearly dependent reduced MLP inputs in a low-precision model), their activation form "
-        "still checked.",
+        + (f"{n_refused} weight forms were refused with the documented `ZeroDenominatorError` "
+           "(no exact patch of that form), their activation form still checked."
+           if n_refused else "no weight form was refused."),
         "",
         "| precision mode | compute dtype | cases | failures | worst error | tolerance |",
         "|---|---|---|---|---|---|",
@@ -250,9 +250,9 @@ def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], s
                                           f"{r['batch']}: {r['detail']}" for r in failed]
     for title, items in (("Bad inputs", bad), ("Damaged or foreign patch files", damaged)):
         n_bad_fail = sum(r["status"] != "refused as documented" for r in items)
-        lines += ["", f"**{title}.** {len(items)} cases, {n_bad_fail} failures "
-                  "(each must raise its documented error; bad inputs must also leave the model "
-                  "bit-identical with no hook attached).", "",
+        rule = ("each must raise its documented error and leave the model bit-identical with no "
+                "hook attached" if items is bad else "each must be refused on load")
+        lines += ["", f"**{title}.** {len(items)} cases, {n_bad_fail} failures ({rule}).", "",
                   "| case | expected error | outcome |", "|---|---|---|"]
         lines += [f"| {r['case']} | `{r['expected']}` | {r['status']} |" for r in items]
     return "\n".join(lines) + "\n"

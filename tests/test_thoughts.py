@@ -105,6 +105,90 @@ def test_fitted_matrix_and_vector_equal_independent_least_squares(text_models, a
     assert patch.meta["n_tokens"] == sum(len(e.pooled("kept")) for e in encoded)
 
 
+def _read(model, tokens, names, patch=None):
+    with torch.no_grad():
+        if patch is None:
+            return model.run_with_cache(tokens, names_filter=names)[1]
+        with patch.apply(model):
+            return model.run_with_cache(tokens, names_filter=names)[1]
+
+
+def _weighted_ridge(X, Y, w, ridge):
+    """``argmin_M sum_i w_i ||x_i M - y_i||^2 + lam ||M||^2`` with ``lam = ridge * (mean weighted
+    squared norm of the x_i)``, via lstsq on the rows scaled by sqrt(w) and stacked with
+    ``sqrt(lam) I`` (an independent route to the closed form)."""
+    X, Y = X.detach(), Y.detach()
+    lam = ridge * float((w[:, None] * X**2).sum()) / float(w.sum())
+    s = w.sqrt()[:, None]
+    eye = lam**0.5 * torch.eye(X.shape[1], dtype=X.dtype)
+    stacked_x = torch.cat([X * s, eye])
+    stacked_y = torch.cat([Y * s, torch.zeros(X.shape[1], Y.shape[1], dtype=Y.dtype)])
+    return torch.linalg.lstsq(stacked_x, stacked_y, driver="gelsd").solution
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
+def test_attention_matrix_and_query_weights_equal_independent_least_squares(text_models, arch):
+    """``attention_matrix=True``: per block (under the patches below), the thought vector is the mean
+    attention-output change over the answer rows, ``W_O``'s thought matrix the weighted least-squares
+    map from the reduced head outputs ``z`` to what the vector leaves, and the MLP matrices the
+    weighted least squares on the MLP inputs under the block's attention-side patches; query rows
+    weigh ``query_weight``. References from plain model runs; weight and activation forms agree."""
+    model = text_models(arch)
+    qw, ridge = 0.3, 0.05
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
+                           vector_site="attn_out", vector_target="attention", attention_matrix=True,
+                           query_weight=qw, layers=[0, 1], progress=False)
+    assert {n.split(".", 2)[2] for n in patch.deltas} >= {"attn.b_O", "attn.W_O", "mlp.W_in"}
+    encoded = [encode_example(model, TEMPLATE, CHUNK, ex) for ex in EXAMPLES]
+    mid = "hook_resid_pre" if model.cfg.parallel_attn_mlp else "hook_resid_mid"
+    for layer in (0, 1):
+        below = tt.ThoughtPatch(deltas={k: v for k, v in patch.deltas.items() if int(k.split(".")[1]) < layer},
+                                meta=patch.meta)
+        attention_side = tt.ThoughtPatch(
+            deltas={k: v for k, v in patch.deltas.items()
+                    if int(k.split(".")[1]) < layer or k in (f"blocks.{layer}.attn.b_O", f"blocks.{layer}.attn.W_O")},
+            meta=patch.meta)
+        Z, D, W, A, U = [], [], [], [], {n: [] for n in ("W_gate", "W_in")}
+        for ex in encoded:
+            pos = ex.pooled("answer")
+            query = ex.pooled("query")
+            extra = query[~torch.isin(query, pos)]
+            rows = torch.cat([pos, extra])
+            w = torch.cat([torch.ones(len(pos), dtype=torch.float64), torch.full((len(extra),), qw, dtype=torch.float64)])
+            assert len(extra) > 0  # the query rows are really there
+            names = [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.{mid}"]
+            full = _read(model, ex.full[None], names)
+            red = _read(model, ex.reduced[None], names, below if layer else None)
+            red_patched = _read(model, ex.reduced[None], names, attention_side)
+            D.append(full[names[0]][0, rows] - red[names[0]][0, ex.to_reduced(rows)])
+            Z.append(red[names[1]][0, ex.to_reduced(rows)].flatten(1))
+            W.append(w)
+            a_c = model.blocks[layer].ln2(full[names[2]][:, rows])[0]
+            a = model.blocks[layer].ln2(red_patched[names[2]][:, ex.to_reduced(rows)])[0]
+            A.append(a)
+            for name in U:
+                if hasattr(model.blocks[layer].mlp, name):
+                    U[name].append((a_c - a) @ getattr(model.blocks[layer].mlp, name))
+        D, Z, W, A = torch.cat(D), torch.cat(Z), torch.cat(W), torch.cat(A)
+        in_pool = W == 1
+        vector = D[in_pool].mean(0)
+        assert_close(patch.vector(layer), vector, EXACT, f"vector L{layer}")
+        assert_close(patch.matrix(layer, "W_O"), _weighted_ridge(Z, D - vector, W, ridge), EXACT, f"W_O L{layer}")
+        for name, rows_u in U.items():
+            if rows_u and not model.cfg.parallel_attn_mlp:
+                ref = _weighted_ridge(A, torch.cat(rows_u), W, ridge)
+                assert_close(patch.matrix(layer, name), ref, EXACT, f"{name} L{layer}")
+    tokens = model.to_tokens(" a big dog")
+    with torch.no_grad():
+        with patch.apply(model, "weight"):
+            by_weight = model(tokens)
+        with patch.apply(model, "activation"):
+            by_hooks = model(tokens)
+    assert_close(by_weight, by_hooks, EXACT, "weight vs activation form")
+    summary = patch.summary()
+    assert all(0 < row["W_O_rank"] <= len(W) for row in summary)  # rank <= number of fitted rows
+
+
 # --- 2. one example, one kept token: the thought patch IS the exact token patch -------------------
 
 

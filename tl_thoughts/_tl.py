@@ -392,10 +392,10 @@ def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[T
 
 def block_attention(
     model: HookedTransformer, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
-) -> Float[Tensor, "batch pos d_model"]:
-    """Block ``layer``'s attention output (``hook_attn_out``) for a stored residual stream, causal,
-    without an attention mask (right padding never reaches a real position under causal
-    attention), natural positions. Mirrors ``TransformerBlock.forward``."""
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"]]:
+    """Block ``layer``'s attention output (``hook_attn_out``) and head outputs (``hook_z``) for a
+    stored residual stream, causal, without an attention mask (right padding never reaches a real
+    position under causal attention), natural positions. Mirrors ``TransformerBlock.forward``."""
     from transformer_lens.utilities import repeat_along_head_dimension
 
     block = model.blocks[layer]
@@ -408,9 +408,14 @@ def block_attention(
         q_in = kv_in = resid_pre
     names = _norm_names(cfg)
     pre = (lambda x: x) if names["attn_pre_norm"] is None else getattr(block, names["attn_pre_norm"])
-    with torch.no_grad():
+    store: dict[str, Tensor] = {}
+
+    def keep_z(z: Tensor, hook) -> None:
+        store["z"] = z.detach()
+
+    with torch.no_grad(), hooked(model, [(z_name(layer), keep_z)]):
         out = block.attn(query_input=pre(q_in), key_input=pre(kv_in), value_input=pre(kv_in))
-    return attn_post_norm(model, layer, out)
+    return attn_post_norm(model, layer, out), store["z"]
 
 
 def block_mlp(

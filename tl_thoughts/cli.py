@@ -64,6 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = [load_task(p) for p in paths]
         config = E.EvalConfig(
             n_fit=args.n_fit, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
+            attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
             methods=tuple(args.methods) if args.methods else E.METHODS,
         )
     except (TaskFormatError, ValueError) as e:
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--n-fit", type=int, default=20, help="fit examples per seed")
     e.add_argument("--ridge", type=float, default=1.0)
     e.add_argument("--pool", default="answer", choices=["query", "answer", "kept", "all"])
+    e.add_argument("--query-weight", type=float, default=0.1,
+                   help="weight of the query positions in the thought matrices' fits (default: %(default)s)")
+    e.add_argument("--no-attention-matrix", action="store_true",
+                   help="no thought matrix on W_O (the papers' vector + MLP-input matrices only)")
     e.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

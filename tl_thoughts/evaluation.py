@@ -81,6 +81,8 @@ class EvalConfig:
         pool: Positions pooled by the thought patches and the steering vectors (see
             :func:`tl_thoughts.fit_thought`).
         vector_site, vector_target: Where the thought vector goes and what it restores.
+        attention_matrix: Also fit a thought matrix on ``W_O`` (see :func:`tl_thoughts.fit_thought`).
+        query_weight: Weight of the query positions in the matrices' fits.
         batch_size: Sequences per forward pass.
         methods: The methods run (default: all of :data:`METHODS`).
     """
@@ -92,6 +94,8 @@ class EvalConfig:
     pool: str = "answer"
     vector_site: str = "attn_out"
     vector_target: str = "attention"
+    attention_matrix: bool = True
+    query_weight: float = 0.1
     batch_size: int = 32
     methods: tuple[str, ...] = METHODS
 
@@ -104,7 +108,8 @@ class EvalConfig:
             'attention'
         """
         return dict(layers=self.layers, ridge=self.ridge, pool=self.pool,
-                    vector_site=self.vector_site, vector_target=self.vector_target)
+                    vector_site=self.vector_site, vector_target=self.vector_target,
+                    attention_matrix=self.attention_matrix, query_weight=self.query_weight)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

@@ -71,7 +71,8 @@ class ThoughtPatch:
         deltas: TransformerLens parameter name -> the delta, same shape as the parameter:
             ``blocks.{l}.mlp.b_out`` or ``blocks.{l}.attn.b_O`` ``[d_model]`` (the thought vector,
             at its site), ``blocks.{l}.mlp.W_in`` / ``W_gate`` ``[d_model, d_mlp]`` (the thought
-            matrices).
+            matrices of the MLP input) and ``blocks.{l}.attn.W_O`` ``[head, d_head, d_model]`` (the
+            thought matrix of the attention output, with ``attention_matrix=True``).
         steering: ``"steering.{l}"`` -> the plain mean-difference steering vector at block ``l``'s
             attention output (full minus unpatched reduced run, averaged over the pooled
             positions), and ``"residual.{l}"`` -> the mean accumulated residual difference entering
@@ -112,14 +113,17 @@ class ThoughtPatch:
         return None
 
     def matrix(self, layer: int, name: str = "W_in") -> Tensor | None:
-        """The thought matrix of ``layer`` for ``W_in`` or ``W_gate``, or None."""
-        return self.deltas.get(f"blocks.{layer}.mlp.{name}")
+        """The thought matrix of ``layer`` for ``W_in``, ``W_gate`` (``[d_model, d_mlp]``) or
+        ``W_O`` (``[head * d_head, d_model]``, heads stacked), or None."""
+        delta = self.deltas.get(_tl.param_name(layer, name))
+        return delta.flatten(0, 1) if delta is not None and name == "W_O" else delta
 
     @torch.no_grad()
     def summary(self) -> list[dict]:
-        """Per fitted layer: the vector's norm, each matrix's norm, numerical rank and effective
-        rank (exp of the entropy of its normalised singular values), and the cosine between the
-        thought vector and the plain mean-difference steering vector at the same layer."""
+        """Per fitted layer: the vector's norm, each matrix's norm (``W_O``, ``W_gate``, ``W_in``),
+        numerical rank and effective rank (exp of the entropy of its normalised singular values),
+        and the cosine between the thought vector and the plain mean-difference steering vector at
+        the same layer."""
         rows = []
         for layer in self.layers:
             row: dict = {"layer": layer}
@@ -132,7 +136,7 @@ class ThoughtPatch:
                     row["cos_steering"] = _cos(v, s)
                 if r is not None:
                     row["cos_residual"] = _cos(v, r)
-            for name in ("W_gate", "W_in"):
+            for name in ("W_O", "W_gate", "W_in"):
                 m = self.matrix(layer, name)
                 if m is None:
                     continue
@@ -220,6 +224,15 @@ class ThoughtPatch:
         for layer in self.layers:
             b_O = self.deltas.get(_tl.param_name(layer, "b_O"))
             b_out = self.deltas.get(_tl.param_name(layer, "b_out"))
+            W_O = self.deltas.get(_tl.param_name(layer, "W_O"))
+            if W_O is not None:  # attn_out gains z @ dW_O: keep z, add at hook_attn_out
+                z_store: dict[str, Tensor] = {}
+
+                def keep_z(act, hook, store=z_store):
+                    store["x"] = act.flatten(-2)
+
+                hooks.append((_tl.z_name(layer), keep_z))
+                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O.flatten(0, 1))))
             if b_O is not None:
                 hooks.append((_tl.attn_out_name(layer), _add_hook(b_O)))
             if b_out is not None:

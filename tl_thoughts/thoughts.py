@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -31,11 +31,12 @@ TARGETS = ("residual", "attention")
 
 
 def ridge_solve(
-    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: int
+    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: float
 ) -> Float[Tensor, "d m"]:
     """``argmin_M sum_i ||a_i @ M - u_i||^2 + lam ||M||^2`` from the sufficient statistics.
 
-    ``lam = ridge * trace(A^T A) / n`` (ridge relative to the mean squared input norm).
+    ``lam = ridge * trace(A^T A) / n`` (ridge relative to the mean squared input norm; ``n`` is
+    the number of rows, or their total weight in a weighted fit).
     ``ridge = 0`` gives the minimum-norm least-squares solution ``pinv(A^T A) @ A^T U``
     (``= pinv(A) @ U``).
 
@@ -56,13 +57,19 @@ def ridge_solve(
 
 @dataclass
 class _Batch:
-    """Examples padded on the right (exact under causal attention: real positions never see pads)."""
+    """Examples padded on the right (exact under causal attention: real positions never see pads).
+
+    The fitted rows are the pooled positions (``in_pool``, weight 1: the thought vector's mean and
+    the matrices' regressions) then, with ``query_weight > 0``, the query positions the pool
+    leaves out (the matrices' regressions only, with that weight)."""
 
     full: Float[Tensor, "batch pos d_model"]
     reduced: Float[Tensor, "batch T d_model"]
     base: Float[Tensor, "batch T d_model"] | None
-    rows_full: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]  # (batch index, position) pooled
+    rows_full: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]  # (batch index, position) fitted
     rows_reduced: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
+    in_pool: Bool[Tensor, " n"]
+    weights: Float[Tensor, " n"]  # float64
     cache: dict = field(default_factory=dict)
 
 
@@ -74,19 +81,38 @@ def _pad(seqs: list[Tensor]) -> Tensor:
     return out
 
 
-def _make_batch(model: HookedTransformer, encoded: list[EncodedExample], pool: str, base: bool) -> _Batch:
-    bf, pf, pr = [], [], []
+def _fitted_rows(ex: EncodedExample, pool: str, query_weight: float) -> tuple[Tensor, Tensor]:
+    """Positions (in ``full``) fitted for one example and their weights: the pooled ones (1),
+    then the query positions the pool leaves out (``query_weight``, if > 0)."""
+    pos = ex.pooled(pool)
+    extra = pos[:0]
+    if query_weight > 0:
+        query = ex.pooled("query")
+        extra = query[~torch.isin(query, pos)]
+    weights = torch.cat([torch.ones(len(pos), dtype=torch.float64),
+                         torch.full((len(extra),), float(query_weight), dtype=torch.float64)])
+    return torch.cat([pos, extra]), weights
+
+
+def _make_batch(
+    model: HookedTransformer, encoded: list[EncodedExample], pool: str, query_weight: float, base: bool
+) -> _Batch:
+    bf, pf, pr, w, inside = [], [], [], [], []
     for i, ex in enumerate(encoded):
-        pos = ex.pooled(pool)
+        pos, weights = _fitted_rows(ex, pool, query_weight)
+        n_pooled = len(ex.pooled(pool))
         bf.append(torch.full_like(pos, i))
         pf.append(pos)
         pr.append(ex.to_reduced(pos))
+        w.append(weights)
+        inside.append(torch.arange(len(pos)) < n_pooled)
     full = _tl.embed(model, _pad([e.full for e in encoded]))
     reduced = _tl.embed(model, _pad([e.reduced for e in encoded]))
     dev = full.device
     rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
     rows_red = (rows_full[0], torch.cat(pr).to(dev))
-    return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red)
+    return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red,
+                  torch.cat(inside).to(dev), torch.cat(w).to(dev))
 
 
 @torch.no_grad()
@@ -102,6 +128,8 @@ def fit_thought(
     pool: str = "kept",
     vector_site: str = "b_out",
     vector_target: str = "residual",
+    attention_matrix: bool = False,
+    query_weight: float = 0.0,
     batch_size: int = 16,
     compare_steering: bool = True,
     progress: bool = True,
@@ -126,6 +154,15 @@ def fit_thought(
         vector_target: ``"residual"`` (the vector restores the mean residual difference entering
             the MLP: attention difference plus what lower patches left uncorrected) or
             ``"attention"`` (the attention-output difference only, as in Algorithm 1).
+        attention_matrix: Also fit a thought matrix on the attention output matrix ``W_O``: the
+            ridge regression of what the thought vector leaves of each token's attention-output
+            change (``delta_i - vector``) on the reduced run's head outputs ``z_i`` (``hook_z``,
+            heads concatenated), so that the attention output gains a token-dependent part
+            ``z_i @ dW_O`` (a MEMIT-style edit of ``W_O``; fitted with ``fit="matrix"`` or
+            ``"both"``).
+        query_weight: Weight, in the matrices' regressions, of the query positions (after the
+            chunk, before the answer) that ``pool`` leaves out; 0 (default) leaves them out. The
+            thought vector is always the mean over the pooled positions.
         batch_size: Examples per padded batch.
         compare_steering: Also stream the unpatched reduced prompts, to store the plain
             mean-difference steering vectors (``ThoughtPatch.steering``) for comparison.
@@ -170,6 +207,8 @@ def fit_thought(
         raise InputError("at least one example is needed")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if not query_weight >= 0:
+        raise ValueError(f"query_weight must be >= 0, got {query_weight}")
     layers = sorted(set(range(spec.n_layers) if layers is None else layers))
     if not layers or layers[0] < 0 or layers[-1] >= spec.n_layers:
         raise ValueError(f"layers must be a non-empty subset of 0..{spec.n_layers - 1}")
@@ -180,63 +219,92 @@ def fit_thought(
     if n_tokens == 0:
         raise InputError(f"no position to pool with pool={pool!r}")
     batches = [
-        _make_batch(model, encoded[i : i + batch_size], pool, compare_steering)
+        _make_batch(model, encoded[i : i + batch_size], pool, query_weight, compare_steering)
         for i in range(0, len(encoded), batch_size)
     ]
     deltas: dict[str, Tensor] = {}
     steering: dict[str, Tensor] = {}
     want_vector, want_matrix = fit in ("vector", "both"), fit in ("matrix", "both")
+    want_attn_matrix = attention_matrix and fit in ("matrix", "both")
     bias = "b_O" if vector_site == "attn_out" else "b_out"
     if not spec.has_mlp:
         bias = "b_O"
+    device = _tl.model_device(model)
+    n_weight = float(sum(float(b.weights.sum()) for b in batches))  # rows of the matrices' fits
+    d_z = spec.n_heads * spec.d_head
     # blocks above the last fitted one change nothing in the fit: stop there
     for layer in tqdm(range(layers[-1] + 1), desc="fitting thought patch", disable=not progress):
         fitting = layer in layers
-        # 1. attention of every stream; the per-token targets at the pooled rows
-        sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=_tl.model_device(model))
+        # 1. attention of every stream; the per-token targets at the fitted rows
+        sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=device)
         sum_steer = torch.zeros_like(sum_delta)
         sum_resid = torch.zeros_like(sum_delta)
+        ZtZ = torch.zeros(d_z, d_z, dtype=torch.float64, device=device)
+        ZtD = torch.zeros(d_z, spec.d_model, dtype=torch.float64, device=device)
+        Zsum = torch.zeros(d_z, dtype=torch.float64, device=device)
         for b in batches:
-            b.cache["attn_full"] = _tl.block_attention(model, layer, b.full)
-            b.cache["attn_red"] = _tl.block_attention(model, layer, b.reduced)
+            b.cache["attn_full"], _ = _tl.block_attention(model, layer, b.full)
+            b.cache["attn_red"], b.cache["z_red"] = _tl.block_attention(model, layer, b.reduced)
             mid_full = (b.full + b.cache["attn_full"])[b.rows_full]
-            mid_red = (b.reduced + b.cache["attn_red"])[b.rows_reduced]
             if vector_target == "residual":
-                delta = mid_full - mid_red
+                delta = mid_full - (b.reduced + b.cache["attn_red"])[b.rows_reduced]
             else:
                 delta = b.cache["attn_full"][b.rows_full] - b.cache["attn_red"][b.rows_reduced]
-            sum_delta += delta.double().sum(0)
+            delta = delta.double()
+            sum_delta += delta[b.in_pool].sum(0)
+            if fitting and want_attn_matrix:
+                z = b.cache["z_red"][b.rows_reduced].flatten(1).double()  # [n, head * d_head]
+                wz = z * b.weights[:, None]
+                ZtZ += wz.T @ z
+                ZtD += wz.T @ delta
+                Zsum += wz.sum(0)
             if b.base is not None:
-                b.cache["attn_base"] = _tl.block_attention(model, layer, b.base)
-                sum_steer += (b.cache["attn_full"][b.rows_full] - b.cache["attn_base"][b.rows_reduced]).double().sum(0)
-                sum_resid += (mid_full - (b.base + b.cache["attn_base"])[b.rows_reduced]).double().sum(0)
+                b.cache["attn_base"], _ = _tl.block_attention(model, layer, b.base)
+                rows_f = (b.rows_full[0][b.in_pool], b.rows_full[1][b.in_pool])
+                rows_b = (b.rows_reduced[0][b.in_pool], b.rows_reduced[1][b.in_pool])
+                sum_steer += (b.cache["attn_full"][rows_f] - b.cache["attn_base"][rows_b]).double().sum(0)
+                sum_resid += ((b.full + b.cache["attn_full"])[rows_f]
+                              - (b.base + b.cache["attn_base"])[rows_b]).double().sum(0)
         if compare_steering:
             steering[f"steering.{layer}"] = (sum_steer / n_tokens).to(spec.dtype)
             steering[f"residual.{layer}"] = (sum_resid / n_tokens).to(spec.dtype)
-        vector = (sum_delta / n_tokens).to(spec.dtype)
+        vector = sum_delta / n_tokens  # float64
         if fitting and want_vector:
-            deltas[_tl.param_name(layer, bias)] = vector
-        # 2. the thought matrices, from sufficient statistics
+            deltas[_tl.param_name(layer, bias)] = vector.to(spec.dtype)
+        # 2. the attention output matrix: what the vector leaves of each token's change, from z
+        dW_O = None
+        if fitting and want_attn_matrix:
+            left = vector if want_vector else torch.zeros_like(vector)
+            dW_O = ridge_solve(ZtZ, ZtD - torch.outer(Zsum, left), ridge, n_weight)  # [head*d_head, d]
+            deltas[_tl.param_name(layer, "W_O")] = dW_O.reshape(spec.n_heads, spec.d_head, -1).to(spec.dtype)
+        # the reduced stream's attention output under this block's attention-side patches
+        for b in batches:
+            attn = b.cache.pop("attn_red")
+            if fitting and want_vector and bias == "b_O":
+                attn = attn + vector.to(attn.dtype)
+            if dW_O is not None:
+                attn = attn + b.cache["z_red"].flatten(2) @ dW_O.to(attn.dtype)
+            b.cache["attn_red"] = attn
+        # 3. the MLP input matrices, from sufficient statistics
         if fitting and want_matrix and spec.has_mlp:
-            shift = vector if (want_vector and bias == "b_O" and not spec.parallel_attn_mlp) else None
             # targets u_i = (a_C,i - a_i) @ W for every MLP input matrix W: accumulate
-            # A^T A and A^T (A_C - A) (both d_model x d_model), and apply W once per layer
-            AtA = torch.zeros(spec.d_model, spec.d_model, dtype=torch.float64, device=vector.device)
+            # A^T A and A^T (A_C - A) (both d_model x d_model, weighted), and apply W once per layer
+            AtA = torch.zeros(spec.d_model, spec.d_model, dtype=torch.float64, device=device)
             AtD = torch.zeros_like(AtA)
             for b in batches:
                 r_full, r_red = _mlp_resids(spec, b)
-                x = r_red[b.rows_reduced]
-                a = _tl.mlp_norm(model, layer, x if shift is None else x + shift).double()
+                a = _tl.mlp_norm(model, layer, r_red[b.rows_reduced]).double()
                 a_c = _tl.mlp_norm(model, layer, r_full[b.rows_full]).double()
-                AtA += a.T @ a
-                AtD += a.T @ (a_c - a)
-            solved = ridge_solve(AtA, AtD, ridge, n_tokens)  # [d_model, d_model]
+                wa = a * b.weights[:, None]
+                AtA += wa.T @ a
+                AtD += wa.T @ (a_c - a)
+            solved = ridge_solve(AtA, AtD, ridge, n_weight)  # [d_model, d_model]
             for name in spec.mlp_input_matrices:
                 M = solved @ _tl.mlp_matrix(model, layer, name).double()
                 deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
-        # 3. finish the block in every stream (the reduced one under this block's patch)
+        # 4. finish the block in every stream (the reduced one under this block's MLP patches)
         new = _tl.patched_values(
-            model, {name: d for name, d in deltas.items() if name.startswith(f"blocks.{layer}.")}
+            model, {name: d for name, d in deltas.items() if name.startswith(f"blocks.{layer}.mlp.")}
         )
         for b in batches:
             b.full = _finish_block(model, spec, layer, b.full, b.cache.pop("attn_full"), {})
@@ -250,7 +318,8 @@ def fit_thought(
         template=dict(text=template.text, separator=template.separator),
         layers=layers,
         options=dict(
-            fit=fit, ridge=ridge, pool=pool, vector_site=vector_site, vector_target=vector_target
+            fit=fit, ridge=ridge, pool=pool, vector_site=vector_site, vector_target=vector_target,
+            attention_matrix=attention_matrix, query_weight=query_weight,
         ),
         n_examples=len(examples),
         n_tokens=n_tokens,
@@ -271,17 +340,13 @@ def _finish_block(
     layer: int,
     resid_pre: Tensor,
     attn_out: Tensor,
-    patched: dict[str, Tensor],
+    mlp_patched: dict[str, Tensor],
 ) -> Tensor:
-    """resid_post of block ``layer`` from its input and attention output, with the block's
-    parameters temporarily replaced by ``patched`` (full parameter values, by name)."""
-    name = _tl.param_name(layer, "b_O")
-    if name in patched:  # b_O is added after the heads: shift the attention output
-        attn_out = attn_out + (patched[name] - _tl.parameters(model)[name].detach())
+    """resid_post of block ``layer`` from its input and its (already patched) attention output,
+    with the block's MLP parameters temporarily replaced by ``mlp_patched`` (full values, by name)."""
     if not spec.has_mlp:
         return resid_pre + attn_out
-    mlp_params = {k: v for k, v in patched.items() if ".mlp." in k}
     mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
-    with _tl.swapped_tensors(model, mlp_params):
+    with _tl.swapped_tensors(model, mlp_patched):
         mlp_out = _tl.block_mlp(model, layer, _tl.mlp_norm(model, layer, mlp_resid))
     return resid_pre + attn_out + mlp_out

@@ -29,7 +29,9 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # ## Fit
 # Disjoint fit and test examples. The options are the benchmark's defaults (`EvalConfig`): the
 # thought vector on `b_O`, fitted to the attention-output difference (Algorithm 1 of the papers),
-# pooled over the positions that predict the answer (and the line break after it), ridge 1.
+# pooled over the positions that predict the answer (and the line break after it), ridge 1; a
+# thought matrix on `W_O` that maps each token's head outputs to what the vector leaves of its
+# change, and the MLP-input matrices, both also fitted on the query tokens at weight 0.1.
 # The prompts start with the `<|im_start|>` token: without a fixed first token, removing the
 # chunk removes the attention sink, and no token-independent patch recovers (see
 # `docs/benchmark.md`).
