@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_verify)
 
-    from tl_thoughts.evaluation import METHODS
+    from tl_thoughts.evaluation import METHODS, EvalConfig
+
+    defaults = EvalConfig()
 
     e = sub.add_parser(
         "eval",
@@ -131,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--task", nargs="+", help="task JSON file(s) (see docs/benchmark.md)")
     e.add_argument("--suite", action="store_true", help="all the tasks shipped with the library")
     e.add_argument("--out", required=True, help="output folder (created)")
-    e.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    e.add_argument("--n-fit", type=int, default=20, help="fit examples per seed")
-    e.add_argument("--ridge", type=float, default=1.0)
-    e.add_argument("--pool", default="answer", choices=["query", "answer", "kept", "all"])
-    e.add_argument("--query-weight", type=float, default=0.1,
+    e.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
+    e.add_argument("--n-fit", type=int, default=defaults.n_fit, help="fit examples per seed")
+    e.add_argument("--ridge", type=float, default=defaults.ridge)
+    e.add_argument("--pool", default=defaults.pool, choices=["query", "answer", "kept", "all"])
+    e.add_argument("--query-weight", type=float, default=defaults.query_weight,
                    help="weight of the query positions in the thought matrices' fits (default: %(default)s)")
     e.add_argument("--no-attention-matrix", action="store_true",
                    help="no thought matrix on W_O (the papers' vector + MLP-input matrices only)")

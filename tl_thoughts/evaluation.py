@@ -205,9 +205,14 @@ def _verdicts(
     seqs: list[Tensor],
     final_resid: Float[Tensor, "batch pos d_model"],
     stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
 ) -> tuple[list[bool], list[float]]:
     """Right/wrong and mean log-probability of each continuation, from the residual stream after
-    the last block (the final norm and the unembedding are applied to the needed rows only)."""
+    the last block (the final norm and the unembedding are applied to the needed rows only).
+
+    ``unembed_weight`` is ``W_U.T.contiguous()``, made once by the caller: TransformerLens'
+    ``Unembed`` computes ``F.linear(x, W_U.T.contiguous(), b_U)``, copying the 113 MB matrix at
+    every call; the same product with a copy made once gives the same logits, bit for bit."""
     b_idx, p_idx, spans = [], [], []
     for i, (e, seq) in enumerate(zip(batch, seqs)):
         n = seq.shape[0]
@@ -216,7 +221,7 @@ def _verdicts(
         b_idx += [i] * len(rows)
         p_idx += rows
     picked = final_resid[torch.tensor(b_idx), torch.tensor(p_idx)]  # [rows, d_model]
-    logits = model.unembed(model.ln_final(picked[None]))[0]
+    logits = torch.nn.functional.linear(model.ln_final(picked[None])[0], unembed_weight, model.b_U)
     logp = torch.log_softmax(logits.double(), -1)
     right, logprob = [], []
     for lo, hi, targets in spans:
@@ -268,12 +273,13 @@ def greedy_match(
     stops = stop_tokens(model) if stops is None else stops
     right, logprob = [], []
     device = _tl.model_device(model)
+    unembed_weight = model.W_U.T.contiguous()
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
             final = _run_to_end(model, _pad(seqs).to(device))
-        r, lp = _verdicts(model, batch, seqs, final, stops)
+        r, lp = _verdicts(model, batch, seqs, final, stops, unembed_weight)
         right += r
         logprob += lp
     return torch.tensor(right, dtype=torch.bool), torch.tensor(logprob, dtype=torch.float64)
@@ -407,6 +413,7 @@ def _best_layer(
     residual; each candidate runs from the cached residual after its block, not from the start."""
     n_layers = model.cfg.n_layers
     device = _tl.model_device(model)
+    unembed_weight = model.W_U.T.contiguous()
     names = [_tl.resid_post_name(layer) for layer in range(n_layers)]
     scores = {layer: ([], []) for layer in range(n_layers)}
     for b in range(0, len(fit_set), batch_size):
@@ -421,7 +428,8 @@ def _best_layer(
             _run_to_end(model, _pad(seqs).to(device))
         for layer in range(n_layers):
             x = edit(layer, store[names[layer]].clone(), batch)
-            r, lp = _verdicts(model, batch, seqs, _run_to_end(model, x, start_at_layer=layer + 1), stops)
+            final = _run_to_end(model, x, start_at_layer=layer + 1)
+            r, lp = _verdicts(model, batch, seqs, final, stops, unembed_weight)
             scores[layer][0].extend(r)
             scores[layer][1].extend(lp)
     ranked = max(range(n_layers), key=lambda layer: (float(np.mean(scores[layer][0])),

@@ -31,7 +31,7 @@ TARGETS = ("residual", "attention")
 
 
 def ridge_solve(
-    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: float
+    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: float | int
 ) -> Float[Tensor, "d m"]:
     """``argmin_M sum_i ||a_i @ M - u_i||^2 + lam ||M||^2`` from the sufficient statistics.
 
