@@ -137,17 +137,22 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
 
 
 @pytest.mark.real_model
-def test_cached_layer_search_equals_hooked_runs(smollm2, slice_task):
+def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     fit_set = E.encode_task_examples(smollm2, slice_task, range(6))
     deltas, vectors = E._mean_differences(smollm2, fit_set, "answer", 4)
     start = E._region_start(fit_set)
     stops = E.stop_tokens(smollm2)
-    layer, accuracy = E._best_layer(smollm2, fit_set, E._steering_edit(deltas, start), stops, 4)
-    right, _ = E.greedy_match(smollm2, fit_set, with_chunk=False, hooks=E._steering_hooks(deltas, [layer], start))
-    assert accuracy == float(right.double().mean())
-    layer, accuracy = E._best_layer(smollm2, fit_set, E._task_vector_edit(vectors), stops, 4)
-    right, _ = E.greedy_match(smollm2, fit_set, with_chunk=False, hooks=E._task_vector_hooks(vectors, layer))
-    assert accuracy == float(right.double().mean())
+    edits = {"steering": E._steering_edit(deltas, start), "task_vector": E._task_vector_edit(vectors)}
+    # a group of 2 examples: three staggered runs, the last one shorter
+    best = E._best_layers(smollm2, fit_set[:5], edits, stops, 4)
+    hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
+             "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
+    for name, (layer, accuracy) in best.items():
+        assert len(accuracy) == smollm2.cfg.n_layers and accuracy[layer] == max(accuracy)
+        for candidate in sorted({0, 11, 29, layer}):
+            right, _ = E.greedy_match(smollm2, fit_set[:5], with_chunk=False, hooks=hooks[name](candidate))
+            assert accuracy[candidate] == float(right.double().mean()), (name, candidate)
+    assert len({tuple(accuracy) for _, accuracy in best.values()}) == 2  # the edits were not mixed up
 
 
 @pytest.mark.real_model

@@ -96,7 +96,7 @@ class EvalConfig:
     vector_target: str = "attention"
     attention_matrix: bool = True
     query_weight: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 64
     methods: tuple[str, ...] = METHODS
 
     @property
@@ -232,13 +232,17 @@ def _verdicts(
     return right, logprob
 
 
-def _run_to_end(model: HookedTransformer, x: Tensor, start_at_layer: int | None = None) -> Tensor:
-    """The residual stream after the last block, from tokens or from a residual at a layer."""
+def _run_to_end(
+    model: HookedTransformer, x: Tensor, start_at_layer: int | None = None, stop_at_layer: int | None = None
+) -> Tensor:
+    """The residual stream after the last block (or before block ``stop_at_layer``), from tokens
+    or from a residual at a layer."""
     n_layers = model.cfg.n_layers
-    if start_at_layer is not None and start_at_layer >= n_layers:
+    stop = n_layers if stop_at_layer is None else min(stop_at_layer, n_layers)
+    if start_at_layer is not None and start_at_layer >= stop:
         return x
     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-    return model(x, start_at_layer=start_at_layer, stop_at_layer=n_layers, attention_mask=mask)
+    return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask)
 
 
 @torch.no_grad()
@@ -312,7 +316,7 @@ def _mean_differences(
                 store[hook.name] = act.detach().double().cpu()
 
             with _tl.hooked(model, [(name, save) for name in names]):
-                model(tokens, attention_mask=torch.ones_like(tokens))
+                _run_to_end(model, tokens)
             caches.append(torch.stack([store[name] for name in names]))  # [L+1, batch, pos, d]
         full, reduced = caches
         for i, e in enumerate(batch):
@@ -405,19 +409,25 @@ ResidEdit = Callable[[int, Tensor, list[_Example]], Tensor]
 
 
 @torch.no_grad()
-def _best_layer(
-    model: HookedTransformer, fit_set: list[_Example], edit: ResidEdit, stops, batch_size: int
-) -> tuple[int, float]:
-    """The layer whose residual edit does best on the fit examples without the chunk (accuracy,
-    then mean log-probability). ``edit(layer, resid_after_block_layer, batch)`` returns the edited
-    residual; each candidate runs from the cached residual after its block, not from the start."""
+def _best_layers(
+    model: HookedTransformer, fit_set: list[_Example], edits: dict[str, "ResidEdit"], stops, batch_size: int
+) -> dict[str, tuple[int, list[float]]]:
+    """For each named residual edit, the layer whose edit does best on the fit examples without
+    the chunk (accuracy, then mean log-probability), and the accuracy of every layer's edit.
+
+    ``edit(layer, resid_after_block_layer, batch)`` returns the edited residual. Every candidate
+    runs from the cached residual after its block, not from the start, and the candidates run
+    together, staggered: block ``k`` runs once on the stack of every candidate edited below it
+    (the same products as one run per candidate, in ``n_layers`` calls instead of
+    ``n_layers^2 / 2``)."""
     n_layers = model.cfg.n_layers
     device = _tl.model_device(model)
     unembed_weight = model.W_U.T.contiguous()
     names = [_tl.resid_post_name(layer) for layer in range(n_layers)]
-    scores = {layer: ([], []) for layer in range(n_layers)}
-    for b in range(0, len(fit_set), batch_size):
-        batch = fit_set[b : b + batch_size]
+    scores = {(e, layer): ([], []) for e in edits for layer in range(n_layers)}
+    group = max(1, batch_size // 2)  # the stack holds up to len(edits) * n_layers * group sequences
+    for b in range(0, len(fit_set), group):
+        batch = fit_set[b : b + group]
         seqs = [e.enc.reduced for e in batch]
         store: dict[str, Tensor] = {}
 
@@ -426,15 +436,25 @@ def _best_layer(
 
         with _tl.hooked(model, [(name, save) for name in names]):
             _run_to_end(model, _pad(seqs).to(device))
+        order = []
+        stack = None
         for layer in range(n_layers):
-            x = edit(layer, store[names[layer]].clone(), batch)
-            final = _run_to_end(model, x, start_at_layer=layer + 1)
+            new = [edit(layer, store[names[layer]].clone(), batch) for edit in edits.values()]
+            order += [(name, layer) for name in edits]
+            stack = torch.cat(([] if stack is None else [stack]) + new)
+            stack = _run_to_end(model, stack, start_at_layer=layer + 1, stop_at_layer=layer + 2)
+        for i, key in enumerate(order):
+            final = stack[i * len(batch) : (i + 1) * len(batch)]
             r, lp = _verdicts(model, batch, seqs, final, stops, unembed_weight)
-            scores[layer][0].extend(r)
-            scores[layer][1].extend(lp)
-    ranked = max(range(n_layers), key=lambda layer: (float(np.mean(scores[layer][0])),
-                                                     float(np.mean(scores[layer][1])), -layer))
-    return ranked, float(np.mean(scores[ranked][0]))
+            scores[key][0].extend(r)
+            scores[key][1].extend(lp)
+    best = {}
+    for name in edits:
+        accuracy = [float(np.mean(scores[name, layer][0])) for layer in range(n_layers)]
+        layer = max(range(n_layers), key=lambda layer: (accuracy[layer],
+                                                        float(np.mean(scores[name, layer][1])), -layer))
+        best[name] = (layer, accuracy)
+    return best
 
 
 # --- the protocol ------------------------------------------------------------------------------------
@@ -519,14 +539,16 @@ def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed
         if wanted:
             deltas, task_vectors = _mean_differences(model, fit_set, config.pool, bs)
             start = _region_start(fit_set + filtered)
+            edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
+            best = _best_layers(model, fit_set, {k: v for k, v in edits.items() if k in wanted}, stops, bs)
             if "steering_best_layer" in wanted:
-                layer, _ = _best_layer(model, fit_set, _steering_edit(deltas, start), stops, bs)
+                layer, _ = best["steering_best_layer"]
                 result.layers["steering_best_layer"] = layer
                 run("steering_best_layer", _steering_hooks(deltas, [layer], start))
             if "steering_all_layers" in wanted:
                 run("steering_all_layers", _all_layer_steering_hooks(deltas, start))
             if "task_vector" in wanted:
-                layer, _ = _best_layer(model, fit_set, _task_vector_edit(task_vectors), stops, bs)
+                layer, _ = best["task_vector"]
                 result.layers["task_vector"] = layer
                 run("task_vector", _task_vector_hooks(task_vectors, layer))
     for name in config.methods:
