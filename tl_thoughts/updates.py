@@ -303,8 +303,8 @@ def implicit_updates_batch(
         >>> batch = tl_thoughts.implicit_updates_batch(
         ...     model, [torch.arange(10), torch.arange(3, 9)], [slice(2, 5), slice(0, 2)],
         ...     padding_side="left")
-        >>> [u.vectors.shape[1] for u in batch]
-        [5, 4]
+        >>> tuple(u.vectors.shape[1] for u in batch)
+        (5, 4)
     """
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
