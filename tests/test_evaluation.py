@@ -137,6 +137,16 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
 
 
 @pytest.mark.real_model
+def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
+    """Each baseline alone (the layer search then runs for one edit, or for none)."""
+    for method in ("steering_all_layers", "task_vector", "steering_best_layer"):
+        config = E.EvalConfig(n_fit=8, methods=("with_chunk", "without_chunk", method))
+        seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+        assert len(seed.right[method]) == len(seed.filtered_indices) > 0
+        assert set(seed.layers) == ({method} - {"steering_all_layers"})
+
+
+@pytest.mark.real_model
 def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     fit_set = E.encode_task_examples(smollm2, slice_task, range(6))
     deltas, vectors = E._mean_differences(smollm2, fit_set, "answer", 4)

@@ -540,7 +540,8 @@ def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed
             deltas, task_vectors = _mean_differences(model, fit_set, config.pool, bs)
             start = _region_start(fit_set + filtered)
             edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
-            best = _best_layers(model, fit_set, {k: v for k, v in edits.items() if k in wanted}, stops, bs)
+            edits = {name: edit for name, edit in edits.items() if name in wanted}
+            best = _best_layers(model, fit_set, edits, stops, bs) if edits else {}
             if "steering_best_layer" in wanted:
                 layer, _ = best["steering_best_layer"]
                 result.layers["steering_best_layer"] = layer
