@@ -691,7 +691,7 @@ def plot_results(results: list[TaskResult], config: EvalConfig, save: str | Path
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels([r.task for r in results], rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy on filtered examples (without the chunk)")
+    ax.set_ylabel("accuracy without the chunk\n(filtered examples)")
     ax.legend(fontsize=7, ncols=2)
     if save is not None:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
