@@ -169,10 +169,6 @@ def hooked(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> I
     The same as ``model.hooks(fwd_hooks=...)``, except that on exit only the hook points used
     are cleared (TransformerLens' context resets every hook point of the model, a cost that
     dominates short runs such as the evaluation's)."""
-    if any(not isinstance(name, str) for name, _ in fwd_hooks):
-        with model.hooks(fwd_hooks=fwd_hooks):
-            yield
-        return
     model.context_level += 1
     level = model.context_level
     touched = []

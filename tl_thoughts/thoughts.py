@@ -81,9 +81,9 @@ def _pad(seqs: list[Tensor]) -> Tensor:
     return out
 
 
-def _fitted_rows(ex: EncodedExample, pool: str, query_weight: float) -> tuple[Tensor, Tensor]:
-    """Positions (in ``full``) fitted for one example and their weights: the pooled ones (1),
-    then the query positions the pool leaves out (``query_weight``, if > 0)."""
+def _fitted_rows(ex: EncodedExample, pool: str, query_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions (in ``full``) fitted for one example, their weights, and which are pooled: the
+    pooled ones (weight 1), then the query positions the pool leaves out (``query_weight``, if > 0)."""
     pos = ex.pooled(pool)
     extra = pos[:0]
     if query_weight > 0:
@@ -91,7 +91,7 @@ def _fitted_rows(ex: EncodedExample, pool: str, query_weight: float) -> tuple[Te
         extra = query[~torch.isin(query, pos)]
     weights = torch.cat([torch.ones(len(pos), dtype=torch.float64),
                          torch.full((len(extra),), float(query_weight), dtype=torch.float64)])
-    return torch.cat([pos, extra]), weights
+    return torch.cat([pos, extra]), weights, torch.arange(len(pos) + len(extra)) < len(pos)
 
 
 def _make_batch(
@@ -99,13 +99,12 @@ def _make_batch(
 ) -> _Batch:
     bf, pf, pr, w, inside = [], [], [], [], []
     for i, ex in enumerate(encoded):
-        pos, weights = _fitted_rows(ex, pool, query_weight)
-        n_pooled = len(ex.pooled(pool))
+        pos, weights, in_pool = _fitted_rows(ex, pool, query_weight)
         bf.append(torch.full_like(pos, i))
         pf.append(pos)
         pr.append(ex.to_reduced(pos))
         w.append(weights)
-        inside.append(torch.arange(len(pos)) < n_pooled)
+        inside.append(in_pool)
     full = _tl.embed(model, _pad([e.full for e in encoded]))
     reduced = _tl.embed(model, _pad([e.reduced for e in encoded]))
     dev = full.device
