@@ -1,0 +1,121 @@
+"""Does the thought patch miss because it cannot fit, or because it does not generalise? And why
+did more fit examples not help? The numbers under "Findings" in ``docs/benchmark.md`` (fit and
+test accuracy, ridge strength and the number of fit examples) come from this script:
+
+    .venv/bin/python benchmarks/behaviour_generalisation.py
+
+Per task (one seed), the examples are shuffled as in ``tl-thoughts eval`` (``evaluation.split``):
+the first 20 of the shuffled order are the protocol's fit examples, the next 20 the extra fit
+examples of the ``n_fit=40`` variants, and the rest the test examples, the same for every variant
+(so that the variants with 40 fit examples are compared on the same test examples as those with
+20). Both the fit and the test examples are filtered as in the protocol (right with the chunk,
+wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s) it
+prints the thought patch's accuracy, without the chunk, on the filtered FIT examples it was fitted
+on ("fit") and on the filtered test examples ("test").
+
+A second table scales the default patch after fitting, as steering vectors are often scaled: every
+delta by ``all``, and the thought vectors (``b_O``) by ``vector`` on top; accuracy on the filtered
+test examples.
+
+Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0).
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.thoughts import fit_thought
+
+N_EXTRA = 40  # fit examples of the n_fit=40 variants
+VARIANTS = {  # name: (number of fit examples, changes to EvalConfig().fit_options)
+    "defaults (20 fit examples, ridge 1)": (E.EvalConfig().n_fit, {}),
+    "ridge 0.1": (20, {"ridge": 0.1}),
+    "ridge 0.5": (20, {"ridge": 0.5}),
+    "ridge 2": (20, {"ridge": 2.0}),
+    "40 fit examples, ridge 1": (40, {}),
+    "40 fit examples, ridge 2": (40, {"ridge": 2.0}),
+}
+SCALES = [(1.0, 1.0), (0.8, 1.0), (1.2, 1.0), (1.0, 0.5), (1.0, 1.5), (1.0, 2.0)]  # (all, vector)
+
+
+def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
+    """The patch with every delta times ``all_`` and the thought vectors times ``vector`` more."""
+    deltas = {k: d * all_ * (vector if k.endswith((".b_O", ".b_out")) else 1.0) for k, d in patch.deltas.items()}
+    return ThoughtPatch(deltas=deltas, steering=patch.steering, meta=patch.meta)
+
+
+def filtered(model, task, indices, stops, batch_size):
+    """Encoded examples right with the chunk and wrong without it."""
+    examples = E.encode_task_examples(model, task, indices)
+    with_right, _ = E.greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=batch_size)
+    without_right, _ = E.greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size)
+    keep = (with_right & ~without_right).tolist()
+    return [e for e, k in zip(examples, keep) if k]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = load_default_model()
+    stops = E.stop_tokens(model)
+    config = E.EvalConfig()
+    bs = config.batch_size
+    paths = shipped_tasks()
+    tasks = [load_task(p) for p in paths if args.tasks is None or p.stem in args.tasks]
+    t0 = time.perf_counter()
+    cells: dict[str, list[str]] = {name: [] for name in VARIANTS}
+    scores: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+    counts = []
+    by_scale: dict[tuple[float, float], list[float]] = {sc: [] for sc in SCALES}
+    for task in tasks:
+        order = np.random.default_rng(args.seed).permutation(len(task.examples)).tolist()
+        # the protocol's own fit examples for this seed
+        assert sorted(order[: config.n_fit]) == E.split(len(task.examples), config.n_fit, args.seed)[0]
+        test = filtered(model, task, sorted(order[N_EXTRA:]), stops, bs)
+        counts.append(len(test))
+        fit_right = {n: filtered(model, task, sorted(order[:n]), stops, bs) for n in (config.n_fit, N_EXTRA)}
+        for name, (n_fit, change) in VARIANTS.items():
+            fit_idx = sorted(order[:n_fit])
+            patch = fit_thought(
+                model, task.chunk, task.fit_examples(fit_idx), template=task.template, fit="both",
+                compare_steering=False, progress=False, batch_size=bs, **{**config.fit_options, **change},
+            )
+            with patch.apply(model):
+                on_fit, _ = E.greedy_match(model, fit_right[n_fit], with_chunk=False, stops=stops, batch_size=bs)
+                on_test, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
+            a_fit, a_test = float(on_fit.double().mean()), float(on_test.double().mean())
+            cells[name].append(f"{100 * a_fit:.0f} / {100 * a_test:.0f}")
+            scores[name].append((a_fit, a_test))
+            if not change and n_fit == config.n_fit:  # the defaults: scaled copies
+                for sc in SCALES:
+                    with scaled(patch, *sc).apply(model):
+                        right, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
+                    by_scale[sc].append(float(right.double().mean()))
+        print(f"{task.name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    names = [t.name for t in tasks]
+    print("\n| variant | " + " | ".join(names) + " | mean |")
+    print("|---|" + "---|" * (len(names) + 1))
+    print("| filtered test examples | " + " | ".join(map(str, counts)) + " | |")
+    for name in VARIANTS:
+        m_fit, m_test = np.mean([s[0] for s in scores[name]]), np.mean([s[1] for s in scores[name]])
+        print(f"| {name} | " + " | ".join(cells[name]) + f" | {100 * m_fit:.0f} / {100 * m_test:.0f} |")
+    print("\n| scale (all, vector) | " + " | ".join(names) + " | mean |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for sc, values in by_scale.items():
+        print(f"| {sc[0]:g}, {sc[1]:g} | " + " | ".join(f"{100 * v:.0f}" for v in values)
+              + f" | {100 * np.mean(values):.0f} |")
+    print(f"\nseed {args.seed}; cells: thought patch accuracy % on the filtered fit examples / on the "
+          f"filtered test examples (second table: on the test examples); {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
