@@ -1,6 +1,7 @@
 """Does the thought patch miss because it cannot fit, or because it does not generalise? And why
 did more fit examples not help? The numbers under "Findings" in ``docs/benchmark.md`` (fit and
-test accuracy, ridge strength and the number of fit examples) come from this script:
+test accuracy, ridge strength, the number of fit examples, the model's own answers as labels, and
+scaled patches) come from this script:
 
     .venv/bin/python benchmarks/behaviour_generalisation.py
 
@@ -11,7 +12,9 @@ examples of the ``n_fit=40`` variants, and the rest the test examples, the same 
 20). Both the fit and the test examples are filtered as in the protocol (right with the chunk,
 wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s) it
 prints the thought patch's accuracy, without the chunk, on the filtered FIT examples it was fitted
-on ("fit") and on the filtered test examples ("test").
+on ("fit") and on the filtered test examples ("test"). The last variant fits on the model's own
+greedy answers with the chunk instead of the task's answers (the "fit" column still scores the
+task's answers).
 
 A second table scales the default patch after fitting, as steering vectors are often scaled: every
 delta by ``all``, and the thought vectors (``b_O``) by ``vector`` on top; accuracy on the filtered
@@ -32,14 +35,17 @@ from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.thoughts import fit_thought
 
+N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
 N_EXTRA = 40  # fit examples of the n_fit=40 variants
+OWN_ANSWERS = "fitted on the model's own answers with the chunk (no labels)"
 VARIANTS = {  # name: (number of fit examples, changes to EvalConfig().fit_options)
-    "defaults (20 fit examples, ridge 1)": (E.EvalConfig().n_fit, {}),
-    "ridge 0.1": (20, {"ridge": 0.1}),
-    "ridge 0.5": (20, {"ridge": 0.5}),
-    "ridge 2": (20, {"ridge": 2.0}),
-    "40 fit examples, ridge 1": (40, {}),
-    "40 fit examples, ridge 2": (40, {"ridge": 2.0}),
+    "defaults (20 fit examples, ridge 1)": (N_FIT, {}),
+    "ridge 0.1": (N_FIT, {"ridge": 0.1}),
+    "ridge 0.5": (N_FIT, {"ridge": 0.5}),
+    "ridge 2": (N_FIT, {"ridge": 2.0}),
+    "40 fit examples, ridge 1": (N_EXTRA, {}),
+    "40 fit examples, ridge 2": (N_EXTRA, {"ridge": 2.0}),
+    OWN_ANSWERS: (N_FIT, {}),
 }
 SCALES = [(1.0, 1.0), (0.8, 1.0), (1.2, 1.0), (1.0, 0.5), (1.0, 1.5), (1.0, 2.0)]  # (all, vector)
 
@@ -48,6 +54,19 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
     """The patch with every delta times ``all_`` and the thought vectors times ``vector`` more."""
     deltas = {k: d * all_ * (vector if k.endswith((".b_O", ".b_out")) else 1.0) for k, d in patch.deltas.items()}
     return ThoughtPatch(deltas=deltas, steering=patch.steering, meta=patch.meta)
+
+
+def own_answers(model, task, indices) -> list[tuple[str, str]]:
+    """``(query, continuation)`` fit pairs whose answers are the model's greedy answers WITH the
+    chunk, cut at the first line break (the task's answer where the generation does not start
+    with the answer prefix or is empty)."""
+    pairs = []
+    for i in indices:
+        query, answer = task.examples[i]
+        text = E.greedy_generate(model, task.prompt(query, with_chunk=True), max_new_tokens=12)
+        own = text[len(task.answer_prefix):] if text.startswith(task.answer_prefix) else ""
+        pairs.append((query, task.continuation(own if own and own == own.strip() else answer)))
+    return pairs
 
 
 def filtered(model, task, indices, stops, batch_size):
@@ -79,14 +98,16 @@ def main() -> None:
     for task in tasks:
         order = np.random.default_rng(args.seed).permutation(len(task.examples)).tolist()
         # the protocol's own fit examples for this seed
-        assert sorted(order[: config.n_fit]) == E.split(len(task.examples), config.n_fit, args.seed)[0]
+        assert sorted(order[:N_FIT]) == E.split(len(task.examples), N_FIT, args.seed)[0]
         test = filtered(model, task, sorted(order[N_EXTRA:]), stops, bs)
         counts.append(len(test))
-        fit_right = {n: filtered(model, task, sorted(order[:n]), stops, bs) for n in (config.n_fit, N_EXTRA)}
+        fit_right = {n: filtered(model, task, sorted(order[:n]), stops, bs) for n in (N_FIT, N_EXTRA)}
         for name, (n_fit, change) in VARIANTS.items():
             fit_idx = sorted(order[:n_fit])
             patch = fit_thought(
-                model, task.chunk, task.fit_examples(fit_idx), template=task.template, fit="both",
+                model, task.chunk,
+                own_answers(model, task, fit_idx) if name == OWN_ANSWERS else task.fit_examples(fit_idx),
+                template=task.template, fit="both",
                 compare_steering=False, progress=False, batch_size=bs, **{**config.fit_options, **change},
             )
             with patch.apply(model):
@@ -95,7 +116,7 @@ def main() -> None:
             a_fit, a_test = float(on_fit.double().mean()), float(on_test.double().mean())
             cells[name].append(f"{100 * a_fit:.0f} / {100 * a_test:.0f}")
             scores[name].append((a_fit, a_test))
-            if not change and n_fit == config.n_fit:  # the defaults: scaled copies
+            if name == next(iter(VARIANTS)):  # the defaults: scaled copies
                 for sc in SCALES:
                     with scaled(patch, *sc).apply(model):
                         right, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
