@@ -31,8 +31,8 @@ import torch
 
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
-from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.thoughts import fit_thought
 
 N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
