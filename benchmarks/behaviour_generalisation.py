@@ -72,10 +72,8 @@ def own_answers(model, task, indices) -> list[tuple[str, str]]:
 def filtered(model, task, indices, stops, batch_size):
     """Encoded examples right with the chunk and wrong without it."""
     examples = E.encode_task_examples(model, task, indices)
-    with_right, _ = E.greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=batch_size)
-    without_right, _ = E.greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size)
-    keep = (with_right & ~without_right).tolist()
-    return [e for e, k in zip(examples, keep) if k]
+    keep, _, _ = E.chunk_filter(model, examples, stops=stops, batch_size=batch_size)
+    return [e for e, k in zip(examples, keep.tolist()) if k]
 
 
 def main() -> None:

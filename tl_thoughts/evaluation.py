@@ -289,6 +289,24 @@ def greedy_match(
     return torch.tensor(right, dtype=torch.bool), torch.tensor(logprob, dtype=torch.float64)
 
 
+def chunk_filter(
+    model: HookedTransformer,
+    examples: list[_Example],
+    *,
+    stops: Bool[Tensor, " d_vocab"] | None = None,
+    batch_size: int = 32,
+) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"], Bool[Tensor, " n"]]:
+    """The protocol's filter: ``(keep, right with the chunk, right without it)``, where ``keep``
+    marks the examples right WITH the chunk and wrong WITHOUT it.
+
+    Example:
+        >>> keep, with_right, without_right = chunk_filter(model, examples)  # doctest: +SKIP
+    """
+    with_right, _ = greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=batch_size)
+    without_right, _ = greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size)
+    return with_right & ~without_right, with_right, without_right
+
+
 # --- the baselines ---------------------------------------------------------------------------------
 
 
@@ -505,9 +523,7 @@ def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed
     fit_set = encode_task_examples(model, task, fit_idx)
     test_set = encode_task_examples(model, task, test_idx)
     bs = config.batch_size
-    with_right, _ = greedy_match(model, test_set, with_chunk=True, stops=stops, batch_size=bs)
-    without_right, _ = greedy_match(model, test_set, with_chunk=False, stops=stops, batch_size=bs)
-    keep = with_right & ~without_right
+    keep, with_right, without_right = chunk_filter(model, test_set, stops=stops, batch_size=bs)
     filtered = [e for e, k in zip(test_set, keep.tolist()) if k]
     result = SeedResult(
         seed=seed,
