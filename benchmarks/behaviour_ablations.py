@@ -7,6 +7,10 @@ seeds) and the number of filtered examples, per variant and task. The numbers in
 
     .venv/bin/python benchmarks/behaviour_ablations.py
 
+The thought matrices are used as fitted (``ranks=(None,)``): these findings were measured before
+the benchmark chose their rank on the fit examples (``EvalConfig.ranks``), and the rank is a
+variable of its own (``benchmarks/behaviour_rank.py``).
+
 Options: ``--tasks`` (default: antonyms past_tense country_capital uppercase), ``--seeds``
 (default: 0).
 """
@@ -25,7 +29,7 @@ from tl_thoughts.templates import PromptTemplate
 
 N_LAYERS = 30  # SmolLM2-135M
 VARIANTS = {
-    "defaults (EvalConfig)": {},
+    "defaults (EvalConfig, ranks=(None,))": {},
     "no W_O thought matrix (attention_matrix=False)": {"attention_matrix": False},
     "no query rows (query_weight=0)": {"query_weight": 0.0},
     "neither (the papers' vector + MLP matrices)": {"attention_matrix": False, "query_weight": 0.0},
@@ -55,7 +59,7 @@ def main() -> None:
         change = dict(change)
         template = change.pop("template", None)
         config = dataclasses.replace(
-            E.EvalConfig(seeds=tuple(args.seeds)),
+            E.EvalConfig(seeds=tuple(args.seeds), ranks=(None,)),
             methods=("with_chunk", "without_chunk", "thought_patch"),
             **change,
         )

@@ -13,6 +13,9 @@ Per task it prints:
 - ``misses``: the filtered test examples the thought patch gets wrong, how many of them go wrong
   at the first answer token, and a few of them (query, expected, greedy output under the patch).
 
+The thought matrices are used as fitted (``EvalConfig(ranks=(None,))``), as when these findings
+were measured.
+
 Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--show`` (misses shown per
 task, default 3).
 """
@@ -64,7 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
-    config = E.EvalConfig(seeds=(args.seed,), methods=("with_chunk", "without_chunk", "thought_patch"))
+    config = E.EvalConfig(seeds=(args.seed,), methods=("with_chunk", "without_chunk", "thought_patch"),
+                          ranks=(None,))
     stops = E.stop_tokens(model)
     t0 = time.perf_counter()
     print("| task | mean's share of the exact updates (median block / lowest) | patch misses | "

@@ -10,7 +10,8 @@ the first 20 of the shuffled order are the protocol's fit examples, the next 20 
 examples of the ``n_fit=40`` variants, and the rest the test examples, the same for every variant
 (so that the variants with 40 fit examples are compared on the same test examples as those with
 20). Both the fit and the test examples are filtered as in the protocol (right with the chunk,
-wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s) it
+wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s; the
+thought matrices as fitted, without the rank ``EvalConfig.ranks`` would choose) it
 prints the thought patch's accuracy, without the chunk, on the filtered FIT examples it was fitted
 on ("fit") and on the filtered test examples ("test"). The last variant fits on the model's own
 greedy answers with the chunk instead of the task's answers (the "fit" column still scores the

@@ -8,8 +8,11 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from helpers import assert_model_untouched, param_snapshot
 
+import tl_thoughts as tt
+from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.tasks import MIN_EXAMPLES, TaskFormatError, load_task, shipped_tasks, task_from_dict
 
@@ -86,6 +89,15 @@ def test_config_is_validated():
         E.EvalConfig(methods=("with_chunk", "without_chunk", "magic"))
     with pytest.raises(ValueError, match="filters on"):
         E.EvalConfig(methods=("thought_patch",))
+    for bad in (0, -2, True):
+        with pytest.raises(ValueError, match="ranks must be None or integers"):
+            E.EvalConfig(ranks=(4, bad))
+    with pytest.raises((TypeError, ValueError)):  # TypeCheckError under the suite's runtime checks
+        E.EvalConfig(ranks=(4, 1.5))
+    with pytest.raises(ValueError, match="at least one candidate rank"):
+        E.EvalConfig(ranks=())
+    with pytest.raises(ValueError, match="distinct"):
+        E.EvalConfig(ranks=(4, None, 4))
 
 
 # --- the protocol on the real model ------------------------------------------------------------------
@@ -134,6 +146,151 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
     again = E.evaluate_seed(smollm2, slice_task, config, 1)
     assert again.right == result.seeds[1].right and again.layers == result.seeds[1].layers
     assert_model_untouched(smollm2, snap)
+
+
+@pytest.mark.real_model
+def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
+    """The verdicts with and without the chunk are computed once a task (``example_verdicts``) and
+    each seed filters its test examples with them: they equal ``chunk_filter`` on those examples,
+    and given verdicts are the ones used (made-up verdicts keep every test example)."""
+    config = E.EvalConfig(n_fit=8, seeds=(0,), methods=("with_chunk", "without_chunk", "thought_vector"))
+    with_right, without_right = E.example_verdicts(smollm2, slice_task, batch_size=config.batch_size)
+    assert with_right.shape == without_right.shape == (len(slice_task.examples),)
+    _, test_idx = E.split(len(slice_task.examples), 8, 0)
+    keep, w, wo = E.chunk_filter(smollm2, E.encode_task_examples(smollm2, slice_task, test_idx))
+    assert torch.equal(w, with_right[test_idx]) and torch.equal(wo, without_right[test_idx])
+    seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+    assert seed.filtered_indices == [i for i, k in zip(test_idx, keep.tolist()) if k]
+    n = len(slice_task.examples)
+    made_up = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+    assert E.evaluate_seed(smollm2, slice_task, config, 0, made_up).filtered_indices == test_idx
+    with pytest.raises(tt.InputError, match="one value per example"):
+        E.evaluate_seed(smollm2, slice_task, config, 0, (made_up[0][:-1], made_up[1][:-1]))
+
+
+@pytest.fixture(scope="module")
+def fitted_slice(smollm2, slice_task):
+    """A thought patch fitted on 8 examples of the slice, and those examples encoded."""
+    fit_idx = list(range(8))
+    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(fit_idx), template=slice_task.template,
+                           compare_steering=False, progress=False, **E.EvalConfig().fit_options)
+    return patch, E.encode_task_examples(smollm2, slice_task, fit_idx)
+
+
+@pytest.mark.real_model
+def test_the_rank_is_chosen_on_the_fit_examples(smollm2, fitted_slice):
+    """``choose_rank`` returns the candidate that an independent scoring of every candidate on
+    the fit examples (accuracy, then mean log-probability, then the smaller rank) ranks first, at
+    that rank, and leaves the model untouched."""
+    patch, fit_set = fitted_slice
+    snap = param_snapshot(smollm2)
+    ranks = (1, 2, 16, None)
+    chosen, rank = E.choose_rank(smollm2, patch, ranks, fit_set)
+    assert_model_untouched(smollm2, snap)
+    scores = {}
+    for r in ranks:
+        candidate = patch if r is None else patch.truncated(r)
+        with candidate.apply(smollm2):
+            right, logprob = E.greedy_match(smollm2, fit_set, with_chunk=False)
+        scores[r] = (float(right.double().mean()), float(logprob.mean()), -(r or 10**9))
+    assert len(set(scores.values())) == len(ranks), "the candidates should differ on the fit examples"
+    assert rank == max(ranks, key=scores.get)
+    expected = patch if rank is None else patch.truncated(rank)
+    assert all(torch.equal(chosen.deltas[k], d) for k, d in expected.deltas.items())
+    # one candidate: that one, as fitted or truncated
+    assert E.choose_rank(smollm2, patch, (None,), fit_set) == (patch, None)
+    alone, r = E.choose_rank(smollm2, patch, (2,), fit_set)
+    assert r == 2 and alone.meta["truncated_rank"] == 2
+
+
+@pytest.mark.real_model
+def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
+    methods = ("with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch")
+    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(3,)), 0)
+    assert len(seed.filtered_indices) > 0
+    assert seed.ranks == {"thought_patch": 3}  # the ablations are used as fitted
+    # the recorded rank is the one applied: the patch's verdicts are those of its rank-3 version
+    fit_idx = seed.fit_indices
+    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(fit_idx), template=slice_task.template,
+                           compare_steering=False, progress=False, batch_size=64, **E.EvalConfig().fit_options)
+    filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
+    with patch.truncated(3).apply(smollm2):
+        right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
+    assert right.tolist() == seed.right["thought_patch"]
+    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(None,)), 0)
+    assert seed.ranks == {"thought_patch": None}
+
+
+def _forcing_vector(model, token: int) -> torch.Tensor:
+    """A residual stream whose logits (final norm and unembedding) put ``token`` first: the
+    token's unembedding direction, pushed away from the winner until the token wins."""
+    W_U, w = model.W_U.detach(), model.ln_final.w.detach()
+    y = W_U[:, token].clone()
+    for _ in range(200):
+        x = y / w
+        winner = int(torch.nn.functional.linear(model.ln_final(x[None, None])[0, 0], W_U.T, model.b_U).argmax())
+        if winner == token:
+            return x
+        step = W_U[:, token] - W_U[:, winner]
+        y = y + 0.5 * step * y.norm() / step.norm()
+    raise AssertionError(f"could not force token {token}")
+
+
+def _forcing_hooks(model, paths):
+    """Hooks making greedy decoding, without the chunk, produce ``paths[i]`` token by token after
+    example i's prompt (the residual after the last block is replaced by a vector whose logits put
+    the wanted token first), whatever the tokens already there."""
+    last = model.cfg.n_layers - 1
+    vectors = {t: _forcing_vector(model, t) for path in paths for t in path}
+
+    def make(batch, with_chunk):
+        def hook(act, hook):
+            act = act.clone()
+            for i, e in enumerate(batch):
+                start = e.last_prompt_reduced
+                for k, token in enumerate(paths[i]):
+                    if start + k < act.shape[1]:
+                        act[i, start + k] = vectors[token].to(act.dtype)
+            return act
+
+        return [(f"blocks.{last}.hook_resid_post", hook)]
+
+    return make
+
+
+@pytest.mark.real_model
+def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
+    """Greedy decoding that spells the answer with other tokens than the tokenizer's is right (the
+    protocol compares text); the teacher-forced check alone would call it wrong."""
+    task = load_task(next(p for p in shipped_tasks() if p.stem == "uppercase"))
+    i = next(i for i, (q, a) in enumerate(task.examples) if a == "FARMER")
+    example = E.encode_task_examples(smollm2, task, [i])[0]
+    tok = smollm2.tokenizer
+    canonical = example.enc.full[example.enc.answer_start :].tolist()
+    newline = canonical[-1]
+    other = tok.convert_tokens_to_ids(["ĠF", "AR", "MER"])  # " F" "AR" "MER": the same text
+    assert tok.decode(other) == " FARMER" and other != canonical[:-1]
+    wrong = tok.convert_tokens_to_ids(["ĠF", "AR", "MS"])  # " FARMS": fits the answer, then leaves it
+    for path, verdict in [(other + [newline], True), (canonical, True), (wrong + [newline], False),
+                          (other[:2] + [newline], False)]:  # " FAR" then a line break: stops early
+        hooks = _forcing_hooks(smollm2, [path])
+        # real greedy decoding, token by token, under the same hooks
+        seq = example.enc.reduced[: example.last_prompt_reduced + 1]
+        out = []
+        for _ in range(len(path)):
+            with _tl.hooked(smollm2, hooks([example], False)):
+                nxt = int(smollm2(seq[None])[0, -1].argmax())
+            if nxt == newline:
+                break
+            out.append(nxt)
+            seq = torch.cat([seq, torch.tensor([nxt])])
+        assert out == [t for t in path if t != newline], "the forcing hook should drive greedy decoding"
+        right, _ = E.greedy_match(smollm2, [example], with_chunk=False, hooks=hooks)
+        assert bool(right[0]) is verdict, tok.decode(path)
+        tokens, _ = E.greedy_match(smollm2, [example], with_chunk=False, hooks=hooks, compare="tokens")
+        assert bool(tokens[0]) is (path == canonical), tok.decode(path)
+    with pytest.raises(ValueError, match="compare"):
+        E.greedy_match(smollm2, [example], with_chunk=False, compare="string")
 
 
 @pytest.mark.real_model
@@ -193,3 +350,26 @@ def test_eval_command_refuses_bad_arguments(tmp_path, capsys):
 
     assert main(["eval", "--out", str(tmp_path)]) == 2
     assert "--task" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_worker_processes_give_the_same_results(smollm2, slice_task):
+    """``evaluate_in_processes`` (the command's ``--jobs``: one seed of one task per worker at a
+    time) gives what ``evaluate_task`` gives in this process at the same thread count: splits,
+    filter, chosen rank and layer, and every verdict, seeds in order."""
+    config = E.EvalConfig(n_fit=8, seeds=(1, 0), methods=("with_chunk", "without_chunk", "thought_patch", "task_vector"))
+    done = []
+    results = E.evaluate_in_processes([slice_task], config, jobs=2, on_result=lambda r: done.append(r.task))
+    assert [r.task for r in results] == done == [slice_task.name]
+    assert [s.seed for s in results[0].seeds] == [1, 0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = E.evaluate_task(smollm2, slice_task, config, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(here.seeds, results[0].seeds):
+        assert (a.fit_indices, a.test_indices, a.filtered_indices) == (b.fit_indices, b.test_indices, b.filtered_indices)
+        assert a.right == b.right and a.ranks == b.ranks and a.layers == b.layers
+    with pytest.raises(ValueError, match="jobs"):
+        E.evaluate_in_processes([slice_task], config, jobs=0)

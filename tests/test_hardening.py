@@ -343,3 +343,32 @@ def test_streamed_extraction_equals_the_cached_arithmetic(tiny_model):
         _, cache = model.run_with_cache(tokens)
         cached = updates_from_cache(model, tokens, streamed.span, {k: v[0] for k, v in cache.items()})
         _assert_same_updates(streamed, cached, 1e-13)
+
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_linear_layout_stores_the_gated_weights_transposed_and_restores_them(tiny_model, arch):
+    """``_tl.linear_layout`` (the evaluation's speed-up): inside, every gated MLP weight holds the
+    same values with ``W.T`` contiguous (TransformerLens' ``W.T.contiguous()`` copies nothing) and
+    the model computes the same logits; on exit, also on an exception, the original tensors are
+    back; models without gated MLPs are left alone."""
+    from tl_thoughts import _tl
+
+    model = tiny_model(arch)
+    spec = _tl.model_spec(model)
+    snapshot = param_snapshot(model)
+    tokens = random_tokens(9)
+    before = model(tokens)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    storage = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"), _tl.linear_layout(model):
+        changed = [n for n, p in model.named_parameters() if (p.data_ptr(), p.stride()) != storage[n]]
+        gated = [_tl.param_name(layer, w) for layer in range(spec.n_layers) for w in ("W_gate", "W_in", "W_out")]
+        assert sorted(changed) == (sorted(gated) if spec.gated_mlp else [])
+        for name in changed:
+            param = model.get_parameter(name)
+            assert param.T.is_contiguous() and torch.equal(param, originals[name])
+        assert_close(model(tokens), before, atol=1e-12)
+        raise RuntimeError("inside")
+    assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == storage
+    assert_model_untouched(model, snapshot)

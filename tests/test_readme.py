@@ -29,3 +29,4 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, smollm2):
     assert namespace["part"].vectors.shape[:2] == (10, 1)
     assert (tmp_path / "past_tense.safetensors").exists()
     assert namespace["patch"].meta["n_examples"] == 4
+    assert namespace["small"].meta["truncated_rank"] == 16

@@ -231,6 +231,26 @@ def fitted(text_models):
     return model, patch
 
 
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+def test_fit_thoughts_equals_separate_fits(text_models, arch):
+    """Fitting the three kinds at once (the prompts with the chunk streamed once) gives bit for bit
+    the patches of separate ``fit_thought`` calls, whatever the order of the kinds."""
+    model = text_models(arch)
+    options = dict(template=TEMPLATE, pool="answer", vector_site="attn_out", vector_target="attention",
+                   attention_matrix=True, query_weight=0.1, ridge=1.0, batch_size=3, progress=False)
+    together = tt.fit_thoughts(model, CHUNK, EXAMPLES, fits=("both", "vector", "matrix"), **options)
+    assert list(together) == ["both", "vector", "matrix"]
+    for kind, patch in together.items():
+        alone = tt.fit_thought(model, CHUNK, EXAMPLES, fit=kind, **options)
+        assert set(patch.deltas) == set(alone.deltas) and patch.deltas, kind
+        assert all(torch.equal(patch.deltas[k], alone.deltas[k]) for k in alone.deltas), kind
+        assert all(torch.equal(patch.steering[k], alone.steering[k]) for k in alone.steering), kind
+    with pytest.raises(ValueError, match="distinct"):
+        tt.fit_thoughts(model, CHUNK, EXAMPLES, fits=("both", "both"), **options)
+    with pytest.raises(TypeError, match="fits="):
+        tt.fit_thoughts(model, CHUNK, EXAMPLES, fit="both", **options)
+
+
 def test_weight_and_activation_forms_agree(fitted):
     model, patch = fitted
     tokens = model.to_tokens(" the dog ran on the mat")
@@ -315,6 +335,66 @@ def test_summary_has_ranks_and_steering_cosines(fitted):
     # steering vectors: the plain mean differences, stored for every layer streamed
     assert set(patch.steering) == {f"{k}.{l}" for k in ("steering", "residual") for l in range(model.cfg.n_layers)}
     assert "layer" in patch.summary_table()
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_truncated_keeps_the_top_singular_directions_only(fitted, rank):
+    model, _ = fitted
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, progress=False)
+    before = {k: v.clone() for k, v in patch.deltas.items()}
+    small = patch.truncated(rank)
+    assert small.meta["truncated_rank"] == rank and "truncated_rank" not in patch.meta
+    assert set(small.deltas) == set(patch.deltas)
+    assert {k for k in patch.deltas if k.endswith(".W_O")}, "the fit should have W_O matrices"
+    cut = 0
+    for name, d in patch.deltas.items():
+        assert torch.equal(d, before[name]), f"{name}: the original patch changed"
+        t = small.deltas[name]
+        assert t.shape == d.shape and t.dtype == d.dtype
+        if name.endswith((".b_out", ".b_O")):
+            assert torch.equal(t, d), f"{name}: vectors are kept as they are"
+            continue
+        m, mt = (d.flatten(0, 1), t.flatten(0, 1)) if name.endswith(".W_O") else (d, t)
+        s, st = torch.linalg.svdvals(m), torch.linalg.svdvals(mt)
+        scale = float(s[0])
+        assert_close(st[:rank], s[:rank], 1e-10 * scale, f"{name}: top singular values")
+        assert bool((st[rank:] < 1e-10 * scale).all()), f"{name}: rank > {rank}"
+        # Eckart-Young: the error is exactly the discarded spectrum
+        err = float(torch.linalg.matrix_norm(m - mt))
+        assert abs(err - float(s[rank:].norm())) < 1e-10 * scale, name
+        cut += int(float(s[rank:].norm()) > 1e-6 * scale)
+    assert cut > 0, "some matrix should have lost directions"
+    # at or above every matrix's smaller dimension, nothing changes
+    full = patch.truncated(min(model.cfg.d_model, model.cfg.d_mlp, model.cfg.n_heads * model.cfg.d_head))
+    assert all(torch.equal(full.deltas[k], d) for k, d in patch.deltas.items())
+
+
+def test_truncations_share_one_decomposition_and_equal_truncated(fitted):
+    model, _ = fitted
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, progress=False)
+    many = patch.truncations([3, 1, 2])
+    assert [p.meta["truncated_rank"] for p in many] == [3, 1, 2]
+    for p, rank in zip(many, [3, 1, 2]):
+        one = patch.truncated(rank)
+        assert set(p.deltas) == set(one.deltas)
+        assert all(torch.equal(p.deltas[k], one.deltas[k]) for k in one.deltas), rank
+    with pytest.raises(ValueError, match="at least one rank"):
+        patch.truncations([])
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        patch.truncations([2, 0])
+
+
+def test_truncated_refuses_bad_ranks_and_vector_only_patches(fitted):
+    model, patch = fitted
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="rank must be >= 1"):
+            patch.truncated(bad)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError):  # TypeCheckError under the suite's runtime checks, ours without
+            patch.truncated(bad)
+    vector_only = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="vector", progress=False)
+    with pytest.raises(tt.InputError, match="no thought matrix"):
+        vector_only.truncated(1)
 
 
 # --- 4. saving and loading --------------------------------------------------------------------------

@@ -148,11 +148,11 @@ def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
 
 def patched_values(model: HookedTransformer, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``parameter + delta`` for each named delta (reshaped to the parameter, in its dtype)."""
-    params = parameters(model)
-    return {
-        name: params[name].detach() + delta.reshape(params[name].shape).to(params[name])
-        for name, delta in deltas.items()
-    }
+    out = {}
+    for name, delta in deltas.items():
+        param = model.get_parameter(name)  # one lookup (not a dict of every parameter per call)
+        out[name] = param.detach() + delta.reshape(param.shape).to(param)
+    return out
 
 
 def identity_tensors(model: HookedTransformer) -> list[Tensor]:
@@ -331,12 +331,11 @@ def swapped_tensors(
     """Temporarily replace parameters or buffers of ``model`` by name; the original tensor objects
     are put back on exit, also on an exception, so the model is bit-identical afterwards. The
     replacements are cast to the originals' dtype unless ``keep_dtype`` is False."""
-    modules = dict(model.named_modules())
     saved: list[tuple[torch.nn.Module, str, Tensor, bool]] = []
     try:
         for full_name, value in new.items():
             module_name, _, attr = full_name.rpartition(".")
-            module = modules[module_name]
+            module = model.get_submodule(module_name)
             current = getattr(module, attr)
             if tuple(value.shape) != tuple(current.shape):
                 raise InputError(
@@ -357,6 +356,25 @@ def swapped_tensors(
         yield
     finally:
         _restore(saved)
+
+
+@contextlib.contextmanager
+def linear_layout(model: HookedTransformer) -> Iterator[None]:
+    """The gated MLPs' weights stored transposed in memory (the same values), so that
+    TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous and copies
+    nothing; the original tensors are put back on exit. Every product gives the same values as
+    before up to rounding order (a speed-up for many short runs, such as the evaluation's)."""
+    spec = model_spec(model)
+    if not spec.gated_mlp:
+        yield
+        return
+    new = {
+        param_name(layer, weight): model.get_parameter(param_name(layer, weight)).detach().T.contiguous().T
+        for layer in range(spec.n_layers)
+        for weight in ("W_gate", "W_in", "W_out")
+    }
+    with swapped_tensors(model, new):
+        yield
 
 
 def _restore(saved: list[tuple[torch.nn.Module, str, Tensor, bool]]) -> None:

@@ -1,6 +1,7 @@
 """The ``tl-thoughts`` console command."""
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tl_thoughts import evaluation as E
-    from tl_thoughts.models import load_default_model
+    from tl_thoughts.models import DEFAULT_MODEL_NAME, load_default_model
     from tl_thoughts.tasks import TaskFormatError, load_task, shipped_tasks
 
     if bool(args.task) == bool(args.suite):
@@ -65,24 +66,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = E.EvalConfig(
             n_fit=args.n_fit, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
             attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
+            ranks=tuple(r or None for r in args.ranks),
             methods=tuple(args.methods) if args.methods else E.METHODS,
         )
     except (TaskFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print("error: --jobs must be >= 1", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    model = load_default_model(dtype=DTYPES[args.dtype])
-    results = []
-    for task in tasks:
-        t1 = time.perf_counter()
-        result = E.evaluate_task(model, task, config, progress=not args.quiet)
-        results.append(result)
+
+    def report(result) -> None:
         summary = ", ".join(
             f"{m} {100 * (result.summary(m)['accuracy'] or 0):.0f}%" for m in config.methods[2:]
         )
-        print(f"{task.name}: filtered {result.summary('with_chunk')['n_filtered']} | {summary} "
-              f"({time.perf_counter() - t1:.0f} s)", flush=True)
-    out = E.write_results(results, config, model.cfg.model_name, args.out)
+        seconds = sum(s.seconds for s in result.seeds)
+        print(f"{result.task}: filtered {result.summary('with_chunk')['n_filtered']} | {summary} "
+              f"({seconds:.0f} s)", flush=True)
+
+    jobs = min(args.jobs, len(tasks) * len(config.seeds))
+    if jobs > 1:
+        print(f"evaluating {len(tasks)} task(s) x {len(config.seeds)} seed(s) in {jobs} processes "
+              "(one torch thread each)", flush=True)
+        results = E.evaluate_in_processes(tasks, config, jobs=jobs, dtype=DTYPES[args.dtype], on_result=report)
+    else:
+        model = load_default_model(dtype=DTYPES[args.dtype])
+        results = []
+        for task in tasks:
+            results.append(E.evaluate_task(model, task, config, progress=not args.quiet))
+            report(results[-1])
+    out = E.write_results(results, config, DEFAULT_MODEL_NAME, args.out)
     print()
     print(E.markdown_table(results, config))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
@@ -141,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the query positions in the thought matrices' fits (default: %(default)s)")
     e.add_argument("--no-attention-matrix", action="store_true",
                    help="no thought matrix on W_O (the papers' vector + MLP-input matrices only)")
+    e.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in defaults.ranks],
+                   help="candidate ranks of the thought matrices (0: as fitted); the one doing best "
+                        "on the fit examples is used (default: %(default)s)")
     e.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
+    e.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="seeds of tasks evaluated at once, in as many processes of one torch "
+                        "thread each (1: in this process, with progress bars; default: %(default)s)")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)

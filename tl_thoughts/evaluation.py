@@ -13,14 +13,19 @@ Protocol (:func:`evaluate_task`), per seed:
    answer iff the argmax at every answer position is the next answer token (checked against real
    generation in the test suite);
 3. the test examples are filtered to those right WITH the chunk and wrong WITHOUT it (their number
-   is reported);
+   is reported; an example's verdicts do not depend on the split: :func:`example_verdicts`
+   computes them once a task);
 4. every method runs on the same filtered examples, without the chunk, after being fitted on the
    same fit examples:
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
    - ``thought_vector``, ``thought_matrix``, ``thought_patch``: :func:`tl_thoughts.fit_thought`
-     with ``fit="vector"``, ``"matrix"``, ``"both"``, applied in the weight form;
+     with ``fit="vector"``, ``"matrix"``, ``"both"`` (in one :func:`tl_thoughts.fit_thoughts`
+     call), applied in the weight form; the thought patch's matrices are used at the rank of
+     ``EvalConfig.ranks`` (their best low-rank approximations,
+     :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
+     fit examples (the vector-only and matrix-only ablations as fitted);
    - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
      ``l``, with the chunk minus without, averaged over the fit examples' pooled positions) added
      at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
@@ -33,8 +38,15 @@ Protocol (:func:`evaluate_task`), per seed:
      into the run without the chunk at its last prompt position (Hendel et al. 2023), ``l`` chosen
      on the fit examples.
 
-Layer choices on fit data rank layers by accuracy on the fit examples, then by mean
-log-probability of their continuations.
+Choices on fit data (the baselines' layers, the thought matrices' rank) rank the candidates by
+accuracy on the fit examples without the chunk, then by the mean log-probability of their
+continuations.
+
+An example is right when greedy decoding gives the answer's TEXT, so a greedy continuation that
+spells the answer with other tokens than the tokenizer's (``" F" "ARMER"`` for ``" FARMER"``) is
+right too: where the teacher-forced pass sees the model leave the answer's tokens for a token whose
+text still fits the answer (after normalising whitespace), the example is decoded for real, under
+the same patch or hooks, and its text compared (:func:`greedy_match`).
 """
 
 import json
@@ -52,9 +64,10 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
+from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example
-from tl_thoughts.thoughts import fit_thought
+from tl_thoughts.thoughts import fit_thoughts
 
 METHODS = (
     "with_chunk",
@@ -83,6 +96,11 @@ class EvalConfig:
         vector_site, vector_target: Where the thought vector goes and what it restores.
         attention_matrix: Also fit a thought matrix on ``W_O`` (see :func:`tl_thoughts.fit_thought`).
         query_weight: Weight of the query positions in the matrices' fits.
+        ranks: Candidate ranks of the ``thought_patch`` method's thought matrices: an integer
+            ``k`` replaces every thought matrix by its best rank-``k`` approximation
+            (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
+            several candidates, the one doing best on the fit examples is used (per seed; recorded
+            in ``SeedResult.ranks``). The ``thought_matrix`` ablation uses its matrices as fitted.
         batch_size: Sequences per forward pass.
         methods: The methods run (default: all of :data:`METHODS`).
     """
@@ -96,6 +114,7 @@ class EvalConfig:
     vector_target: str = "attention"
     attention_matrix: bool = True
     query_weight: float = 0.1
+    ranks: tuple[int | None, ...] = (1, 4, 16, None)
     batch_size: int = 64
     methods: tuple[str, ...] = METHODS
 
@@ -121,6 +140,13 @@ class EvalConfig:
             raise ValueError("n_fit must be >= 1")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if not self.ranks:
+            raise ValueError("at least one candidate rank is needed (None: the matrices as fitted)")
+        for rank in self.ranks:
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+                raise ValueError(f"ranks must be None or integers >= 1, got {rank!r}")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"ranks must be distinct, got {self.ranks}")
 
 
 # --- encoding and the exact greedy-match check --------------------------------------------------
@@ -206,9 +232,11 @@ def _verdicts(
     final_resid: Float[Tensor, "batch pos d_model"],
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
-) -> tuple[list[bool], list[float]]:
-    """Right/wrong and mean log-probability of each continuation, from the residual stream after
-    the last block (the final norm and the unembedding are applied to the needed rows only).
+) -> tuple[list[bool], list[float], list[list[int] | None]]:
+    """Right/wrong (at the token level: the greedy tokens are the continuation's) and mean
+    log-probability of each continuation, from the residual stream after the last block (the final
+    norm and the unembedding are applied to the needed rows only), and, where a wrong verdict is
+    open, the greedy tokens so far (:func:`_open_path`; None where the verdict is settled).
 
     ``unembed_weight`` is ``W_U.T.contiguous()``, made once by the caller: TransformerLens'
     ``Unembed`` computes ``F.linear(x, W_U.T.contiguous(), b_U)``, copying the 113 MB matrix at
@@ -222,14 +250,84 @@ def _verdicts(
         p_idx += rows
     picked = final_resid[torch.tensor(b_idx), torch.tensor(p_idx)]  # [rows, d_model]
     logits = torch.nn.functional.linear(model.ln_final(picked[None])[0], unembed_weight, model.b_U)
-    logp = torch.log_softmax(logits.double(), -1)
-    right, logprob = [], []
+    norm = torch.logsumexp(logits, -1)  # log-probabilities of the targets only (no [rows, d_vocab] copy)
+    right, logprob, open_ = [], [], []
     for lo, hi, targets in spans:
         targets = targets.to(logits.device)
         preds = logits[lo:hi].argmax(-1)
-        right.append(bool((preds[:-1] == targets[:-1]).all()) and bool(stops[int(preds[-1])]))
-        logprob.append(float(logp[lo:hi].gather(-1, targets[:, None]).mean()))
-    return right, logprob
+        ok = bool((preds[:-1] == targets[:-1]).all()) and bool(stops[int(preds[-1])])
+        right.append(ok)
+        picked_logits = logits[lo:hi].gather(-1, targets[:, None])[:, 0]
+        logprob.append(float((picked_logits.double() - norm[lo:hi].double()).mean()))
+        open_.append(None if ok else _open_path(model, targets.tolist(), preds.tolist(), stops))
+    return right, logprob, open_
+
+
+def _norm(text: str) -> str:
+    """Whitespace normalised as the protocol compares answers."""
+    return " ".join(text.split())
+
+
+def _fits(text: str, answer: str) -> bool:
+    """Whether decoded greedy text may still become ``answer`` (after normalising whitespace); an
+    incomplete character (``\ufffd``) only further decoding resolves."""
+    return "\ufffd" in text or _norm(answer).startswith(_norm(text))
+
+
+def _open_path(model: HookedTransformer, targets: list[int], preds: list[int], stops: Tensor) -> list[int] | None:
+    """For a continuation ``targets`` (answer tokens, then the line break) that the teacher-forced
+    greedy predictions ``preds`` leave at their first wrong token: the greedy tokens up to and
+    including that token, if greedy decoding may still spell the answer's text with other tokens
+    (the path's text fits the answer); None if the verdict "wrong" is settled (the path ends the
+    answer early with a stop token, or its text leaves the answer)."""
+    n_answer = len(targets) - 1
+    j = next((i for i in range(n_answer) if preds[i] != targets[i]), n_answer)
+    if bool(stops[preds[j]]):
+        return None  # stops early (j < n_answer; at j == n_answer the example is right)
+    path = targets[:j] + [preds[j]]
+    return path if _fits(model.tokenizer.decode(path), model.tokenizer.decode(targets[:n_answer])) else None
+
+
+@torch.no_grad()
+def _decode_open(
+    model: HookedTransformer,
+    examples: list[_Example],
+    with_chunk: bool,
+    paths: list[list[int]],
+    hooks: HookFactory | None,
+    stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+) -> list[bool]:
+    """Greedy decoding for real, for a batch of examples whose greedy tokens so far are ``paths``
+    (under ``hooks`` and whatever patch is applied): one token at a time, each example while its
+    text fits its answer; right when it stops on the answer's text (whitespace normalised)."""
+    device = _tl.model_device(model)
+    prompts, answers = [], []
+    for e in examples:
+        cut = e.enc.answer_start - (0 if with_chunk else e.enc.stop - e.enc.start)
+        prompts.append((e.enc.full if with_chunk else e.enc.reduced)[:cut].cpu())
+        answers.append(model.tokenizer.decode(e.enc.full[e.enc.answer_start : -1].tolist()))  # no line break
+    generated = [list(p) for p in paths]
+    verdict = [False] * len(examples)
+    active = list(range(len(examples)))
+    while active:
+        seqs = [torch.cat([prompts[i], torch.tensor(generated[i], dtype=prompts[i].dtype)]) for i in active]
+        with _tl.hooked(model, hooks([examples[i] for i in active], with_chunk) if hooks else []):
+            final = _run_to_end(model, _pad(seqs).to(device))
+        last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
+        nxt = torch.nn.functional.linear(model.ln_final(last[None])[0], unembed_weight, model.b_U).argmax(-1)
+        still = []
+        for i, token in zip(active, nxt.tolist()):
+            if bool(stops[token]):
+                verdict[i] = _norm(model.tokenizer.decode(generated[i])) == _norm(answers[i])
+                continue
+            generated[i].append(token)
+            # a path spelling the answer takes at most one token a byte (and whitespace)
+            short = len(generated[i]) <= len(answers[i].encode()) + 4
+            if short and _fits(model.tokenizer.decode(generated[i]), answers[i]):
+                still.append(i)
+        active = still
+    return verdict
 
 
 def _run_to_end(
@@ -254,9 +352,14 @@ def greedy_match(
     hooks: HookFactory | None = None,
     stops: Bool[Tensor, " d_vocab"] | None = None,
     batch_size: int = 32,
+    unembed_weight: Float[Tensor, "d_vocab d_model"] | None = None,
+    compare: str = "text",
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
-    """Whether greedy decoding reproduces each example's continuation, and its mean
-    log-probability, in one teacher-forced forward pass per batch.
+    """Whether greedy decoding gives each example's answer (as text, after normalising
+    whitespace), and the mean log-probability of its continuation's tokens, in one teacher-forced
+    forward pass per batch. Where the greedy tokens leave the answer's tokens for a token whose text
+    still fits the answer (another tokenization of the same text), that example is decoded for
+    real (:func:`greedy_generate`'s loop, under the same hooks and patch) and compared as text.
 
     Args:
         model: The model (as it is: apply a patch around the call to test the patch).
@@ -266,6 +369,11 @@ def greedy_match(
             (steering, task vectors).
         stops: :func:`stop_tokens` (computed if not given).
         batch_size: Sequences per forward pass.
+        unembed_weight: ``model.W_U.T.contiguous()`` if the caller has it (saves one copy of the
+            unembedding per call).
+        compare: ``"text"`` (the protocol) or ``"tokens"``: right only when the greedy tokens are
+            the tokenizer's tokens of the answer (no decoding; stricter where the model spells an
+            answer with other tokens).
 
     Returns:
         ``(right [n], mean log-probability of the continuation's tokens [n])``.
@@ -274,16 +382,24 @@ def greedy_match(
         >>> examples = encode_task_examples(model, task, range(10))  # doctest: +SKIP
         >>> right, logprob = greedy_match(model, examples, with_chunk=True)  # doctest: +SKIP
     """
+    if compare not in ("text", "tokens"):
+        raise ValueError(f"compare must be 'text' or 'tokens', got {compare!r}")
     stops = stop_tokens(model) if stops is None else stops
     right, logprob = [], []
     device = _tl.model_device(model)
-    unembed_weight = model.W_U.T.contiguous()
+    unembed_weight = model.W_U.T.contiguous() if unembed_weight is None else unembed_weight
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
             final = _run_to_end(model, _pad(seqs).to(device))
-        r, lp = _verdicts(model, batch, seqs, final, stops, unembed_weight)
+        r, lp, open_ = _verdicts(model, batch, seqs, final, stops, unembed_weight)
+        reopen = [i for i, path in enumerate(open_) if path is not None and compare == "text"]
+        if reopen:
+            decoded = _decode_open(model, [batch[i] for i in reopen], with_chunk, [open_[i] for i in reopen],
+                                   hooks, stops, unembed_weight)
+            for i, verdict in zip(reopen, decoded):
+                r[i] = verdict
         right += r
         logprob += lp
     return torch.tensor(right, dtype=torch.bool), torch.tensor(logprob, dtype=torch.float64)
@@ -305,6 +421,24 @@ def chunk_filter(
     with_right, _ = greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=batch_size)
     without_right, _ = greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size)
     return with_right & ~without_right, with_right, without_right
+
+
+@torch.no_grad()
+def example_verdicts(
+    model: HookedTransformer, task: Task, *, batch_size: int = 32
+) -> tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]]:
+    """Every example of ``task`` right with the chunk / right without it (no patch), by example
+    index. An example's verdicts do not depend on the seed's split, so the protocol computes them
+    once a task and each seed filters its test examples with them (:func:`evaluate_seed`).
+
+    Example:
+        >>> with_right, without_right = example_verdicts(model, task)  # doctest: +SKIP
+        >>> keep = with_right & ~without_right  # the protocol's filter, every example  # doctest: +SKIP
+    """
+    with _tl.linear_layout(model):
+        examples = encode_task_examples(model, task, range(len(task.examples)))
+        _, with_right, without_right = chunk_filter(model, examples, batch_size=batch_size)
+    return with_right, without_right
 
 
 # --- the baselines ---------------------------------------------------------------------------------
@@ -463,7 +597,7 @@ def _best_layers(
             stack = _run_to_end(model, stack, start_at_layer=layer + 1, stop_at_layer=layer + 2)
         for i, key in enumerate(order):
             final = stack[i * len(batch) : (i + 1) * len(batch)]
-            r, lp = _verdicts(model, batch, seqs, final, stops, unembed_weight)
+            r, lp, _ = _verdicts(model, batch, seqs, final, stops, unembed_weight)  # token level: a ranking
             scores[key][0].extend(r)
             scores[key][1].extend(lp)
     best = {}
@@ -492,7 +626,43 @@ class SeedResult:
     accuracy: dict[str, float] = field(default_factory=dict)  # on the filtered examples
     right: dict[str, list[bool]] = field(default_factory=dict)
     layers: dict[str, int] = field(default_factory=dict)  # layer chosen on fit data
+    ranks: dict[str, int | None] = field(default_factory=dict)  # thought matrices' rank chosen on fit data
     seconds: float = 0.0
+
+
+@torch.no_grad()
+def choose_rank(
+    model: HookedTransformer,
+    patch: ThoughtPatch,
+    ranks: Sequence[int | None],
+    fit_set: list[_Example],
+    *,
+    stops: Bool[Tensor, " d_vocab"] | None = None,
+    batch_size: int = 32,
+    unembed_weight: Float[Tensor, "d_vocab d_model"] | None = None,
+) -> tuple[ThoughtPatch, int | None]:
+    """The patch with its thought matrices at the candidate rank (``None``: as fitted) that does
+    best on ``fit_set`` without the chunk: accuracy, then mean log-probability of the
+    continuations, then the smaller rank. With one candidate, that one (nothing is run).
+
+    Example:
+        >>> patch, rank = choose_rank(model, patch, (1, 4, 16, None), fit_set)  # doctest: +SKIP
+    """
+    ranks = list(ranks)
+    ints = [r for r in ranks if r is not None]
+    made = dict(zip(ints, patch.truncations(ints))) if ints else {}
+    candidates = {r: (patch if r is None else made[r]) for r in ranks}
+    if len(candidates) == 1:
+        return candidates[ranks[0]], ranks[0]
+    scores = {}
+    for r, p in candidates.items():
+        with p.apply(model):
+            right, logprob = greedy_match(model, fit_set, with_chunk=False, stops=stops, batch_size=batch_size,
+                                          unembed_weight=unembed_weight)
+        size = float("inf") if r is None else r
+        scores[r] = (float(right.double().mean()), float(logprob.mean()), -size)
+    best = max(ranks, key=lambda r: scores[r])
+    return candidates[best], best
 
 
 def split(n_examples: int, n_fit: int, seed: int) -> tuple[list[int], list[int]]:
@@ -510,20 +680,43 @@ def split(n_examples: int, n_fit: int, seed: int) -> tuple[list[int], list[int]]
 
 
 @torch.no_grad()
-def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed: int) -> SeedResult:
-    """The protocol on one seed (see the module docstring).
+def evaluate_seed(
+    model: HookedTransformer,
+    task: Task,
+    config: EvalConfig,
+    seed: int,
+    verdicts: tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]] | None = None,
+) -> SeedResult:
+    """The protocol on one seed (see the module docstring). ``verdicts``: the task's
+    :func:`example_verdicts` if the caller has them (computed here otherwise; the same either
+    way). The model is left as it was (its gated MLP weights are stored transposed in memory
+    during the runs, :func:`tl_thoughts._tl.linear_layout`).
 
     Example:
         >>> seed = evaluate_seed(load_default_model(), task, EvalConfig(), seed=0)  # doctest: +SKIP
         >>> seed.accuracy["thought_patch"], len(seed.filtered_indices)  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    if verdicts is None:
+        verdicts = example_verdicts(model, task, batch_size=config.batch_size)
+    if any(tuple(v.shape) != (len(task.examples),) for v in verdicts):
+        raise InputError(f"verdicts must hold one value per example of {task.name!r} ({len(task.examples)})")
+    with _tl.linear_layout(model):
+        result = _evaluate_seed(model, task, config, seed, verdicts)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _evaluate_seed(
+    model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor]
+) -> SeedResult:
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
     fit_set = encode_task_examples(model, task, fit_idx)
     test_set = encode_task_examples(model, task, test_idx)
     bs = config.batch_size
-    keep, with_right, without_right = chunk_filter(model, test_set, stops=stops, batch_size=bs)
+    with_right, without_right = (v[torch.tensor(test_idx)] for v in verdicts)
+    keep = with_right & ~without_right
     filtered = [e for e, k in zip(test_set, keep.tolist()) if k]
     result = SeedResult(
         seed=seed,
@@ -536,19 +729,25 @@ def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed
     result.right["with_chunk"] = [True] * len(filtered)
     result.right["without_chunk"] = [False] * len(filtered)
 
+    unembed_weight = model.W_U.T.contiguous()
+
     def run(name: str, hooks: HookFactory | None = None) -> None:
-        right, _ = greedy_match(model, filtered, with_chunk=False, hooks=hooks, stops=stops, batch_size=bs)
+        right, _ = greedy_match(model, filtered, with_chunk=False, hooks=hooks, stops=stops, batch_size=bs,
+                                unembed_weight=unembed_weight)
         result.right[name] = right.tolist()
 
     if filtered:
         fit_pairs = task.fit_examples(fit_idx)
-        for name, kind in FIT_METHODS.items():
-            if name not in config.methods:
-                continue
-            patch = fit_thought(
-                model, task.chunk, fit_pairs, template=task.template, fit=kind, compare_steering=False,
-                progress=False, batch_size=bs, **config.fit_options,
-            )
+        kinds = {name: kind for name, kind in FIT_METHODS.items() if name in config.methods}
+        patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
+            model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
+            compare_steering=False, progress=False, batch_size=bs, **config.fit_options,
+        ) if kinds else {}
+        for name, kind in kinds.items():
+            patch = patches[kind]
+            if name == "thought_patch":
+                patch, result.ranks[name] = choose_rank(model, patch, config.ranks, fit_set, stops=stops,
+                                                        batch_size=bs, unembed_weight=unembed_weight)
             with patch.apply(model):
                 run(name)
         wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
@@ -571,7 +770,6 @@ def evaluate_seed(model: HookedTransformer, task: Task, config: EvalConfig, seed
     for name in config.methods:
         values = result.right.get(name, [])
         result.accuracy[name] = float(np.mean(values)) if values else float("nan")
-    result.seconds = time.perf_counter() - t0
     return result
 
 
@@ -609,11 +807,92 @@ def evaluate_task(
     """
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    verdicts = example_verdicts(model, task, batch_size=config.batch_size)  # once for every seed
     seeds = [
-        evaluate_seed(model, task, config, seed)
+        evaluate_seed(model, task, config, seed, verdicts)
         for seed in tqdm(config.seeds, desc=f"{task.name}: seeds", disable=not progress)
     ]
     return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds)
+
+
+_WORKER_MODEL: HookedTransformer | None = None
+
+
+def _worker_init(dtype: torch.dtype, threads: int) -> None:
+    """A worker process of :func:`evaluate_in_processes`: its own copy of the default model."""
+    global _WORKER_MODEL
+    from tl_thoughts.models import load_default_model
+
+    torch.set_num_threads(threads)
+    _WORKER_MODEL = load_default_model(dtype=dtype)
+
+
+def _worker_verdicts(task: Task, config: EvalConfig) -> tuple[list[bool], list[bool]]:
+    assert _WORKER_MODEL is not None, "the worker was not initialised"
+    _tl.check_no_hooks(_WORKER_MODEL)
+    with_right, without_right = example_verdicts(_WORKER_MODEL, task, batch_size=config.batch_size)
+    return with_right.tolist(), without_right.tolist()  # plain lists between processes
+
+
+def _worker_seed(task: Task, config: EvalConfig, seed: int, verdicts: tuple[list[bool], list[bool]]) -> SeedResult:
+    assert _WORKER_MODEL is not None, "the worker was not initialised"
+    _tl.check_no_hooks(_WORKER_MODEL)
+    tensors = tuple(torch.tensor(v, dtype=torch.bool) for v in verdicts)
+    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors)
+
+
+def evaluate_in_processes(
+    tasks: Sequence[Task],
+    config: EvalConfig = EvalConfig(),
+    *,
+    jobs: int = 2,
+    dtype: torch.dtype = torch.float32,
+    threads: int = 1,
+    on_result: Callable[[TaskResult], None] | None = None,
+) -> list[TaskResult]:
+    """:func:`evaluate_task` for every task on the DEFAULT model, in ``jobs`` worker processes of
+    ``threads`` torch threads each (each loads its own copy of the model; the workers take one
+    unit at a time: a task's :func:`example_verdicts`, then each of its seeds; the biggest tasks
+    first). On this project's 2-core machine this is as fast as one process with both threads
+    (``benchmarks/bench_jobs.py``).
+    ``on_result(result)`` is called as each task finishes. Results come back in the order of
+    ``tasks``, the same as :func:`evaluate_task` gives at the same thread count
+    (``tests/test_evaluation.py::test_worker_processes_give_the_same_results``); another thread
+    count may change the order of floating-point sums inside torch's kernels.
+
+    Example:
+        >>> from tl_thoughts.tasks import load_task, shipped_tasks
+        >>> results = evaluate_in_processes([load_task(p) for p in shipped_tasks()], jobs=2)  # doctest: +SKIP
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i].examples))  # the biggest tasks first
+    seeds: dict[int, dict[int, SeedResult]] = {i: {} for i in range(len(tasks))}
+    results: dict[int, TaskResult] = {}
+    workers = min(jobs, len(tasks) * len(config.seeds))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(dtype, threads)) as pool:
+        # every task's verdicts with and without the chunk first, then its seeds as they arrive
+        pending = {pool.submit(_worker_verdicts, tasks[i], config): (i, None) for i in order}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                i, seed = pending.pop(future)
+                if seed is None:
+                    verdicts = future.result()
+                    for s in config.seeds:
+                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts)] = (i, s)
+                    continue
+                seeds[i][seed] = future.result()
+                if len(seeds[i]) == len(config.seeds):
+                    results[i] = TaskResult(task=tasks[i].name, n_examples=len(tasks[i].examples),
+                                            seeds=[seeds[i][s] for s in config.seeds])
+                    if on_result is not None:
+                        on_result(results[i])
+    return [results[i] for i in range(len(tasks))]
 
 
 def results_json(results: list[TaskResult], config: EvalConfig, model_name: str) -> dict:
@@ -647,6 +926,7 @@ def results_json(results: list[TaskResult], config: EvalConfig, model_name: str)
                 "with_chunk_all": [s.with_chunk_all for s in r.seeds],
                 "without_chunk_all": [s.without_chunk_all for s in r.seeds],
                 "layers": [s.layers for s in r.seeds],
+                "ranks": [s.ranks for s in r.seeds],
                 "fit_indices": [s.fit_indices for s in r.seeds],
                 "filtered_indices": [s.filtered_indices for s in r.seeds],
                 "seconds": sum(s.seconds for s in r.seeds),

@@ -52,7 +52,10 @@ def ridge_solve(
         return torch.linalg.pinv(AtA, hermitian=True) @ AtU
     lam = ridge * torch.trace(AtA) / n
     eye = torch.eye(AtA.shape[0], dtype=AtA.dtype, device=AtA.device)
-    return torch.linalg.solve(AtA + lam * eye, AtU)
+    factor, info = torch.linalg.cholesky_ex(AtA + lam * eye)  # symmetric positive definite when lam > 0
+    if int(info) != 0:  # not numerically so (all-zero inputs: lam = 0): LU, which raises if singular
+        return torch.linalg.solve(AtA + lam * eye, AtU)
+    return torch.cholesky_solve(AtU, factor)
 
 
 @dataclass
@@ -112,6 +115,34 @@ def _make_batch(
     rows_red = (rows_full[0], torch.cat(pr).to(dev))
     return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red,
                   torch.cat(inside).to(dev), torch.cat(w).to(dev))
+
+
+@torch.no_grad()
+def fit_thoughts(
+    model: HookedTransformer,
+    chunk: str,
+    examples: Sequence[Example],
+    fits: Sequence[str] = FITS,
+    **options,
+) -> dict[str, ThoughtPatch]:
+    """:func:`fit_thought` once for each of ``fits`` (``"vector"``, ``"matrix"``, ``"both"``),
+    with the same ``options``, streaming the prompts WITH the chunk only once: their activations do
+    not depend on any patch, so the fits after the first reuse them (each then costs about one
+    reduced pass instead of one full and one reduced pass; the price is memory: two tensors of the
+    full prompts' residual size per block, kept until the last fit). The patches are the ones separate
+    :func:`fit_thought` calls give (``tests/test_thoughts.py::test_fit_thoughts_equals_separate_fits``).
+
+    Example:
+        >>> patches = tl_thoughts.fit_thoughts(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
+        >>> sorted(patches)  # doctest: +SKIP
+        ['both', 'matrix', 'vector']
+    """
+    if not fits or len(set(fits)) != len(fits):
+        raise ValueError(f"fits must be distinct and not empty, got {fits!r}")
+    if "fit" in options:
+        raise TypeError("give the fits as fits=..., not fit=...")
+    stream: dict = {}
+    return {kind: _fit_thought(model, chunk, examples, fit=kind, full_stream=stream, **options) for kind in fits}
 
 
 @torch.no_grad()
@@ -181,6 +212,36 @@ def fit_thought(
         >>> with patch.apply(model):  # doctest: +SKIP
         ...     logits = model("<prompt without the chunk>")
     """
+    return _fit_thought(
+        model, chunk, examples, template=template, layers=layers, fit=fit, ridge=ridge, pool=pool,
+        vector_site=vector_site, vector_target=vector_target, attention_matrix=attention_matrix,
+        query_weight=query_weight, batch_size=batch_size, compare_steering=compare_steering,
+        progress=progress, full_stream=None,
+    )
+
+
+def _fit_thought(
+    model: HookedTransformer,
+    chunk: str,
+    examples: Sequence[Example],
+    *,
+    template: PromptTemplate | None = None,
+    layers: Sequence[int] | None = None,
+    fit: str = "both",
+    ridge: float = 1e-2,
+    pool: str = "kept",
+    vector_site: str = "b_out",
+    vector_target: str = "residual",
+    attention_matrix: bool = False,
+    query_weight: float = 0.0,
+    batch_size: int = 16,
+    compare_steering: bool = True,
+    progress: bool = True,
+    full_stream: dict | None = None,
+) -> ThoughtPatch:
+    """:func:`fit_thought`; ``full_stream`` (a dict, filled by the first call and read by the next
+    ones with the same examples, template, chunk and batch size) keeps the full prompts' attention
+    outputs and residual streams per (batch, block)."""
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
     if fit not in FITS:
@@ -241,8 +302,11 @@ def fit_thought(
         ZtZ = torch.zeros(d_z, d_z, dtype=torch.float64, device=device)
         ZtD = torch.zeros(d_z, spec.d_model, dtype=torch.float64, device=device)
         Zsum = torch.zeros(d_z, dtype=torch.float64, device=device)
-        for b in batches:
-            b.cache["attn_full"], _ = _tl.block_attention(model, layer, b.full)
+        for j, b in enumerate(batches):
+            if full_stream is not None and (j, layer) in full_stream:
+                b.cache["attn_full"], b.cache["next_full"] = full_stream[j, layer]
+            else:
+                b.cache["attn_full"], _ = _tl.block_attention(model, layer, b.full)
             b.cache["attn_red"], b.cache["z_red"] = _tl.block_attention(model, layer, b.reduced)
             mid_full = (b.full + b.cache["attn_full"])[b.rows_full]
             if vector_target == "residual":
@@ -305,8 +369,14 @@ def fit_thought(
         new = _tl.patched_values(
             model, {name: d for name, d in deltas.items() if name.startswith(f"blocks.{layer}.mlp.")}
         )
-        for b in batches:
-            b.full = _finish_block(model, spec, layer, b.full, b.cache.pop("attn_full"), {})
+        for j, b in enumerate(batches):
+            attn_full = b.cache.pop("attn_full")
+            if "next_full" in b.cache:
+                b.full = b.cache.pop("next_full")
+            else:
+                b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
+                if full_stream is not None:
+                    full_stream[j, layer] = (attn_full, b.full)
             b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
             if b.base is not None:
                 b.base = _finish_block(model, spec, layer, b.base, b.cache.pop("attn_base"), {})

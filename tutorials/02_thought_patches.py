@@ -58,6 +58,18 @@ for i in test_idx[:8]:
     print(f"{query:>8} (expected {answer!r}): without {without!r:<24} patched {patched!r}")
 
 # %% [markdown]
+# ## Fewer directions
+# Each thought matrix can be replaced by its best rank-k approximation (`truncated`, or
+# `truncations` for several ranks from one decomposition); rank 1 is the form of a ROME edit. How
+# many directions the behaviour needs depends on the task; the benchmark chooses the rank on the
+# fit examples (`choose_rank`: accuracy without the chunk, then mean log-probability).
+
+# %%
+fit_set = evaluation.encode_task_examples(model, task, fit_idx)
+chosen, rank = evaluation.choose_rank(model, patch, config.ranks, fit_set)
+print("candidates", config.ranks, "-> chosen on the fit examples:", rank)
+
+# %% [markdown]
 # ## Save and load
 # One file: safetensors tensors and JSON metadata (the model's identity and shapes, the options,
 # the chunk, the number of examples and tokens), written atomically. Loading onto another model
