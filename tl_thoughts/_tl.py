@@ -363,7 +363,8 @@ def linear_layout(model: HookedTransformer) -> Iterator[None]:
     """The gated MLPs' weights stored transposed in memory (the same values), so that
     TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous and copies
     nothing; the original tensors are put back on exit. Every product gives the same values as
-    before up to rounding order (a speed-up for many short runs, such as the evaluation's)."""
+    before up to rounding order (a speed-up for many short runs, such as the evaluation's). Costs
+    one copy of those weights while inside."""
     spec = model_spec(model)
     if not spec.gated_mlp:
         yield

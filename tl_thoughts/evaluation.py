@@ -437,7 +437,7 @@ def example_verdicts(
     """
     with _tl.linear_layout(model):
         examples = encode_task_examples(model, task, range(len(task.examples)))
-        _, with_right, without_right = chunk_filter(model, examples, batch_size=batch_size)
+        _, with_right, without_right = chunk_filter(model, examples, stops=stop_tokens(model), batch_size=batch_size)
     return with_right, without_right
 
 
