@@ -139,10 +139,10 @@ def fit_thoughts(
     """
     if not fits or len(set(fits)) != len(fits):
         raise ValueError(f"fits must be distinct and not empty, got {fits!r}")
-    if "fit" in options:
-        raise TypeError("give the fits as fits=..., not fit=...")
+    if "fit" in options or "_full_stream" in options:
+        raise TypeError("give the fits as fits=..., not fit=...; the full-prompt stream is shared here")
     stream: dict = {}
-    return {kind: _fit_thought(model, chunk, examples, fit=kind, full_stream=stream, **options) for kind in fits}
+    return {kind: fit_thought(model, chunk, examples, fit=kind, _full_stream=stream, **options) for kind in fits}
 
 
 @torch.no_grad()
@@ -163,6 +163,7 @@ def fit_thought(
     batch_size: int = 16,
     compare_steering: bool = True,
     progress: bool = True,
+    _full_stream: dict | None = None,
 ) -> ThoughtPatch:
     """Fit a thought patch (a thought vector and/or thought matrix per block) from a chunk.
 
@@ -197,6 +198,9 @@ def fit_thought(
         compare_steering: Also stream the unpatched reduced prompts, to store the plain
             mean-difference steering vectors (``ThoughtPatch.steering``) for comparison.
         progress: Show a progress bar over blocks.
+        _full_stream: Internal (:func:`fit_thoughts`): a dict, filled by the first call and read by
+            the next ones with the same examples, template, chunk and batch size, that keeps the full
+            prompts' attention outputs and residual streams per (batch, block).
 
     Returns:
         The fitted :class:`ThoughtPatch`.
@@ -212,36 +216,6 @@ def fit_thought(
         >>> with patch.apply(model):  # doctest: +SKIP
         ...     logits = model("<prompt without the chunk>")
     """
-    return _fit_thought(
-        model, chunk, examples, template=template, layers=layers, fit=fit, ridge=ridge, pool=pool,
-        vector_site=vector_site, vector_target=vector_target, attention_matrix=attention_matrix,
-        query_weight=query_weight, batch_size=batch_size, compare_steering=compare_steering,
-        progress=progress, full_stream=None,
-    )
-
-
-def _fit_thought(
-    model: HookedTransformer,
-    chunk: str,
-    examples: Sequence[Example],
-    *,
-    template: PromptTemplate | None = None,
-    layers: Sequence[int] | None = None,
-    fit: str = "both",
-    ridge: float = 1e-2,
-    pool: str = "kept",
-    vector_site: str = "b_out",
-    vector_target: str = "residual",
-    attention_matrix: bool = False,
-    query_weight: float = 0.0,
-    batch_size: int = 16,
-    compare_steering: bool = True,
-    progress: bool = True,
-    full_stream: dict | None = None,
-) -> ThoughtPatch:
-    """:func:`fit_thought`; ``full_stream`` (a dict, filled by the first call and read by the next
-    ones with the same examples, template, chunk and batch size) keeps the full prompts' attention
-    outputs and residual streams per (batch, block)."""
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
     if fit not in FITS:
@@ -303,8 +277,8 @@ def _fit_thought(
         ZtD = torch.zeros(d_z, spec.d_model, dtype=torch.float64, device=device)
         Zsum = torch.zeros(d_z, dtype=torch.float64, device=device)
         for j, b in enumerate(batches):
-            if full_stream is not None and (j, layer) in full_stream:
-                b.cache["attn_full"], b.cache["next_full"] = full_stream[j, layer]
+            if _full_stream is not None and (j, layer) in _full_stream:
+                b.cache["attn_full"], b.cache["next_full"] = _full_stream[j, layer]
             else:
                 b.cache["attn_full"], _ = _tl.block_attention(model, layer, b.full)
             b.cache["attn_red"], b.cache["z_red"] = _tl.block_attention(model, layer, b.reduced)
@@ -375,8 +349,8 @@ def _fit_thought(
                 b.full = b.cache.pop("next_full")
             else:
                 b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
-                if full_stream is not None:
-                    full_stream[j, layer] = (attn_full, b.full)
+                if _full_stream is not None:
+                    _full_stream[j, layer] = (attn_full, b.full)
             b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
             if b.base is not None:
                 b.base = _finish_block(model, spec, layer, b.base, b.cache.pop("attn_base"), {})
