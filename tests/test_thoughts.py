@@ -249,7 +249,7 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, fits=("both", "both"), **options)
     with pytest.raises(TypeError, match="fits="):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, fit="both", **options)
-    with pytest.raises(TypeError, match="shared"):
+    with pytest.raises(TypeError, match="shares the full-prompt stream"):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, _full_stream={}, **options)
 
 

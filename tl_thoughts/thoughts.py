@@ -139,8 +139,10 @@ def fit_thoughts(
     """
     if not fits or len(set(fits)) != len(fits):
         raise ValueError(f"fits must be distinct and not empty, got {fits!r}")
-    if "fit" in options or "_full_stream" in options:
-        raise TypeError("give the fits as fits=..., not fit=...; the full-prompt stream is shared here")
+    if "fit" in options:
+        raise TypeError("give the fits as fits=..., not fit=...")
+    if "_full_stream" in options:
+        raise TypeError("fit_thoughts shares the full-prompt stream itself: do not pass _full_stream")
     stream: dict = {}
     return {kind: fit_thought(model, chunk, examples, fit=kind, _full_stream=stream, **options) for kind in fits}
 
