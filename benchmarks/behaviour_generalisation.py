@@ -77,6 +77,14 @@ def filtered(model, task, indices, stops, batch_size):
     return [e for e, k in zip(examples, keep.tolist()) if k]
 
 
+def fit_and_test_accuracy(model, patch, fit_right, test, stops, batch_size) -> tuple[float, float]:
+    """The patch's accuracy without the chunk on the filtered fit and test examples."""
+    with patch.apply(model):
+        on_fit, _ = E.greedy_match(model, fit_right, with_chunk=False, stops=stops, batch_size=batch_size)
+        on_test, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=batch_size)
+    return float(on_fit.double().mean()), float(on_test.double().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=None)
@@ -109,10 +117,7 @@ def main() -> None:
                 template=task.template, fit="both",
                 compare_steering=False, progress=False, batch_size=bs, **{**config.fit_options, **change},
             )
-            with patch.apply(model):
-                on_fit, _ = E.greedy_match(model, fit_right[n_fit], with_chunk=False, stops=stops, batch_size=bs)
-                on_test, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
-            a_fit, a_test = float(on_fit.double().mean()), float(on_test.double().mean())
+            a_fit, a_test = fit_and_test_accuracy(model, patch, fit_right[n_fit], test, stops, bs)
             cells[name].append(f"{100 * a_fit:.0f} / {100 * a_test:.0f}")
             scores[name].append((a_fit, a_test))
             if name == next(iter(VARIANTS)):  # the defaults: scaled copies

@@ -1,8 +1,7 @@
 """Would gradient descent do better than least squares? The thought patch's numbers (a vector on
 ``b_O``, matrices on ``W_O``, ``W_in`` and ``W_gate`` in every block) refined by Adam on the same
 20 fit examples, as in context distillation. The table under "Would gradient descent do better
-than least squares?" in ``docs/benchmark.md`` comes from this script (which prints the step-0
-row, the least-squares patch, once per loss):
+than least squares?" in ``docs/benchmark.md`` comes from this script:
 
     .venv/bin/python benchmarks/behaviour_refine.py
 
@@ -29,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from behaviour_generalisation import filtered  # this script's folder is on sys.path
+from behaviour_generalisation import fit_and_test_accuracy, filtered  # this script's folder is on sys.path
 from torch.func import functional_call
 
 from tl_thoughts import evaluation as E
@@ -54,7 +53,8 @@ def continuation_rows(examples, seqs):
 
 
 def refine(model, patch: ThoughtPatch, fit_set, loss: str, steps: list[int], lr: float, from_zero: bool = False):
-    """Adam on the patch's deltas (the model's weights frozen); the patch at each of ``steps``."""
+    """Adam on the patch's deltas (the model's weights frozen); the patch after each of ``steps``
+    (positive step counts)."""
     base = dict(model.named_parameters())
     deltas = {k: (torch.zeros_like(v) if from_zero else v.detach().clone()).requires_grad_(True)
               for k, v in patch.deltas.items()}
@@ -69,7 +69,7 @@ def refine(model, patch: ThoughtPatch, fit_set, loss: str, steps: list[int], lr:
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
     out = {}
     for step in range(max(steps) + 1):
-        if step in steps:
+        if step in steps:  # after ``step`` updates
             out[step] = ThoughtPatch(deltas={k: v.detach().clone() for k, v in deltas.items()},
                                      steering={}, meta=patch.meta)
         if step == max(steps):
@@ -101,9 +101,12 @@ def main() -> None:
     config = E.EvalConfig()
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
-    steps = sorted({0, *args.steps})
+    steps = sorted(set(args.steps))
+    if steps[0] < 1:
+        parser.error("--steps must be positive (step 0, the least-squares patch, is always reported)")
     runs = {f"least squares, then Adam on {loss}": (loss, False) for loss in ("ce", "kl")}
     runs["from zero, Adam on ce"] = ("ce", True)
+    least_squares = []
     cells = {(run, s): [] for run in runs for s in steps}
     t0 = time.perf_counter()
     counts = []
@@ -117,25 +120,21 @@ def main() -> None:
         counts.append(len(test))
         patch = fit_thought(model, task.chunk, task.fit_examples(fit_idx), template=task.template, fit="both",
                             compare_steering=False, progress=False, batch_size=bs, **config.fit_options)
+        least_squares.append(fit_and_test_accuracy(model, patch, fit_right, test, stops, bs))
         for run, (loss, from_zero) in runs.items():
             for step, p in refine(model, patch, fit_set, loss, steps, args.lr, from_zero).items():
-                with p.apply(model):
-                    on_fit, _ = E.greedy_match(model, fit_right, with_chunk=False, stops=stops, batch_size=bs)
-                    on_test, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
-                cells[run, step].append((float(on_fit.double().mean()), float(on_test.double().mean())))
+                cells[run, step].append(fit_and_test_accuracy(model, p, fit_right, test, stops, bs))
         print(f"{task.name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     names = [t.name for t in tasks]
     print("\n| patch | steps | " + " | ".join(names) + " | mean |")
     print("|---|---|" + "---|" * (len(names) + 1))
     print("| filtered test examples | | " + " | ".join(map(str, counts)) + " | |")
-    for run in runs:
-        for step in steps:
-            if step == 0 and run.startswith("from zero"):
-                continue  # no patch: 0 on the filtered examples by construction
-            values = cells[run, step]
-            m_fit, m_test = np.mean([v[0] for v in values]), np.mean([v[1] for v in values])
-            print(f"| {run} | {step} | " + " | ".join(f"{100 * a:.0f} / {100 * b:.0f}" for a, b in values)
-                  + f" | {100 * m_fit:.0f} / {100 * m_test:.0f} |")
+    rows = [("least squares (as fitted)", 0, least_squares)]
+    rows += [(run, step, cells[run, step]) for run in runs for step in steps]
+    for run, step, values in rows:
+        m_fit, m_test = np.mean([v[0] for v in values]), np.mean([v[1] for v in values])
+        print(f"| {run} | {step} | " + " | ".join(f"{100 * a:.0f} / {100 * b:.0f}" for a, b in values)
+              + f" | {100 * m_fit:.0f} / {100 * m_test:.0f} |")
     print(f"\nseed {args.seed}, lr {args.lr:g}; cells: accuracy % on the filtered fit examples / on the filtered "
           f"test examples, without the chunk; {time.perf_counter() - t0:.0f} s")
 
