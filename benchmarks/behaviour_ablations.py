@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from behaviour_generalisation import FINDINGS_OPTIONS  # this script's folder is on sys.path
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -59,7 +60,7 @@ def main() -> None:
         change = dict(change)
         template = change.pop("template", None)
         config = dataclasses.replace(
-            E.EvalConfig(seeds=tuple(args.seeds), ranks=(None,)),
+            E.EvalConfig(seeds=tuple(args.seeds), ranks=(None,), **FINDINGS_OPTIONS),
             methods=("with_chunk", "without_chunk", "thought_patch"),
             **change,
         )

@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from behaviour_generalisation import FINDINGS_OPTIONS  # this script's folder is on sys.path
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
-    config = E.EvalConfig(seeds=(args.seed,))
+    config = E.EvalConfig(seeds=(args.seed,), **FINDINGS_OPTIONS)
     stops = E.stop_tokens(model)
     bs = config.batch_size
     t0 = time.perf_counter()

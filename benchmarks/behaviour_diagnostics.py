@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from behaviour_generalisation import FINDINGS_OPTIONS  # this script's folder is on sys.path
 from tl_thoughts import evaluation as E
 from tl_thoughts import implicit_updates
 from tl_thoughts.models import load_default_model
@@ -68,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_default_model()
     config = E.EvalConfig(seeds=(args.seed,), methods=("with_chunk", "without_chunk", "thought_patch"),
-                          ranks=(None,))
+                          ranks=(None,), **FINDINGS_OPTIONS)
     stops = E.stop_tokens(model)
     t0 = time.perf_counter()
     print("| task | mean's share of the exact updates (median block / lowest) | patch misses | "

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/behaviour_rank.py
 
-Per task (one seed), the thought patch is fitted with the defaults of ``EvalConfig`` on the same
+Per task (one seed), the thought patch is fitted with ``EvalConfig``'s options (with ``FINDINGS_OPTIONS``) on the same
 20 fit examples, and tested on the same filtered test examples, as the default row of
 ``benchmarks/behaviour_generalisation.py`` (the examples after the first 40 of the shuffled order).
 Every thought matrix (``W_O``, ``W_gate``, ``W_in``, in every block) is then replaced by its best
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import N_EXTRA, N_FIT, filtered
+from behaviour_generalisation import FINDINGS_OPTIONS, N_EXTRA, N_FIT, filtered
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -40,7 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig()
+    config = E.EvalConfig(**FINDINGS_OPTIONS)
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     t0 = time.perf_counter()

@@ -204,6 +204,28 @@ def test_the_rank_is_chosen_on_the_fit_examples(smollm2, fitted_slice):
 
 
 @pytest.mark.real_model
+def test_the_benchmark_patch_leaves_the_first_token_unpatched(smollm2, fitted_slice):
+    """With ``EvalConfig``'s options the patch has ``W_out`` matrices and leaves the fixed first
+    token (``<|im_start|>``, before the chunk) unpatched: ``apply`` gives that position's logits
+    bit for bit as without the patch and changes the later ones; the weight form is refused."""
+    patch, fit_set = fitted_slice
+    assert patch.unpatched_positions == 1 == fit_set[0].enc.start
+    assert {k for k in patch.deltas if k.endswith(".W_out")}
+    snap = param_snapshot(smollm2)
+    tokens = fit_set[0].enc.reduced[None]
+    with torch.no_grad():
+        base = smollm2(tokens)
+        with patch.apply(smollm2):
+            patched = smollm2(tokens)
+    assert torch.equal(patched[0, 0], base[0, 0])
+    assert (patched[0, 1:] - base[0, 1:]).abs().max() > 1e-2
+    with pytest.raises(tt.InputError, match="form='activation'"):
+        with patch.apply(smollm2, "weight"):
+            pass
+    assert_model_untouched(smollm2, snap)
+
+
+@pytest.mark.real_model
 def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     methods = ("with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch")
     seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(3,)), 0)

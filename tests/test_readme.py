@@ -28,5 +28,5 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, smollm2):
     assert str(exact.dtype) == "torch.float64" and exact.max_abs_logit_error <= 1e-8
     assert namespace["part"].vectors.shape[:2] == (10, 1)
     assert (tmp_path / "past_tense.safetensors").exists()
-    assert namespace["patch"].meta["n_examples"] == 4
+    assert namespace["patch"].meta["n_examples"] == 4 and namespace["patch"].unpatched_positions == 1
     assert namespace["small"].meta["truncated_rank"] == 16

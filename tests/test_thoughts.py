@@ -189,6 +189,121 @@ def test_attention_matrix_and_query_weights_equal_independent_least_squares(text
     assert all(0 < row["W_O_rank"] <= len(W) for row in summary)  # rank <= number of fitted rows
 
 
+def _rows(ex, qw):
+    """The fitted rows of one example (answer rows, then the other query rows) and their weights."""
+    pos = ex.pooled("answer")
+    query = ex.pooled("query")
+    extra = query[~torch.isin(query, pos)]
+    w = torch.cat([torch.ones(len(pos), dtype=torch.float64), torch.full((len(extra),), qw, dtype=torch.float64)])
+    return torch.cat([pos, extra]), w
+
+
+def _only(patch, keep):
+    """A copy of ``patch`` with the deltas whose names ``keep`` accepts (same meta)."""
+    return tt.ThoughtPatch(deltas={k: v for k, v in patch.deltas.items() if keep(k, int(k.split(".")[1]))},
+                           meta=patch.meta)
+
+
+def _check_vector_and_output_matrix(model, patch, template, qw, ridge, layers):
+    """Per block of ``layers``, independently of the fit's own stream: the thought vector is the mean
+    attention-output change over the answer rows, the reduced run under the patches below applied
+    with ``patch.apply`` (so with the patch's own application: every position, or not the prefix);
+    ``W_out``'s thought matrix is the weighted ridge regression, on the reduced run's MLP hidden
+    activations under the block's other patches, of the residual difference after the block."""
+    encoded = [encode_example(model, template, CHUNK, ex) for ex in EXAMPLES]
+    for layer in layers:
+        below = _only(patch, lambda k, l, top=layer: l < top)
+        inner = _only(patch, lambda k, l, top=layer: l < top or (l == top and not k.endswith(".W_out")))
+        names = [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp.hook_post"]
+        D, H, E, W = [], [], [], []
+        for ex in encoded:
+            rows, w = _rows(ex, qw)
+            red_rows = ex.to_reduced(rows)
+            full = _read(model, ex.full[None], names)
+            red = _read(model, ex.reduced[None], names, below if layer else None)
+            red_inner = _read(model, ex.reduced[None], names, inner)
+            D.append(full[names[0]][0, rows] - red[names[0]][0, red_rows])
+            E.append(full[names[1]][0, rows] - red_inner[names[1]][0, red_rows])
+            H.append(red_inner[names[2]][0, red_rows])
+            W.append(w)
+        D, H, E, W = torch.cat(D), torch.cat(H), torch.cat(E), torch.cat(W)
+        assert_close(patch.vector(layer), D[W == 1].mean(0), EXACT, f"vector L{layer}")
+        assert_close(patch.matrix(layer, "W_out"), _weighted_ridge(H, E, W, ridge), EXACT, f"W_out L{layer}")
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
+def test_output_matrix_equals_independent_least_squares(text_models, arch):
+    """``output_matrix=True``: ``W_out``'s thought matrix is the weighted ridge regression of what is
+    left of each fitted row's residual difference after the block on the MLP's hidden activations
+    (references from plain model runs); the weight and activation forms agree."""
+    model = text_models(arch)
+    qw, ridge = 0.3, 0.05
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
+                           vector_site="attn_out", vector_target="attention", attention_matrix=True,
+                           output_matrix=True, query_weight=qw, layers=[0, 1], progress=False)
+    assert {k for k in patch.deltas if k.endswith(".W_out")} == {"blocks.0.mlp.W_out", "blocks.1.mlp.W_out"}
+    assert patch.matrix(0, "W_out").shape == (model.cfg.d_mlp, model.cfg.d_model)
+    _check_vector_and_output_matrix(model, patch, TEMPLATE, qw, ridge, (0, 1))
+    tokens = model.to_tokens(" a big dog")
+    base, by_weight, by_hooks = _runs_by_form(model, patch, tokens)
+    with torch.no_grad(), _only(patch, lambda k, l: not k.endswith(".W_out")).apply(model):
+        by_others = model(tokens)
+    assert (by_weight - by_others).abs().max() > 1e-6, "the W_out matrices change the output"
+    assert (by_weight - base).abs().max() > 1e-3
+    assert_close(by_weight, by_hooks, EXACT, "weight vs activation form")
+    assert "W_out_rank" in patch.summary()[0]
+
+
+PREFIXED = tt.PromptTemplate("<eos>{chunk}{query}", separator="")  # a fixed first token, as a BOS
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
+def test_unpatched_prefix_in_the_fit_and_when_applied(text_models, arch):
+    """``patch_prefix=False``: the positions before the chunk's place are left unpatched in the fit
+    (the vectors and matrices equal the regressions on runs under ``apply``, which leaves them
+    unpatched) and when applied (bit for bit as without the patch, while the later positions
+    change); the patch refuses the weight form and merging, and its hooks count positions through
+    a key-value cache."""
+    model = text_models(arch)
+    snapshot = param_snapshot(model)
+    qw, ridge = 0.1, 0.05
+    options = dict(template=PREFIXED, ridge=ridge, pool="answer", vector_site="attn_out",
+                   vector_target="attention", attention_matrix=True, output_matrix=True, query_weight=qw,
+                   progress=False)
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, patch_prefix=False, **options)
+    everywhere = tt.fit_thought(model, CHUNK, EXAMPLES, **options)
+    assert patch.unpatched_positions == 1 and everywhere.unpatched_positions == 0
+    assert torch.equal(patch.vector(0), everywhere.vector(0))  # block 0's input: the same embeddings
+    assert (patch.vector(1) - everywhere.vector(1)).abs().max() > 1e-6  # the prefix differs from block 1 on
+    _check_vector_and_output_matrix(model, patch, PREFIXED, qw, ridge, (0, 1, model.cfg.n_layers - 1))
+
+    tokens = model.to_tokens("<eos> the dog ran on the mat")
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, base = model.run_with_cache(tokens, names_filter=names)
+        with patch.apply(model):  # default: the activation form
+            _, patched = model.run_with_cache(tokens, names_filter=names)
+            logits = model(tokens)
+            # the same logits one position at a time through TransformerLens' key-value cache
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+            stepped = torch.cat([model(tokens[:, i : i + 1], past_kv_cache=cache) for i in range(tokens.shape[1])], 1)
+    for name in names:
+        assert torch.equal(patched[name][:, 0], base[name][:, 0]), f"{name}: the prefix was patched"
+        assert (patched[name][:, 1:] - base[name][:, 1:]).abs().max() > 1e-6, name
+    assert_close(stepped, logits, 1e-9, "key-value cache vs one pass")
+    with pytest.raises(tt.InputError, match="form='activation'"):
+        with patch.apply(model, "weight"):
+            pass
+    with pytest.raises(tt.InputError, match="merged into the weights"):
+        patch.merge_into(model)
+    with pytest.raises(tt.InputError, match="pool='all'"):
+        tt.fit_thought(model, CHUNK, EXAMPLES, **{**options, "pool": "all"}, patch_prefix=False)
+    assert patch.truncated(1).unpatched_positions == 1
+    assert_model_untouched(model, snapshot)
+
+
 # --- 2. one example, one kept token: the thought patch IS the exact token patch -------------------
 
 
@@ -253,15 +368,20 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, _full_stream={}, **options)
 
 
-def test_weight_and_activation_forms_agree(fitted):
-    model, patch = fitted
-    tokens = model.to_tokens(" the dog ran on the mat")
+def _runs_by_form(model, patch, tokens):
+    """Logits without the patch, under its weight form and under its activation form."""
     with torch.no_grad():
         base = model(tokens)
         with patch.apply(model, "weight"):
-            w = model(tokens)
+            by_weight = model(tokens)
         with patch.apply(model, "activation"):
-            a = model(tokens)
+            by_hooks = model(tokens)
+    return base, by_weight, by_hooks
+
+
+def test_weight_and_activation_forms_agree(fitted):
+    model, patch = fitted
+    base, w, a = _runs_by_form(model, patch, model.to_tokens(" the dog ran on the mat"))
     assert (w - base).abs().max() > 1e-3
     assert_close(w, a, 1e-10, "weight vs activation form")
 
@@ -342,12 +462,14 @@ def test_summary_has_ranks_and_steering_cosines(fitted):
 @pytest.mark.parametrize("rank", [1, 3])
 def test_truncated_keeps_the_top_singular_directions_only(fitted, rank):
     model, _ = fitted
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, progress=False)
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, output_matrix=True,
+                           progress=False)
     before = {k: v.clone() for k, v in patch.deltas.items()}
     small = patch.truncated(rank)
     assert small.meta["truncated_rank"] == rank and "truncated_rank" not in patch.meta
     assert set(small.deltas) == set(patch.deltas)
     assert {k for k in patch.deltas if k.endswith(".W_O")}, "the fit should have W_O matrices"
+    assert {k for k in patch.deltas if k.endswith(".W_out")}, "the fit should have W_out matrices"
     cut = 0
     for name, d in patch.deltas.items():
         assert torch.equal(d, before[name]), f"{name}: the original patch changed"

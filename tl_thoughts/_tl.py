@@ -459,6 +459,21 @@ def block_mlp(
         return model.blocks[layer].mlp(mlp_in)
 
 
+def block_mlp_hidden(
+    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
+    """Block ``layer``'s MLP output and hidden activations (``mlp.hook_post``, what ``W_out``
+    reads) for an already normalised MLP input."""
+    store: dict[str, Tensor] = {}
+
+    def keep_post(post: Tensor, hook) -> None:
+        store["post"] = post.detach()
+
+    with torch.no_grad(), hooked(model, [(mlp_post_name(layer), keep_post)]):
+        out = model.blocks[layer].mlp(mlp_in)
+    return out, store["post"]
+
+
 def final_scale_name(model: HookedTransformer) -> str | None:
     """Hook name of the final norm's scale (``ln_final.hook_scale``), or None without a final norm."""
     if model.cfg.normalization_type is None or not hasattr(model, "ln_final"):

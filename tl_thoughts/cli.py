@@ -66,6 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = E.EvalConfig(
             n_fit=args.n_fit, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
             attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
+            output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
             ranks=tuple(r or None for r in args.ranks),
             methods=tuple(args.methods) if args.methods else E.METHODS,
         )
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the query positions in the thought matrices' fits (default: %(default)s)")
     e.add_argument("--no-attention-matrix", action="store_true",
                    help="no thought matrix on W_O (the papers' vector + MLP-input matrices only)")
+    e.add_argument("--no-output-matrix", action="store_true", help="no thought matrix on W_out")
+    e.add_argument("--patch-prefix", action="store_true",
+                   help="patch the positions before the chunk's place too (as new weights do; "
+                        "default: left unpatched, as the chunk leaves them)")
     e.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in defaults.ranks],
                    help="candidate ranks of the thought matrices (0: as fitted); the one doing best "
                         "on the fit examples is used (default: %(default)s)")

@@ -96,6 +96,9 @@ class EvalConfig:
         vector_site, vector_target: Where the thought vector goes and what it restores.
         attention_matrix: Also fit a thought matrix on ``W_O`` (see :func:`tl_thoughts.fit_thought`).
         query_weight: Weight of the query positions in the matrices' fits.
+        output_matrix: Also fit a thought matrix on ``W_out`` (see :func:`tl_thoughts.fit_thought`).
+        patch_prefix: False leaves the positions before the chunk's place (the template's prefix)
+            unpatched, in the fit and when applied (see :func:`tl_thoughts.fit_thought`).
         ranks: Candidate ranks of the ``thought_patch`` method's thought matrices: an integer
             ``k`` replaces every thought matrix by its best rank-``k`` approximation
             (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
@@ -114,6 +117,8 @@ class EvalConfig:
     vector_target: str = "attention"
     attention_matrix: bool = True
     query_weight: float = 0.1
+    output_matrix: bool = True
+    patch_prefix: bool = False
     ranks: tuple[int | None, ...] = (1, 4, 16, None)
     batch_size: int = 64
     methods: tuple[str, ...] = METHODS
@@ -128,7 +133,8 @@ class EvalConfig:
         """
         return dict(layers=self.layers, ridge=self.ridge, pool=self.pool,
                     vector_site=self.vector_site, vector_target=self.vector_target,
-                    attention_matrix=self.attention_matrix, query_weight=self.query_weight)
+                    attention_matrix=self.attention_matrix, query_weight=self.query_weight,
+                    output_matrix=self.output_matrix, patch_prefix=self.patch_prefix)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

@@ -19,6 +19,7 @@ from tl_thoughts.errors import InputError, TLThoughtsError
 
 FORMAT = "tl_thoughts.ThoughtPatch/1"
 FORMS = ("weight", "activation")
+MATRICES = ("W_O", "W_gate", "W_in", "W_out")  # the thought matrices' parameters, in summary order
 
 
 class PatchFileError(TLThoughtsError, ValueError):
@@ -71,14 +72,18 @@ class ThoughtPatch:
         deltas: TransformerLens parameter name -> the delta, same shape as the parameter:
             ``blocks.{l}.mlp.b_out`` or ``blocks.{l}.attn.b_O`` ``[d_model]`` (the thought vector,
             at its site), ``blocks.{l}.mlp.W_in`` / ``W_gate`` ``[d_model, d_mlp]`` (the thought
-            matrices of the MLP input) and ``blocks.{l}.attn.W_O`` ``[head, d_head, d_model]`` (the
-            thought matrix of the attention output, with ``attention_matrix=True``).
+            matrices of the MLP input), ``blocks.{l}.attn.W_O`` ``[head, d_head, d_model]`` (the
+            thought matrix of the attention output, with ``attention_matrix=True``) and
+            ``blocks.{l}.mlp.W_out`` ``[d_mlp, d_model]`` (the thought matrix of the MLP output,
+            with ``output_matrix=True``).
         steering: ``"steering.{l}"`` -> the plain mean-difference steering vector at block ``l``'s
             attention output (full minus unpatched reduced run, averaged over the pooled
             positions), and ``"residual.{l}"`` -> the mean accumulated residual difference entering
             block ``l``'s MLP; empty if not computed.
         meta: JSON metadata: the model's identity and shapes, layers, options, the chunk's text,
-            the template, how many examples and tokens it was fitted on, the library version.
+            the template, how many examples and tokens it was fitted on, the library version;
+            ``"unpatched_positions"`` when fitted with ``patch_prefix=False`` (see
+            :attr:`unpatched_positions`).
     """
 
     deltas: dict[str, Tensor]
@@ -105,6 +110,13 @@ class ThoughtPatch:
     def layers(self) -> list[int]:
         return sorted({int(n.split(".")[1]) for n in self.deltas})
 
+    @property
+    def unpatched_positions(self) -> int:
+        """How many leading positions the patch leaves unpatched: 0 (it acts everywhere, as new
+        weights do), or the length of the prefix before the chunk's place when fitted with
+        ``patch_prefix=False`` (then it is applied as activation hooks, from that position on)."""
+        return int(self.meta.get("unpatched_positions", 0))
+
     def vector(self, layer: int) -> Tensor | None:
         """The thought vector of ``layer`` (at its site), or None."""
         for name in (f"blocks.{layer}.mlp.b_out", f"blocks.{layer}.attn.b_O"):
@@ -113,14 +125,15 @@ class ThoughtPatch:
         return None
 
     def matrix(self, layer: int, name: str = "W_in") -> Tensor | None:
-        """The thought matrix of ``layer`` for ``W_in``, ``W_gate`` (``[d_model, d_mlp]``) or
-        ``W_O`` (``[head * d_head, d_model]``, heads stacked), or None."""
+        """The thought matrix of ``layer`` for ``W_in``, ``W_gate`` (``[d_model, d_mlp]``),
+        ``W_out`` (``[d_mlp, d_model]``) or ``W_O`` (``[head * d_head, d_model]``, heads stacked),
+        or None."""
         delta = self.deltas.get(_tl.param_name(layer, name))
         return delta.flatten(0, 1) if delta is not None and name == "W_O" else delta
 
     @torch.no_grad()
     def summary(self) -> list[dict]:
-        """Per fitted layer: the vector's norm, each matrix's norm (``W_O``, ``W_gate``, ``W_in``),
+        """Per fitted layer: the vector's norm, each matrix's norm (``W_O``, ``W_gate``, ``W_in``, ``W_out``),
         numerical rank and effective rank (exp of the entropy of its normalised singular values),
         and the cosine between the thought vector and the plain mean-difference steering vector at
         the same layer."""
@@ -136,7 +149,7 @@ class ThoughtPatch:
                     row["cos_steering"] = _cos(v, s)
                 if r is not None:
                     row["cos_residual"] = _cos(v, r)
-            for name in ("W_O", "W_gate", "W_in"):
+            for name in MATRICES:
                 m = self.matrix(layer, name)
                 if m is None:
                     continue
@@ -195,7 +208,7 @@ class ThoughtPatch:
                 raise TypeError(f"rank must be an integer, got {rank!r}")
             if rank < 1:
                 raise ValueError(f"rank must be >= 1, got {rank}")
-        matrices = [k for k in self.deltas if k.rsplit(".", 1)[-1] in ("W_O", "W_in", "W_gate")]
+        matrices = [k for k in self.deltas if k.rsplit(".", 1)[-1] in MATRICES]
         if not matrices:
             raise InputError("the patch has no thought matrix to truncate (a vector-only patch)")
         out = [dict(self.deltas) for _ in ranks]
@@ -248,17 +261,31 @@ class ThoughtPatch:
         return _tl.patched_values(model, self.deltas)
 
     @contextlib.contextmanager
-    def apply(self, model: HookedTransformer, form: str = "weight") -> Iterator[HookedTransformer]:
+    def apply(self, model: HookedTransformer, form: str | None = None) -> Iterator[HookedTransformer]:
         """Context manager: ``model`` behaves as if the chunk were there (as far as the patch
         carries it); restored bit-identically on exit, also on an exception.
 
         Args:
             model: The model the patch was fitted on.
             form: ``"weight"`` (parameters really patched) or ``"activation"`` (hooks adding the
-                same changes to the activations).
+                same changes to the activations). Default: ``"weight"``, or ``"activation"`` for a
+                patch that leaves a prefix unpatched (:attr:`unpatched_positions`), which new
+                weights cannot do. Its hooks count positions from the first of each sequence,
+                also through TransformerLens' key-value cache in ``generate``; with left padding
+                the prefix is not at the first positions: pad on the right.
+
+        Raises:
+            InputError: ``form="weight"`` for a patch that leaves a prefix unpatched.
         """
+        if form is None:
+            form = "activation" if self.unpatched_positions else "weight"
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if form == "weight" and self.unpatched_positions:
+            raise InputError(
+                f"this patch leaves the first {self.unpatched_positions} position(s) unpatched (fitted "
+                "with patch_prefix=False), which new weights cannot do: apply it with form='activation'"
+            )
         self.check_compatible(model)
         if form == "weight":
             with _tl.swapped_tensors(model, self.parameters(model)):
@@ -267,14 +294,24 @@ class ThoughtPatch:
             with _tl.hooked(model, self.hooks(model)):
                 yield model
 
-    def attach(self, model: HookedTransformer, form: str = "weight") -> "PatchHandle":
+    def attach(self, model: HookedTransformer, form: str | None = None) -> "PatchHandle":
         """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block)."""
         stack = contextlib.ExitStack()
         stack.enter_context(self.apply(model, form))
         return PatchHandle(stack)
 
     def merge_into(self, model: HookedTransformer) -> None:
-        """Add the patch to the model's parameters FOR GOOD (explicit, not undone)."""
+        """Add the patch to the model's parameters FOR GOOD (explicit, not undone).
+
+        Raises:
+            InputError: The patch leaves a prefix unpatched (:attr:`unpatched_positions`): new
+                weights would patch it too.
+        """
+        if self.unpatched_positions:
+            raise InputError(
+                f"this patch leaves the first {self.unpatched_positions} position(s) unpatched (fitted "
+                "with patch_prefix=False): merged into the weights it would patch them too"
+            )
         self.check_compatible(model)
         new = self.parameters(model)
         params = _tl.parameters(model)
@@ -283,13 +320,19 @@ class ThoughtPatch:
                 params[name].copy_(value)
 
     def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
-        """TransformerLens forward hooks that add the patch's effect to the activations."""
+        """TransformerLens forward hooks that add the patch's effect to the activations (from
+        position :attr:`unpatched_positions` on; each patched block's ``attn.hook_pattern`` then
+        reads how many positions a key-value cache holds already)."""
         spec = _tl.model_spec(model)
         hooks: list[tuple[str, object]] = []
+        where = _Positions(self.unpatched_positions)
         for layer in self.layers:
+            if where.first:  # the offset of this call's first position: keys minus queries
+                hooks.append((_tl.pattern_name(layer), where.read_offset))
             b_O = self.deltas.get(_tl.param_name(layer, "b_O"))
             b_out = self.deltas.get(_tl.param_name(layer, "b_out"))
             W_O = self.deltas.get(_tl.param_name(layer, "W_O"))
+            W_out = self.deltas.get(_tl.param_name(layer, "W_out"))
             if W_O is not None:  # attn_out gains z @ dW_O: keep z, add at hook_attn_out
                 z_store: dict[str, Tensor] = {}
 
@@ -297,11 +340,11 @@ class ThoughtPatch:
                     store["x"] = act.flatten(-2)
 
                 hooks.append((_tl.z_name(layer), keep_z))
-                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O.flatten(0, 1))))
+                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O.flatten(0, 1), where)))
             if b_O is not None:
-                hooks.append((_tl.attn_out_name(layer), _add_hook(b_O)))
+                hooks.append((_tl.attn_out_name(layer), _add_hook(b_O, where)))
             if b_out is not None:
-                hooks.append((_tl.mlp_out_name(layer), _add_hook(b_out)))
+                hooks.append((_tl.mlp_out_name(layer), _add_hook(b_out, where)))
             mats = {n: self.deltas[_tl.param_name(layer, n)] for n in spec.mlp_input_matrices
                     if _tl.param_name(layer, n) in self.deltas}
             if mats:
@@ -313,7 +356,15 @@ class ThoughtPatch:
                 hooks.append((_tl.mlp_input_resid_name(spec, layer), keep))
                 for name, site in _tl.mlp_input_product_names(spec, layer).items():
                     if name in mats:
-                        hooks.append((site, _matmul_hook(store, mats[name])))
+                        hooks.append((site, _matmul_hook(store, mats[name], where)))
+            if W_out is not None:  # mlp_out gains h @ dW_out (h: the patched MLP's hidden activations)
+                post_store: dict[str, Tensor] = {}
+
+                def keep_post(act, hook, store=post_store):
+                    store["x"] = act
+
+                hooks.append((_tl.mlp_post_name(layer), keep_post))
+                hooks.append((_tl.mlp_out_name(layer), _matmul_hook(post_store, W_out, where)))
         return hooks
 
     # --- saving and loading ---
@@ -400,15 +451,41 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return min(1.0, max(-1.0, float(a.double() @ b.double()) / (na * nb)))
 
 
-def _add_hook(vector: Tensor):
+class _Positions:
+    """Where a patch's hooks act: every position from ``first`` (counted from the sequence's start)
+    on. ``read_offset`` (a hook on ``attn.hook_pattern``, ``[batch, head, query, key]``) records how
+    many positions come before this call's first one (those a key-value cache holds)."""
+
+    def __init__(self, first: int):
+        self.first = first
+        self.offset = 0
+
+    def read_offset(self, pattern: Tensor, hook) -> None:
+        self.offset = pattern.shape[-1] - pattern.shape[-2]
+
+    def start(self) -> int:
+        """Index, in this call's positions, of the first patched one."""
+        return max(0, self.first - self.offset)
+
+
+def _added_from(act: Tensor, change: Tensor, start: int) -> Tensor:
+    """``act + change`` from position ``start`` (dimension 1) on."""
+    if start == 0:
+        return act + change
+    out = act.clone()
+    out[:, start:] = out[:, start:] + change[:, start:] if change.dim() > 1 else out[:, start:] + change
+    return out
+
+
+def _add_hook(vector: Tensor, where: _Positions):
     def hook(act: Tensor, hook) -> Tensor:
-        return act + vector.to(act)
+        return _added_from(act, vector.to(act), where.start())
 
     return hook
 
 
-def _matmul_hook(store: dict, matrix: Tensor):
+def _matmul_hook(store: dict, matrix: Tensor, where: _Positions):
     def hook(act: Tensor, hook) -> Tensor:
-        return act + store["x"] @ matrix.to(act)
+        return _added_from(act, store["x"] @ matrix.to(act), where.start())
 
     return hook

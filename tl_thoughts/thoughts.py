@@ -162,6 +162,8 @@ def fit_thought(
     vector_target: str = "residual",
     attention_matrix: bool = False,
     query_weight: float = 0.0,
+    output_matrix: bool = False,
+    patch_prefix: bool = True,
     batch_size: int = 16,
     compare_steering: bool = True,
     progress: bool = True,
@@ -196,6 +198,19 @@ def fit_thought(
         query_weight: Weight, in the matrices' regressions, of the query positions (after the
             chunk, before the answer) that ``pool`` leaves out; 0 (default) leaves them out. The
             thought vector is always the mean over the pooled positions.
+        output_matrix: Also fit a thought matrix on the MLP output matrix ``W_out`` (the site of
+            ROME and MEMIT edits): the ridge regression, on the reduced run's MLP hidden
+            activations ``h_i`` (``mlp.hook_post``, under the block's other patches), of what is
+            left of each fitted row's residual difference after the block (with the chunk minus
+            without: the MLP's own and whatever the patches up to here left uncorrected), so that
+            the MLP output gains a token-dependent part ``h_i @ dW_out`` (fitted with
+            ``fit="matrix"`` or ``"both"``; weighted and regularised as the other matrices).
+        patch_prefix: True (default): the patch acts at every position, as new weights do.
+            False: the positions before the chunk's place (the template's prefix, e.g. a BOS
+            token), which the chunk cannot change under causal attention, are left unpatched in
+            the fit, and the patch records it (``ThoughtPatch.unpatched_positions``): it is then
+            applied as activation hooks from that position on (``ThoughtPatch.apply``). Needs a
+            prefix of the same length in every example and ``pool`` other than ``"all"``.
         batch_size: Examples per padded batch.
         compare_steering: Also stream the unpatched reduced prompts, to store the plain
             mean-difference steering vectors (``ThoughtPatch.steering``) for comparison.
@@ -245,12 +260,23 @@ def fit_thought(
         raise ValueError("batch_size must be >= 1")
     if not query_weight >= 0:
         raise ValueError(f"query_weight must be >= 0, got {query_weight}")
+    if not patch_prefix and pool == "all":
+        raise InputError("patch_prefix=False leaves the prefix unpatched: it cannot also be pooled (pool='all')")
     layers = sorted(set(range(spec.n_layers) if layers is None else layers))
     if not layers or layers[0] < 0 or layers[-1] >= spec.n_layers:
         raise ValueError(f"layers must be a non-empty subset of 0..{spec.n_layers - 1}")
     template = template or default_template(model)
 
     encoded = [encode_example(model, template, chunk, ex) for ex in examples]
+    prefix = 0
+    if not patch_prefix:
+        starts = sorted({e.start for e in encoded})
+        if len(starts) != 1:
+            raise InputError(
+                f"patch_prefix=False needs the same number of positions before the chunk in every "
+                f"example, got {starts}"
+            )
+        prefix = starts[0]
     n_tokens = sum(int(e.pooled(pool).shape[0]) for e in encoded)
     if n_tokens == 0:
         raise InputError(f"no position to pool with pool={pool!r}")
@@ -262,6 +288,7 @@ def fit_thought(
     steering: dict[str, Tensor] = {}
     want_vector, want_matrix = fit in ("vector", "both"), fit in ("matrix", "both")
     want_attn_matrix = attention_matrix and fit in ("matrix", "both")
+    want_out_matrix = output_matrix and fit in ("matrix", "both")
     bias = "b_O" if vector_site == "attn_out" else "b_out"
     if not spec.has_mlp:
         bias = "b_O"
@@ -345,6 +372,10 @@ def fit_thought(
         new = _tl.patched_values(
             model, {name: d for name, d in deltas.items() if name.startswith(f"blocks.{layer}.mlp.")}
         )
+        fit_out = fitting and want_out_matrix
+        if fit_out:
+            HtH = torch.zeros(spec.d_mlp, spec.d_mlp, dtype=torch.float64, device=device)
+            HtE = torch.zeros(spec.d_mlp, spec.d_model, dtype=torch.float64, device=device)
         for j, b in enumerate(batches):
             attn_full = b.cache.pop("attn_full")
             if "next_full" in b.cache:
@@ -353,9 +384,26 @@ def fit_thought(
                 b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
                 if _full_stream is not None:
                     _full_stream[j, layer] = (attn_full, b.full)
-            b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
+            if fit_out:  # resid_post and h under the block's other patches; the rows' residual differences
+                b.reduced, b.cache["post"] = _finish_block(
+                    model, spec, layer, b.reduced, b.cache.pop("attn_red"), new, keep_post=True
+                )
+                h = b.cache["post"][b.rows_reduced].double()
+                wh = h * b.weights[:, None]
+                HtH += wh.T @ h
+                HtE += wh.T @ (b.full[b.rows_full] - b.reduced[b.rows_reduced]).double()
+            else:
+                b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
             if b.base is not None:
                 b.base = _finish_block(model, spec, layer, b.base, b.cache.pop("attn_base"), {})
+        if fit_out:
+            dW_out = ridge_solve(HtH, HtE, ridge, n_weight)  # [d_mlp, d_model]
+            deltas[_tl.param_name(layer, "W_out")] = dW_out.to(spec.dtype)
+        for b in batches:
+            if fit_out:
+                b.reduced = b.reduced + b.cache["post"] @ dW_out.to(b.reduced.dtype)
+            if prefix:  # the positions before the chunk's place, left unpatched: as in the full run
+                b.reduced[:, :prefix] = b.full[:, :prefix]
             b.cache.clear()
 
     meta = dict(
@@ -364,11 +412,14 @@ def fit_thought(
         layers=layers,
         options=dict(
             fit=fit, ridge=ridge, pool=pool, vector_site=vector_site, vector_target=vector_target,
-            attention_matrix=attention_matrix, query_weight=query_weight,
+            attention_matrix=attention_matrix, query_weight=query_weight, output_matrix=output_matrix,
+            patch_prefix=patch_prefix,
         ),
         n_examples=len(examples),
         n_tokens=n_tokens,
     )
+    if prefix:
+        meta["unpatched_positions"] = prefix
     return ThoughtPatch.create(model, deltas=deltas, steering=steering, meta=meta)
 
 
@@ -386,12 +437,17 @@ def _finish_block(
     resid_pre: Tensor,
     attn_out: Tensor,
     mlp_patched: dict[str, Tensor],
-) -> Tensor:
+    keep_post: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """resid_post of block ``layer`` from its input and its (already patched) attention output,
-    with the block's MLP parameters temporarily replaced by ``mlp_patched`` (full values, by name)."""
+    with the block's MLP parameters temporarily replaced by ``mlp_patched`` (full values, by name);
+    with ``keep_post``, also the MLP's hidden activations (``mlp.hook_post``)."""
     if not spec.has_mlp:
         return resid_pre + attn_out
     mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
     with _tl.swapped_tensors(model, mlp_patched):
-        mlp_out = _tl.block_mlp(model, layer, _tl.mlp_norm(model, layer, mlp_resid))
-    return resid_pre + attn_out + mlp_out
+        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
+        if keep_post:
+            mlp_out, post = _tl.block_mlp_hidden(model, layer, mlp_in)
+            return resid_pre + attn_out + mlp_out, post
+        return resid_pre + attn_out + _tl.block_mlp(model, layer, mlp_in)

@@ -3,7 +3,7 @@
 #
 # The exact update of tutorial 1 depends on the token. A *thought patch* condenses it over many
 # queries into one token-independent weight update per block (THEORY section 4): a thought vector
-# (the attention output bias `b_O`) and thought matrices (`W_gate`, `W_in`). We fit one for a
+# (the attention output bias `b_O`) and thought matrices (`W_O`, `W_gate`, `W_in`, `W_out`). We fit one for a
 # few-shot task (past tense), run the model WITHOUT the demonstrations under the patch, save and
 # reload it, and compare it with the mean-difference steering vector it explains. A few minutes
 # on a CPU.
@@ -31,10 +31,12 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # thought vector on `b_O`, fitted to the attention-output difference (Algorithm 1 of the papers),
 # pooled over the positions that predict the answer (and the line break after it), ridge 1; a
 # thought matrix on `W_O` that maps each token's head outputs to what the vector leaves of its
-# change, and the MLP-input matrices, both also fitted on the query tokens at weight 0.1.
-# The prompts start with the `<|im_start|>` token: without a fixed first token, removing the
-# chunk removes the attention sink, and no token-independent patch recovers (see
-# `docs/benchmark.md`).
+# change, the MLP-input matrices, and a thought matrix on `W_out` that maps the MLP's hidden
+# activations to what is left of the residual difference, all also fitted on the query tokens at
+# weight 0.1. The prompts start with the `<|im_start|>` token: without a fixed first token,
+# removing the chunk removes the attention sink, and no token-independent patch recovers (see
+# `docs/benchmark.md`). The chunk cannot change that first token, and the patch leaves it
+# unpatched too (`patch_prefix=False`).
 
 # %%
 fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
@@ -43,11 +45,14 @@ print(config.fit_options)
 patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), template=task.template,
                        fit="both", **config.fit_options)
 print(patch.summary_table())
+print("positions left unpatched:", patch.unpatched_positions)
 
 # %% [markdown]
 # ## Apply: the model without the chunk, patched
-# `apply` is a context manager (weight form: real parameters, restored on exit, also on an
-# exception). `apply(model, "activation")` does the same with hooks.
+# `apply` is a context manager, restored on exit, also on an exception. A patch that acts on every
+# position is applied as new weights (`form="weight"`); this one leaves the first position
+# unpatched, which weights cannot do, so `apply` adds it through hooks from the second position
+# on (`form="activation"`, `patch.unpatched_positions`).
 
 # %%
 for i in test_idx[:8]:
