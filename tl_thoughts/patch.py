@@ -281,11 +281,8 @@ class ThoughtPatch:
             form = "activation" if self.unpatched_positions else "weight"
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if form == "weight" and self.unpatched_positions:
-            raise InputError(
-                f"this patch leaves the first {self.unpatched_positions} position(s) unpatched (fitted "
-                "with patch_prefix=False), which new weights cannot do: apply it with form='activation'"
-            )
+        if form == "weight":
+            self._refuse_weights("which new weights cannot do: apply it with form='activation'")
         self.check_compatible(model)
         if form == "weight":
             with _tl.swapped_tensors(model, self.parameters(model)):
@@ -307,17 +304,22 @@ class ThoughtPatch:
             InputError: The patch leaves a prefix unpatched (:attr:`unpatched_positions`): new
                 weights would patch it too.
         """
-        if self.unpatched_positions:
-            raise InputError(
-                f"this patch leaves the first {self.unpatched_positions} position(s) unpatched (fitted "
-                "with patch_prefix=False): merged into the weights it would patch them too"
-            )
+        self._refuse_weights("merged into the weights it would patch them too")
         self.check_compatible(model)
         new = self.parameters(model)
         params = _tl.parameters(model)
         with torch.no_grad():
             for name, value in new.items():
                 params[name].copy_(value)
+
+    def _refuse_weights(self, why: str) -> None:
+        """Raise ``InputError`` (saying ``why``) if the patch leaves a prefix unpatched, which new
+        weights, acting on every position, cannot do."""
+        if self.unpatched_positions:
+            raise InputError(
+                f"this patch leaves the first {self.unpatched_positions} position(s) unpatched (fitted "
+                f"with patch_prefix=False), {why}"
+            )
 
     def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
         """TransformerLens forward hooks that add the patch's effect to the activations (from
