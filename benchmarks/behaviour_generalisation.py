@@ -81,6 +81,15 @@ def filtered(model, task, indices, stops, batch_size):
     return [e for e, k in zip(examples, keep.tolist()) if k]
 
 
+def generalisation_split(model, task, seed, stops, batch_size) -> tuple[list[int], list]:
+    """The protocol's fit indices for ``seed`` (the first ``N_FIT`` of its shuffled order) and the
+    filtered test examples after the first ``N_EXTRA``."""
+    order = np.random.default_rng(seed).permutation(len(task.examples)).tolist()
+    fit_idx = sorted(order[:N_FIT])
+    assert fit_idx == E.split(len(task.examples), N_FIT, seed)[0]  # the protocol's fit examples
+    return fit_idx, filtered(model, task, sorted(order[N_EXTRA:]), stops, batch_size)
+
+
 def fit_and_test_accuracy(model, patch, fit_right, test, stops, batch_size) -> tuple[float, float]:
     """The patch's accuracy without the chunk on the filtered fit and test examples."""
     with patch.apply(model):

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import N_EXTRA, N_FIT, fit_and_test_accuracy, filtered  # this folder is on sys.path
+from behaviour_generalisation import fit_and_test_accuracy, filtered, generalisation_split  # this folder is on sys.path
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -53,10 +53,7 @@ def main() -> None:
     scores = {(name, seed): [] for name in VARIANTS for seed in args.seeds}  # per task: (fit, test)
     for seed in args.seeds:
         for task in tasks:
-            order = np.random.default_rng(seed).permutation(len(task.examples)).tolist()
-            fit_idx = sorted(order[:N_FIT])
-            assert fit_idx == E.split(len(task.examples), N_FIT, seed)[0]  # the protocol's fit examples
-            test = filtered(model, task, sorted(order[N_EXTRA:]), stops, bs)
+            fit_idx, test = generalisation_split(model, task, seed, stops, bs)
             fit_right = filtered(model, task, fit_idx, stops, bs)
             fit_set = E.encode_task_examples(model, task, fit_idx)
             for name, (output_matrix, patch_prefix) in VARIANTS.items():

@@ -293,6 +293,18 @@ def test_unpatched_prefix_in_the_fit_and_when_applied(text_models, arch):
         assert torch.equal(patched[name][:, 0], base[name][:, 0]), f"{name}: the prefix was patched"
         assert (patched[name][:, 1:] - base[name][:, 1:]).abs().max() > 1e-6, name
     assert_close(stepped, logits, 1e-9, "key-value cache vs one pass")
+    # a batch padded on the right runs (each row as alone); one padded on the left is refused
+    two = torch.cat([tokens, torch.cat([tokens[:, :1], tokens[:, :-1]], 1)])
+    right = torch.ones_like(two)
+    right[1, -1] = 0
+    left = right.flip(1)
+    with torch.no_grad(), patch.apply(model):
+        padded = model(two, attention_mask=right)
+        with pytest.raises(tt.InputError, match="padded on the left"):
+            model(two, attention_mask=left)
+        alone = model(two[1:, :-1])
+    assert_close(padded[0], logits[0], 1e-9, "right-padded batch, full row")
+    assert_close(padded[1, :-1], alone[0], 1e-9, "right-padded batch, padded row")
     with pytest.raises(tt.InputError, match="form='activation'"):
         with patch.apply(model, "weight"):
             pass

@@ -272,7 +272,8 @@ class ThoughtPatch:
                 patch that leaves a prefix unpatched (:attr:`unpatched_positions`), which new
                 weights cannot do. Its hooks count positions from the first of each sequence,
                 also through TransformerLens' key-value cache in ``generate``; with left padding
-                the prefix is not at the first positions: pad on the right.
+                the prefix is not at the first positions: pad on the right (a forward pass on a
+                left-padded batch raises ``InputError``).
 
         Raises:
             InputError: ``form="weight"`` for a patch that leaves a prefix unpatched.
@@ -324,7 +325,8 @@ class ThoughtPatch:
     def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
         """TransformerLens forward hooks that add the patch's effect to the activations (from
         position :attr:`unpatched_positions` on; each patched block's ``attn.hook_pattern`` then
-        reads how many positions a key-value cache holds already)."""
+        reads how many positions a key-value cache holds already, and raises ``InputError`` on a
+        left-padded batch)."""
         spec = _tl.model_spec(model)
         hooks: list[tuple[str, object]] = []
         where = _Positions(self.unpatched_positions)
@@ -464,6 +466,15 @@ class _Positions:
 
     def read_offset(self, pattern: Tensor, hook) -> None:
         self.offset = pattern.shape[-1] - pattern.shape[-2]
+        # causal attention without a sliding window (refused by model_spec) gives the first key some
+        # weight; exactly none in every head (not an underflow in one) means it is masked: a
+        # left-padded sequence, whose prefix is not at the first positions
+        if bool((pattern[:, :, -1, 0] == 0).all(dim=1).any()):
+            raise InputError(
+                f"a sequence of this batch is padded on the left (its first position is masked), but this "
+                f"patch leaves the first {self.first} position(s) of each sequence unpatched: pad on the "
+                f"right (padding_side='right')"
+            )
 
     def start(self) -> int:
         """Index, in this call's positions, of the first patched one."""
