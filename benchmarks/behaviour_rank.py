@@ -45,7 +45,7 @@ def main() -> None:
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     t0 = time.perf_counter()
     rows: dict[str, list[float]] = {"full (as fitted)": [], **{f"rank {k}": [] for k in args.ranks}}
-    chosen_row = f"rank chosen on the fit examples among {config.ranks}"
+    chosen_row = "rank chosen on the fit examples among (" + ", ".join("as fitted" if r is None else str(r) for r in config.ranks) + ")"
     rows[chosen_row] = []
     chosen_ranks = []
     counts, shapes = [], []
