@@ -81,6 +81,11 @@ def filtered(model, task, indices, stops, batch_size):
     return [e for e, k in zip(examples, keep.tolist()) if k]
 
 
+def rank_label(rank: int | None) -> str:
+    """A candidate rank as the docs' tables write it (None: ``"as fitted"``)."""
+    return "as fitted" if rank is None else str(rank)
+
+
 def generalisation_split(model, task, seed, stops, batch_size) -> tuple[list[int], list]:
     """The protocol's fit indices for ``seed`` (the first ``N_FIT`` of its shuffled order) and the
     filtered test examples after the first ``N_EXTRA``."""

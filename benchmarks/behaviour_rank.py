@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import FINDINGS_OPTIONS, N_EXTRA, N_FIT, filtered
+from behaviour_generalisation import FINDINGS_OPTIONS, N_EXTRA, N_FIT, filtered, rank_label
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -45,7 +45,7 @@ def main() -> None:
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     t0 = time.perf_counter()
     rows: dict[str, list[float]] = {"full (as fitted)": [], **{f"rank {k}": [] for k in args.ranks}}
-    chosen_row = "rank chosen on the fit examples among (" + ", ".join("as fitted" if r is None else str(r) for r in config.ranks) + ")"
+    chosen_row = f"rank chosen on the fit examples among ({', '.join(map(rank_label, config.ranks))})"
     rows[chosen_row] = []
     chosen_ranks = []
     counts, shapes = [], []
@@ -69,7 +69,7 @@ def main() -> None:
         with best.apply(model):
             right, _ = E.greedy_match(model, test, with_chunk=False, stops=stops, batch_size=bs)
         rows[chosen_row].append(float(right.double().mean()))
-        chosen_ranks.append("as fitted" if rank is None else str(rank))
+        chosen_ranks.append(rank_label(rank))
         print(f"{task.name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     dense = sum(a * b for a, b in shapes)
     names = [t.name for t in tasks]

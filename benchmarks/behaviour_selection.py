@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import N_FIT, generalisation_split  # this folder is on sys.path
+from behaviour_generalisation import N_FIT, generalisation_split, rank_label  # this folder is on sys.path
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
@@ -146,7 +146,7 @@ def table(raw: dict) -> None:
     print(head.format("candidate (rank)"), rule, sep="\n")
     for family in FAMILIES:
         for k in RANKS:
-            row(f"{family} ({'as fitted' if k is None else k})", lambda e, n=f"{family}|{k}": n)
+            row(f"{family} ({rank_label(k)})", lambda e, n=f"{family}|{k}": n)
     print("\n" + head.format("choice rule"), rule, sep="\n")
     for label, families in FAMILY_SETS.items():
         candidates = [f"{f}|{k}" for f in families for k in RANKS]
