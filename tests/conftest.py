@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from every test module
 
-from helpers import make_model  # noqa: E402
+from helpers import make_model, make_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,20 @@ def tiny_model():
         if key not in cache:
             cache[key] = make_model(arch, dtype=dtype)
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def text_models():
+    """``text_models(arch)``: a tiny randomised model with the offline word tokenizer (so that
+    prompts are text), cached per test module; tests must not modify it."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = make_model(arch, tokenizer=make_word_tokenizer())
+        return cache[arch]
 
     return get
 

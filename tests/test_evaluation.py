@@ -98,6 +98,11 @@ def test_config_is_validated():
         E.EvalConfig(ranks=())
     with pytest.raises(ValueError, match="distinct"):
         E.EvalConfig(ranks=(4, None, 4))
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match="refine_steps"):
+            E.EvalConfig(refine_steps=bad)
+    with pytest.raises(ValueError, match="refine_lr"):
+        E.EvalConfig(refine_lr=0.0)
 
 
 # --- the protocol on the real model ------------------------------------------------------------------
@@ -241,6 +246,17 @@ def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     assert right.tolist() == seed.right["thought_patch"]
     seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(None,)), 0)
     assert seed.ranks == {"thought_patch": None}
+    # the refined method alone: the rank-3 patch refined on the fit examples, as refine_thought does
+    config = E.EvalConfig(n_fit=8, methods=("with_chunk", "without_chunk", "thought_patch_refined"), ranks=(3,),
+                          refine_steps=4)
+    seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+    assert seed.ranks == {"thought_patch_refined": 3} and set(seed.right) == set(config.methods)
+    refined = tt.refine_thought(smollm2, patch.truncated(3), slice_task.fit_examples(fit_idx), steps=4,
+                                lr=config.refine_lr, batch_size=64, progress=False)
+    assert refined.meta["refined"][0]["loss_after"] < refined.meta["refined"][0]["loss_before"]
+    with refined.apply(smollm2):
+        right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
+    assert right.tolist() == seed.right["thought_patch_refined"]
 
 
 def _forcing_vector(model, token: int) -> torch.Tensor:
@@ -356,10 +372,12 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     full = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
     path.write_text(json.dumps(full.to_json()))
     code = main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
-                 "--n-fit", "8", "--methods", "with_chunk", "without_chunk", "thought_vector", "--quiet"])
+                 "--n-fit", "8", "--methods", "with_chunk", "without_chunk", "thought_vector", "thought_patch_refined",
+                 "--refine-steps", "2", "--quiet"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert {"with_chunk", "without_chunk", "thought_vector", "meta"} == set(results)
+    assert {"with_chunk", "without_chunk", "thought_vector", "thought_patch_refined", "meta"} == set(results)
+    assert results["meta"]["config"]["refine_steps"] == 2
     assert results["with_chunk"]["per_task"]["past_tense"]["accuracy"] == 1.0
     n = results["thought_vector"]["n_filtered"]["past_tense"][0]
     assert n > 0 and 0 <= results["thought_vector"]["accuracy"] <= 1

@@ -30,3 +30,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, smollm2):
     assert (tmp_path / "past_tense.safetensors").exists()
     assert namespace["patch"].meta["n_examples"] == 4 and namespace["patch"].unpatched_positions == 1
     assert namespace["small"].meta["truncated_rank"] == 16
+    (refined,) = namespace["refined"].meta["refined"]
+    assert refined["steps"] == 10 and refined["loss_after"] < refined["loss_before"]
+    assert namespace["refined"].unpatched_positions == 1

@@ -25,18 +25,6 @@ CHUNK = "the cat sat on the mat and"
 EXAMPLES = [(" the dog", " ran"), (" a big red hat", " sat"), (" the red cat", " ran ."), (" a dog", " sat on")]
 
 
-@pytest.fixture(scope="module")
-def text_models():
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = make_model(arch, tokenizer=make_word_tokenizer())
-        return cache[arch]
-
-    return get
-
-
 def _mlp_in(model, layer, tokens, positions, patch=None):
     """Independent reference: run the model (optionally under a patch) and read the normalised MLP
     input and the residual the MLP reads at ``positions``."""

@@ -17,6 +17,7 @@ from tl_thoughts.errors import (
 )
 from tl_thoughts.exact_weights import ExactWeightPatch, exact_weight_patch
 from tl_thoughts.patch import IncompatibleModelError, PatchFileError, PatchHandle, ThoughtPatch
+from tl_thoughts.refine import refine_thought
 from tl_thoughts.templates import PromptTemplate
 from tl_thoughts.thoughts import fit_thought, fit_thoughts
 from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
@@ -35,6 +36,7 @@ __all__ = [
     "ThoughtPatch",
     "fit_thought",
     "fit_thoughts",
+    "refine_thought",
     "ImplicitUpdates",
     "InputError",
     "PrecisionWarning",

@@ -505,9 +505,8 @@ def _norm(
     for ``None``."""
     if name is None:
         return x
-    shape = x.shape
-    with torch.no_grad():
-        return getattr(model.blocks[layer], name)(x.reshape(1, -1, shape[-1])).reshape(shape)
+    shape = x.shape  # differentiable: the activation form of a patch is trained through it (refine_thought)
+    return getattr(model.blocks[layer], name)(x.reshape(1, -1, shape[-1])).reshape(shape)
 
 
 def mlp_norm(

@@ -68,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
             output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
             ranks=tuple(r or None for r in args.ranks),
+            refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             methods=tuple(args.methods) if args.methods else E.METHODS,
         )
     except (TaskFormatError, ValueError) as e:
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in defaults.ranks],
                    help="candidate ranks of the thought matrices (0: as fitted); the one doing best "
                         "on the fit examples is used (default: %(default)s)")
+    e.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
+                   help="Adam steps of the thought_patch_refined method (default: %(default)s)")
+    e.add_argument("--refine-lr", type=float, default=defaults.refine_lr,
+                   help="its learning rate (default: %(default)s)")
     e.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
     e.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="seeds of tasks evaluated at once, in as many processes of one torch "

@@ -26,6 +26,9 @@ Protocol (:func:`evaluate_task`), per seed:
      ``EvalConfig.ranks`` (their best low-rank approximations,
      :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
      fit examples (the vector-only and matrix-only ablations as fitted);
+   - ``thought_patch_refined``: that thought patch (at its chosen rank) refined by
+     ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
+     chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
    - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
      ``l``, with the chunk minus without, averaged over the fit examples' pooled positions) added
      at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
@@ -67,7 +70,8 @@ from tl_thoughts.errors import ChunkError, InputError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example
-from tl_thoughts.thoughts import fit_thoughts
+from tl_thoughts.refine import refine_thought
+from tl_thoughts.thoughts import FITS, fit_thoughts
 
 METHODS = (
     "with_chunk",
@@ -75,6 +79,7 @@ METHODS = (
     "thought_vector",
     "thought_matrix",
     "thought_patch",
+    "thought_patch_refined",
     "steering_best_layer",
     "steering_all_layers",
     "task_vector",
@@ -104,6 +109,9 @@ class EvalConfig:
             (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
             several candidates, the one doing best on the fit examples is used (per seed; recorded
             in ``SeedResult.ranks``). The ``thought_matrix`` ablation uses its matrices as fitted.
+        refine_steps, refine_lr: The ``thought_patch_refined`` method: the ``thought_patch`` (at its
+            chosen rank) refined by that many full-batch Adam steps at that learning rate on the
+            fit examples' answers (:func:`tl_thoughts.refine_thought`).
         batch_size: Sequences per forward pass.
         methods: The methods run (default: all of :data:`METHODS`).
     """
@@ -120,6 +128,8 @@ class EvalConfig:
     output_matrix: bool = True
     patch_prefix: bool = False
     ranks: tuple[int | None, ...] = (1, 4, 16, None)
+    refine_steps: int = 10
+    refine_lr: float = 1e-5
     batch_size: int = 64
     methods: tuple[str, ...] = METHODS
 
@@ -153,6 +163,10 @@ class EvalConfig:
                 raise ValueError(f"ranks must be None or integers >= 1, got {rank!r}")
         if len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"ranks must be distinct, got {self.ranks}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
 
 
 # --- encoding and the exact greedy-match check --------------------------------------------------
@@ -744,16 +758,27 @@ def _evaluate_seed(
 
     if filtered:
         fit_pairs = task.fit_examples(fit_idx)
-        kinds = {name: kind for name, kind in FIT_METHODS.items() if name in config.methods}
+        refine = "thought_patch_refined" in config.methods
+        kinds = {name: kind for name, kind in FIT_METHODS.items()
+                 if name in config.methods or (refine and name == "thought_patch")}
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
-            model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
+            model, task.chunk, fit_pairs, fits=[k for k in FITS if k in kinds.values()], template=task.template,
             compare_steering=False, progress=False, batch_size=bs, **config.fit_options,
         ) if kinds else {}
         for name, kind in kinds.items():
             patch = patches[kind]
             if name == "thought_patch":
-                patch, result.ranks[name] = choose_rank(model, patch, config.ranks, fit_set, stops=stops,
-                                                        batch_size=bs, unembed_weight=unembed_weight)
+                patch, rank = choose_rank(model, patch, config.ranks, fit_set, stops=stops,
+                                          batch_size=bs, unembed_weight=unembed_weight)
+                if refine:  # from the least-squares patch at its chosen rank
+                    refined = refine_thought(model, patch, fit_pairs, steps=config.refine_steps,
+                                             lr=config.refine_lr, batch_size=bs, progress=False)
+                    result.ranks["thought_patch_refined"] = rank
+                    with refined.apply(model):
+                        run("thought_patch_refined")
+                if name not in config.methods:
+                    continue
+                result.ranks[name] = rank
             with patch.apply(model):
                 run(name)
         wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)

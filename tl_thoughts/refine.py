@@ -1,0 +1,136 @@
+"""Refining a thought patch by gradient descent: the least-squares patch as the start, the same
+numbers (its vectors and matrices, nothing else) trained by Adam on the cross-entropy of the
+examples' answers WITHOUT the chunk. The model's own weights are never changed.
+
+The least-squares fit (:func:`tl_thoughts.fit_thought`) matches the run with the chunk block by
+block; what the patch is for is the behaviour at the output. A few full-batch steps on the same
+examples close part of that gap (``docs/benchmark.md``, "Refining the thought patch").
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_thoughts import _tl
+from tl_thoughts.errors import InputError
+from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.templates import Example, PromptTemplate, encode_example
+from tl_thoughts.thoughts import _pad
+
+
+def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Example]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per example: the reduced prompt's tokens, the positions that predict the answer's tokens
+    (the ``"answer"`` pool, in the reduced prompt) and those tokens."""
+    try:
+        chunk, template = patch.meta["chunk"], PromptTemplate(**patch.meta["template"])
+    except KeyError as e:
+        raise InputError(f"the patch's meta has no {e}: refine a patch made by fit_thought") from None
+    out = []
+    for ex in examples:
+        if isinstance(ex, str):
+            raise InputError(f"refining needs (query, answer) pairs, got the query {ex!r} alone")
+        enc = encode_example(model, template, chunk, ex)
+        pos = enc.to_reduced(enc.pooled("answer"))
+        out.append((enc.reduced, pos, enc.reduced[pos + 1]))
+    return out
+
+
+def refine_thought(
+    model: HookedTransformer,
+    patch: ThoughtPatch,
+    examples: Sequence[Example],
+    *,
+    steps: int = 10,
+    lr: float = 1e-5,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> ThoughtPatch:
+    """Train a thought patch's deltas by full-batch Adam on the answers' cross-entropy without the chunk.
+
+    The loss is the mean, over every position that predicts an answer token (the ``"answer"``
+    pool of :func:`tl_thoughts.fit_thought`) of every example, of ``-log p(answer token)``, the
+    model run on the prompt WITHOUT the chunk under the patch (in its activation form, which equals
+    the weight form and also serves a patch that leaves a prefix unpatched). Each step takes the
+    gradient over all the examples (accumulated over batches of ``batch_size``) and makes one Adam
+    step on every delta; the model's parameters are not touched.
+
+    Args:
+        model: The model the patch was fitted on (not modified; no hooks may be attached).
+        patch: A patch from :func:`tl_thoughts.fit_thought` (its chunk and template are read from
+            its meta), for example the least-squares fit on the same examples.
+        examples: ``(query, answer)`` pairs; the answers are the labels.
+        steps: Adam steps (0 returns the same deltas).
+        lr: Adam's learning rate (each step moves every number by about ``lr``).
+        batch_size: Sequences per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        A new patch, the same parameters trained; its meta's ``"refined"`` list gains one entry
+        per call (refining a refined patch adds one): the steps, the learning rate, the number of
+        examples and of answer positions, and the mean loss before and after.
+
+    Raises:
+        ValueError: ``steps`` not an integer >= 0, ``lr`` not > 0, ``batch_size`` < 1.
+        InputError: no examples, a query without an answer, hooks on the model, or a patch
+            without the chunk and template in its meta.
+        IncompatibleModelError: a patch fitted on another model.
+
+    Example:
+        >>> patch = tl_thoughts.fit_thought(model, chunk, pairs, template=template)  # doctest: +SKIP
+        >>> refined = tl_thoughts.refine_thought(model, patch, pairs, steps=10)  # doctest: +SKIP
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if len(examples) == 0:
+        raise InputError("at least one example is needed")
+    _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    patch.check_compatible(model)
+    rows = _rows(model, patch, examples)
+    n_rows = sum(len(r[1]) for r in rows)
+    device = _tl.model_device(model)
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        which = torch.cat([torch.full_like(r[1], j) for j, r in enumerate(part)])
+        batches.append((_pad([r[0] for r in part]).to(device), which.to(device),
+                        torch.cat([r[1] for r in part]).to(device), torch.cat([r[2] for r in part]).to(device)))
+    leaves = {name: d.detach().clone().requires_grad_(True) for name, d in patch.deltas.items()}
+    live = ThoughtPatch(deltas=leaves, steering={}, meta=patch.meta)
+    params = list(leaves.values())
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
+        """The mean loss over every answer position, and its gradient with respect to the deltas."""
+        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        with torch.set_grad_enabled(grad), live.apply(model, "activation"):
+            for tokens, which, pos, targets in batches:
+                logp = torch.log_softmax(model(tokens)[which, pos], dim=-1)
+                loss = -logp.gather(-1, targets[:, None]).sum() / n_rows
+                if grad:
+                    for g, part in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                        if part is not None:
+                            g += part
+                total += float(loss.detach())
+        return total, grads
+
+    before = loss_and_grads(grad=False)[0]
+    for _ in tqdm(range(steps), desc="refining thought patch", disable=not progress):
+        _, grads = loss_and_grads()
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    after = loss_and_grads(grad=False)[0] if steps else before
+    rounds = list(patch.meta.get("refined", []))
+    rounds.append(dict(steps=steps, lr=lr, n_examples=len(examples), n_tokens=n_rows,
+                       loss_before=before, loss_after=after))
+    meta = {**patch.meta, "refined": rounds}
+    return ThoughtPatch(deltas={k: v.detach().clone() for k, v in leaves.items()}, steering=dict(patch.steering),
+                        meta=meta)
