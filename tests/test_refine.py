@@ -48,8 +48,10 @@ def test_one_step_is_adam_on_the_cross_entropy_gradient(text_models, arch):
     loss = _cross_entropy(model, leaves, TEMPLATE)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     lr = 1e-3
+    before = {k: v.clone() for k, v in patch.deltas.items()}
     refined = tt.refine_thought(model, patch, EXAMPLES, steps=1, lr=lr, progress=False)
     assert set(refined.deltas) == set(patch.deltas)
+    assert all(torch.equal(patch.deltas[k], v) for k, v in before.items()) and "refined" not in patch.meta
     moved = 0
     for name, g in grads.items():
         expected = patch.deltas[name] - lr * g / (g.abs() + 1e-8)
