@@ -70,8 +70,9 @@ from tl_thoughts.errors import ChunkError, InputError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example
+from tl_thoughts.refine import check_options as check_refine_options
 from tl_thoughts.refine import refine_thought
-from tl_thoughts.thoughts import FITS, fit_thoughts
+from tl_thoughts.thoughts import fit_thoughts
 
 METHODS = (
     "with_chunk",
@@ -163,10 +164,7 @@ class EvalConfig:
                 raise ValueError(f"ranks must be None or integers >= 1, got {rank!r}")
         if len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"ranks must be distinct, got {self.ranks}")
-        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
-            raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
-        if not self.refine_lr > 0:
-            raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
+        check_refine_options(self.refine_steps, self.refine_lr, prefix="refine_")
 
 
 # --- encoding and the exact greedy-match check --------------------------------------------------
@@ -762,7 +760,7 @@ def _evaluate_seed(
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (refine and name == "thought_patch")}
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
-            model, task.chunk, fit_pairs, fits=[k for k in FITS if k in kinds.values()], template=task.template,
+            model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
             compare_steering=False, progress=False, batch_size=bs, **config.fit_options,
         ) if kinds else {}
         for name, kind in kinds.items():

@@ -38,6 +38,15 @@ def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Exam
     return out
 
 
+def check_options(steps: int, lr: float, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless ``steps`` is an integer >= 0 and ``lr`` > 0 (``prefix``: how
+    the caller names them, e.g. ``"refine_"`` for ``EvalConfig``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{prefix}steps must be an integer >= 0, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"{prefix}lr must be > 0, got {lr}")
+
+
 def refine_thought(
     model: HookedTransformer,
     patch: ThoughtPatch,
@@ -82,10 +91,7 @@ def refine_thought(
         >>> patch = tl_thoughts.fit_thought(model, chunk, pairs, template=template)  # doctest: +SKIP
         >>> refined = tl_thoughts.refine_thought(model, patch, pairs, steps=10)  # doctest: +SKIP
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_options(steps, lr)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if len(examples) == 0:
@@ -121,13 +127,15 @@ def refine_thought(
                 total += float(loss.detach())
         return total, grads
 
-    before = loss_and_grads(grad=False)[0]
+    before = None
     for _ in tqdm(range(steps), desc="refining thought patch", disable=not progress):
-        _, grads = loss_and_grads()
+        loss, grads = loss_and_grads()
+        before = loss if before is None else before  # the first step's loss is the start's
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-    after = loss_and_grads(grad=False)[0] if steps else before
+    after = loss_and_grads(grad=False)[0]
+    before = after if before is None else before
     rounds = list(patch.meta.get("refined", []))
     rounds.append(dict(steps=steps, lr=lr, n_examples=len(examples), n_tokens=n_rows,
                        loss_before=before, loss_after=after))
