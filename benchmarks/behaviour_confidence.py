@@ -9,18 +9,21 @@ its rank chosen on the fit examples as ``EvalConfig`` does), for every filtered 
 - ``confidence``: how sure the model is WITH the chunk, the smallest probability it gives to one of
   the answer's tokens (teacher-forced; the filter only asks that each be the argmax);
 - whether the thought patch gets it right without the chunk (as in the benchmark);
-- whether it still does when the residual stream at the first position (the fixed first token,
-  ``<|im_start|>``, every head's attention sink) is held at its value in the unpatched model after
-  every block. The weight patch changes that position too (its vectors and matrices act at every
-  position), although the chunk, which comes after it, never does.
+- with ``--old-patch`` (the patch of 82.5%, which patches every position), whether it still does
+  when the residual stream at the first position (the fixed first token, ``<|im_start|>``, every
+  head's attention sink) is held at its value in the unpatched model after every block. A patch
+  that acts at every position changes that position too, although the chunk, which comes after it,
+  never does. ``EvalConfig``'s patch leaves it unpatched (``patch_prefix=False``); the script then
+  checks that holding it changes no verdict.
 
 It prints the patch's accuracy per confidence bin over all tasks, and per task the accuracy on the
-less and the more confident half of its filtered examples (split at the median), and with the first
-position held. A last table counts the verdicts where comparing the answer's text (the protocol)
+less and the more confident half of its filtered examples (split at the median), and (with
+``--old-patch``) with the first position held. A last table counts the verdicts where comparing the answer's text (the protocol)
 and its tokens (``greedy_match(compare="tokens")``, the check before the protocol compared text)
 differ: on the test examples with and without the chunk (the filter), and under the patch.
 
-Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0).
+Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--old-patch`` (the options of
+the patch of 82.5%).
 """
 
 import argparse
@@ -29,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import FINDINGS_OPTIONS  # this script's folder is on sys.path
+from behaviour_generalisation import OLD_PATCH_HELP, findings_config  # this script's folder is on sys.path
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
@@ -70,10 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old-patch", action="store_true", help=OLD_PATCH_HELP)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
-    config = E.EvalConfig(seeds=(args.seed,), **FINDINGS_OPTIONS)
+    config = findings_config(args.old_patch, seeds=(args.seed,))
     stops = E.stop_tokens(model)
     bs = config.batch_size
     t0 = time.perf_counter()
@@ -102,6 +106,8 @@ def main() -> None:
             right_tokens, _ = E.greedy_match(model, filtered, with_chunk=False, stops=stops, batch_size=bs,
                                              compare="tokens")
         differ.append(int((right != right_tokens).sum()))
+        if not config.patch_prefix:  # the first position is left unpatched: holding it changes nothing
+            assert torch.equal(right, right_held), "the unpatched first position moved"
         conf = np.array([confidence(model, e) for e in filtered])
         right = right.numpy()
         low = conf < np.median(conf)
@@ -118,13 +124,14 @@ def main() -> None:
         inside = (conf_all >= lo) & (conf_all < hi)
         print(f"| [{lo:.1f}, {min(hi, 1.0):.1f}{']' if hi > 1 else ')'} | {int(inside.sum())} | "
               f"{100 * right_all[inside].mean():.0f}% |")
+    held = config.patch_prefix  # the column is only informative for a patch that moves the first position
     print("\n| task | filtered | rank chosen | median confidence | patch: less confident half | "
-          "more confident half | all | all, first position held |")
-    print("|---|---|---|---|---|---|---|---|")
+          "more confident half | all |" + (" all, first position held |" if held else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if held else ""))
     for name, n, rank, median, lo, hi, acc, acc_held in rows:
         print(f"| {name} | {n} | {rank if rank is not None else 'as fitted'} | {median:.2f} | {100 * lo:.0f}% | "
-              f"{100 * hi:.0f}% | {100 * acc:.0f}% | {100 * acc_held:.0f}% |")
-    means = np.array([r[4:] for r in rows]).mean(0)
+              f"{100 * hi:.0f}% | {100 * acc:.0f}% |" + (f" {100 * acc_held:.0f}% |" if held else ""))
+    means = np.array([r[4:] if held else r[4:-1] for r in rows]).mean(0)
     print("| **mean over tasks** | | | | " + " | ".join(f"**{100 * v:.0f}%**" for v in means) + " |")
     print("\n| task | test examples | verdicts text != tokens: with the chunk | without it | "
           "filtered | under the patch |")

@@ -17,7 +17,7 @@ The thought matrices are used as fitted (``EvalConfig(ranks=(None,))``), as when
 were measured.
 
 Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--show`` (misses shown per
-task, default 3).
+task, default 3), ``--old-patch`` (the options of the patch of 82.5%).
 """
 
 import argparse
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from behaviour_generalisation import FINDINGS_OPTIONS  # this script's folder is on sys.path
+from behaviour_generalisation import OLD_PATCH_HELP, findings_config  # this script's folder is on sys.path
 from tl_thoughts import evaluation as E
 from tl_thoughts import implicit_updates
 from tl_thoughts.models import load_default_model
@@ -65,11 +65,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=3)
+    parser.add_argument("--old-patch", action="store_true", help=OLD_PATCH_HELP)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
-    config = E.EvalConfig(seeds=(args.seed,), methods=("with_chunk", "without_chunk", "thought_patch"),
-                          ranks=(None,), **FINDINGS_OPTIONS)
+    config = findings_config(args.old_patch, seeds=(args.seed,),
+                             methods=("with_chunk", "without_chunk", "thought_patch"), ranks=(None,))
     stops = E.stop_tokens(model)
     t0 = time.perf_counter()
     print("| task | mean's share of the exact updates (median block / lowest) | patch misses | "

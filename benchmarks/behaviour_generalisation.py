@@ -10,7 +10,7 @@ the first 20 of the shuffled order are the protocol's fit examples, the next 20 
 examples of the ``n_fit=40`` variants, and the rest the test examples, the same for every variant
 (so that the variants with 40 fit examples are compared on the same test examples as those with
 20). Both the fit and the test examples are filtered as in the protocol (right with the chunk,
-wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s with ``FINDINGS_OPTIONS``; the
+wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s; the
 thought matrices as fitted, without the rank ``EvalConfig.ranks`` would choose) it
 prints the thought patch's accuracy, without the chunk, on the filtered FIT examples it was fitted
 on ("fit") and on the filtered test examples ("test"). The last variant fits on the model's own
@@ -21,7 +21,8 @@ A second table scales the default patch after fitting, as steering vectors are o
 delta by ``all``, and the thought vectors (``b_O``) by ``vector`` on top; accuracy on the filtered
 test examples.
 
-Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0).
+Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--old-patch`` (the
+options of the patch of 82.5%, ``OLD_PATCH``).
 """
 
 import argparse
@@ -36,10 +37,18 @@ from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.thoughts import fit_thought
 
-# The findings of these scripts (docs/benchmark.md) were measured before the W_out thought matrix and
-# the unpatched prefix became EvalConfig's defaults (benchmarks/behaviour_prefix.py measures those
-# two): the scripts keep the options of then, so that their tables reproduce.
-FINDINGS_OPTIONS = dict(output_matrix=False, patch_prefix=True)
+# The benchmark's thought patch before the W_out thought matrix and the unpatched prefix became
+# EvalConfig's defaults (the patch of 82.5%; benchmarks/behaviour_prefix.py measures the two options).
+# The findings scripts use EvalConfig's options; with --old-patch, these, which reproduce the tables
+# first measured with them (in git history); behaviour_refine.py keeps them (see there).
+OLD_PATCH = dict(output_matrix=False, patch_prefix=True)
+OLD_PATCH_HELP = (f"fit the thought patch of 82.5%% ({OLD_PATCH}: no W_out thought matrix, the prefix patched) "
+                  "instead of EvalConfig's, as these findings were first measured")  # %% for argparse
+
+
+def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
+    """``EvalConfig(**changes)``, with the options of the patch of 82.5% if ``old_patch``."""
+    return E.EvalConfig(**{**(OLD_PATCH if old_patch else {}), **changes})
 N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
 N_EXTRA = 40  # fit examples of the n_fit=40 variants
 OWN_ANSWERS = "fitted on the model's own answers with the chunk (no labels)"
@@ -107,11 +116,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old-patch", action="store_true", help=OLD_PATCH_HELP)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig(**FINDINGS_OPTIONS)
+    config = findings_config(args.old_patch)
     bs = config.batch_size
     paths = shipped_tasks()
     tasks = [load_task(p) for p in paths if args.tasks is None or p.stem in args.tasks]

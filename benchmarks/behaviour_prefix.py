@@ -12,7 +12,7 @@ thought patch is fitted with ``EvalConfig``'s options but for the two compared h
 the chunk's place, the fixed first token ``<|im_start|>``, left unpatched in the fit and when
 applied), its rank chosen on the fit examples as the benchmark does (``evaluation.choose_rank``),
 and scored without the chunk on the filtered fit and test examples. The first variant is the
-benchmark's thought patch before these two options (``FINDINGS_OPTIONS``), the last its current one.
+benchmark's thought patch before these two options (``OLD_PATCH``, the patch of 82.5%), the last its current one.
 
 Options: ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2).
 """

@@ -3,17 +3,19 @@
 
     .venv/bin/python benchmarks/behaviour_rank.py
 
-Per task (one seed), the thought patch is fitted with ``EvalConfig``'s options (with ``FINDINGS_OPTIONS``) on the same
+Per task (one seed), the thought patch is fitted with ``EvalConfig``'s options on the same
 20 fit examples, and tested on the same filtered test examples, as the default row of
 ``benchmarks/behaviour_generalisation.py`` (the examples after the first 40 of the shuffled order).
-Every thought matrix (``W_O``, ``W_gate``, ``W_in``, in every block) is then replaced by its best
+Every thought matrix (``W_O``, ``W_gate``, ``W_in`` and, with ``EvalConfig``'s options, ``W_out``, in
+every block) is then replaced by its best
 rank-k approximation (``ThoughtPatch.truncations``; rank 1 is the form of a ROME edit), the thought
 vectors kept as they are, and the truncated patch is scored again, without the chunk, on the same
 test examples. A last row gives the accuracy of the rank ``evaluation.choose_rank`` picks among
 ``EvalConfig.ranks`` on the 20 fit examples, as the benchmark does. The last column of the header row gives how many numbers the truncated matrices of
 one block take as factors (``k * (d_in + d_out)`` per matrix), against the dense matrices.
 
-Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--ranks``.
+Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--ranks``, ``--old-patch``
+(the options of the patch of 82.5%).
 """
 
 import argparse
@@ -22,9 +24,10 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import FINDINGS_OPTIONS, N_EXTRA, N_FIT, filtered, rank_label
+from behaviour_generalisation import OLD_PATCH_HELP, N_EXTRA, N_FIT, filtered, findings_config, rank_label
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
+from tl_thoughts.patch import MATRICES
 from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.thoughts import fit_thought
 
@@ -36,11 +39,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ranks", nargs="+", type=int, default=RANKS)
+    parser.add_argument("--old-patch", action="store_true", help=OLD_PATCH_HELP)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig(**FINDINGS_OPTIONS)
+    config = findings_config(args.old_patch)
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     t0 = time.perf_counter()
@@ -57,7 +61,7 @@ def main() -> None:
             model, task.chunk, task.fit_examples(sorted(order[:N_FIT])), template=task.template, fit="both",
             compare_steering=False, progress=False, batch_size=bs, **config.fit_options,
         )
-        shapes = [patch.matrix(patch.layers[0], name).shape for name in ("W_O", "W_gate", "W_in")
+        shapes = [patch.matrix(patch.layers[0], name).shape for name in MATRICES
                   if patch.matrix(patch.layers[0], name) is not None]
         for name, p in [("full (as fitted)", patch)] + [(f"rank {k}", q) for k, q in
                                                         zip(args.ranks, patch.truncations(args.ranks))]:

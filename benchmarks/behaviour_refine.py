@@ -7,7 +7,9 @@ than least squares?" in ``docs/benchmark.md`` comes from this script:
 
 Same examples as ``behaviour_generalisation.py`` (one seed): the protocol's 20 fit examples (the
 first 20 of the shuffled order) and the filtered test examples after the first 40. The
-least-squares patch is fitted with ``EvalConfig``'s options (with ``FINDINGS_OPTIONS``; matrices as fitted), then every
+least-squares patch is fitted with the options of the patch of 82.5% (``OLD_PATCH``: no ``W_out``
+thought matrix, every position patched, so that the patch is a change of the weights this loop trains
+through; matrices as fitted), then every
 one of its deltas is trained, the model's own weights frozen, by full-batch Adam (``--lr``) on one
 of two losses over the positions that predict the fit examples' continuations, without the chunk:
 
@@ -28,7 +30,7 @@ import time
 
 import numpy as np
 import torch
-from behaviour_generalisation import FINDINGS_OPTIONS, fit_and_test_accuracy, filtered  # this folder is on sys.path
+from behaviour_generalisation import OLD_PATCH, fit_and_test_accuracy, filtered  # this folder is on sys.path
 from torch.func import functional_call
 
 from tl_thoughts import evaluation as E
@@ -98,7 +100,7 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     stops = E.stop_tokens(model)
-    config = E.EvalConfig(**FINDINGS_OPTIONS)
+    config = E.EvalConfig(**OLD_PATCH)
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     steps = sorted(set(args.steps))
