@@ -26,6 +26,7 @@ options of the patch of 82.5%, ``OLD_PATCH``).
 """
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -70,16 +71,22 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
     return ThoughtPatch(deltas=deltas, steering=patch.steering, meta=patch.meta)
 
 
+def own_answer(model, task, query: str) -> str | None:
+    """The model's greedy answer to ``query`` WITH the chunk, cut at the first line break (None where
+    the generation does not start with the answer prefix, is empty, or has spaces around it)."""
+    text = E.greedy_generate(model, task.prompt(query, with_chunk=True), max_new_tokens=12)
+    own = text[len(task.answer_prefix):] if text.startswith(task.answer_prefix) else ""
+    return own if own and own == own.strip() else None
+
+
 def own_answers(model, task, indices) -> list[tuple[str, str]]:
     """``(query, continuation)`` fit pairs whose answers are the model's greedy answers WITH the
-    chunk, cut at the first line break (the task's answer where the generation does not start
-    with the answer prefix or is empty)."""
+    chunk (``own_answer``; the task's answer where there is none)."""
     pairs = []
     for i in indices:
         query, answer = task.examples[i]
-        text = E.greedy_generate(model, task.prompt(query, with_chunk=True), max_new_tokens=12)
-        own = text[len(task.answer_prefix):] if text.startswith(task.answer_prefix) else ""
-        pairs.append((query, task.continuation(own if own and own == own.strip() else answer)))
+        own = own_answer(model, task, query)
+        pairs.append((query, task.continuation(answer if own is None else own)))
     return pairs
 
 
@@ -102,6 +109,36 @@ def generalisation_split(model, task, seed, stops, batch_size) -> tuple[list[int
     fit_idx = sorted(order[:N_FIT])
     assert fit_idx == E.split(len(task.examples), N_FIT, seed)[0]  # the protocol's fit examples
     return fit_idx, filtered(model, task, sorted(order[N_EXTRA:]), stops, batch_size)
+
+
+def save(raw: dict, path: str) -> None:
+    """Write a run's raw measurements as JSON."""
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+def seeds_main(description: str, measure, table) -> None:
+    """The ``main`` of a script measured per task and seed, whose runs can be split over processes:
+    ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2), ``--save FILE`` (the raw
+    measurements as JSON), ``--load FILE [FILE ...]`` (``table`` of saved runs, merged, instead of
+    ``measure(args)``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--save", default=None, help="write the raw measurements as JSON (after every task)")
+    parser.add_argument("--load", nargs="+", default=None, help="print the tables from saved runs instead")
+    args = parser.parse_args()
+    if args.load:
+        raw = {}
+        for path in args.load:
+            with open(path) as f:
+                raw.update(json.load(f))
+    else:
+        raw = measure(args)
+        if args.save:
+            save(raw, args.save)
+        print(f"{raw['_seconds']:.0f} s")
+    table(raw)
 
 
 def fit_and_test_accuracy(model, patch, fit_right, test, stops, batch_size) -> tuple[float, float]:

@@ -28,14 +28,12 @@ per-example scores as JSON), ``--load FILE [FILE ...]`` (print the tables from s
 two processes run on disjoint ``--tasks``, without fitting).
 """
 
-import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
-from behaviour_generalisation import N_FIT, generalisation_split, rank_label  # this folder is on sys.path
+from behaviour_generalisation import N_FIT, generalisation_split, rank_label, save, seeds_main  # this folder is on sys.path
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
@@ -80,11 +78,6 @@ def score(model, patch, examples, stops, bs) -> tuple[list[bool], list[float]]:
     with patch.apply(model):
         right, logprob = E.greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=bs)
     return right.tolist(), logprob.tolist()
-
-
-def save(raw: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(raw, f)
 
 
 def measure(args) -> dict:
@@ -157,23 +150,7 @@ def table(raw: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=None)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--save", default=None)
-    parser.add_argument("--load", nargs="+", default=None)
-    args = parser.parse_args()
-    if args.load:
-        raw = {}
-        for path in args.load:
-            with open(path) as f:
-                raw.update(json.load(f))
-    else:
-        raw = measure(args)
-        if args.save:
-            save(raw, args.save)
-        print(f"{raw['_seconds']:.0f} s")
-    table(raw)
+    seeds_main(__doc__.split("\n\n")[0], measure, table)
 
 
 if __name__ == "__main__":

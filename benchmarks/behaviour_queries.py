@@ -1,0 +1,124 @@
+"""Would more queries, without their answers, carry more of the chunk to new queries? The table
+"More queries, no answers" in ``docs/benchmark.md`` comes from this script:
+
+    .venv/bin/python benchmarks/behaviour_queries.py
+
+The theory condenses the chunk's token-dependent updates over many queries, and a thought patch
+needs no labelled answers (``behaviour_generalisation.py``: fitted on the model's own answers, it
+scores the same). Queries are cheap where answers are not. Per task and seed (0, 1, 2), on the
+split of ``behaviour_generalisation.py`` (the protocol's 20 fit examples; the filtered test
+examples after the first 40 of the shuffled order), the thought patch is fitted with
+``EvalConfig``'s options on the 20 fit examples alone, and on the same 20 plus the first 20 or 60
+queries of ``benchmarks/unlabelled_queries.json`` for the task. Those queries are none of the task's
+examples or the chunk's; their answers are the model's own greedy answers WITH the chunk
+(``own_answer``; a query without one is skipped). The ridge grows with the number of fit rows
+(``ridge * n / 20``), so that its strength relative to the sum of squares stays that of the 20
+examples (the findings on 40 fit examples). The matrices' rank is chosen on the 20 labelled fit
+examples, as the benchmark does (``evaluation.choose_rank``). Each patch is scored without the chunk
+on the filtered test examples, as fitted and at the rank chosen.
+
+Options: ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2), ``--save FILE`` (the raw
+per-example verdicts as JSON, written after every task), ``--load FILE [FILE ...]`` (print the
+tables from saved runs, e.g. of processes that measured different seeds).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from behaviour_generalisation import generalisation_split, own_answer, rank_label, save, seeds_main  # this folder is on sys.path
+
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+from tl_thoughts.thoughts import fit_thought
+
+QUERIES = Path(__file__).with_name("unlabelled_queries.json")
+N_FIT = E.EvalConfig().n_fit
+EXTRA = (0, 20, 60)  # unlabelled queries added to the 20 fit examples
+
+
+def variant_label(n_extra: int) -> str:
+    return f"{N_FIT} fit examples (the protocol's)" if n_extra == 0 else f"+ {n_extra} unlabelled queries"
+
+
+def unlabelled(model, task, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` of the task's unlabelled queries that are not among its examples or the
+    chunk's and that the model answers WITH the chunk, as ``(query, continuation)`` pairs."""
+    known = {q for q, _ in task.examples} | {line.split(" ->")[0] for line in task.chunk.splitlines()}
+    pairs = []
+    for query in json.loads(QUERIES.read_text())["queries"][task.name]:
+        own = None if query in known else own_answer(model, task, query)
+        if own is not None:
+            pairs.append((query, task.continuation(own)))
+        if len(pairs) == n:
+            return pairs
+    raise ValueError(f"{task.name}: only {len(pairs)} usable unlabelled queries in {QUERIES}, {n} wanted")
+
+
+def measure(args) -> dict:
+    torch.manual_seed(0)
+    model = load_default_model()
+    stops = E.stop_tokens(model)
+    config = E.EvalConfig()
+    bs = config.batch_size
+    tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
+    extra = {task.name: unlabelled(model, task, max(EXTRA)) for task in tasks}  # the same for every seed
+    t0 = time.perf_counter()
+    raw = {}
+    for seed in args.seeds:
+        for task in tasks:
+            fit_idx, test = generalisation_split(model, task, seed, stops, bs)
+            fit_set = E.encode_task_examples(model, task, fit_idx)
+            entry = {}
+            for n_extra in EXTRA:
+                patch = fit_thought(
+                    model, task.chunk, task.fit_examples(fit_idx) + extra[task.name][:n_extra],
+                    template=task.template, fit="both", compare_steering=False, progress=False, batch_size=bs,
+                    **{**config.fit_options, "ridge": config.ridge * (N_FIT + n_extra) / N_FIT},
+                )
+                chosen, rank = E.choose_rank(model, patch, config.ranks, fit_set, stops=stops, batch_size=bs)
+                scores = {}
+                for name, p in (("as fitted", patch), ("rank chosen", chosen)):
+                    with p.apply(model):
+                        scores[name] = E.greedy_match(model, test, with_chunk=False, stops=stops,
+                                                      batch_size=bs)[0].tolist()
+                entry[str(n_extra)] = {**scores, "rank": rank_label(rank)}
+            raw[f"{task.name}|{seed}"] = entry
+            if args.save:
+                save(raw, args.save)
+            print(f"seed {seed} {task.name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    raw["_seconds"] = time.perf_counter() - t0
+    return raw
+
+
+def table(raw: dict) -> None:
+    pairs = sorted(k for k in raw if not k.startswith("_"))
+    names = sorted({k.split("|")[0] for k in pairs})
+    seeds = sorted({k.split("|")[1] for k in pairs})
+    print("| fit rows | matrices | " + " | ".join(names) + " | mean | per seed |")
+    print("|---|---|" + "---|" * (len(names) + 2))
+    for n_extra in EXTRA:
+        for how in ("as fitted", "rank chosen"):
+            acc = {(t, s): 100 * float(np.mean(raw[f"{t}|{s}"][str(n_extra)][how]))
+                   for t in names for s in seeds if f"{t}|{s}" in raw}
+            per_task = [np.mean([v for (t2, _), v in acc.items() if t2 == t]) for t in names]
+            per_seed = [np.mean([v for (_, s2), v in acc.items() if s2 == s]) for s in seeds]
+            print(f"| {variant_label(n_extra)} | {how} | " + " | ".join(f"{v:.0f}" for v in per_task)
+                  + f" | {np.mean(per_task):.1f} | " + " / ".join(f"{v:.1f}" for v in per_seed) + " |")
+    print("\nranks chosen (seeds " + ", ".join(seeds) + "):")
+    for n_extra in EXTRA:
+        print(f"  {variant_label(n_extra)}: " + "; ".join(
+            f"{t} " + "/".join(raw[f"{t}|{s}"][str(n_extra)]["rank"] for s in seeds if f"{t}|{s}" in raw)
+            for t in names))
+    print(f"\nseeds {seeds}; cells: accuracy % on the filtered test examples without the chunk, mean over seeds")
+
+
+def main() -> None:
+    seeds_main(__doc__.split("\n\n")[0], measure, table)
+
+
+if __name__ == "__main__":
+    main()
