@@ -40,16 +40,11 @@ from tl_thoughts.thoughts import fit_thought
 
 # The benchmark's thought patch before the W_out thought matrix and the unpatched prefix became
 # EvalConfig's defaults (the patch of 82.5%; benchmarks/behaviour_prefix.py measures the two options).
-# The findings scripts use EvalConfig's options; with --old-patch, these, which reproduce the tables
-# first measured with them (in git history); behaviour_refine.py keeps them (see there).
+# The findings scripts use EvalConfig's options, or these with --old-patch (their tables as first
+# measured, in git history); behaviour_refine.py always uses these (see there).
 OLD_PATCH = dict(output_matrix=False, patch_prefix=True)
 OLD_PATCH_HELP = (f"fit the thought patch of 82.5%% ({OLD_PATCH}: no W_out thought matrix, the prefix patched) "
                   "instead of EvalConfig's, as these findings were first measured")  # %% for argparse
-
-
-def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
-    """``EvalConfig(**changes)``, with the options of the patch of 82.5% if ``old_patch``."""
-    return E.EvalConfig(**{**(OLD_PATCH if old_patch else {}), **changes})
 N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
 N_EXTRA = 40  # fit examples of the n_fit=40 variants
 OWN_ANSWERS = "fitted on the model's own answers with the chunk (no labels)"
@@ -69,6 +64,11 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
     """The patch with every delta times ``all_`` and the thought vectors times ``vector`` more."""
     deltas = {k: d * all_ * (vector if k.endswith((".b_O", ".b_out")) else 1.0) for k, d in patch.deltas.items()}
     return ThoughtPatch(deltas=deltas, steering=patch.steering, meta=patch.meta)
+
+
+def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
+    """``EvalConfig(**changes)``, with the options of the patch of 82.5% if ``old_patch``."""
+    return E.EvalConfig(**{**(OLD_PATCH if old_patch else {}), **changes})
 
 
 def own_answer(model, task, query: str) -> str | None:
