@@ -44,12 +44,13 @@ def variant_label(n_extra: int) -> str:
     return f"{N_FIT} fit examples (the protocol's)" if n_extra == 0 else f"+ {n_extra} unlabelled queries"
 
 
-def unlabelled(model, task, n: int) -> list[tuple[str, str]]:
-    """The first ``n`` of the task's unlabelled queries that are not among its examples or the
-    chunk's and that the model answers WITH the chunk, as ``(query, continuation)`` pairs."""
+def unlabelled(model, task, queries: list[str], n: int) -> list[tuple[str, str]]:
+    """The first ``n`` of ``queries`` (the task's unlabelled queries) that are not among its
+    examples or the chunk's and that the model answers WITH the chunk, as ``(query, continuation)``
+    pairs."""
     known = {q for q, _ in task.examples} | {line.split(" ->")[0] for line in task.chunk.splitlines()}
     pairs = []
-    for query in json.loads(QUERIES.read_text())["queries"][task.name]:
+    for query in queries:
         own = None if query in known else own_answer(model, task, query)
         if own is not None:
             pairs.append((query, task.continuation(own)))
@@ -65,7 +66,8 @@ def measure(args) -> dict:
     config = E.EvalConfig()
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
-    extra = {task.name: unlabelled(model, task, max(EXTRA)) for task in tasks}  # the same for every seed
+    queries = json.loads(QUERIES.read_text())["queries"]
+    extra = {task.name: unlabelled(model, task, queries[task.name], max(EXTRA)) for task in tasks}  # for all seeds
     t0 = time.perf_counter()
     raw = {}
     for seed in args.seeds:
@@ -82,6 +84,9 @@ def measure(args) -> dict:
                 chosen, rank = E.choose_rank(model, patch, config.ranks, fit_set, stops=stops, batch_size=bs)
                 scores = {}
                 for name, p in (("as fitted", patch), ("rank chosen", chosen)):
+                    if rank is None and name == "rank chosen":  # the patch as fitted, scored already
+                        scores[name] = scores["as fitted"]
+                        continue
                     with p.apply(model):
                         scores[name] = E.greedy_match(model, test, with_chunk=False, stops=stops,
                                                       batch_size=bs)[0].tolist()

@@ -114,8 +114,9 @@ def refine_thought(
     opt = torch.optim.Adam(params, lr=lr)
 
     def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
-        """The mean loss over every answer position, and its gradient with respect to the deltas."""
-        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        """The mean loss over every answer position, and its gradient with respect to the deltas
+        (none without ``grad``)."""
+        total, grads = 0.0, [torch.zeros_like(p) for p in params] if grad else []
         with torch.set_grad_enabled(grad), live.apply(model, "activation"):
             for tokens, which, pos, targets in batches:
                 logp = torch.log_softmax(model(tokens)[which, pos], dim=-1)
