@@ -67,8 +67,10 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
 
 
 def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
-    """``EvalConfig(**changes)``, with the options of the patch of 82.5% if ``old_patch``."""
-    return E.EvalConfig(**{**(OLD_PATCH if old_patch else {}), **changes})
+    """``EvalConfig(n_queries=0, **changes)``, with the options of the patch of 82.5% if
+    ``old_patch``: the findings take apart the patch fitted on the 20 fit examples alone, without
+    the unlabelled queries the protocol adds since (``behaviour_queries.py`` measures those)."""
+    return E.EvalConfig(**{"n_queries": 0, **(OLD_PATCH if old_patch else {}), **changes})
 
 
 def own_answer(model, task, query: str) -> str | None:

@@ -9,54 +9,36 @@ scores the same). Queries are cheap where answers are not. Per task and seed (0,
 split of ``behaviour_generalisation.py`` (the protocol's 20 fit examples; the filtered test
 examples after the first 40 of the shuffled order), the thought patch is fitted with
 ``EvalConfig``'s options on the 20 fit examples alone, and on the same 20 plus the first 20 or 60
-queries of ``benchmarks/unlabelled_queries.json`` for the task. Those queries are none of the task's
-examples or the chunk's; their answers are the model's own greedy answers WITH the chunk
-(``own_answer``; a query without one is skipped). The ridge grows with the number of fit rows
-(``ridge * n / 20``), so that its strength relative to the sum of squares stays that of the 20
-examples (the findings on 40 fit examples). The matrices' rank is chosen on the 20 labelled fit
-examples, as the benchmark does (``evaluation.choose_rank``). Each patch is scored without the chunk
-on the filtered test examples, as fitted and at the rank chosen.
+of the task's unlabelled ``queries`` that the model answers with the chunk, with those answers
+(``evaluation.query_answers``, as the benchmark does since its ``n_queries`` option: the 60 are the
+suite's). Those queries are none of the task's examples or the chunk's. The ridge grows with the
+number of fit rows (``ridge * n / 20``, as in the benchmark), so that its strength relative to the
+sum of squares stays that of the 20 examples (the findings on 40 fit examples). The matrices' rank
+is chosen on the 20 labelled fit examples, as the benchmark does (``evaluation.choose_rank``). Each
+patch is scored without the chunk on the filtered test examples, as fitted and at the rank chosen.
 
 Options: ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2), ``--save FILE`` (the raw
 per-example verdicts as JSON, written after every task), ``--load FILE [FILE ...]`` (print the
 tables from saved runs, e.g. of processes that measured different seeds).
 """
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from behaviour_generalisation import generalisation_split, own_answer, rank_label, save, seeds_main  # this folder is on sys.path
+from behaviour_generalisation import generalisation_split, rank_label, save, seeds_main  # this folder is on sys.path
 
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.thoughts import fit_thought
 
-QUERIES = Path(__file__).with_name("unlabelled_queries.json")
 N_FIT = E.EvalConfig().n_fit
 EXTRA = (0, 20, 60)  # unlabelled queries added to the 20 fit examples
 
 
 def variant_label(n_extra: int) -> str:
     return f"{N_FIT} fit examples (the protocol's)" if n_extra == 0 else f"+ {n_extra} unlabelled queries"
-
-
-def unlabelled(model, task, queries: list[str], n: int) -> list[tuple[str, str]]:
-    """The first ``n`` of ``queries`` (the task's unlabelled queries) that are not among its
-    examples or the chunk's and that the model answers WITH the chunk, as ``(query, continuation)``
-    pairs."""
-    known = {q for q, _ in task.examples} | {line.split(" ->")[0] for line in task.chunk.splitlines()}
-    pairs = []
-    for query in queries:
-        own = None if query in known else own_answer(model, task, query)
-        if own is not None:
-            pairs.append((query, task.continuation(own)))
-        if len(pairs) == n:
-            return pairs
-    raise ValueError(f"{task.name}: only {len(pairs)} usable unlabelled queries in {QUERIES}, {n} wanted")
 
 
 def measure(args) -> dict:
@@ -66,8 +48,8 @@ def measure(args) -> dict:
     config = E.EvalConfig()
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
-    queries = json.loads(QUERIES.read_text())["queries"]
-    extra = {task.name: unlabelled(model, task, queries[task.name], max(EXTRA)) for task in tasks}  # for all seeds
+    extra = {task.name: [(q, task.continuation(a)) for q, a in E.query_answers(model, task, max(EXTRA), batch_size=bs)]
+             for task in tasks}  # for all seeds
     t0 = time.perf_counter()
     raw = {}
     for seed in args.seeds:

@@ -38,6 +38,9 @@ def test_shipped_tasks_follow_the_format():
         assert len(task.examples) >= 60
         demos = {line.split(" -> ")[0] for line in task.chunk.splitlines()}
         assert not demos & {q for q, _ in task.examples}, f"{task.name}: a demonstration is also an example"
+        # the benchmark's default answers 60 unlabelled queries a task; some are skipped
+        assert len(task.queries) >= E.EvalConfig().n_queries + 5, task.name
+        assert not demos & set(task.queries), f"{task.name}: a demonstration is also an unlabelled query"
 
 
 def test_task_defaults_and_rendering():
@@ -45,6 +48,9 @@ def test_task_defaults_and_rendering():
     assert task.prompt("x", True) == "a -> b\nx ->" and task.prompt("x", False) == "x ->"
     assert task.continuation("y") == " y\n"
     assert task_from_dict(task.to_json()) == task
+    assert task.queries == () and "queries" not in task.to_json()
+    with_queries = task_from_dict(_task_dict(queries=["x", "y"]))
+    assert with_queries.queries == ("x", "y") and task_from_dict(with_queries.to_json()) == with_queries
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,11 @@ def test_task_defaults_and_rendering():
         ({"examples": [{"query": f"q{i}", "answer": " a"} for i in range(MIN_EXAMPLES)]}, "whitespace"),
         ({"examples": [{"query": f"q{i}"} for i in range(MIN_EXAMPLES)]}, "'query' and 'answer'"),
         ({"name": 3}, "must be a string"),
+        ({"queries": "x"}, "list of strings"),
+        ({"queries": ["x", 3]}, "query 1"),
+        ({"queries": ["x "]}, "surrounding whitespace"),
+        ({"queries": ["x", "x"]}, "twice in 'queries'"),
+        ({"queries": ["q3"]}, "also an example's query"),
     ],
 )
 def test_bad_task_files_are_refused(changes, message):
@@ -103,9 +114,15 @@ def test_config_is_validated():
             E.EvalConfig(refine_steps=bad)
     with pytest.raises(ValueError, match="refine_lr"):
         E.EvalConfig(refine_lr=0.0)
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match="n_queries"):
+            E.EvalConfig(n_queries=bad)
 
 
 # --- the protocol on the real model ------------------------------------------------------------------
+
+
+N_QUERIES = 6  # unlabelled queries of the slice's configurations (CI time)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +148,9 @@ def test_teacher_forced_check_equals_greedy_generation(smollm2, slice_task):
 @pytest.mark.real_model
 def test_protocol_invariants_on_a_slice(smollm2, slice_task):
     snap = param_snapshot(smollm2)
-    config = E.EvalConfig(n_fit=8, seeds=(0, 1))
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, seeds=(0, 1))
     result = E.evaluate_task(smollm2, slice_task, config, progress=False)
+    assert len(result.queries) == N_QUERIES and not {q for q, _ in result.queries} & {q for q, _ in slice_task.examples}
     for seed_result in result.seeds:
         assert (seed_result.fit_indices, seed_result.test_indices) == E.split(24, 8, seed_result.seed)
         assert set(seed_result.filtered_indices) <= set(seed_result.test_indices)
@@ -158,7 +176,7 @@ def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
     """The verdicts with and without the chunk are computed once a task (``example_verdicts``) and
     each seed filters its test examples with them: they equal ``chunk_filter`` on those examples,
     and given verdicts are the ones used (made-up verdicts keep every test example)."""
-    config = E.EvalConfig(n_fit=8, seeds=(0,), methods=("with_chunk", "without_chunk", "thought_vector"))
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, seeds=(0,), methods=("with_chunk", "without_chunk", "thought_vector"))
     with_right, without_right = E.example_verdicts(smollm2, slice_task, batch_size=config.batch_size)
     assert with_right.shape == without_right.shape == (len(slice_task.examples),)
     _, test_idx = E.split(len(slice_task.examples), 8, 0)
@@ -233,21 +251,25 @@ def test_the_benchmark_patch_leaves_the_first_token_unpatched(smollm2, fitted_sl
 @pytest.mark.real_model
 def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     methods = ("with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch")
-    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(3,)), 0)
+    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods, ranks=(3,)), 0)
     assert len(seed.filtered_indices) > 0
     assert seed.ranks == {"thought_patch": 3}  # the ablations are used as fitted
-    # the recorded rank is the one applied: the patch's verdicts are those of its rank-3 version
+    # the recorded rank is the one applied: the patch's verdicts are those of its rank-3 version,
+    # fitted on the fit examples plus the answered queries, at the ridge scaled by the rows
     fit_idx = seed.fit_indices
-    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(fit_idx), template=slice_task.template,
-                           compare_steering=False, progress=False, batch_size=64, **E.EvalConfig().fit_options)
+    queries = E.query_answers(smollm2, slice_task, N_QUERIES)
+    fit_rows = slice_task.fit_examples(fit_idx) + [(q, slice_task.continuation(a)) for q, a in queries]
+    options = {**E.EvalConfig().fit_options, "ridge": E.EvalConfig().ridge * (8 + N_QUERIES) / 8}
+    patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, template=slice_task.template,
+                           compare_steering=False, progress=False, batch_size=64, **options)
     filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
     with patch.truncated(3).apply(smollm2):
         right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
     assert right.tolist() == seed.right["thought_patch"]
-    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, methods=methods, ranks=(None,)), 0)
+    seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods, ranks=(None,)), 0)
     assert seed.ranks == {"thought_patch": None}
     # the refined method alone: the rank-3 patch refined on the fit examples, as refine_thought does
-    config = E.EvalConfig(n_fit=8, methods=("with_chunk", "without_chunk", "thought_patch_refined"), ranks=(3,),
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=("with_chunk", "without_chunk", "thought_patch_refined"), ranks=(3,),
                           refine_steps=4)
     seed = E.evaluate_seed(smollm2, slice_task, config, 0)
     assert seed.ranks == {"thought_patch_refined": 3} and set(seed.right) == set(config.methods)
@@ -332,10 +354,57 @@ def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
 
 
 @pytest.mark.real_model
+def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, slice_task):
+    """``query_answers`` gives the first queries in order whose greedy generation WITH the chunk
+    (recomputed here one prompt at a time) is a usable answer, skipping the others; too few
+    usable queries is a clear error."""
+    pairs = E.query_answers(smollm2, slice_task, 10, batch_size=4)  # several batches
+    assert len(pairs) == 10
+    used = {q for q, _ in pairs}
+    last = slice_task.queries.index(pairs[-1][0])
+    for query in slice_task.queries[: last + 1]:
+        text = E.greedy_generate(smollm2, slice_task.prompt(query, True), max_new_tokens=16)
+        usable = text.startswith(" ") and text[1:] == text[1:].strip() != ""
+        assert (query in used) == usable, (query, text)
+        if usable:
+            assert (query, text[1:]) in pairs
+    assert [q for q, _ in pairs] == [q for q in slice_task.queries[: last + 1] if q in used]  # in order
+    assert E.query_answers(smollm2, slice_task, 0) == []
+    few = dataclasses.replace(slice_task, queries=slice_task.queries[:3])
+    with pytest.raises(tt.InputError, match="3 unlabelled queries"):
+        E.query_answers(smollm2, few, 5)
+    with pytest.raises(tt.InputError, match="n_queries is"):
+        E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=2), 0, queries=pairs)
+
+
+@pytest.mark.real_model
+def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_task):
+    """The mean differences of the steering baselines average over the fit examples AND the
+    answered queries: the all-layer steering verdicts equal hooks built from those rows by hand
+    (and differ from the fit examples' alone, so the check is not vacuous)."""
+    method = "steering_all_layers"
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=("with_chunk", "without_chunk", method))
+    seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+    queries = E.query_answers(smollm2, slice_task, N_QUERIES)
+    fit_set = E.encode_task_examples(smollm2, slice_task, seed.fit_indices)
+    query_set = [E._encode(smollm2, slice_task, q, a) for q, a in queries]
+    filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
+    start = E._region_start(fit_set)
+    rights = {}
+    for label, rows in (("with queries", fit_set + query_set), ("without", fit_set)):
+        deltas, _ = E._mean_differences(smollm2, rows, config.pool, 64)
+        right, logprob = E.greedy_match(smollm2, filtered, with_chunk=False,
+                                        hooks=E._all_layer_steering_hooks(deltas, start))
+        rights[label] = (right.tolist(), logprob.tolist())
+    assert rights["with queries"][0] == seed.right[method]
+    assert rights["with queries"][1] != rights["without"][1]
+
+
+@pytest.mark.real_model
 def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
     """Each baseline alone (the layer search then runs for one edit, or for none)."""
     for method in ("steering_all_layers", "task_vector", "steering_best_layer"):
-        config = E.EvalConfig(n_fit=8, methods=("with_chunk", "without_chunk", method))
+        config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=("with_chunk", "without_chunk", method))
         seed = E.evaluate_seed(smollm2, slice_task, config, 0)
         assert len(seed.right[method]) == len(seed.filtered_indices) > 0
         assert set(seed.layers) == ({method} - {"steering_all_layers"})
@@ -372,12 +441,13 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     full = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
     path.write_text(json.dumps(full.to_json()))
     code = main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
-                 "--n-fit", "8", "--methods", "with_chunk", "without_chunk", "thought_vector", "thought_patch_refined",
+                 "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector", "thought_patch_refined",
                  "--refine-steps", "2", "--quiet"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {"with_chunk", "without_chunk", "thought_vector", "thought_patch_refined", "meta"} == set(results)
     assert results["meta"]["config"]["refine_steps"] == 2
+    assert results["meta"]["config"]["n_queries"] == 3 and len(results["meta"]["tasks"]["past_tense"]["queries"]) == 3
     assert results["with_chunk"]["per_task"]["past_tense"]["accuracy"] == 1.0
     n = results["thought_vector"]["n_filtered"]["past_tense"][0]
     assert n > 0 and 0 <= results["thought_vector"]["accuracy"] <= 1
@@ -390,6 +460,14 @@ def test_eval_command_refuses_bad_arguments(tmp_path, capsys):
 
     assert main(["eval", "--out", str(tmp_path)]) == 2
     assert "--task" in capsys.readouterr().err
+    # a task without enough unlabelled queries for --queries: refused before any model is loaded
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(_task_dict(queries=["x", "y"])))
+    assert main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--queries", "3"]) == 2
+    assert "t (2)" in capsys.readouterr().err
+    assert main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--queries", "-1"]) == 2
+    assert "n_queries" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.real_model
@@ -397,7 +475,7 @@ def test_worker_processes_give_the_same_results(smollm2, slice_task):
     """``evaluate_in_processes`` (the command's ``--jobs``: one seed of one task per worker at a
     time) gives what ``evaluate_task`` gives in this process at the same thread count: splits,
     filter, chosen rank and layer, and every verdict, seeds in order."""
-    config = E.EvalConfig(n_fit=8, seeds=(1, 0), methods=("with_chunk", "without_chunk", "thought_patch", "task_vector"))
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, seeds=(1, 0), methods=("with_chunk", "without_chunk", "thought_patch", "task_vector"))
     done = []
     results = E.evaluate_in_processes([slice_task], config, jobs=2, on_result=lambda r: done.append(r.task))
     assert [r.task for r in results] == done == [slice_task.name]

@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         paths = shipped_tasks() if args.suite else [Path(p) for p in args.task]
         tasks = [load_task(p) for p in paths]
         config = E.EvalConfig(
-            n_fit=args.n_fit, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
+            n_fit=args.n_fit, n_queries=args.queries, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
             attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
             output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
             ranks=tuple(r or None for r in args.ranks),
@@ -76,6 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     if args.jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    short = [f"{t.name} ({len(t.queries)})" for t in tasks if len(t.queries) < config.n_queries]
+    if short:
+        print(f"error: --queries {config.n_queries} needs at least that many unlabelled queries a task; "
+              f"these tasks have fewer: {', '.join(short)} (add a 'queries' list to the task file, see "
+              "docs/benchmark.md, or pass --queries 0)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
 
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="output folder (created)")
     e.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
     e.add_argument("--n-fit", type=int, default=defaults.n_fit, help="fit examples per seed")
+    e.add_argument("--queries", type=int, default=defaults.n_queries,
+                   help="unlabelled queries of each task, answered by the model with the chunk, added "
+                        "to the fit examples of every method (0: none; default: %(default)s)")
     e.add_argument("--ridge", type=float, default=defaults.ridge)
     e.add_argument("--pool", default=defaults.pool, choices=["query", "answer", "kept", "all"])
     e.add_argument("--query-weight", type=float, default=defaults.query_weight,

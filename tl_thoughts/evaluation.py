@@ -16,34 +16,37 @@ Protocol (:func:`evaluate_task`), per seed:
    is reported; an example's verdicts do not depend on the split: :func:`example_verdicts`
    computes them once a task);
 4. every method runs on the same filtered examples, without the chunk, after being fitted on the
-   same fit examples:
+   same fit rows: the fit examples plus the first ``EvalConfig.n_queries`` of the task's
+   unlabelled queries that the model answers WITH the chunk, with those answers
+   (:func:`query_answers`; the same queries for every seed, none of them an example; the refined
+   patch's gradient steps use the labelled fit examples only):
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
    - ``thought_vector``, ``thought_matrix``, ``thought_patch``: :func:`tl_thoughts.fit_thought`
      with ``fit="vector"``, ``"matrix"``, ``"both"`` (in one :func:`tl_thoughts.fit_thoughts`
-     call), applied in the weight form; the thought patch's matrices are used at the rank of
-     ``EvalConfig.ranks`` (their best low-rank approximations,
+     call), applied with :meth:`tl_thoughts.ThoughtPatch.apply`; the thought patch's matrices are
+     used at the rank of ``EvalConfig.ranks`` (their best low-rank approximations,
      :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
      fit examples (the vector-only and matrix-only ablations as fitted);
    - ``thought_patch_refined``: that thought patch (at its chosen rank) refined by
      ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
      chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
    - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
-     ``l``, with the chunk minus without, averaged over the fit examples' pooled positions) added
+     ``l``, with the chunk minus without, averaged over the fit rows' pooled positions) added
      at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
      the fit examples;
    - ``steering_all_layers``: at every block, the mean difference of the block's own output
      (the increment of the mean residual difference), so that the vectors add up to the mean
      residual difference at every depth;
    - ``task_vector``: the hidden state of the run WITH the chunk after block ``l`` at the last
-     prompt position (the one that predicts the answer), averaged over the fit examples, written
+     prompt position (the one that predicts the answer), averaged over the fit rows, written
      into the run without the chunk at its last prompt position (Hendel et al. 2023), ``l`` chosen
      on the fit examples.
 
 Choices on fit data (the baselines' layers, the thought matrices' rank) rank the candidates by
-accuracy on the fit examples without the chunk, then by the mean log-probability of their
-continuations.
+accuracy on the (labelled) fit examples without the chunk, then by the mean log-probability of
+their continuations.
 
 An example is right when greedy decoding gives the answer's TEXT, so a greedy continuation that
 spells the answer with other tokens than the tokenizer's (``" F" "ARMER"`` for ``" FARMER"``) is
@@ -94,9 +97,19 @@ class EvalConfig:
 
     Attributes:
         n_fit: Fit examples per seed (the rest are test examples).
+        n_queries: Unlabelled queries of the task (its ``queries``) answered by the model itself
+            WITH the chunk (:func:`query_answers`: the first ``n_queries`` it answers) and added to
+            every seed's fit examples for every method's fit (the thought patches, the steering
+            vectors, the task vectors). They are none of the task's examples, so the test
+            examples stay unseen. Choices on fit data (ranks, layers) and the refined patch's
+            gradient steps use the ``n_fit`` labelled fit examples only. 0: no queries (the task
+            needs none).
         seeds: One split (and one fit) per seed.
         layers: Blocks the thought patches are fitted on (None: all).
-        ridge: Ridge strength of the thought matrices (relative to the mean squared MLP input).
+        ridge: Ridge strength of the thought matrices, relative to the mean squared MLP input of
+            ``n_fit`` rows: the fit's ridge is ``ridge * (n_fit + n_queries) / n_fit``
+            (:func:`tl_thoughts.fit_thought` divides by the mean over rows, so the queries would
+            otherwise weaken the ridge relative to the sum of squares).
         pool: Positions pooled by the thought patches and the steering vectors (see
             :func:`tl_thoughts.fit_thought`).
         vector_site, vector_target: Where the thought vector goes and what it restores.
@@ -118,6 +131,7 @@ class EvalConfig:
     """
 
     n_fit: int = 20
+    n_queries: int = 60
     seeds: tuple[int, ...] = (0, 1, 2)
     layers: tuple[int, ...] | None = None
     ridge: float = 1.0
@@ -155,6 +169,8 @@ class EvalConfig:
             raise ValueError("the protocol filters on 'with_chunk' and 'without_chunk': keep both")
         if self.n_fit < 1:
             raise ValueError("n_fit must be >= 1")
+        if isinstance(self.n_queries, bool) or not isinstance(self.n_queries, int) or self.n_queries < 0:
+            raise ValueError(f"n_queries must be an integer >= 0, got {self.n_queries!r}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if not self.ranks:
@@ -196,19 +212,19 @@ def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence
         >>> examples[0].n_cont  # answer tokens + the line-break token  # doctest: +SKIP
         2
     """
-    out = []
-    for i in indices:
-        query, answer = task.examples[i]
-        enc = encode_example(model, task.template, task.chunk, (query, task.continuation(answer)))
-        n_cont = enc.full.shape[0] - enc.answer_start
-        last = model.to_single_str_token(int(enc.full[-1])) if n_cont else ""
-        if n_cont < 2 or "\n" not in last or last.strip():
-            raise ChunkError(
-                f"task {task.name!r}, example {query!r}: the continuation must tokenise as the answer's "
-                f"tokens then a line-break token (got last token {last!r})"
-            )
-        out.append(_Example(enc=enc, n_cont=n_cont))
-    return out
+    return [_encode(model, task, *task.examples[i]) for i in indices]
+
+
+def _encode(model: HookedTransformer, task: Task, query: str, answer: str) -> _Example:
+    enc = encode_example(model, task.template, task.chunk, (query, task.continuation(answer)))
+    n_cont = enc.full.shape[0] - enc.answer_start
+    last = model.to_single_str_token(int(enc.full[-1])) if n_cont else ""
+    if n_cont < 2 or "\n" not in last or last.strip():
+        raise ChunkError(
+            f"task {task.name!r}, example {query!r}: the continuation must tokenise as the answer's "
+            f"tokens then a line-break token (got last token {last!r})"
+        )
+    return _Example(enc=enc, n_cont=n_cont)
 
 
 def stop_tokens(model: HookedTransformer) -> Bool[Tensor, " d_vocab"]:
@@ -319,33 +335,114 @@ def _decode_open(
     """Greedy decoding for real, for a batch of examples whose greedy tokens so far are ``paths``
     (under ``hooks`` and whatever patch is applied): one token at a time, each example while its
     text fits its answer; right when it stops on the answer's text (whitespace normalised)."""
-    device = _tl.model_device(model)
     prompts, answers = [], []
     for e in examples:
         cut = e.enc.answer_start - (0 if with_chunk else e.enc.stop - e.enc.start)
         prompts.append((e.enc.full if with_chunk else e.enc.reduced)[:cut].cpu())
         answers.append(model.tokenizer.decode(e.enc.full[e.enc.answer_start : -1].tolist()))  # no line break
-    generated = [list(p) for p in paths]
-    verdict = [False] * len(examples)
-    active = list(range(len(examples)))
+
+    def keep(i: int, generated: list[int]) -> bool:
+        # a path spelling the answer takes at most one token a byte (and whitespace)
+        short = len(generated) <= len(answers[i].encode()) + 4
+        return short and _fits(model.tokenizer.decode(generated), answers[i])
+
+    def hook_factory(active: list[int]) -> list:
+        return hooks([examples[i] for i in active], with_chunk) if hooks else []
+
+    generated, stopped = _greedy_loop(model, prompts, paths, keep, stops, unembed_weight, hook_factory)
+    return [s and _norm(model.tokenizer.decode(g)) == _norm(a) for g, s, a in zip(generated, stopped, answers)]
+
+
+def _greedy_loop(
+    model: HookedTransformer,
+    prompts: list[Tensor],
+    starts: list[list[int]],
+    keep: Callable[[int, list[int]], bool],
+    stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+    hooks: Callable[[list[int]], list] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy decoding of a batch of prompts (right-padded, every step from the start: no key-value
+    cache), prompt ``i`` continued from the tokens ``starts[i]``: one token at a time, while no
+    stop token comes and ``keep(i, tokens so far)`` holds. Returns the generated tokens (without
+    the stop token) and whether each sequence ended on a stop token. ``hooks(active indices)``
+    gives forward hooks for a step."""
+    device = _tl.model_device(model)
+    generated = [list(p) for p in starts]
+    stopped = [False] * len(prompts)
+    active = list(range(len(prompts)))
     while active:
         seqs = [torch.cat([prompts[i], torch.tensor(generated[i], dtype=prompts[i].dtype)]) for i in active]
-        with _tl.hooked(model, hooks([examples[i] for i in active], with_chunk) if hooks else []):
+        with _tl.hooked(model, hooks(active) if hooks else []):
             final = _run_to_end(model, _pad(seqs).to(device))
         last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
         nxt = torch.nn.functional.linear(model.ln_final(last[None])[0], unembed_weight, model.b_U).argmax(-1)
         still = []
         for i, token in zip(active, nxt.tolist()):
             if bool(stops[token]):
-                verdict[i] = _norm(model.tokenizer.decode(generated[i])) == _norm(answers[i])
+                stopped[i] = True
                 continue
             generated[i].append(token)
-            # a path spelling the answer takes at most one token a byte (and whitespace)
-            short = len(generated[i]) <= len(answers[i].encode()) + 4
-            if short and _fits(model.tokenizer.decode(generated[i]), answers[i]):
+            if keep(i, generated[i]):
                 still.append(i)
         active = still
-    return verdict
+    return generated, stopped
+
+
+@torch.no_grad()
+def query_answers(
+    model: HookedTransformer, task: Task, n: int, *, batch_size: int = 32, max_new_tokens: int = 16
+) -> list[tuple[str, str]]:
+    """The first ``n`` of the task's unlabelled ``queries`` that the model answers WITH the chunk,
+    with their answers: greedy decoding of the prompt with the chunk (the protocol's tokens) up to
+    a stop token (:func:`stop_tokens`). A query is skipped (and the next one taken) where the
+    generation does not stop within ``max_new_tokens`` tokens, does not start with the task's
+    ``answer_prefix``, leaves an empty answer or one with surrounding whitespace or an incomplete
+    character, or where the answer's continuation does not tokenise as answer tokens then a
+    line-break token (as :func:`encode_task_examples` requires).
+
+    Raises:
+        InputError: Fewer than ``n`` usable queries (the message says how many).
+
+    Example:
+        >>> query_answers(model, task, 2)  # doctest: +SKIP
+        [('swim', 'swam'), ('dance', 'danced')]
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    stops = stop_tokens(model)
+    unembed_weight = model.W_U.T.contiguous()
+    prefix = task.answer_prefix
+    out: list[tuple[str, str]] = []
+    with _tl.linear_layout(model):
+        for b in range(0, len(task.queries), batch_size):
+            if len(out) == n:
+                break
+            batch = task.queries[b : b + batch_size]
+            prompts = [encode_example(model, task.template, task.chunk, q).full.cpu() for q in batch]
+            generated, stopped = _greedy_loop(model, prompts, [[] for _ in batch],
+                                              lambda i, g: len(g) <= max_new_tokens, stops, unembed_weight)
+            for query, tokens, ended in zip(batch, generated, stopped):
+                text = model.tokenizer.decode(tokens)
+                answer = text[len(prefix):]
+                if not ended or not text.startswith(prefix) or "\ufffd" in answer or answer != answer.strip() \
+                        or not answer:
+                    continue
+                try:
+                    _encode(model, task, query, answer)
+                except ChunkError:
+                    continue
+                out.append((query, answer))
+                if len(out) == n:
+                    break
+    if len(out) < n:
+        raise InputError(
+            f"task {task.name!r}: {len(out)} of its {len(task.queries)} unlabelled queries are answered by "
+            f"the model with the chunk, {n} wanted (add queries to the task file or lower n_queries)"
+        )
+    return out
 
 
 def _run_to_end(
@@ -704,33 +801,41 @@ def evaluate_seed(
     config: EvalConfig,
     seed: int,
     verdicts: tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]] | None = None,
+    queries: Sequence[tuple[str, str]] | None = None,
 ) -> SeedResult:
     """The protocol on one seed (see the module docstring). ``verdicts``: the task's
     :func:`example_verdicts` if the caller has them (computed here otherwise; the same either
-    way). The model is left as it was (its gated MLP weights are stored transposed in memory
-    during the runs, :func:`tl_thoughts._tl.linear_layout`).
+    way); ``queries``: likewise its :func:`query_answers` for ``config.n_queries``. The model is
+    left as it was (its gated MLP weights are stored transposed in memory during the runs,
+    :func:`tl_thoughts._tl.linear_layout`).
 
     Example:
         >>> seed = evaluate_seed(load_default_model(), task, EvalConfig(), seed=0)  # doctest: +SKIP
         >>> seed.accuracy["thought_patch"], len(seed.filtered_indices)  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    if queries is not None and len(queries) != config.n_queries:
+        raise InputError(f"{len(queries)} answered queries given, config.n_queries is {config.n_queries}")
     if verdicts is None:
         verdicts = example_verdicts(model, task, batch_size=config.batch_size)
     if any(tuple(v.shape) != (len(task.examples),) for v in verdicts):
         raise InputError(f"verdicts must hold one value per example of {task.name!r} ({len(task.examples)})")
+    if queries is None:
+        queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
     with _tl.linear_layout(model):
-        result = _evaluate_seed(model, task, config, seed, verdicts)
+        result = _evaluate_seed(model, task, config, seed, verdicts, list(queries))
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _evaluate_seed(
-    model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor]
+    model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
+    queries: list[tuple[str, str]],
 ) -> SeedResult:
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
-    fit_set = encode_task_examples(model, task, fit_idx)
+    fit_set = encode_task_examples(model, task, fit_idx)  # labelled: the choices on fit data
+    query_set = [_encode(model, task, q, a) for q, a in queries]
     test_set = encode_task_examples(model, task, test_idx)
     bs = config.batch_size
     with_right, without_right = (v[torch.tensor(test_idx)] for v in verdicts)
@@ -755,13 +860,16 @@ def _evaluate_seed(
         result.right[name] = right.tolist()
 
     if filtered:
-        fit_pairs = task.fit_examples(fit_idx)
+        # every method is fitted on the fit examples plus the answered queries
+        labelled = task.fit_examples(fit_idx)
+        fit_pairs = labelled + [(q, task.continuation(a)) for q, a in queries]
         refine = "thought_patch_refined" in config.methods
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (refine and name == "thought_patch")}
+        options = {**config.fit_options, "ridge": config.ridge * len(fit_pairs) / config.n_fit}
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
             model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
-            compare_steering=False, progress=False, batch_size=bs, **config.fit_options,
+            compare_steering=False, progress=False, batch_size=bs, **options,
         ) if kinds else {}
         for name, kind in kinds.items():
             patch = patches[kind]
@@ -769,7 +877,8 @@ def _evaluate_seed(
                 patch, rank = choose_rank(model, patch, config.ranks, fit_set, stops=stops,
                                           batch_size=bs, unembed_weight=unembed_weight)
                 if refine:  # from the least-squares patch at its chosen rank
-                    refined = refine_thought(model, patch, fit_pairs, steps=config.refine_steps,
+                    # trained on the labelled answers only (the queries' answers are the chunk's own)
+                    refined = refine_thought(model, patch, labelled, steps=config.refine_steps,
                                              lr=config.refine_lr, batch_size=bs, progress=False)
                     result.ranks["thought_patch_refined"] = rank
                     with refined.apply(model):
@@ -781,8 +890,8 @@ def _evaluate_seed(
                 run(name)
         wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
         if wanted:
-            deltas, task_vectors = _mean_differences(model, fit_set, config.pool, bs)
-            start = _region_start(fit_set + filtered)
+            deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
+            start = _region_start(fit_set + query_set + filtered)
             edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
             edits = {name: edit for name, edit in edits.items() if name in wanted}
             best = _best_layers(model, fit_set, edits, stops, bs) if edits else {}
@@ -809,6 +918,7 @@ class TaskResult:
     task: str
     n_examples: int
     seeds: list[SeedResult]
+    queries: list[tuple[str, str]] = field(default_factory=list)  # answered unlabelled queries, every seed
 
     def summary(self, method: str) -> dict:
         """``accuracy`` (mean over seeds with filtered examples), ``std``, ``per_seed``,
@@ -836,12 +946,14 @@ def evaluate_task(
     """
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
-    verdicts = example_verdicts(model, task, batch_size=config.batch_size)  # once for every seed
+    # once for every seed
+    verdicts = example_verdicts(model, task, batch_size=config.batch_size)
+    queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
     seeds = [
-        evaluate_seed(model, task, config, seed, verdicts)
+        evaluate_seed(model, task, config, seed, verdicts, queries)
         for seed in tqdm(config.seeds, desc=f"{task.name}: seeds", disable=not progress)
     ]
-    return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds)
+    return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds, queries=queries)
 
 
 _WORKER_MODEL: HookedTransformer | None = None
@@ -856,18 +968,23 @@ def _worker_init(dtype: torch.dtype, threads: int) -> None:
     _WORKER_MODEL = load_default_model(dtype=dtype)
 
 
-def _worker_verdicts(task: Task, config: EvalConfig) -> tuple[list[bool], list[bool]]:
+def _worker_verdicts(
+    task: Task, config: EvalConfig
+) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]]]:
+    """A task's :func:`example_verdicts` (plain lists between processes) and :func:`query_answers`."""
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     with_right, without_right = example_verdicts(_WORKER_MODEL, task, batch_size=config.batch_size)
-    return with_right.tolist(), without_right.tolist()  # plain lists between processes
+    queries = query_answers(_WORKER_MODEL, task, config.n_queries, batch_size=config.batch_size)
+    return (with_right.tolist(), without_right.tolist()), queries
 
 
-def _worker_seed(task: Task, config: EvalConfig, seed: int, verdicts: tuple[list[bool], list[bool]]) -> SeedResult:
+def _worker_seed(task: Task, config: EvalConfig, seed: int, verdicts: tuple[list[bool], list[bool]],
+                 queries: list[tuple[str, str]]) -> SeedResult:
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     tensors = tuple(torch.tensor(v, dtype=torch.bool) for v in verdicts)
-    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors)
+    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors, queries)
 
 
 def evaluate_in_processes(
@@ -881,8 +998,8 @@ def evaluate_in_processes(
 ) -> list[TaskResult]:
     """:func:`evaluate_task` for every task on the DEFAULT model, in ``jobs`` worker processes of
     ``threads`` torch threads each (each loads its own copy of the model; the workers take one
-    unit at a time: a task's :func:`example_verdicts`, then each of its seeds; the biggest tasks
-    first). On this project's 2-core machine this is as fast as one process with both threads
+    unit at a time: a task's :func:`example_verdicts` and :func:`query_answers`, then each of its
+    seeds; the biggest tasks first). On this project's 2-core machine this is as fast as one process with both threads
     (``benchmarks/bench_jobs.py``).
     ``on_result(result)`` is called as each task finishes. Results come back in the order of
     ``tasks``, the same as :func:`evaluate_task` gives at the same thread count
@@ -900,6 +1017,7 @@ def evaluate_in_processes(
         raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
     order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i].examples))  # the biggest tasks first
     seeds: dict[int, dict[int, SeedResult]] = {i: {} for i in range(len(tasks))}
+    queries: dict[int, list[tuple[str, str]]] = {}
     results: dict[int, TaskResult] = {}
     workers = min(jobs, len(tasks) * len(config.seeds))
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -911,14 +1029,14 @@ def evaluate_in_processes(
             for future in done:
                 i, seed = pending.pop(future)
                 if seed is None:
-                    verdicts = future.result()
+                    verdicts, queries[i] = future.result()
                     for s in config.seeds:
-                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts)] = (i, s)
+                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts, queries[i])] = (i, s)
                     continue
                 seeds[i][seed] = future.result()
                 if len(seeds[i]) == len(config.seeds):
                     results[i] = TaskResult(task=tasks[i].name, n_examples=len(tasks[i].examples),
-                                            seeds=[seeds[i][s] for s in config.seeds])
+                                            seeds=[seeds[i][s] for s in config.seeds], queries=queries[i])
                     if on_result is not None:
                         on_result(results[i])
     return [results[i] for i in range(len(tasks))]
@@ -952,6 +1070,7 @@ def results_json(results: list[TaskResult], config: EvalConfig, model_name: str)
         "tasks": {
             r.task: {
                 "n_examples": r.n_examples,
+                "queries": [list(pair) for pair in r.queries],
                 "with_chunk_all": [s.with_chunk_all for s in r.seeds],
                 "without_chunk_all": [s.without_chunk_all for s in r.seeds],
                 "layers": [s.layers for s in r.seeds],

@@ -106,7 +106,9 @@ with loaded.apply(model):
 # %% [markdown]
 # ## The protocol on the test examples, against the steering baselines
 # `evaluate_seed` filters the test examples to those right WITH the chunk and wrong WITHOUT it,
-# then runs every method on them (see `tl_thoughts.evaluation`).
+# then runs every method on them (see `tl_thoughts.evaluation`). Every method is fitted on the fit
+# examples plus 60 of the task's unlabelled queries, answered by the model itself with the chunk
+# (`evaluation.query_answers`; `config.n_queries`), so its thought patch is not the one above.
 
 # %%
 result = evaluation.evaluate_seed(model, task, config, seed=0)

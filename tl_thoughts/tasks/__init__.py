@@ -1,7 +1,7 @@
 """Behavioural tasks: one JSON file a task (a chunk, a prompt template, (query, answer) examples).
 
-The format (all keys but ``description``, ``template``, ``answer_prefix`` and ``answer_suffix``
-required)::
+The format (all keys but ``description``, ``template``, ``answer_prefix``, ``answer_suffix`` and
+``queries`` required)::
 
     {
       "name": "past_tense",
@@ -10,7 +10,8 @@ required)::
       "template": {"text": "{chunk}{query} ->", "separator": ""},
       "answer_prefix": " ",
       "answer_suffix": "\\n",
-      "examples": [{"query": "go", "answer": "went"}, ...]
+      "examples": [{"query": "go", "answer": "went"}, ...],
+      "queries": ["run", "sing", ...]
     }
 
 The prompt WITH the chunk is ``template.render(query, chunk)``, WITHOUT it
@@ -18,6 +19,10 @@ The prompt WITH the chunk is ``template.render(query, chunk)``, WITHOUT it
 line break (``answer_suffix``, which must hold a line break: it is where greedy decoding stops).
 The default template is ``{"text": "{chunk}{query} ->", "separator": ""}`` and the default
 answer prefix a space, as in the demonstrations ``"x -> y\\n"``.
+
+``queries`` are unlabelled queries: more inputs of the task, without answers, none of them an
+example's query. The benchmark answers them with the model itself, WITH the chunk, and fits every
+method on them too (``EvalConfig.n_queries``; see :func:`tl_thoughts.evaluation.query_answers`).
 """
 
 import json
@@ -29,7 +34,7 @@ from tl_thoughts.templates import PromptTemplate
 
 DATA = Path(__file__).parent / "data"
 REQUIRED = ("name", "chunk", "examples")
-OPTIONAL = ("description", "template", "answer_prefix", "answer_suffix")
+OPTIONAL = ("description", "template", "answer_prefix", "answer_suffix", "queries")
 MIN_EXAMPLES = 60
 
 
@@ -49,6 +54,7 @@ class Task:
         answer_prefix: Text before each answer (e.g. the space after ``"->"``).
         answer_suffix: Text after each answer, holding the line break that ends it.
         examples: ``(query, answer)`` pairs.
+        queries: Unlabelled queries (no answers), none of them an example's query.
     """
 
     name: str
@@ -58,6 +64,7 @@ class Task:
     answer_prefix: str
     answer_suffix: str
     examples: tuple[tuple[str, str], ...]
+    queries: tuple[str, ...] = ()
 
     def prompt(self, query: str, with_chunk: bool) -> str:
         """The prompt for ``query`` with or without the chunk."""
@@ -80,6 +87,7 @@ class Task:
             "answer_prefix": self.answer_prefix,
             "answer_suffix": self.answer_suffix,
             "examples": [{"query": q, "answer": a} for q, a in self.examples],
+            **({"queries": list(self.queries)} if self.queries else {}),
         }
 
 
@@ -90,13 +98,37 @@ def _string(data: dict, key: str, where: str, default: str | None = None) -> str
     return value
 
 
+def _one_line(text: str) -> bool:
+    return bool(text) and text == text.strip() and "\n" not in text
+
+
+def _queries(data: dict, where: str, examples: set[str]) -> tuple[str, ...]:
+    raw = data.get("queries", [])
+    if not isinstance(raw, list):
+        raise TaskFormatError(f"{where}: 'queries' must be a list of strings")
+    seen: set[str] = set()
+    for i, q in enumerate(raw):
+        if not isinstance(q, str) or not _one_line(q):
+            raise TaskFormatError(
+                f"{where}: query {i} ({q!r}) of 'queries' must be a non-empty one-line string without "
+                "surrounding whitespace"
+            )
+        if q in seen:
+            raise TaskFormatError(f"{where}: query {q!r} appears twice in 'queries'")
+        if q in examples:
+            raise TaskFormatError(f"{where}: query {q!r} of 'queries' is also an example's query")
+        seen.add(q)
+    return tuple(raw)
+
+
 def task_from_dict(data: dict, where: str = "task", min_examples: int = MIN_EXAMPLES) -> Task:
     """Validate and build a :class:`Task` from its JSON object.
 
     Raises:
         TaskFormatError: A missing or unknown key, a wrong type, an empty chunk, fewer than
             ``min_examples`` examples, a repeated query, an answer with a line break or surrounding
-            whitespace, a suffix without a line break, or a bad template.
+            whitespace, a suffix without a line break, a bad template, or an unlabelled query that
+            is repeated, not one line, or an example's query.
 
     Example:
         >>> task = task_from_dict({"name": "t", "chunk": "a -> b\\n",
@@ -136,7 +168,7 @@ def task_from_dict(data: dict, where: str = "task", min_examples: int = MIN_EXAM
         if not isinstance(ex, dict) or set(ex) != {"query", "answer"}:
             raise TaskFormatError(f"{where}: example {i} must be an object with 'query' and 'answer'")
         q, a = _string(ex, "query", f"{where} example {i}"), _string(ex, "answer", f"{where} example {i}")
-        if not q or not a or q != q.strip() or a != a.strip() or "\n" in q + a:
+        if not _one_line(q) or not _one_line(a):
             raise TaskFormatError(
                 f"{where}: example {i} ({q!r} -> {a!r}): query and answer must be non-empty, one line, "
                 "without surrounding whitespace"
@@ -153,6 +185,7 @@ def task_from_dict(data: dict, where: str = "task", min_examples: int = MIN_EXAM
         answer_prefix=prefix,
         answer_suffix=suffix,
         examples=tuple(examples),
+        queries=_queries(data, where, seen),
     )
 
 
