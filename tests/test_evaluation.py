@@ -41,6 +41,9 @@ def test_shipped_tasks_follow_the_format():
         # the benchmark's default answers 60 unlabelled queries a task; some are skipped
         assert len(task.queries) >= E.EvalConfig().n_queries + 5, task.name
         assert not demos & set(task.queries), f"{task.name}: a demonstration is also an unlabelled query"
+        if task.name == "antonyms":  # a symmetric relation: a query that is an example's answer would
+            # most likely be answered with that example's query, the test pair reversed
+            assert not set(task.queries) & {a for _, a in task.examples}
 
 
 def test_task_defaults_and_rendering():
@@ -370,6 +373,10 @@ def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, sli
             assert (query, text[1:]) in pairs
     assert [q for q, _ in pairs] == [q for q in slice_task.queries[: last + 1] if q in used]  # in order
     assert E.query_answers(smollm2, slice_task, 0) == []
+    # a query whose answer and itself are an example the other way round is skipped
+    query, answer = pairs[0]
+    reverse = dataclasses.replace(slice_task, examples=slice_task.examples + ((answer, query),))
+    assert E.query_answers(smollm2, reverse, 9, batch_size=4) == pairs[1:]
     few = dataclasses.replace(slice_task, queries=slice_task.queries[:3])
     with pytest.raises(tt.InputError, match="3 unlabelled queries"):
         E.query_answers(smollm2, few, 5)

@@ -399,7 +399,9 @@ def query_answers(
     generation does not stop within ``max_new_tokens`` tokens, does not start with the task's
     ``answer_prefix``, leaves an empty answer or one with surrounding whitespace or an incomplete
     character, or where the answer's continuation does not tokenise as answer tokens then a
-    line-break token (as :func:`encode_task_examples` requires).
+    line-break token (as :func:`encode_task_examples` requires). A query is also skipped where
+    its answer and itself are an example's query and answer the other way round (``late -> early``
+    for the example ``early -> late``): such a row would hand the fit a test example's pair.
 
     Raises:
         InputError: Fewer than ``n`` usable queries (the message says how many).
@@ -415,6 +417,7 @@ def query_answers(
     stops = stop_tokens(model)
     unembed_weight = model.W_U.T.contiguous()
     prefix = task.answer_prefix
+    examples = set(task.examples)
     out: list[tuple[str, str]] = []
     with _tl.linear_layout(model):
         for b in range(0, len(task.queries), batch_size):
@@ -428,7 +431,7 @@ def query_answers(
                 text = model.tokenizer.decode(tokens)
                 answer = text[len(prefix):]
                 if not ended or not text.startswith(prefix) or "\ufffd" in answer or answer != answer.strip() \
-                        or not answer:
+                        or not answer or (answer, query) in examples:
                     continue
                 try:
                     _encode(model, task, query, answer)
