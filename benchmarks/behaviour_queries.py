@@ -61,7 +61,7 @@ def measure(args) -> dict:
                 patch = fit_thought(
                     model, task.chunk, task.fit_examples(fit_idx) + extra[task.name][:n_extra],
                     template=task.template, fit="both", compare_steering=False, progress=False, batch_size=bs,
-                    **{**config.fit_options, "ridge": config.ridge * (N_FIT + n_extra) / N_FIT},
+                    **config.fit_options_for(N_FIT + n_extra),
                 )
                 chosen, rank = E.choose_rank(model, patch, config.ranks, fit_set, stops=stops, batch_size=bs)
                 scores = {}

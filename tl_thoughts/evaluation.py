@@ -161,6 +161,16 @@ class EvalConfig:
                     attention_matrix=self.attention_matrix, query_weight=self.query_weight,
                     output_matrix=self.output_matrix, patch_prefix=self.patch_prefix)
 
+    def fit_options_for(self, n_rows: int) -> dict:
+        """:attr:`fit_options` for a fit on ``n_rows`` rows: the ridge scaled by ``n_rows / n_fit``
+        (see ``ridge``), as the protocol fits on the fit examples plus the answered queries.
+
+        Example:
+            >>> EvalConfig(n_fit=20, ridge=1.0).fit_options_for(80)["ridge"]
+            4.0
+        """
+        return {**self.fit_options, "ridge": self.ridge * n_rows / self.n_fit}
+
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
@@ -414,6 +424,8 @@ def query_answers(
         raise ValueError(f"n must be >= 0, got {n}")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if n == 0:
+        return []
     stops = stop_tokens(model)
     unembed_weight = model.W_U.T.contiguous()
     prefix = task.answer_prefix
@@ -838,7 +850,6 @@ def _evaluate_seed(
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
     fit_set = encode_task_examples(model, task, fit_idx)  # labelled: the choices on fit data
-    query_set = [_encode(model, task, q, a) for q, a in queries]
     test_set = encode_task_examples(model, task, test_idx)
     bs = config.batch_size
     with_right, without_right = (v[torch.tensor(test_idx)] for v in verdicts)
@@ -869,10 +880,10 @@ def _evaluate_seed(
         refine = "thought_patch_refined" in config.methods
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (refine and name == "thought_patch")}
-        options = {**config.fit_options, "ridge": config.ridge * len(fit_pairs) / config.n_fit}
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
             model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
-            compare_steering=False, progress=False, batch_size=bs, **options,
+            compare_steering=False, progress=False, batch_size=bs,
+            **config.fit_options_for(len(fit_pairs)),
         ) if kinds else {}
         for name, kind in kinds.items():
             patch = patches[kind]
@@ -893,6 +904,7 @@ def _evaluate_seed(
                 run(name)
         wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
         if wanted:
+            query_set = [_encode(model, task, q, a) for q, a in queries]
             deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
             start = _region_start(fit_set + query_set + filtered)
             edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
