@@ -119,6 +119,35 @@ def save(raw: dict, path: str) -> None:
         json.dump(raw, f)
 
 
+def record(raw: dict, task: str, seed: int, entry: dict, path: str | None, t0: float) -> None:
+    """Store one task and seed's measurements in ``raw`` (key ``"task|seed"``), write ``raw`` to
+    ``path`` if given (after every task, so that a stopped run keeps what it measured), and print
+    the progress."""
+    raw[f"{task}|{seed}"] = entry
+    if path:
+        save(raw, path)
+    print(f"{task} seed {seed}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def tasks_and_seeds(raw: dict) -> tuple[list[str], list[str]]:
+    """The tasks and the seeds of a saved run (keys ``"task|seed"``), sorted."""
+    pairs = [k for k in raw if not k.startswith("_")]
+    return sorted({k.split("|")[0] for k in pairs}), sorted({k.split("|")[1] for k in pairs})
+
+
+def print_header(columns: list[str], names: list[str]) -> None:
+    """The header of a markdown table: ``columns``, one column per task, the mean and per seed."""
+    print("| " + " | ".join([*columns, *names, "mean", "per seed"]) + " |")
+    print("|" + "---|" * (len(columns) + len(names) + 2))
+
+
+def task_and_seed_means(acc: dict, names: list[str], seeds: list[str]) -> tuple[list[float], list[float]]:
+    """From ``{(task, seed): value}``, the mean per task (in ``names``' order) and per seed."""
+    per_task = [float(np.mean([v for (t, _), v in acc.items() if t == name])) for name in names]
+    per_seed = [float(np.mean([v for (_, s), v in acc.items() if s == seed])) for seed in seeds]
+    return per_task, per_seed
+
+
 def seeds_main(description: str, measure, table) -> None:
     """The ``main`` of a script measured per task and seed, whose runs can be split over processes:
     ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2), ``--save FILE`` (the raw

@@ -26,7 +26,15 @@ import time
 
 import numpy as np
 import torch
-from behaviour_generalisation import generalisation_split, rank_label, save, seeds_main  # this folder is on sys.path
+from behaviour_generalisation import (  # this folder is on sys.path
+    generalisation_split,
+    print_header,
+    rank_label,
+    record,
+    seeds_main,
+    task_and_seed_means,
+    tasks_and_seeds,
+)
 
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
@@ -73,26 +81,19 @@ def measure(args) -> dict:
                         scores[name] = E.greedy_match(model, test, with_chunk=False, stops=stops,
                                                       batch_size=bs)[0].tolist()
                 entry[str(n_extra)] = {**scores, "rank": rank_label(rank)}
-            raw[f"{task.name}|{seed}"] = entry
-            if args.save:
-                save(raw, args.save)
-            print(f"seed {seed} {task.name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+            record(raw, task.name, seed, entry, args.save, t0)
     raw["_seconds"] = time.perf_counter() - t0
     return raw
 
 
 def table(raw: dict) -> None:
-    pairs = sorted(k for k in raw if not k.startswith("_"))
-    names = sorted({k.split("|")[0] for k in pairs})
-    seeds = sorted({k.split("|")[1] for k in pairs})
-    print("| fit rows | matrices | " + " | ".join(names) + " | mean | per seed |")
-    print("|---|---|" + "---|" * (len(names) + 2))
+    names, seeds = tasks_and_seeds(raw)
+    print_header(["fit rows", "matrices"], names)
     for n_extra in EXTRA:
         for how in ("as fitted", "rank chosen"):
             acc = {(t, s): 100 * float(np.mean(raw[f"{t}|{s}"][str(n_extra)][how]))
                    for t in names for s in seeds if f"{t}|{s}" in raw}
-            per_task = [np.mean([v for (t2, _), v in acc.items() if t2 == t]) for t in names]
-            per_seed = [np.mean([v for (_, s2), v in acc.items() if s2 == s]) for s in seeds]
+            per_task, per_seed = task_and_seed_means(acc, names, seeds)
             print(f"| {variant_label(n_extra)} | {how} | " + " | ".join(f"{v:.0f}" for v in per_task)
                   + f" | {np.mean(per_task):.1f} | " + " / ".join(f"{v:.1f}" for v in per_seed) + " |")
     print("\nranks chosen (seeds " + ", ".join(seeds) + "):")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_model_untouched, param_snapshot
+from helpers import assert_close, assert_model_untouched, param_snapshot, random_tokens
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -44,6 +44,25 @@ def test_shipped_tasks_follow_the_format():
         if task.name == "antonyms":  # a symmetric relation: a query that is an example's answer would
             # most likely be answered with that example's query, the test pair reversed
             assert not set(task.queries) & {a for _, a in task.examples}
+
+
+@pytest.mark.parametrize("arch", ["ln_gelu_learned", "lnpre_relu_learned_parallel", "rms_gated_silu_rotary_gqa",
+                                  "rmspre_relu_learned_prepost"])
+@pytest.mark.parametrize("normalization", ["as built", None])
+def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, normalization):
+    """``_tl.final_norm`` on picked rows of the residual after the last block, then the unembedding
+    (what ``_verdicts`` and the greedy decoding compute, on the rows they need only), gives
+    the model's own logits at those positions, for every kind of final norm and without one."""
+    extra = {} if normalization == "as built" else {"normalization_type": None}
+    model = fresh_model(arch, **extra)
+    assert (model.cfg.normalization_type is None) == (normalization is None)
+    tokens = torch.cat([random_tokens(7, seed=1), random_tokens(7, seed=2)])
+    with torch.no_grad():
+        logits = model(tokens)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 6, 4])
+    picked = _tl.final_norm(model, resid[rows, cols]) @ model.W_U + model.b_U
+    assert_close(picked, logits[rows, cols], 1e-12, "logits")
 
 
 def test_task_defaults_and_rendering():
@@ -284,6 +303,33 @@ def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     assert right.tolist() == seed.right["thought_patch_refined"]
 
 
+@pytest.mark.real_model
+def test_the_rank_is_chosen_on_the_fit_examples_and_the_answered_queries(smollm2, slice_task, monkeypatch):
+    """``rank_on_queries=True`` chooses the rank on the labelled fit examples plus the answered
+    queries (each query scored against the model's own answer with the chunk), False (the default)
+    on the labelled fit examples alone; the rank recorded is ``choose_rank``'s on that set."""
+    calls = []
+
+    def spy(model, patch, ranks, rows, **kwargs):
+        out = choose_rank(model, patch, ranks, rows, **kwargs)
+        calls.append(([(e.enc.full.tolist(), e.n_cont) for e in rows], out[1]))
+        return out
+
+    choose_rank = E.choose_rank
+    monkeypatch.setattr(E, "choose_rank", spy)
+    methods = ("with_chunk", "without_chunk", "thought_patch")
+    queries = E.query_answers(smollm2, slice_task, N_QUERIES)
+    fit_idx = E.split(len(slice_task.examples), 8, 0)[0]
+    labelled = [(e.enc.full.tolist(), e.n_cont) for e in E.encode_task_examples(smollm2, slice_task, fit_idx)]
+    answered = [(e.enc.full.tolist(), e.n_cont) for e in (E._encode(smollm2, slice_task, q, a) for q, a in queries)]
+    for on_queries, expected in ((True, labelled + answered), (False, labelled)):
+        config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods, ranks=(1, None), rank_on_queries=on_queries)
+        seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+        rows, rank = calls.pop()
+        assert rows == expected and seed.ranks == {"thought_patch": rank}
+    assert not calls
+
+
 def _forcing_vector(model, token: int) -> torch.Tensor:
     """A residual stream whose logits (final norm and unembedding) put ``token`` first: the
     token's unembedding direction, pushed away from the winner until the token wins."""
@@ -449,11 +495,12 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     path.write_text(json.dumps(full.to_json()))
     code = main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
                  "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector", "thought_patch_refined",
-                 "--refine-steps", "2", "--quiet"])
+                 "--refine-steps", "2", "--rank-on-queries", "--ridge", "0.25", "--quiet"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {"with_chunk", "without_chunk", "thought_vector", "thought_patch_refined", "meta"} == set(results)
     assert results["meta"]["config"]["refine_steps"] == 2
+    assert results["meta"]["config"]["rank_on_queries"] is True and results["meta"]["config"]["ridge"] == 0.25
     assert results["meta"]["config"]["n_queries"] == 3 and len(results["meta"]["tasks"]["past_tense"]["queries"]) == 3
     assert results["with_chunk"]["per_task"]["past_tense"]["accuracy"] == 1.0
     n = results["thought_vector"]["n_filtered"]["past_tense"][0]

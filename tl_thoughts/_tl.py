@@ -481,6 +481,15 @@ def final_scale_name(model: HookedTransformer) -> str | None:
     return "ln_final.hook_scale"
 
 
+def final_norm(model: HookedTransformer, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+    """The model's final norm (``ln_final``) applied to residual rows, as its forward pass applies
+    it (none where ``normalization_type`` is None). Applying it to the rows that are unembedded,
+    not to every position, gives the same values: the norm acts on each position alone."""
+    if model.cfg.normalization_type is None:
+        return x
+    return model.ln_final(x[None])[0]
+
+
 def final_norm_linear(
     model: HookedTransformer, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
 ) -> Float[Tensor, "*rest kept d_model"]:

@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             n_fit=args.n_fit, n_queries=args.queries, seeds=tuple(args.seeds), ridge=args.ridge, pool=args.pool,
             attention_matrix=not args.no_attention_matrix, query_weight=args.query_weight,
             output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
-            ranks=tuple(r or None for r in args.ranks),
+            ranks=tuple(r or None for r in args.ranks), rank_on_queries=args.rank_on_queries,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             methods=tuple(args.methods) if args.methods else E.METHODS,
         )
@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--queries", type=int, default=defaults.n_queries,
                    help="unlabelled queries of each task, answered by the model with the chunk, added "
                         "to the fit examples of every method (0: none; default: %(default)s)")
-    e.add_argument("--ridge", type=float, default=defaults.ridge)
+    e.add_argument("--ridge", type=float, default=defaults.ridge,
+                   help="ridge of the thought matrices relative to --n-fit rows: the fit's is this times "
+                        "(fit examples + queries) / --n-fit (default: %(default)s)")
     e.add_argument("--pool", default=defaults.pool, choices=["query", "answer", "kept", "all"])
     e.add_argument("--query-weight", type=float, default=defaults.query_weight,
                    help="weight of the query positions in the thought matrices' fits (default: %(default)s)")
@@ -173,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in defaults.ranks],
                    help="candidate ranks of the thought matrices (0: as fitted); the one doing best "
                         "on the fit examples is used (default: %(default)s)")
+    e.add_argument("--rank-on-queries", action="store_true",
+                   help="choose the rank on the fit examples plus the answered queries (default: on the "
+                        "labelled fit examples alone)")
     e.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
                    help="Adam steps of the thought_patch_refined method (default: %(default)s)")
     e.add_argument("--refine-lr", type=float, default=defaults.refine_lr,

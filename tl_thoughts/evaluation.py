@@ -28,7 +28,8 @@ Protocol (:func:`evaluate_task`), per seed:
      call), applied with :meth:`tl_thoughts.ThoughtPatch.apply`; the thought patch's matrices are
      used at the rank of ``EvalConfig.ranks`` (their best low-rank approximations,
      :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
-     fit examples (the vector-only and matrix-only ablations as fitted);
+     fit examples (or on the fit examples and the answered queries with
+     ``EvalConfig.rank_on_queries``; the vector-only and matrix-only ablations as fitted);
    - ``thought_patch_refined``: that thought patch (at its chosen rank) refined by
      ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
      chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
@@ -46,7 +47,8 @@ Protocol (:func:`evaluate_task`), per seed:
 
 Choices on fit data (the baselines' layers, the thought matrices' rank) rank the candidates by
 accuracy on the (labelled) fit examples without the chunk, then by the mean log-probability of
-their continuations.
+their continuations; with ``rank_on_queries``, the rank is chosen on the fit examples plus the
+answered queries (scored against the model's own answers with the chunk).
 
 An example is right when greedy decoding gives the answer's TEXT, so a greedy continuation that
 spells the answer with other tokens than the tokenizer's (``" F" "ARMER"`` for ``" FARMER"``) is
@@ -102,8 +104,8 @@ class EvalConfig:
             every seed's fit examples for every method's fit (the thought patches, the steering
             vectors, the task vectors). They are none of the task's examples, so the test
             examples stay unseen. Choices on fit data (ranks, layers) and the refined patch's
-            gradient steps use the ``n_fit`` labelled fit examples only. 0: no queries (the task
-            needs none).
+            gradient steps use the ``n_fit`` labelled fit examples only (the rank choice uses the
+            queries too with ``rank_on_queries``). 0: no queries (the task needs none).
         seeds: One split (and one fit) per seed.
         layers: Blocks the thought patches are fitted on (None: all).
         ridge: Ridge strength of the thought matrices, relative to the mean squared MLP input of
@@ -123,6 +125,10 @@ class EvalConfig:
             (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
             several candidates, the one doing best on the fit examples is used (per seed; recorded
             in ``SeedResult.ranks``). The ``thought_matrix`` ablation uses its matrices as fitted.
+        rank_on_queries: Choose the rank on the labelled fit examples plus the answered queries
+            (each scored against the model's own answer with the chunk) instead of on the
+            labelled fit examples alone (``docs/benchmark.md``, "More queries, a smaller ridge,
+            the rank chosen on the queries").
         refine_steps, refine_lr: The ``thought_patch_refined`` method: the ``thought_patch`` (at its
             chosen rank) refined by that many full-batch Adam steps at that learning rate on the
             fit examples' answers (:func:`tl_thoughts.refine_thought`).
@@ -143,6 +149,7 @@ class EvalConfig:
     output_matrix: bool = True
     patch_prefix: bool = False
     ranks: tuple[int | None, ...] = (1, 4, 16, None)
+    rank_on_queries: bool = False
     refine_steps: int = 10
     refine_lr: float = 1e-5
     batch_size: int = 64
@@ -293,7 +300,7 @@ def _verdicts(
         b_idx += [i] * len(rows)
         p_idx += rows
     picked = final_resid[torch.tensor(b_idx), torch.tensor(p_idx)]  # [rows, d_model]
-    logits = torch.nn.functional.linear(model.ln_final(picked[None])[0], unembed_weight, model.b_U)
+    logits = torch.nn.functional.linear(_tl.final_norm(model, picked), unembed_weight, model.b_U)
     norm = torch.logsumexp(logits, -1)  # log-probabilities of the targets only (no [rows, d_vocab] copy)
     right, logprob, open_ = [], [], []
     for lo, hi, targets in spans:
@@ -386,7 +393,7 @@ def _greedy_loop(
         with _tl.hooked(model, hooks(active) if hooks else []):
             final = _run_to_end(model, _pad(seqs).to(device))
         last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
-        nxt = torch.nn.functional.linear(model.ln_final(last[None])[0], unembed_weight, model.b_U).argmax(-1)
+        nxt = torch.nn.functional.linear(_tl.final_norm(model, last), unembed_weight, model.b_U).argmax(-1)
         still = []
         for i, token in zip(active, nxt.tolist()):
             if bool(stops[token]):
@@ -877,6 +884,7 @@ def _evaluate_seed(
         # every method is fitted on the fit examples plus the answered queries
         labelled = task.fit_examples(fit_idx)
         fit_pairs = labelled + [(q, task.continuation(a)) for q, a in queries]
+        query_set = [_encode(model, task, q, a) for q, a in queries]
         refine = "thought_patch_refined" in config.methods
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (refine and name == "thought_patch")}
@@ -888,7 +896,8 @@ def _evaluate_seed(
         for name, kind in kinds.items():
             patch = patches[kind]
             if name == "thought_patch":
-                patch, rank = choose_rank(model, patch, config.ranks, fit_set, stops=stops,
+                choice_set = fit_set + query_set if config.rank_on_queries else fit_set
+                patch, rank = choose_rank(model, patch, config.ranks, choice_set, stops=stops,
                                           batch_size=bs, unembed_weight=unembed_weight)
                 if refine:  # from the least-squares patch at its chosen rank
                     # trained on the labelled answers only (the queries' answers are the chunk's own)
@@ -904,7 +913,6 @@ def _evaluate_seed(
                 run(name)
         wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
         if wanted:
-            query_set = [_encode(model, task, q, a) for q, a in queries]
             deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
             start = _region_start(fit_set + query_set + filtered)
             edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
