@@ -884,7 +884,9 @@ def _evaluate_seed(
         # every method is fitted on the fit examples plus the answered queries
         labelled = task.fit_examples(fit_idx)
         fit_pairs = labelled + [(q, task.continuation(a)) for q, a in queries]
-        query_set = [_encode(model, task, q, a) for q, a in queries]
+        wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
+        # the answered queries as protocol rows, where the rank choice or the baselines use them
+        query_set = [_encode(model, task, q, a) for q, a in queries] if config.rank_on_queries or wanted else []
         refine = "thought_patch_refined" in config.methods
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (refine and name == "thought_patch")}
@@ -911,7 +913,6 @@ def _evaluate_seed(
                 result.ranks[name] = rank
             with patch.apply(model):
                 run(name)
-        wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
         if wanted:
             deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
             start = _region_start(fit_set + query_set + filtered)
