@@ -77,6 +77,7 @@ def measure(args) -> dict:
     for task in tasks:
         verdicts = E.example_verdicts(model, task, batch_size=bs)
         answered = E.query_answers(model, task, max(n for n, _ in VARIANTS.values()), batch_size=bs)
+        answered_set = [E._encode(model, task, q, a) for q, a in answered]  # the protocol's rows, once a task
         for seed in args.seeds:
             fit_idx, test_idx = E.split(len(task.examples), config.n_fit, seed)
             keep = (verdicts[0][torch.tensor(test_idx)] & ~verdicts[1][torch.tensor(test_idx)]).tolist()
@@ -85,8 +86,8 @@ def measure(args) -> dict:
             entry = {}
             for name, (n, ridge) in VARIANTS.items():
                 pairs = task.fit_examples(fit_idx) + [(q, task.continuation(a)) for q, a in answered[:n]]
-                query_set = [E._encode(model, task, q, a) for q, a in answered[:n]]
-                options = {**E.EvalConfig(ridge=ridge).fit_options_for(len(pairs))}
+                query_set = answered_set[:n]
+                options = E.EvalConfig(ridge=ridge).fit_options_for(len(pairs))
                 with _tl.linear_layout(model):
                     patch = fit_thought(model, task.chunk, pairs, template=task.template, fit="both",
                                         compare_steering=False, progress=False, batch_size=bs, **options)
