@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close, assert_model_untouched, param_snapshot, random_tokens
+from helpers import ARCHITECTURES, D_VOCAB, assert_close, assert_model_untouched, param_snapshot, random_tokens
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -63,6 +63,28 @@ def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, no
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 6, 4])
     picked = _tl.final_norm(model, resid[rows, cols]) @ model.W_U + model.b_U
     assert_close(picked, logits[rows, cols], 1e-12, "logits")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch):
+    """``_greedy_cached`` (the key-value cache, prompts grouped by length) decodes exactly what
+    ``_greedy_loop`` (every step from the start, right padding) decodes: the same tokens, the same
+    stops, for prompts of several lengths, some ending on a stop token and some on ``keep``."""
+    model = tiny_model(arch)
+    prompts = [random_tokens(n, seed=n + k)[0] for k, n in enumerate([3, 5, 5, 8, 3, 6])]
+    unembed = model.W_U.T.contiguous()
+    keep = lambda i, g: len(g) <= 5  # noqa: E731
+    free, _ = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, torch.zeros(D_VOCAB, dtype=torch.bool),
+                             unembed)
+    # a stop token: one that some prompt generates and some other prompt does not
+    stop = next(t for g in free for t in g if any(t not in h for h in free))
+    stops = torch.zeros(D_VOCAB, dtype=torch.bool)
+    stops[stop] = True
+    expected = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert E._greedy_cached(model, prompts, keep, stops, unembed) == expected
+    generated, stopped = expected
+    assert any(stopped) and not all(stopped), stopped  # both endings occur
+    assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
 
 
 def test_task_defaults_and_rendering():
@@ -400,6 +422,20 @@ def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
         assert bool(tokens[0]) is (path == canonical), tok.decode(path)
     with pytest.raises(ValueError, match="compare"):
         E.greedy_match(smollm2, [example], with_chunk=False, compare="string")
+
+
+@pytest.mark.real_model
+def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smollm2, slice_task):
+    """On the default model, the key-value-cached decoding of ``query_answers`` gives the same
+    tokens as decoding every step from the start, for prompts of several lengths."""
+    prompts = [E.encode_example(smollm2, slice_task.template, slice_task.chunk, q).full.cpu()
+               for q in slice_task.queries[:24]]
+    assert len({p.shape[0] for p in prompts}) > 1  # several length groups
+    stops, unembed = E.stop_tokens(smollm2), smollm2.W_U.T.contiguous()
+    keep = lambda i, g: len(g) <= 16  # noqa: E731
+    expected = E._greedy_loop(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert E._greedy_cached(smollm2, prompts, keep, stops, unembed) == expected
+    assert all(expected[1])  # every query's generation ends on a stop token
 
 
 @pytest.mark.real_model

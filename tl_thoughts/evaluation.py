@@ -68,7 +68,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
@@ -407,12 +407,55 @@ def _greedy_loop(
 
 
 @torch.no_grad()
+def _greedy_cached(
+    model: HookedTransformer,
+    prompts: list[Tensor],
+    keep: Callable[[int, list[int]], bool],
+    stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+) -> tuple[list[list[int]], list[bool]]:
+    """:func:`_greedy_loop` without hooks, with TransformerLens' key-value cache
+    (``TransformerLensKeyValueCache``): the prompts of one length run as one batch (no padding),
+    each prompt once, then one new token per step. The same decoding up to floating-point
+    rounding (the cached step multiplies other shapes): a near tie between two tokens may break
+    the other way (``tests/test_evaluation.py``
+    ``test_cached_greedy_decoding_equals_the_uncached_loop``)."""
+    device = _tl.model_device(model)
+    generated: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(int(p.shape[0]), []).append(i)
+    for group in by_length.values():
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
+        x = torch.stack([prompts[i] for i in group]).to(device)
+        active = set(range(len(group)))
+        while active:
+            mask = torch.ones(x.shape, dtype=torch.long, device=device)
+            final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
+            nxt = torch.nn.functional.linear(_tl.final_norm(model, final[:, -1]), unembed_weight, model.b_U).argmax(-1)
+            for j in sorted(active):  # the finished rows run on (cheaper than cutting the cache)
+                i, token = group[j], int(nxt[j])
+                if bool(stops[token]):
+                    stopped[i] = True
+                    active.discard(j)
+                    continue
+                generated[i].append(token)
+                if not keep(i, generated[i]):
+                    active.discard(j)
+            x = nxt[:, None]
+    return generated, stopped
+
+
+@torch.no_grad()
 def query_answers(
     model: HookedTransformer, task: Task, n: int, *, batch_size: int = 32, max_new_tokens: int = 16
 ) -> list[tuple[str, str]]:
     """The first ``n`` of the task's unlabelled ``queries`` that the model answers WITH the chunk,
     with their answers: greedy decoding of the prompt with the chunk (the protocol's tokens) up to
-    a stop token (:func:`stop_tokens`). A query is skipped (and the next one taken) where the
+    a stop token (:func:`stop_tokens`), through TransformerLens' key-value cache (the prompts of
+    one length in one batch; the same tokens as decoding every step from the start,
+    ``tests/test_evaluation.py``). A query is skipped (and the next one taken) where the
     generation does not stop within ``max_new_tokens`` tokens, does not start with the task's
     ``answer_prefix``, leaves an empty answer or one with surrounding whitespace or an incomplete
     character, or where the answer's continuation does not tokenise as answer tokens then a
@@ -444,8 +487,8 @@ def query_answers(
                 break
             batch = task.queries[b : b + batch_size]
             prompts = [encode_example(model, task.template, task.chunk, q).full.cpu() for q in batch]
-            generated, stopped = _greedy_loop(model, prompts, [[] for _ in batch],
-                                              lambda i, g: len(g) <= max_new_tokens, stops, unembed_weight)
+            generated, stopped = _greedy_cached(model, prompts, lambda i, g: len(g) <= max_new_tokens, stops,
+                                                unembed_weight)
             for query, tokens, ended in zip(batch, generated, stopped):
                 text = model.tokenizer.decode(tokens)
                 answer = text[len(prefix):]

@@ -1,0 +1,66 @@
+"""Benchmark: what 150 answered queries at ridge 0.5 (``--queries 150 --ridge 0.5``) cost the suite
+against its defaults (60 queries, ridge 1), measured in one run, so that the machine's speed (these
+shared machines drift by a factor of two between runs) cancels out of the ratio.
+
+For one task and seed, in this one process, both configurations are timed twice, in the order
+A B B A (A: the defaults, B: 150 queries at ridge 0.5), each time as the suite runs them:
+``evaluation.query_answers`` (once a task in the suite, so its time counts a third per seed) and
+``evaluation.evaluate_seed`` with every method. Prints each configuration's median time per seed,
+``thought_patch``'s accuracy (a check that the runs are the suite's: the same in both repeats), and
+the ratio B / A, which times the suite's own time at its defaults estimates the suite at 150
+queries.
+
+Run: .venv/bin/python benchmarks/bench_suite_queries.py --task plural [--seed 0]
+(the suite runs two worker processes of one thread: run two tasks at once, as it does).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+
+CONFIGS = {"A: 60 queries, ridge 1 (the defaults)": E.EvalConfig(), "B: 150 queries, ridge 0.5": E.EvalConfig(n_queries=150, ridge=0.5)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="a shipped task's name")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a suite worker
+    model = load_default_model()
+    task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))
+    first = E.EvalConfig()
+    verdicts = E.example_verdicts(model, task, batch_size=first.batch_size)  # the same for both
+    names = list(CONFIGS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    accuracy: dict[str, list[float]] = {name: [] for name in names}
+    for name in [names[0], names[1], names[1], names[0]]:
+        config = CONFIGS[name]
+        t0 = time.perf_counter()
+        queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+        t1 = time.perf_counter()
+        result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries)
+        t2 = time.perf_counter()
+        n_seeds = len(config.seeds)
+        times[name].append((t1 - t0) / n_seeds + (t2 - t1))  # the queries are answered once for all seeds
+        accuracy[name].append(result.accuracy["thought_patch"])
+        print(f"{name}: queries {t1 - t0:.0f} s, seed {t2 - t1:.0f} s, thought_patch {result.accuracy['thought_patch']:.3f}",
+              flush=True)
+    medians = {name: statistics.median(times[name]) for name in names}
+    print(f"\ntask {task.name}, seed {args.seed}, {torch.get_num_threads()} thread")
+    print("| configuration | seconds per seed (two runs) | thought_patch |")
+    print("|---|---|---|")
+    for name in names:
+        print(f"| {name} | {' / '.join(f'{t:.0f}' for t in times[name])} | "
+              f"{' / '.join(f'{a:.3f}' for a in accuracy[name])} |")
+    print(f"ratio B / A (medians): {medians[names[1]] / medians[names[0]]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
