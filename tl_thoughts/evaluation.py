@@ -276,6 +276,26 @@ def _pad(seqs: list[Tensor]) -> Int[Tensor, "batch pos"]:
 HookFactory = Callable[[list[_Example], bool], list[tuple[str, Callable]]]
 
 
+def _row_logits(
+    model: HookedTransformer, rows: Float[Tensor, "rows d_model"], unembed_weight: Float[Tensor, "d_vocab d_model"]
+) -> Float[Tensor, "rows d_vocab"]:
+    """The logits of residual rows after the last block: the final norm, then the unembedding
+    (``unembed_weight`` is ``W_U.T.contiguous()``, see :func:`_verdicts`)."""
+    return torch.nn.functional.linear(_tl.final_norm(model, rows), unembed_weight, model.b_U)
+
+
+def _advance(i: int, token: int, generated: list[list[int]], stopped: list[bool], stops: Tensor,
+             keep: Callable[[int, list[int]], bool]) -> bool:
+    """One greedy step of sequence ``i`` (:func:`_greedy_loop`, :func:`_greedy_cached`): a stop
+    token ends it (``stopped[i]``); any other token is appended, and it goes on while ``keep``
+    holds. Returns whether it goes on."""
+    if bool(stops[token]):
+        stopped[i] = True
+        return False
+    generated[i].append(token)
+    return keep(i, generated[i])
+
+
 def _verdicts(
     model: HookedTransformer,
     batch: list[_Example],
@@ -300,7 +320,7 @@ def _verdicts(
         b_idx += [i] * len(rows)
         p_idx += rows
     picked = final_resid[torch.tensor(b_idx), torch.tensor(p_idx)]  # [rows, d_model]
-    logits = torch.nn.functional.linear(_tl.final_norm(model, picked), unembed_weight, model.b_U)
+    logits = _row_logits(model, picked, unembed_weight)
     norm = torch.logsumexp(logits, -1)  # log-probabilities of the targets only (no [rows, d_vocab] copy)
     right, logprob, open_ = [], [], []
     for lo, hi, targets in spans:
@@ -393,16 +413,8 @@ def _greedy_loop(
         with _tl.hooked(model, hooks(active) if hooks else []):
             final = _run_to_end(model, _pad(seqs).to(device))
         last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
-        nxt = torch.nn.functional.linear(_tl.final_norm(model, last), unembed_weight, model.b_U).argmax(-1)
-        still = []
-        for i, token in zip(active, nxt.tolist()):
-            if bool(stops[token]):
-                stopped[i] = True
-                continue
-            generated[i].append(token)
-            if keep(i, generated[i]):
-                still.append(i)
-        active = still
+        nxt = _row_logits(model, last, unembed_weight).argmax(-1)
+        active = [i for i, token in zip(active, nxt.tolist()) if _advance(i, token, generated, stopped, stops, keep)]
     return generated, stopped
 
 
@@ -433,16 +445,9 @@ def _greedy_cached(
         while active:
             mask = torch.ones(x.shape, dtype=torch.long, device=device)
             final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
-            nxt = torch.nn.functional.linear(_tl.final_norm(model, final[:, -1]), unembed_weight, model.b_U).argmax(-1)
-            for j in sorted(active):  # the finished rows run on (cheaper than cutting the cache)
-                i, token = group[j], int(nxt[j])
-                if bool(stops[token]):
-                    stopped[i] = True
-                    active.discard(j)
-                    continue
-                generated[i].append(token)
-                if not keep(i, generated[i]):
-                    active.discard(j)
+            nxt = _row_logits(model, final[:, -1], unembed_weight).argmax(-1)
+            # the finished rows run on (cheaper than cutting the cache)
+            active = {j for j in active if _advance(group[j], int(nxt[j]), generated, stopped, stops, keep)}
             x = nxt[:, None]
     return generated, stopped
 
