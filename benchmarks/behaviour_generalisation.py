@@ -45,6 +45,10 @@ from tl_thoughts.thoughts import fit_thought
 OLD_PATCH = dict(output_matrix=False, patch_prefix=True)
 OLD_PATCH_HELP = (f"fit the thought patch of 82.5%% ({OLD_PATCH}: no W_out thought matrix, the prefix patched) "
                   "instead of EvalConfig's, as these findings were first measured")  # %% for argparse
+# EvalConfig's defaults when the findings up to the section "150 queries at ridge 0.5" of
+# docs/benchmark.md were measured: 60 answered queries, ridge 1 (since then 150 and 0.5). The
+# findings scripts pin them, so that they print their tables again.
+FINDINGS = dict(n_queries=60, ridge=1.0)
 N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
 N_EXTRA = 40  # fit examples of the n_fit=40 variants
 OWN_ANSWERS = "fitted on the model's own answers with the chunk (no labels)"
@@ -67,10 +71,11 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
 
 
 def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
-    """``EvalConfig(n_queries=0, **changes)``, with the options of the patch of 82.5% if
+    """``EvalConfig(n_queries=0, ridge=1, **changes)``, with the options of the patch of 82.5% if
     ``old_patch``: the findings take apart the patch fitted on the 20 fit examples alone, without
-    the unlabelled queries the protocol adds since (``behaviour_queries.py`` measures those)."""
-    return E.EvalConfig(**{"n_queries": 0, **(OLD_PATCH if old_patch else {}), **changes})
+    the unlabelled queries the protocol adds since (``behaviour_queries.py`` measures those), at
+    the ridge of the time (:data:`FINDINGS`)."""
+    return E.EvalConfig(**{**FINDINGS, "n_queries": 0, **(OLD_PATCH if old_patch else {}), **changes})
 
 
 def own_answer(model, task, query: str) -> str | None:

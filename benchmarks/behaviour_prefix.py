@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from behaviour_generalisation import fit_and_test_accuracy, filtered, generalisation_split  # this folder is on sys.path
+from behaviour_generalisation import fit_and_test_accuracy, filtered, findings_config, generalisation_split  # noqa: E501  this folder is on sys.path
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -45,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig()
+    config = findings_config(False)  # EvalConfig's options at ridge 1, the 20 fit examples alone
     assert (config.output_matrix, config.patch_prefix) == VARIANTS["W_out matrix, prefix unpatched (EvalConfig)"]
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]

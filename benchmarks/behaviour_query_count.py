@@ -7,17 +7,18 @@ rank chosen on the queries" in ``docs/benchmark.md`` comes from this script:
 Per task and seed (0, 1, 2), on the protocol's own split (``evaluation.split``: the 20 fit
 examples; the test examples filtered with ``evaluation.example_verdicts``, as the suite does), the
 least-squares thought patch is fitted with ``EvalConfig``'s options on the 20 fit examples plus the
-first 60 (the suite's) or 150 of the task's unlabelled queries that the model answers with the
-chunk (``evaluation.query_answers``), at the ridge ``ridge * rows / 20`` with ``ridge`` 1 (the
-suite's) or 0.5. Each patch's matrices are truncated to the candidate ranks of ``EvalConfig.ranks``,
+first 60 (the earlier defaults) or 150 (the defaults since 2 December) of the task's unlabelled
+queries that the model answers with the chunk (``evaluation.query_answers``), at the ridge
+``ridge * rows / 20`` with ``ridge`` 1 (earlier) or 0.5 (since). Each patch's matrices are truncated to the candidate ranks of ``EvalConfig.ranks``,
 and each candidate is scored without the chunk on the 20 fit examples, on the answered queries
 (against the model's own answers with the chunk) and on the filtered test examples. The rank is
 then chosen as ``evaluation.choose_rank`` does (accuracy, then mean log-probability, then the
 smaller rank), on the fit examples alone (the suite's choice) or on the fit examples plus the
 queries (``EvalConfig.rank_on_queries``); both are checked against ``choose_rank`` itself. The row
-"60 queries, ridge 1", rank on the fit examples, is the suite's ``thought_patch``; the row "150
-queries, ridge 0.5", rank on fit + queries, is the ``thought_patch`` of ``tl-thoughts eval --suite
---queries 150 --ridge 0.5 --rank-on-queries``.
+"60 queries, ridge 1", rank on the fit examples, is the ``thought_patch`` of the suite at its
+earlier defaults (``tl-thoughts eval --suite --queries 60 --ridge 1``); the row "150 queries,
+ridge 0.5", rank on the fit examples, is the suite's ``thought_patch`` now, and on fit + queries
+that of ``tl-thoughts eval --suite --rank-on-queries``.
 
 The options are those of ``behaviour_generalisation.seeds_main``: the tasks and seeds measured, and
 saving the raw verdicts or printing the table of saved runs (``--help``).
@@ -43,9 +44,9 @@ from tl_thoughts.tasks import load_task, shipped_tasks
 from tl_thoughts.thoughts import fit_thought
 
 VARIANTS = {  # name: (answered queries, EvalConfig.ridge)
-    "60 queries, ridge 1 (the suite's)": (60, 1.0),
+    "60 queries, ridge 1 (the earlier defaults)": (60, 1.0),
     "150 queries, ridge 1": (150, 1.0),
-    "150 queries, ridge 0.5": (150, 0.5),
+    "150 queries, ridge 0.5 (the defaults)": (150, 0.5),
 }
 CHECKED = {(60, 1.0): "fit examples", (150, 0.5): "fit + queries"}  # choices checked against choose_rank
 CHOICES = ("fit examples", "fit + queries")
@@ -69,7 +70,7 @@ def measure(args) -> dict:
     model = load_default_model()
     stops = E.stop_tokens(model)
     config = E.EvalConfig()
-    assert (config.n_queries, config.ridge, config.rank_on_queries) == (60, 1.0, False)  # the first variant
+    assert (config.n_queries, config.ridge, config.rank_on_queries) == (150, 0.5, False)  # the last variant
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 import torch
-from behaviour_generalisation import OLD_PATCH, fit_and_test_accuracy, filtered  # this folder is on sys.path
+from behaviour_generalisation import FINDINGS, OLD_PATCH, fit_and_test_accuracy, filtered  # this folder is on sys.path
 from torch.func import functional_call
 
 from tl_thoughts import evaluation as E
@@ -100,7 +100,7 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     stops = E.stop_tokens(model)
-    config = E.EvalConfig(**OLD_PATCH)
+    config = E.EvalConfig(**{**FINDINGS, **OLD_PATCH})  # ridge 1, as when this table was measured
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     steps = sorted(set(args.steps))

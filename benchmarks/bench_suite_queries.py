@@ -1,14 +1,15 @@
-"""Benchmark: what 150 answered queries at ridge 0.5 (``--queries 150 --ridge 0.5``) cost the suite
-against its defaults (60 queries, ridge 1), measured in one run, so that the machine's speed (these
-shared machines drift by a factor of two between runs) cancels out of the ratio.
+"""Benchmark: what 150 answered queries at ridge 0.5 (the defaults since 2 December) cost the suite
+against its earlier defaults (60 queries, ridge 1, ``--queries 60 --ridge 1``), with the same code,
+measured in one run, so that the machine's speed (these shared machines drift by a factor of two
+between runs) cancels out of the ratio. (``bench_versions.py`` compares this version with an
+earlier commit instead.)
 
 For one task and seed, in this one process, both configurations are timed twice, in the order
-A B B A (A: the defaults, B: 150 queries at ridge 0.5), each time as the suite runs them:
+A B B A (A: 60 queries at ridge 1, B: 150 queries at ridge 0.5), each time as the suite runs them:
 ``evaluation.query_answers`` (once a task in the suite, so its time counts a third per seed) and
 ``evaluation.evaluate_seed`` with every method. Prints each configuration's median time per seed,
 ``thought_patch``'s accuracy (a check that the runs are the suite's: the same in both repeats), and
-the ratio B / A, which times the suite's own time at its defaults estimates the suite at 150
-queries.
+the ratio B / A.
 
 Run: .venv/bin/python benchmarks/bench_suite_queries.py --task plural [--seed 0]
 (the suite runs two worker processes of one thread: run two tasks at once, as it does).
@@ -24,7 +25,8 @@ from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
 
-CONFIGS = {"A: 60 queries, ridge 1 (the defaults)": E.EvalConfig(), "B: 150 queries, ridge 0.5": E.EvalConfig(n_queries=150, ridge=0.5)}
+CONFIGS = {"A: 60 queries, ridge 1 (the earlier defaults)": E.EvalConfig(n_queries=60, ridge=1.0),
+           "B: 150 queries, ridge 0.5 (the defaults)": E.EvalConfig()}
 
 
 def main() -> None:

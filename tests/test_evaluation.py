@@ -15,6 +15,7 @@ import tl_thoughts as tt
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.tasks import MIN_EXAMPLES, TaskFormatError, load_task, shipped_tasks, task_from_dict
+from tl_thoughts.templates import shared_prefix_length
 
 # --- the task format (no model needed) -------------------------------------------------------------
 
@@ -66,18 +67,25 @@ def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, no
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch):
-    """``_greedy_cached`` (the key-value cache, prompts grouped by length) decodes exactly what
-    ``_greedy_loop`` (every step from the start, right padding) decodes: the same tokens, the same
-    stops, for prompts of several lengths, some ending on a stop token and some on ``keep``."""
+@pytest.mark.parametrize("shared", [0, 4])
+def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, shared):
+    """``_greedy_cached`` (the key-value cache, prompts grouped by length, the first tokens they all
+    share run once) decodes exactly what ``_greedy_loop`` (every step from the start, right
+    padding) decodes: the same tokens, the same stops, for prompts of several lengths, some ending
+    on a stop token and some on ``keep``, without and with a shared prefix of 4 tokens."""
     model = tiny_model(arch)
-    prompts = [random_tokens(n, seed=n + k)[0] for k, n in enumerate([3, 5, 5, 8, 3, 6])]
     unembed = model.W_U.T.contiguous()
     keep = lambda i, g: len(g) <= 5  # noqa: E731
-    free, _ = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, torch.zeros(D_VOCAB, dtype=torch.bool),
-                             unembed)
-    # a stop token: one that some prompt generates and some other prompt does not
-    stop = next(t for g in free for t in g if any(t not in h for h in free))
+    for seed in range(99, 109):  # a shared prefix after which the prompts' generations still differ
+        common = random_tokens(shared, seed=seed)[0]
+        prompts = [torch.cat([common, random_tokens(n, seed=n + k)[0]]) for k, n in enumerate([3, 5, 5, 8, 3, 6])]
+        free, _ = E._greedy_loop(model, prompts, [[] for _ in prompts], keep,
+                                 torch.zeros(D_VOCAB, dtype=torch.bool), unembed)
+        # a stop token: one that some prompt generates and some other prompt does not
+        stop = next((t for g in free for t in g if any(t not in h for h in free)), None)
+        if stop is not None:
+            break
+    assert stop is not None and shared_prefix_length(prompts) == shared
     stops = torch.zeros(D_VOCAB, dtype=torch.bool)
     stops[stop] = True
     expected = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed)
@@ -85,6 +93,62 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch):
     generated, stopped = expected
     assert any(stopped) and not all(stopped), stopped  # both endings occur
     assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mean_differences_equal_whole_runs(text_models, arch):
+    """The steering baselines' mean differences and task vectors, whose prompts with the chunk run
+    their shared positions once (TransformerLens' key-value cache, read by every batch), equal the
+    same means taken from whole runs of each prompt alone (``run_with_cache``), float64."""
+    from tl_thoughts.templates import encode_example
+
+    model = text_models(arch)
+    template = tt.PromptTemplate("<eos>{chunk}{query}", separator="")
+    chunk = "the cat sat on the mat and"
+    pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat on .")]
+    examples = [E._Example(encode_example(model, template, chunk, p), 0) for p in pairs]
+    assert E._shared_full_length(examples, "answer") == examples[0].enc.stop > 1
+    names = ["blocks.0.hook_resid_pre"] + [_tl.resid_post_name(layer) for layer in range(model.cfg.n_layers)]
+    diff = torch.zeros(len(names), model.cfg.d_model, dtype=torch.float64)
+    task = torch.zeros(len(names) - 1, model.cfg.d_model, dtype=torch.float64)
+    n_pos = 0
+    for e in examples:
+        _, full = model.run_with_cache(e.enc.full[None], names_filter=names.__contains__)
+        _, reduced = model.run_with_cache(e.enc.reduced[None], names_filter=names.__contains__)
+        pos = e.enc.pooled("answer")
+        for k, name in enumerate(names):
+            diff[k] += (full[name][0, pos] - reduced[name][0, e.enc.to_reduced(pos)]).sum(0)
+            if k:
+                task[k - 1] += full[name][0, e.last_prompt_full]
+        n_pos += len(pos)
+    deltas, vectors = E._mean_differences(model, examples, "answer", batch_size=3)  # a batch of 3, then 1
+    assert diff.abs().max() > 1e-2
+    assert_close(deltas, diff / n_pos, 1e-10, "mean differences")
+    assert_close(vectors, task / len(examples), 1e-10, "task vectors")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_teacher_forced_verdicts_with_the_chunk_run_its_positions_once(text_models, arch):
+    """``greedy_match`` with the chunk and no hook runs the positions every prompt shares once (a
+    key-value cache): the same verdicts and log-probabilities (float64) as whole runs (forced here
+    by an empty hook list), over batches of 3 then 1."""
+    from tl_thoughts.templates import encode_example
+
+    model = text_models(arch)
+    template = tt.PromptTemplate("<eos>{chunk}{query}", separator="")
+    pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat .")]
+    examples = []
+    for query, answer in pairs:
+        enc = encode_example(model, template, "the cat sat on the mat and", (query, answer))
+        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+    stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    stops[model.to_single_token(".")] = True
+    once = E.greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=3, compare="tokens")
+    whole = E.greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=3, compare="tokens",
+                           hooks=lambda batch, with_chunk: [])
+    assert once[0].tolist() == whole[0].tolist()
+    assert_close(once[1], whole[1], 1e-10, "log-probabilities")
+    assert shared_prefix_length([e.enc.full for e in examples]) >= examples[0].enc.stop
 
 
 def test_task_defaults_and_rendering():

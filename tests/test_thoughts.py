@@ -58,6 +58,37 @@ def test_ridge_solve_matches_lstsq_and_closed_form(n_rows):
     assert_close(ridge_solve(A.T @ A, A.T @ U, ridge, n_rows), closed, EXACT, "ridge closed form")
 
 
+@pytest.mark.parametrize("n_rows", [5, 15, 40])
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge):
+    """``_Regression`` (the fit's matrices): rows streamed in parts with weights and a shift of the
+    targets, solved from the sufficient statistics (rows >= inputs' dimension, 16) or in the row
+    space (fewer rows): the closed-form weighted ridge solution either way, and the minimum-norm
+    weighted least squares at ridge 0."""
+    from tl_thoughts.thoughts import _Regression
+
+    gen = torch.Generator().manual_seed(n_rows)
+    A = torch.randn(n_rows, 16, generator=gen, dtype=torch.float64)
+    U = torch.randn(n_rows, 24, generator=gen, dtype=torch.float64)
+    w = torch.rand(n_rows, generator=gen, dtype=torch.float64) + 0.05
+    shift = torch.randn(24, generator=gen, dtype=torch.float64)
+    n = float(w.sum())
+    fit = _Regression(16, n_rows)
+    assert fit.dual == (n_rows < 16)
+    for part in torch.arange(n_rows).split(4):
+        fit.add(A[part], U[part], w[part])
+    got = fit.solve(ridge, n, shift=shift)
+    G, F = A * w.sqrt()[:, None], (U - shift) * w.sqrt()[:, None]  # weighted rows
+    if ridge == 0:
+        expected = torch.linalg.lstsq(G, F, driver="gelsd").solution  # minimum norm
+    else:
+        lam = ridge * (w[:, None] * A**2).sum() / n
+        expected = torch.linalg.solve(G.T @ G + lam * torch.eye(16, dtype=A.dtype), G.T @ F)
+    assert_close(got, expected, EXACT, f"rows {n_rows}, ridge {ridge}")
+    with pytest.raises(ValueError, match="ridge"):
+        fit.solve(-1.0, n)
+
+
 @pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
 def test_fitted_matrix_and_vector_equal_independent_least_squares(text_models, arch):
     """Layer 0 and layer 1 (under the layer-0 patch: the papers' Algorithm 1), against lstsq on
@@ -366,6 +397,38 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, fit="both", **options)
     with pytest.raises(TypeError, match="shares the full-prompt stream"):
         tt.fit_thoughts(model, CHUNK, EXAMPLES, _full_stream={}, **options)
+
+
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, prefixed):
+    """The positions every prompt with the chunk shares (the template's prefix and the chunk) run
+    once, as one sequence whose keys and values every batch reads: the same patch, to float64
+    rounding, as streaming every prompt whole (``_share_prefix=False``), with every matrix, the
+    steering record, and the unpatched prefix copied from the shared run."""
+    from tl_thoughts.thoughts import _fitted_rows, _shared_length
+
+    model = text_models(arch)
+    template = PREFIXED if prefixed else TEMPLATE
+    options = dict(template=template, pool="answer", vector_site="attn_out", vector_target="attention",
+                   attention_matrix=True, output_matrix=True, query_weight=0.1, ridge=1.0, batch_size=3,
+                   patch_prefix=not prefixed, progress=False)
+    encoded = [encode_example(model, template, CHUNK, ex) for ex in EXAMPLES]
+    rows = [_fitted_rows(e, "answer", 0.1) for e in encoded]
+    shared = _shared_length(encoded, rows, encoded[0].start if prefixed else 0)
+    assert shared == encoded[0].stop  # the prefix and the chunk, up to the first query token
+    once = tt.fit_thought(model, CHUNK, EXAMPLES, **options)
+    whole = tt.fit_thought(model, CHUNK, EXAMPLES, _share_prefix=False, **options)
+    assert set(once.deltas) == set(whole.deltas) and any(k.endswith("W_out") for k in once.deltas)
+    assert sum(bool(d.abs().max() > 1e-3) for d in whole.deltas.values()) > len(whole.deltas) / 2
+    for name in whole.deltas:
+        assert_close(once.deltas[name], whole.deltas[name], 1e-10, name)
+    for name in whole.steering:
+        assert_close(once.steering[name], whole.steering[name], 1e-10, name)
+    # a prompt that shares nothing past its first token with the others: only that token is shared
+    odd = [(" a", " ran")] + EXAMPLES
+    encoded = [encode_example(model, template, "dog " + CHUNK if i == 0 else CHUNK, ex) for i, ex in enumerate(odd)]
+    assert _shared_length(encoded, [_fitted_rows(e, "answer", 0.1) for e in encoded], 0) == (1 if prefixed else 0)
 
 
 def _runs_by_form(model, patch, tokens):

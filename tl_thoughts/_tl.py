@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 
@@ -429,6 +429,29 @@ def block_attention(
     """Block ``layer``'s attention output (``hook_attn_out``) and head outputs (``hook_z``) for a
     stored residual stream, causal, without an attention mask (right padding never reaches a real
     position under causal attention), natural positions. Mirrors ``TransformerBlock.forward``."""
+    out, z, _ = block_attention_kv(model, layer, resid_pre)
+    return out, z
+
+
+KeysValues = tuple[Float[Tensor, "1 prefix kv_head d_head"], Float[Tensor, "1 prefix kv_head d_head"]]
+AllKeysValues = tuple[Float[Tensor, "1 kv_pos kv_head d_head"], Float[Tensor, "1 kv_pos kv_head d_head"]]
+
+
+def block_attention_kv(
+    model: HookedTransformer,
+    layer: int,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    prefix: KeysValues | None = None,
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"], AllKeysValues]:
+    """:func:`block_attention` after a shared prefix: ``resid_pre`` holds the positions that follow
+    ``prefix``, the keys and values (as TransformerLens caches them, before rotary) of the prefix's
+    positions at this block, the same for every sequence of the batch (one sequence, broadcast).
+    The positions are offset by the prefix's length (rotary), and every position attends to the
+    whole prefix, causally: the values the whole sequences would give at those positions, without
+    recomputing the prefix (TransformerLens' ``TransformerLensKeyValueCacheEntry``). Also returns
+    this block's keys and values of the whole sequence (prefix included) of the FIRST sequence of
+    the batch: the ``prefix`` argument of the next positions when ``resid_pre`` is a prefix itself
+    (one sequence)."""
     from transformer_lens.utilities import repeat_along_head_dimension
 
     block = model.blocks[layer]
@@ -446,9 +469,17 @@ def block_attention(
     def keep_z(z: Tensor, hook) -> None:
         store["z"] = z.detach()
 
+    if prefix is not None:
+        n = resid_pre.shape[0]
+        keys, values = (t.expand(n, *t.shape[1:]) for t in prefix)
+        entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values)
+    else:
+        entry = TransformerLensKeyValueCacheEntry.init_cache_entry(cfg, resid_pre.device, resid_pre.shape[0])
+        entry.past_keys, entry.past_values = (t.to(resid_pre.dtype) for t in (entry.past_keys, entry.past_values))
     with torch.no_grad(), hooked(model, [(z_name(layer), keep_z)]):
-        out = block.attn(query_input=pre(q_in), key_input=pre(kv_in), value_input=pre(kv_in))
-    return attn_post_norm(model, layer, out), store["z"]
+        out = block.attn(query_input=pre(q_in), key_input=pre(kv_in), value_input=pre(kv_in),
+                         past_kv_cache_entry=entry)
+    return attn_post_norm(model, layer, out), store["z"], (entry.past_keys[:1], entry.past_values[:1])
 
 
 def block_mlp(

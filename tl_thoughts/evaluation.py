@@ -68,13 +68,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
-from tl_thoughts.templates import EncodedExample, encode_example
+from tl_thoughts.templates import EncodedExample, encode_example, shared_prefix_length
 from tl_thoughts.refine import check_options as check_refine_options
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.thoughts import fit_thoughts
@@ -137,10 +137,10 @@ class EvalConfig:
     """
 
     n_fit: int = 20
-    n_queries: int = 60
+    n_queries: int = 150
     seeds: tuple[int, ...] = (0, 1, 2)
     layers: tuple[int, ...] | None = None
-    ridge: float = 1.0
+    ridge: float = 0.5
     pool: str = "answer"
     vector_site: str = "attn_out"
     vector_target: str = "attention"
@@ -438,9 +438,14 @@ def _greedy_cached(
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(int(p.shape[0]), []).append(i)
+    shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
+    prefix = _prefix_cache(model, prompts[0][:shared]) if shared else None
     for group in by_length.values():
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
-        x = torch.stack([prompts[i] for i in group]).to(device)
+        if prefix is None:
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
+        else:
+            cache = _broadcast_cache(prefix, len(group), frozen=False)
+        x = torch.stack([prompts[i][shared:] for i in group]).to(device)
         active = set(range(len(group)))
         while active:
             mask = torch.ones(x.shape, dtype=torch.long, device=device)
@@ -573,11 +578,23 @@ def greedy_match(
     right, logprob = [], []
     device = _tl.model_device(model)
     unembed_weight = model.W_U.T.contiguous() if unembed_weight is None else unembed_weight
+    # with the chunk, the first tokens every prompt shares run once (TransformerLens' key-value
+    # cache), where no hook could depend on positions; the verdicts read positions after them
+    shared, prefix = 0, None
+    if with_chunk and hooks is None and examples and not _has_hooks(model):
+        shared = shared_prefix_length([e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
+        prefix = _prefix_cache(model, examples[0].enc.full[:shared]) if shared else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
-            final = _run_to_end(model, _pad(seqs).to(device))
+            if prefix is None:
+                final = _run_to_end(model, _pad(seqs).to(device))
+            else:
+                tokens = _pad([q[shared:] for q in seqs]).to(device)
+                after = model(tokens, stop_at_layer=model.cfg.n_layers, attention_mask=torch.ones_like(tokens),
+                              past_kv_cache=_broadcast_cache(prefix, len(batch)))
+                final = torch.cat([after.new_zeros(len(batch), shared, after.shape[-1]), after], dim=1)  # never read
         r, lp, open_ = _verdicts(model, batch, seqs, final, stops, unembed_weight)
         reopen = [i for i, path in enumerate(open_) if path is not None and compare == "text"]
         if reopen:
@@ -629,38 +646,76 @@ def example_verdicts(
 # --- the baselines ---------------------------------------------------------------------------------
 
 
+def _shared_full_length(examples: list[_Example], pool: str) -> int:
+    """:func:`~tl_thoughts.templates.shared_prefix_length` of the prompts with the chunk, up to
+    the first position :func:`_mean_differences` reads (pooled or last prompt position)."""
+    first_read = min(min([e.last_prompt_full] + e.enc.pooled(pool).tolist()) for e in examples)
+    return shared_prefix_length([e.enc.full for e in examples], upto=first_read)
+
+
+def _prefix_cache(model: HookedTransformer, tokens: Int[Tensor, " shared"]) -> TransformerLensKeyValueCache:
+    """TransformerLens' key-value cache of one sequence, frozen: its keys and values at every block."""
+    device = _tl.model_device(model)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    mask = torch.ones(1, tokens.shape[0], dtype=torch.long, device=device)
+    model(tokens[None].to(device), stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
+    cache.freeze()
+    return cache
+
+
+def _broadcast_cache(cache: TransformerLensKeyValueCache, n: int, frozen: bool = True) -> TransformerLensKeyValueCache:
+    """A one-sequence cache read by a batch of ``n`` sequences (views, no copy). Frozen: every
+    forward pass reads the prefix alone; not frozen: it grows with each pass (decoding)."""
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(n, -1, -1, -1), e.past_values.expand(n, -1, -1, -1),
+                                                 frozen=frozen) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(n, -1), frozen=frozen)
+
+
+def _has_hooks(model: HookedTransformer) -> bool:
+    """Whether any forward hook is attached (a patch in activation form, the caller's hooks)."""
+    return any(hp._forward_hooks for hp in model.hook_dict.values())
+
+
 @torch.no_grad()
 def _mean_differences(
     model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
 ) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
     """Mean over the fit examples' pooled positions of ``resid(full) - resid(reduced)`` at
     ``blocks.0.hook_resid_pre`` then every ``blocks.{l}.hook_resid_post`` (``[n_layers + 1, d]``),
-    and the task vectors: mean full-run ``resid_post`` at the last prompt position (``[n_layers, d]``)."""
+    and the task vectors: mean full-run ``resid_post`` at the last prompt position (``[n_layers, d]``).
+    The positions every prompt with the chunk shares (the prefix and the chunk) run once, their
+    keys and values read by every batch from TransformerLens' key-value cache."""
     n_layers = model.cfg.n_layers
     names = ["blocks.0.hook_resid_pre"] + [_tl.resid_post_name(layer) for layer in range(n_layers)]
     diff = torch.zeros(n_layers + 1, model.cfg.d_model, dtype=torch.float64)
     task = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
     n_pos = 0
     device = _tl.model_device(model)
+    shared = _shared_full_length(examples, pool)
+    prefix = _prefix_cache(model, examples[0].enc.full[:shared]) if shared else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         caches = []
-        for which in ("full", "reduced"):
-            tokens = _pad([getattr(e.enc, which) for e in batch]).to(device)
+        for which, skip in (("full", shared), ("reduced", 0)):
+            tokens = _pad([getattr(e.enc, which)[skip:] for e in batch]).to(device)
             store: dict[str, Tensor] = {}
 
             def save(act, hook, store=store):
                 store[hook.name] = act.detach().double().cpu()
 
             with _tl.hooked(model, [(name, save) for name in names]):
-                _run_to_end(model, tokens)
+                if skip:
+                    model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens),
+                          past_kv_cache=_broadcast_cache(prefix, len(batch)))
+                else:
+                    _run_to_end(model, tokens)
             caches.append(torch.stack([store[name] for name in names]))  # [L+1, batch, pos, d]
-        full, reduced = caches
+        full, reduced = caches  # full: from position ``shared`` on
         for i, e in enumerate(batch):
             pos = e.enc.pooled(pool)
-            diff += (full[:, i, pos] - reduced[:, i, e.enc.to_reduced(pos)]).sum(1)
+            diff += (full[:, i, pos - shared] - reduced[:, i, e.enc.to_reduced(pos)]).sum(1)
             n_pos += pos.shape[0]
-            task += full[1:, i, e.last_prompt_full]
+            task += full[1:, i, e.last_prompt_full - shared]
     return diff / n_pos, task / len(examples)
 
 

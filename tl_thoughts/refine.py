@@ -100,6 +100,7 @@ def refine_thought(
     _tl.check_no_hooks(model)
     patch.check_compatible(model)
     rows = _rows(model, patch, examples)
+    n_layers = model.cfg.n_layers
     n_rows = sum(len(r[1]) for r in rows)
     device = _tl.model_device(model)
     batches = []
@@ -116,15 +117,22 @@ def refine_thought(
     def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
         """The mean loss over every answer position, and its gradient with respect to the deltas
         (none without ``grad``)."""
-        total, grads = 0.0, [torch.zeros_like(p) for p in params] if grad else []
+        total, grads = 0.0, []
         with torch.set_grad_enabled(grad), live.apply(model, "activation"):
             for tokens, which, pos, targets in batches:
-                logp = torch.log_softmax(model(tokens)[which, pos], dim=-1)
+                # the final norm and the unembedding at the answer positions only (the same logits)
+                resid = model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens))[which, pos]
+                logits = torch.nn.functional.linear(_tl.final_norm(model, resid), model.W_U.T, model.b_U)
+                logp = torch.log_softmax(logits, dim=-1)
                 loss = -logp.gather(-1, targets[:, None]).sum() / n_rows
                 if grad:
-                    for g, part in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-                        if part is not None:
+                    parts = [torch.zeros_like(p) if part is None else part
+                             for p, part in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                    if grads:  # accumulated over batches
+                        for g, part in zip(grads, parts):
                             g += part
+                    else:
+                        grads = parts
                 total += float(loss.detach())
         return total, grads
 

@@ -1,6 +1,7 @@
 """Prompt templates and the tokenisation of (chunk, query, answer) examples for thought patches."""
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +166,23 @@ def encode_example(
             stacklevel=3,
         )
     return EncodedExample(full=tokens, reduced=reduced, start=start, stop=stop, answer_start=answer_start)
+
+
+def shared_prefix_length(seqs: Sequence[Tensor], upto: int | None = None) -> int:
+    """How many first tokens every sequence shares (for a task's prompts with the chunk: the
+    template's prefix and the chunk), at most ``upto`` and at most one less than the shortest
+    sequence (so that every sequence keeps a position after it); 0 for no sequence.
+
+    Example:
+        >>> shared_prefix_length([torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5])])
+        2
+    """
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = min(int(q.shape[0]) for q in seqs) - 1
+    n = n if upto is None else min(n, upto)
+    for q in seqs:
+        same = (q[:n] == first[:n]).tolist()
+        n = same.index(False) if False in same else n
+    return max(n, 0)

@@ -5,10 +5,13 @@ prompts (with the chunk) and the reduced prompts (without it, natural positions,
 under the patches already fitted for the blocks below (the papers' Algorithm 1). Each block costs
 one attention and one MLP call per stream, so the whole fit costs about one full and one reduced
 forward pass, plus a third reduced pass without patches when ``compare_steering`` (the
-mean-difference steering baseline). The matrices are fitted from sufficient statistics only,
-``A^T A`` and ``A^T (A_C - A)`` (both ``d_model x d_model``, since every target is
-``u_i = (a_C,i - a_i) @ W``), whatever the number of examples; the streamed residuals themselves
-take ``O(examples x pos x d_model)``.
+mean-difference steering baseline). The first positions every full prompt shares (the template's
+prefix and the chunk) run once, as one sequence whose keys and values every batch's attention
+reads: the full pass then costs about as much as the reduced one. The matrices are fitted from
+sufficient statistics, ``A^T A`` and ``A^T (A_C - A)`` (both ``d_model x d_model``, since every
+target is ``u_i = (a_C,i - a_i) @ W``), whatever the number of examples, or, with fewer rows than
+inputs, from the rows themselves in the row space (``_Regression``); the streamed residuals take
+``O(examples x pos x d_model)``.
 """
 
 from collections.abc import Sequence
@@ -23,7 +26,15 @@ from transformer_lens import HookedTransformer
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 from tl_thoughts.patch import ThoughtPatch
-from tl_thoughts.templates import POOLS, EncodedExample, Example, PromptTemplate, default_template, encode_example
+from tl_thoughts.templates import (
+    POOLS,
+    EncodedExample,
+    Example,
+    PromptTemplate,
+    default_template,
+    encode_example,
+    shared_prefix_length,
+)
 
 FITS = ("vector", "matrix", "both")
 SITES = ("b_out", "attn_out")
@@ -56,6 +67,59 @@ def ridge_solve(
     if int(info) != 0:  # not numerically so (all-zero inputs: lam = 0): LU, which raises if singular
         return torch.linalg.solve(AtA + lam * eye, AtU)
     return torch.cholesky_solve(AtU, factor)
+
+
+class _Regression:
+    """A weighted ridge regression ``argmin_M sum_i w_i ||a_i @ M - u_i||^2 + lam ||M||^2`` whose
+    rows arrive in parts (:func:`fit_thought` streams batches), solved as :func:`ridge_solve` does
+    (``lam = ridge * sum_i w_i ||a_i||^2 / n``; ``ridge = 0``: minimum-norm least squares).
+
+    With at least as many rows as input dimensions it keeps the sufficient statistics ``A^T W A``
+    and ``A^T W U`` (``d x d``, whatever the rows); with fewer (``n_rows < d``, e.g. a few hundred
+    rows against an MLP's ``d_mlp``) it keeps the weighted rows themselves and solves in the row
+    space, ``M = G^T (G G^T + lam I)^-1 F`` with ``G = W^1/2 A``, ``F = W^1/2 U``: the same
+    solution (``tests/test_thoughts.py``) at ``n x n`` instead of ``d x d`` cost.
+    ``solve(shift=s)`` fits the targets ``u_i - s``."""
+
+    def __init__(self, d_in: int, n_rows: int) -> None:
+        self.dual = n_rows < d_in
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []  # dual: (sqrt(w), G, F) per batch
+        self.AtA: Tensor | None = None
+        self.AtU: Tensor | None = None
+        self.Asum: Tensor | None = None  # sum_i w_i a_i (the shift's term)
+
+    def add(self, a: Float[Tensor, "n d"], u: Float[Tensor, "n m"], w: Float[Tensor, " n"]) -> None:
+        """Rows ``a`` (inputs), ``u`` (targets) and their weights ``w``, all float64."""
+        if self.dual:
+            sw = w.sqrt()
+            self.parts.append((sw, a * sw[:, None], u * sw[:, None]))
+            return
+        wa = a * w[:, None]
+        if self.AtA is None:
+            self.AtA, self.AtU, self.Asum = wa.T @ a, wa.T @ u, wa.sum(0)
+        else:
+            self.AtA += wa.T @ a
+            self.AtU += wa.T @ u
+            self.Asum += wa.sum(0)
+
+    def solve(self, ridge: float, n: float, shift: Tensor | None = None) -> Tensor:
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not self.dual:
+            AtU = self.AtU if shift is None else self.AtU - torch.outer(self.Asum, shift)
+            return ridge_solve(self.AtA, AtU, ridge, n)
+        sw, G, F = (torch.cat(t) for t in zip(*self.parts))
+        if shift is not None:
+            F = F - sw[:, None] * shift[None]
+        K = G @ G.T
+        if ridge == 0:
+            return G.T @ (torch.linalg.pinv(K, hermitian=True) @ F)
+        lam = ridge * torch.trace(K) / n  # trace(G G^T) = trace(A^T W A)
+        K.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            return G.T @ torch.linalg.solve(K, F)
+        return G.T @ torch.cholesky_solve(F, factor)
 
 
 @dataclass
@@ -97,14 +161,29 @@ def _fitted_rows(ex: EncodedExample, pool: str, query_weight: float) -> tuple[Te
     return torch.cat([pos, extra]), weights, torch.arange(len(pos) + len(extra)) < len(pos)
 
 
+def _shared_length(encoded: list[EncodedExample], rows: list[tuple[Tensor, Tensor, Tensor]], prefix: int) -> int:
+    """How many first positions every full prompt shares, token for token (the template's prefix
+    and the chunk), that the fit can compute once for all (:func:`fit_thought`): up to every
+    example's first fitted row, and none unless it covers the unpatched ``prefix`` (whose residuals
+    the reduced stream copies from it)."""
+    first_row = min((int(pos.min()) for pos, _, _ in rows if len(pos)), default=None)
+    n = shared_prefix_length([e.full for e in encoded], upto=first_row)
+    return n if n >= prefix else 0
+
+
 def _make_batch(
-    model: HookedTransformer, encoded: list[EncodedExample], pool: str, query_weight: float, base: bool
-) -> _Batch:
+    model: HookedTransformer,
+    encoded: list[EncodedExample],
+    rows: list[tuple[Tensor, Tensor, Tensor]],
+    shared: int,
+    base: bool,
+) -> tuple[_Batch, Tensor]:
+    """The batch, its full prompts from position ``shared`` on (:func:`_shared_length`), and the
+    residual entering block 0 of the ``shared`` first positions, ``[1, shared, d_model]``."""
     bf, pf, pr, w, inside = [], [], [], [], []
-    for i, ex in enumerate(encoded):
-        pos, weights, in_pool = _fitted_rows(ex, pool, query_weight)
+    for i, (ex, (pos, weights, in_pool)) in enumerate(zip(encoded, rows)):
         bf.append(torch.full_like(pos, i))
-        pf.append(pos)
+        pf.append(pos - shared)
         pr.append(ex.to_reduced(pos))
         w.append(weights)
         inside.append(in_pool)
@@ -113,8 +192,9 @@ def _make_batch(
     dev = full.device
     rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
     rows_red = (rows_full[0], torch.cat(pr).to(dev))
-    return _Batch(full, reduced, reduced.clone() if base else None, rows_full, rows_red,
-                  torch.cat(inside).to(dev), torch.cat(w).to(dev))
+    batch = _Batch(full[:, shared:], reduced, reduced.clone() if base else None, rows_full, rows_red,
+                   torch.cat(inside).to(dev), torch.cat(w).to(dev))
+    return batch, full[:1, :shared]
 
 
 @torch.no_grad()
@@ -168,6 +248,7 @@ def fit_thought(
     compare_steering: bool = True,
     progress: bool = True,
     _full_stream: dict | None = None,
+    _share_prefix: bool = True,
 ) -> ThoughtPatch:
     """Fit a thought patch (a thought vector and/or thought matrix per block) from a chunk.
 
@@ -218,6 +299,8 @@ def fit_thought(
         _full_stream: Internal (:func:`fit_thoughts`): a dict, filled by the first call and read by
             the next ones with the same examples, template, chunk and batch size, that keeps the full
             prompts' attention outputs and residual streams per (batch, block).
+        _share_prefix: Internal: False streams every full prompt whole, the positions they share
+            included (the same fit, slower: ``tests/test_thoughts.py``).
 
     Returns:
         The fitted :class:`ThoughtPatch`.
@@ -280,10 +363,16 @@ def fit_thought(
     n_tokens = sum(int(e.pooled(pool).shape[0]) for e in encoded)
     if n_tokens == 0:
         raise InputError(f"no position to pool with pool={pool!r}")
-    batches = [
-        _make_batch(model, encoded[i : i + batch_size], pool, query_weight, compare_steering)
+    rows = [_fitted_rows(e, pool, query_weight) for e in encoded]
+    # the positions every full prompt shares (the prefix and the chunk) run once, as one sequence
+    # whose keys and values every batch's attention reads (a key-value cache): the same values
+    shared = _shared_length(encoded, rows, prefix) if _share_prefix else 0
+    made = [
+        _make_batch(model, encoded[i : i + batch_size], rows[i : i + batch_size], shared, compare_steering)
         for i in range(0, len(encoded), batch_size)
     ]
+    batches = [b for b, _ in made]
+    common = made[0][1]  # [1, shared, d_model]: the shared positions' residual stream
     deltas: dict[str, Tensor] = {}
     steering: dict[str, Tensor] = {}
     want_vector, want_matrix = fit in ("vector", "both"), fit in ("matrix", "both")
@@ -294,6 +383,7 @@ def fit_thought(
         bias = "b_O"
     device = _tl.model_device(model)
     n_weight = float(sum(float(b.weights.sum()) for b in batches))  # rows of the matrices' fits
+    n_rows = sum(int(b.weights.shape[0]) for b in batches)
     d_z = spec.n_heads * spec.d_head
     # blocks above the last fitted one change nothing in the fit: stop there
     for layer in tqdm(range(layers[-1] + 1), desc="fitting thought patch", disable=not progress):
@@ -302,14 +392,20 @@ def fit_thought(
         sum_delta = torch.zeros(spec.d_model, dtype=torch.float64, device=device)
         sum_steer = torch.zeros_like(sum_delta)
         sum_resid = torch.zeros_like(sum_delta)
-        ZtZ = torch.zeros(d_z, d_z, dtype=torch.float64, device=device)
-        ZtD = torch.zeros(d_z, spec.d_model, dtype=torch.float64, device=device)
-        Zsum = torch.zeros(d_z, dtype=torch.float64, device=device)
+        z_fit = _Regression(d_z, n_rows)
+        kv = None
+        if _full_stream is not None and ("shared", layer) in _full_stream:
+            common = _full_stream["shared", layer]
+        elif shared:
+            attn_common, _, kv = _tl.block_attention_kv(model, layer, common)
+            common = _finish_block(model, spec, layer, common, attn_common, {})
+            if _full_stream is not None:
+                _full_stream["shared", layer] = common  # after the block
         for j, b in enumerate(batches):
             if _full_stream is not None and (j, layer) in _full_stream:
                 b.cache["attn_full"], b.cache["next_full"] = _full_stream[j, layer]
             else:
-                b.cache["attn_full"], _ = _tl.block_attention(model, layer, b.full)
+                b.cache["attn_full"], _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
             b.cache["attn_red"], b.cache["z_red"] = _tl.block_attention(model, layer, b.reduced)
             mid_full = (b.full + b.cache["attn_full"])[b.rows_full]
             if vector_target == "residual":
@@ -319,11 +415,7 @@ def fit_thought(
             delta = delta.double()
             sum_delta += delta[b.in_pool].sum(0)
             if fitting and want_attn_matrix:
-                z = b.cache["z_red"][b.rows_reduced].flatten(1).double()  # [n, head * d_head]
-                wz = z * b.weights[:, None]
-                ZtZ += wz.T @ z
-                ZtD += wz.T @ delta
-                Zsum += wz.sum(0)
+                z_fit.add(b.cache["z_red"][b.rows_reduced].flatten(1).double(), delta, b.weights)  # z: [n, head * d_head]
             if b.base is not None:
                 b.cache["attn_base"], _ = _tl.block_attention(model, layer, b.base)
                 rows_f = (b.rows_full[0][b.in_pool], b.rows_full[1][b.in_pool])
@@ -341,7 +433,7 @@ def fit_thought(
         dW_O = None
         if fitting and want_attn_matrix:
             left = vector if want_vector else torch.zeros_like(vector)
-            dW_O = ridge_solve(ZtZ, ZtD - torch.outer(Zsum, left), ridge, n_weight)  # [head*d_head, d]
+            dW_O = z_fit.solve(ridge, n_weight, shift=left)  # [head*d_head, d]
             deltas[_tl.param_name(layer, "W_O")] = dW_O.reshape(spec.n_heads, spec.d_head, -1).to(spec.dtype)
         # the reduced stream's attention output under this block's attention-side patches
         for b in batches:
@@ -355,16 +447,13 @@ def fit_thought(
         if fitting and want_matrix and spec.has_mlp:
             # targets u_i = (a_C,i - a_i) @ W for every MLP input matrix W: accumulate
             # A^T A and A^T (A_C - A) (both d_model x d_model, weighted), and apply W once per layer
-            AtA = torch.zeros(spec.d_model, spec.d_model, dtype=torch.float64, device=device)
-            AtD = torch.zeros_like(AtA)
+            a_fit = _Regression(spec.d_model, n_rows)
             for b in batches:
                 r_full, r_red = _mlp_resids(spec, b)
                 a = _tl.mlp_norm(model, layer, r_red[b.rows_reduced]).double()
                 a_c = _tl.mlp_norm(model, layer, r_full[b.rows_full]).double()
-                wa = a * b.weights[:, None]
-                AtA += wa.T @ a
-                AtD += wa.T @ (a_c - a)
-            solved = ridge_solve(AtA, AtD, ridge, n_weight)  # [d_model, d_model]
+                a_fit.add(a, a_c - a, b.weights)
+            solved = a_fit.solve(ridge, n_weight)  # [d_model, d_model]
             for name in spec.mlp_input_matrices:
                 M = solved @ _tl.mlp_matrix(model, layer, name).double()
                 deltas[_tl.param_name(layer, name)] = M.to(spec.dtype)
@@ -374,8 +463,7 @@ def fit_thought(
         )
         fit_out = fitting and want_out_matrix
         if fit_out:
-            HtH = torch.zeros(spec.d_mlp, spec.d_mlp, dtype=torch.float64, device=device)
-            HtE = torch.zeros(spec.d_mlp, spec.d_model, dtype=torch.float64, device=device)
+            h_fit = _Regression(spec.d_mlp, n_rows)
         for j, b in enumerate(batches):
             attn_full = b.cache.pop("attn_full")
             if "next_full" in b.cache:
@@ -388,22 +476,20 @@ def fit_thought(
                 b.reduced, b.cache["post"] = _finish_block(
                     model, spec, layer, b.reduced, b.cache.pop("attn_red"), new, keep_post=True
                 )
-                h = b.cache["post"][b.rows_reduced].double()
-                wh = h * b.weights[:, None]
-                HtH += wh.T @ h
-                HtE += wh.T @ (b.full[b.rows_full] - b.reduced[b.rows_reduced]).double()
+                h_fit.add(b.cache["post"][b.rows_reduced].double(),
+                          (b.full[b.rows_full] - b.reduced[b.rows_reduced]).double(), b.weights)
             else:
                 b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
             if b.base is not None:
                 b.base = _finish_block(model, spec, layer, b.base, b.cache.pop("attn_base"), {})
         if fit_out:
-            dW_out = ridge_solve(HtH, HtE, ridge, n_weight)  # [d_mlp, d_model]
+            dW_out = h_fit.solve(ridge, n_weight)  # [d_mlp, d_model]
             deltas[_tl.param_name(layer, "W_out")] = dW_out.to(spec.dtype)
         for b in batches:
             if fit_out:
                 b.reduced = b.reduced + b.cache["post"] @ dW_out.to(b.reduced.dtype)
             if prefix:  # the positions before the chunk's place, left unpatched: as in the full run
-                b.reduced[:, :prefix] = b.full[:, :prefix]
+                b.reduced[:, :prefix] = common[:, :prefix] if shared else b.full[:, :prefix]
             b.cache.clear()
 
     meta = dict(

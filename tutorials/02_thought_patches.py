@@ -29,7 +29,7 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # ## Fit
 # Disjoint fit and test examples. The options are the benchmark's defaults (`EvalConfig`): the
 # thought vector on `b_O`, fitted to the attention-output difference (Algorithm 1 of the papers),
-# pooled over the positions that predict the answer (and the line break after it), ridge 1; a
+# pooled over the positions that predict the answer (and the line break after it), ridge 0.5; a
 # thought matrix on `W_O` that maps each token's head outputs to what the vector leaves of its
 # change, the MLP-input matrices, and a thought matrix on `W_out` that maps the MLP's hidden
 # activations to what is left of the residual difference, all also fitted on the query tokens at
@@ -107,8 +107,9 @@ with loaded.apply(model):
 # ## The protocol on the test examples, against the steering baselines
 # `evaluate_seed` filters the test examples to those right WITH the chunk and wrong WITHOUT it,
 # then runs every method on them (see `tl_thoughts.evaluation`). Every method is fitted on the fit
-# examples plus 60 of the task's unlabelled queries, answered by the model itself with the chunk
-# (`evaluation.query_answers`; `config.n_queries`), so its thought patch is not the one above.
+# examples plus 150 of the task's unlabelled queries, answered by the model itself with the chunk
+# (`evaluation.query_answers`; `config.n_queries`), at the ridge scaled by the rows
+# (`config.fit_options_for`), so its thought patch is not the one above.
 
 # %%
 result = evaluation.evaluate_seed(model, task, config, seed=0)

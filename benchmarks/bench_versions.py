@@ -1,0 +1,92 @@
+"""Benchmark: the suite's cost per seed, this version at its defaults (150 answered queries, ridge
+0.5) against an earlier commit at ITS defaults, measured in one run, so that the machine's speed
+(these shared machines drift by a factor of two between runs) cancels out of the ratio.
+
+The earlier commit (default ``f026f3e``: 60 queries, ridge 1, before the shared positions of the
+prompts with the chunk ran once) is checked out in a temporary git worktree. For one task and seed,
+each version runs in its own process of one torch thread (as a suite worker), in the order A B B A
+(A: the earlier commit, B: this version), as the suite runs them: ``example_verdicts`` and
+``query_answers`` (once a task in the suite, so a third of their time counts per seed) and
+``evaluate_seed`` with every method, at each version's ``EvalConfig()``. Prints each run's times,
+``thought_patch``'s accuracy (each version's own suite value for that task and seed, the same in
+both repeats), and the ratio of the medians B / A, which times the earlier suite's time estimates
+this version's suite at the same pace.
+
+Run: .venv/bin/python benchmarks/bench_versions.py --task plural [--seed 0] [--ref f026f3e]
+(the suite runs two worker processes: run two tasks at once, as it does).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ONE = r"""
+import sys, time, torch
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+torch.set_num_threads(1)
+name, seed = sys.argv[1], int(sys.argv[2])
+model = load_default_model()
+task = load_task(next(p for p in shipped_tasks() if p.stem == name))
+config = E.EvalConfig()
+t0 = time.perf_counter()
+verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
+t1 = time.perf_counter()
+queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+t2 = time.perf_counter()
+result = E.evaluate_seed(model, task, config, seed, verdicts, queries)
+t3 = time.perf_counter()
+n = len(config.seeds)
+print("RESULT", config.n_queries, config.ridge, t1 - t0, t2 - t1, t3 - t2, (t2 - t0) / n + (t3 - t2),
+      result.accuracy["thought_patch"])
+"""
+
+
+def run(tree: Path, task: str, seed: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", ONE, task, str(seed)], cwd=tempfile.gettempdir(),
+                         env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"the run in {tree} failed:\n{out.stderr[-2000:]}")
+    n_queries, ridge, verdicts, answers, seed_s, per_seed, accuracy = lines[-1].split()[1:]
+    return dict(config=f"{n_queries} queries, ridge {float(ridge):g}", verdicts=float(verdicts),
+                queries=float(answers), seed=float(seed_s), per_seed=float(per_seed), accuracy=float(accuracy))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="a shipped task's name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ref", default="f026f3e", help="the earlier commit (A)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "ref"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.ref], check=True)
+        try:
+            trees = {"A": old, "B": ROOT}
+            runs: dict[str, list[dict]] = {"A": [], "B": []}
+            for which in "ABBA":
+                r = run(trees[which], args.task, args.seed)
+                runs[which].append(r)
+                print(f"{which} ({r['config']}): verdicts {r['verdicts']:.0f} s, queries {r['queries']:.0f} s, "
+                      f"seed {r['seed']:.0f} s, per seed {r['per_seed']:.0f} s, thought_patch {r['accuracy']:.3f}",
+                      flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
+    medians = {k: statistics.median(r["per_seed"] for r in v) for k, v in runs.items()}
+    print(f"\ntask {args.task}, seed {args.seed}; A: {args.ref} ({runs['A'][0]['config']}), "
+          f"B: this version ({runs['B'][0]['config']})")
+    seconds = {k: " / ".join(f"{r['per_seed']:.0f}" for r in v) for k, v in runs.items()}
+    print(f"seconds per seed, A: {seconds['A']}, B: {seconds['B']}")
+    print(f"ratio B / A (medians): {medians['B'] / medians['A']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
