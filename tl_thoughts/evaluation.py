@@ -427,8 +427,9 @@ def _greedy_cached(
     unembed_weight: Float[Tensor, "d_vocab d_model"],
 ) -> tuple[list[list[int]], list[bool]]:
     """:func:`_greedy_loop` without hooks, with TransformerLens' key-value cache
-    (``TransformerLensKeyValueCache``): the prompts of one length run as one batch (no padding),
-    each prompt once, then one new token per step. The same decoding up to floating-point
+    (``TransformerLensKeyValueCache``): the first tokens every prompt shares run once (a task's
+    prompts with the chunk: the prefix and the chunk), then the prompts of one length run as one
+    batch (no padding) from there, each prompt once, then one new token per step. The same decoding up to floating-point
     rounding (the cached step multiplies other shapes): a near tie between two tokens may break
     the other way (``tests/test_evaluation.py``
     ``test_cached_greedy_decoding_equals_the_uncached_loop``)."""
@@ -550,6 +551,9 @@ def greedy_match(
     forward pass per batch. Where the greedy tokens leave the answer's tokens for a token whose text
     still fits the answer (another tokenization of the same text), that example is decoded for
     real (:func:`greedy_generate`'s loop, under the same hooks and patch) and compared as text.
+    With the chunk, no ``hooks`` and no hook attached to the model, the first tokens every prompt
+    shares (the prefix and the chunk) run once, read from TransformerLens' key-value cache: the
+    same verdicts (``tests/test_evaluation.py``).
 
     Args:
         model: The model (as it is: apply a patch around the call to test the patch).
