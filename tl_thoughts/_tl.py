@@ -126,9 +126,14 @@ def _norm_names(cfg) -> dict[str, str | None]:
     )
 
 
+def hooked_points(model: HookedTransformer) -> list[str]:
+    """The names of the hook points with hooks attached (forward or backward)."""
+    return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+
+
 def check_no_hooks(model: HookedTransformer) -> None:
     """Refuse a model with hooks attached: they would change the runs the equivalence compares."""
-    hooked = [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    hooked = hooked_points(model)
     if hooked:
         shown = ", ".join(hooked[:5]) + (" ..." if len(hooked) > 5 else "")
         raise InputError(

@@ -522,16 +522,22 @@ def query_answers(
 
 
 def _run_to_end(
-    model: HookedTransformer, x: Tensor, start_at_layer: int | None = None, stop_at_layer: int | None = None
+    model: HookedTransformer,
+    x: Tensor,
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    prefix: TransformerLensKeyValueCache | None = None,
 ) -> Tensor:
     """The residual stream after the last block (or before block ``stop_at_layer``), from tokens
-    or from a residual at a layer."""
+    or from a residual at a layer; with ``prefix`` (:func:`_prefix_cache`), of tokens that follow
+    that one sequence's tokens in every sequence of the batch."""
     n_layers = model.cfg.n_layers
     stop = n_layers if stop_at_layer is None else min(stop_at_layer, n_layers)
     if start_at_layer is not None and start_at_layer >= stop:
         return x
     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-    return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask)
+    cache = None if prefix is None else _broadcast_cache(prefix, x.shape[0])
+    return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask, past_kv_cache=cache)
 
 
 @torch.no_grad()
@@ -585,20 +591,16 @@ def greedy_match(
     # with the chunk, the first tokens every prompt shares run once (TransformerLens' key-value
     # cache), where no hook could depend on positions; the verdicts read positions after them
     shared, prefix = 0, None
-    if with_chunk and hooks is None and examples and not _has_hooks(model):
+    if with_chunk and hooks is None and examples and not _tl.hooked_points(model):
         shared = shared_prefix_length([e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
         prefix = _prefix_cache(model, examples[0].enc.full[:shared]) if shared else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
-            if prefix is None:
-                final = _run_to_end(model, _pad(seqs).to(device))
-            else:
-                tokens = _pad([q[shared:] for q in seqs]).to(device)
-                after = model(tokens, stop_at_layer=model.cfg.n_layers, attention_mask=torch.ones_like(tokens),
-                              past_kv_cache=_broadcast_cache(prefix, len(batch)))
-                final = torch.cat([after.new_zeros(len(batch), shared, after.shape[-1]), after], dim=1)  # never read
+            final = _run_to_end(model, _pad([q[shared:] for q in seqs]).to(device), prefix=prefix)
+            if shared:  # the shared positions' rows, never read: the verdicts' positions line up
+                final = torch.cat([final.new_zeros(len(batch), shared, final.shape[-1]), final], dim=1)
         r, lp, open_ = _verdicts(model, batch, seqs, final, stops, unembed_weight)
         reopen = [i for i, path in enumerate(open_) if path is not None and compare == "text"]
         if reopen:
@@ -675,11 +677,6 @@ def _broadcast_cache(cache: TransformerLensKeyValueCache, n: int, frozen: bool =
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(n, -1), frozen=frozen)
 
 
-def _has_hooks(model: HookedTransformer) -> bool:
-    """Whether any forward hook is attached (a patch in activation form, the caller's hooks)."""
-    return any(hp._forward_hooks for hp in model.hook_dict.values())
-
-
 @torch.no_grad()
 def _mean_differences(
     model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
@@ -708,11 +705,7 @@ def _mean_differences(
                 store[hook.name] = act.detach().double().cpu()
 
             with _tl.hooked(model, [(name, save) for name in names]):
-                if skip:
-                    model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens),
-                          past_kv_cache=_broadcast_cache(prefix, len(batch)))
-                else:
-                    _run_to_end(model, tokens)
+                _run_to_end(model, tokens, prefix=prefix if skip else None)
             caches.append(torch.stack([store[name] for name in names]))  # [L+1, batch, pos, d]
         full, reduced = caches  # full: from position ``shared`` on
         for i, e in enumerate(batch):
