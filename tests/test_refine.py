@@ -2,6 +2,8 @@
 gradient of the answers' cross-entropy without the chunk, the model is never changed, and the
 patch keeps its form (an unpatched prefix stays unpatched)."""
 
+import functools
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -67,6 +69,35 @@ def test_one_step_is_adam_on_the_cross_entropy_gradient(text_models, arch):
     assert entry["loss_after"] < entry["loss_before"]
     assert refined.meta["chunk"] == patch.meta["chunk"] and refined.steering.keys() == patch.steering.keys()
     assert_model_untouched(model, snap)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_step_with_an_unpatched_prefix_follows_the_activation_form(text_models, arch):
+    """A patch that leaves its first position unpatched (``patch_prefix=False``): refine runs it in
+    the weight form after an unpatched key-value cache of that position. One step equals Adam's
+    first step on the gradient of the cross-entropy computed through the patch's own hooks (the
+    activation form, position by position), and the loss it records is that loss (float64)."""
+    model = text_models(arch)
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=False, **OPTIONS)
+    assert patch.unpatched_positions == 1
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in patch.deltas.items()}
+    live = tt.ThoughtPatch(deltas=leaves, steering={}, meta=patch.meta)
+    terms = []
+    with live.apply(model, "activation"):
+        for ex in EXAMPLES:
+            enc = encode_example(model, PREFIXED, CHUNK, ex)
+            n_answer = enc.full.shape[0] - enc.answer_start
+            tokens = enc.reduced
+            logp = torch.log_softmax(model(tokens[None])[0], -1)
+            terms += [-logp[k - 1, tokens[k]] for k in range(tokens.shape[0] - n_answer, tokens.shape[0])]
+    loss = torch.stack(terms).mean()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    lr = 1e-3
+    refined = tt.refine_thought(model, patch, EXAMPLES, steps=1, lr=lr, progress=False)
+    for name, g in grads.items():
+        assert_close(refined.deltas[name], patch.deltas[name] - lr * g / (g.abs() + 1e-8), 1e-10, name)
+    assert refined.meta["refined"][0]["loss_before"] == pytest.approx(float(loss.detach()), abs=1e-10)
+    assert not hooks_attached(model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,22 +174,27 @@ class _Boom(RuntimeError):
 
 
 def test_refine_cleans_up_after_an_error_inside_a_step(text_models, monkeypatch):
-    """An exception raised while the patch's hooks are on the model (here from the loss, after the
-    forward pass of the second step): the hooks are removed, the model is untouched."""
+    """An exception raised inside the patched forward pass (here in block 1, in the second step):
+    the patched weights were in the model then (``functional_call``), and the model's own
+    parameters are back afterwards, bit for bit."""
     model = text_models("rms_gated_silu_rotary_gqa")
     snap = param_snapshot(model)
     patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
-    calls, log_softmax = [], torch.log_softmax
+    name = next(n for n in patch.deltas if n.endswith("mlp.W_in"))
+    original = model.get_parameter(name).detach().clone()
+    calls, forward = [], model.blocks[1].forward
 
     def failing(*args, **kwargs):
-        calls.append(hooks_attached(model))
-        if len(calls) == 3:  # the loss before, the first step, then fail in the second
+        current = functools.reduce(getattr, name.split("."), model)  # what the block reads now
+        calls.append(torch.equal(current, original + patch.deltas[name]) and not torch.equal(current, original))
+        if len(calls) == 2:  # the first step, then fail in the second
             raise _Boom("inside a step")
-        return log_softmax(*args, **kwargs)
+        return forward(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "log_softmax", failing)
+    monkeypatch.setattr(model.blocks[1], "forward", failing)
     with pytest.raises(_Boom):
         tt.refine_thought(model, patch, EXAMPLES, steps=3, lr=1e-3, progress=False)
     monkeypatch.undo()
-    assert len(calls) == 3 and all(calls)  # the hooks were on when it failed
+    assert len(calls) == 2 and calls[0]  # the first step ran under the least-squares patch's weights
+    assert not hooks_attached(model)
     assert_model_untouched(model, snap)

@@ -405,7 +405,8 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
     """The positions every prompt with the chunk shares (the template's prefix and the chunk) run
     once, as one sequence whose keys and values every batch reads: the same patch, to float64
     rounding, as streaming every prompt whole (``_share_prefix=False``), with every matrix, the
-    steering record, and the unpatched prefix copied from the shared run."""
+    steering record, and the unpatched prefix copied from the shared run; and the same patch at
+    any batch size (the examples are batched by length)."""
     from tl_thoughts.thoughts import _fitted_rows, _shared_length
 
     model = text_models(arch)
@@ -425,6 +426,11 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
         assert_close(once.deltas[name], whole.deltas[name], 1e-10, name)
     for name in whole.steering:
         assert_close(once.steering[name], whole.steering[name], 1e-10, name)
+    # batched by length (3 + 1 here, the order changed): the same fit one example a batch or all in one
+    for size in (1, len(EXAMPLES)):
+        other = tt.fit_thought(model, CHUNK, EXAMPLES, **{**options, "batch_size": size})
+        for name in whole.deltas:
+            assert_close(other.deltas[name], once.deltas[name], 1e-10, f"{name}, batch_size={size}")
     # a prompt that shares nothing past its first token with the others: only that token is shared
     odd = [(" a", " ran")] + EXAMPLES
     encoded = [encode_example(model, template, "dog " + CHUNK if i == 0 else CHUNK, ex) for i, ex in enumerate(odd)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCacheEntry
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 
@@ -436,6 +436,29 @@ def block_attention(
     position under causal attention), natural positions. Mirrors ``TransformerBlock.forward``."""
     out, z, _ = block_attention_kv(model, layer, resid_pre)
     return out, z
+
+
+def prefix_cache(model: HookedTransformer, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
+    """TransformerLens' key-value cache of ``tokens`` (as the model is now: no hook, no patch
+    should be attached), frozen: their keys and values at every block, read by the tokens that
+    follow them (``model(rest, past_kv_cache=cache)``, or :func:`broadcast_cache` for one
+    sequence read by a batch)."""
+    device = model_device(model)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
+    with torch.no_grad():
+        model(tokens.to(device), stop_at_layer=model.cfg.n_layers, attention_mask=torch.ones_like(tokens, device=device),
+              past_kv_cache=cache)
+    cache.freeze()
+    return cache
+
+
+def broadcast_cache(cache: TransformerLensKeyValueCache, n: int, frozen: bool = True) -> TransformerLensKeyValueCache:
+    """A one-sequence cache (:func:`prefix_cache`) read by a batch of ``n`` sequences (views, no
+    copy). Frozen: every forward pass reads the prefix alone; not frozen: it grows with each pass
+    (decoding)."""
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(n, -1, -1, -1), e.past_values.expand(n, -1, -1, -1),
+                                                 frozen=frozen) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(n, -1), frozen=frozen)
 
 
 KeysValues = tuple[Float[Tensor, "1 prefix kv_head d_head"], Float[Tensor, "1 prefix kv_head d_head"]]

@@ -68,7 +68,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
@@ -440,12 +440,12 @@ def _greedy_cached(
     for i, p in enumerate(prompts):
         by_length.setdefault(int(p.shape[0]), []).append(i)
     shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
-    prefix = _prefix_cache(model, prompts[0][:shared]) if shared else None
+    prefix = _tl.prefix_cache(model, prompts[0][None, :shared]) if shared else None
     for group in by_length.values():
         if prefix is None:
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
         else:
-            cache = _broadcast_cache(prefix, len(group), frozen=False)
+            cache = _tl.broadcast_cache(prefix, len(group), frozen=False)
         x = torch.stack([prompts[i][shared:] for i in group]).to(device)
         active = set(range(len(group)))
         while active:
@@ -529,14 +529,14 @@ def _run_to_end(
     prefix: TransformerLensKeyValueCache | None = None,
 ) -> Tensor:
     """The residual stream after the last block (or before block ``stop_at_layer``), from tokens
-    or from a residual at a layer; with ``prefix`` (:func:`_prefix_cache`), of tokens that follow
+    or from a residual at a layer; with ``prefix`` (:func:`tl_thoughts._tl.prefix_cache`), of tokens that follow
     that one sequence's tokens in every sequence of the batch."""
     n_layers = model.cfg.n_layers
     stop = n_layers if stop_at_layer is None else min(stop_at_layer, n_layers)
     if start_at_layer is not None and start_at_layer >= stop:
         return x
     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-    cache = None if prefix is None else _broadcast_cache(prefix, x.shape[0])
+    cache = None if prefix is None else _tl.broadcast_cache(prefix, x.shape[0])
     return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask, past_kv_cache=cache)
 
 
@@ -593,7 +593,7 @@ def greedy_match(
     shared, prefix = 0, None
     if with_chunk and hooks is None and examples and not _tl.hooked_points(model):
         shared = shared_prefix_length([e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
-        prefix = _prefix_cache(model, examples[0].enc.full[:shared]) if shared else None
+        prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
@@ -659,24 +659,6 @@ def _shared_full_length(examples: list[_Example], pool: str) -> int:
     return shared_prefix_length([e.enc.full for e in examples], upto=first_read)
 
 
-def _prefix_cache(model: HookedTransformer, tokens: Int[Tensor, " shared"]) -> TransformerLensKeyValueCache:
-    """TransformerLens' key-value cache of one sequence, frozen: its keys and values at every block."""
-    device = _tl.model_device(model)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-    mask = torch.ones(1, tokens.shape[0], dtype=torch.long, device=device)
-    model(tokens[None].to(device), stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
-    cache.freeze()
-    return cache
-
-
-def _broadcast_cache(cache: TransformerLensKeyValueCache, n: int, frozen: bool = True) -> TransformerLensKeyValueCache:
-    """A one-sequence cache read by a batch of ``n`` sequences (views, no copy). Frozen: every
-    forward pass reads the prefix alone; not frozen: it grows with each pass (decoding)."""
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(n, -1, -1, -1), e.past_values.expand(n, -1, -1, -1),
-                                                 frozen=frozen) for e in cache.entries]
-    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(n, -1), frozen=frozen)
-
-
 @torch.no_grad()
 def _mean_differences(
     model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
@@ -693,26 +675,31 @@ def _mean_differences(
     n_pos = 0
     device = _tl.model_device(model)
     shared = _shared_full_length(examples, pool)
-    prefix = _prefix_cache(model, examples[0].enc.full[:shared]) if shared else None
+    prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
+    # batches of examples of similar lengths: the fewer padded positions, the less each batch computes
+    examples = sorted(examples, key=lambda e: (e.enc.full.shape[0], e.enc.reduced.shape[0]))
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
-        caches = []
-        for which, skip in (("full", shared), ("reduced", 0)):
+        pooled = [e.enc.pooled(pool) for e in batch]
+        in_batch = torch.cat([torch.full_like(p, i) for i, p in enumerate(pooled)])
+        pooled_full = (in_batch, torch.cat(pooled) - shared)  # the full prompts run from position ``shared``
+        pooled_reduced = (in_batch, torch.cat([e.enc.to_reduced(p) for e, p in zip(batch, pooled)]))
+        last_full = (torch.arange(len(batch)), torch.tensor([e.last_prompt_full - shared for e in batch]))
+        picked = {}
+        for which, skip, rows in (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,))):
             tokens = _pad([getattr(e.enc, which)[skip:] for e in batch]).to(device)
-            store: dict[str, Tensor] = {}
+            store: dict[str, list[Tensor]] = {}
 
-            def save(act, hook, store=store):
-                store[hook.name] = act.detach().double().cpu()
+            def save(act, hook, store=store, rows=rows):  # the rows read, not every position
+                store[hook.name] = [act[r].detach().double().cpu() for r in rows]
 
             with _tl.hooked(model, [(name, save) for name in names]):
                 _run_to_end(model, tokens, prefix=prefix if skip else None)
-            caches.append(torch.stack([store[name] for name in names]))  # [L+1, batch, pos, d]
-        full, reduced = caches  # full: from position ``shared`` on
-        for i, e in enumerate(batch):
-            pos = e.enc.pooled(pool)
-            diff += (full[:, i, pos - shared] - reduced[:, i, e.enc.to_reduced(pos)]).sum(1)
-            n_pos += pos.shape[0]
-            task += full[1:, i, e.last_prompt_full - shared]
+            picked[which] = [torch.stack([store[name][k] for name in names]) for k in range(len(rows))]  # [L+1, n, d]
+        (full, last), (reduced,) = picked["full"], picked["reduced"]
+        diff += (full - reduced).sum(1)
+        n_pos += full.shape[1]
+        task += last[1:].sum(1)
     return diff / n_pos, task / len(examples)
 
 

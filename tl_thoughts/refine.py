@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
@@ -110,18 +111,28 @@ def refine_thought(
         batches.append((_pad([r[0] for r in part]).to(device), which.to(device),
                         torch.cat([r[1] for r in part]).to(device), torch.cat([r[2] for r in part]).to(device)))
     leaves = {name: d.detach().clone().requires_grad_(True) for name, d in patch.deltas.items()}
-    live = ThoughtPatch(deltas=leaves, steering={}, meta=patch.meta)
     params = list(leaves.values())
     opt = torch.optim.Adam(params, lr=lr)
+    prefix = patch.unpatched_positions
+    # the weight form: each delta added to its parameter for the call (functional_call), which
+    # costs one product per matrix where the activation form's hooks cost two; an unpatched
+    # prefix runs once, unpatched, into a frozen key-value cache that the patched positions read
+    # (the positions after it see it only through its keys and values): the activation form's values
+    weights = {name: model.get_parameter(name) for name in leaves}
+    caches = [_tl.prefix_cache(model, tokens[:, :prefix]) if prefix else None for tokens, *_ in batches]
 
     def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
         """The mean loss over every answer position, and its gradient with respect to the deltas
         (none without ``grad``)."""
         total, grads = 0.0, []
-        with torch.set_grad_enabled(grad), live.apply(model, "activation"):
-            for tokens, which, pos, targets in batches:
+        with torch.set_grad_enabled(grad):
+            for (tokens, which, pos, targets), cache in zip(batches, caches):
+                # W + delta in W's memory layout (see _tl.linear_layout)
+                patched = {name: weights[name].detach() + d for name, d in leaves.items()}
+                rest = tokens[:, prefix:]
                 # the final norm and the unembedding at the answer positions only (the same logits)
-                resid = model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens))[which, pos]
+                resid = functional_call(model, patched, (rest,), dict(
+                    stop_at_layer=n_layers, attention_mask=torch.ones_like(rest), past_kv_cache=cache))[which, pos - prefix]
                 logits = torch.nn.functional.linear(_tl.final_norm(model, resid), model.W_U.T, model.b_U)
                 logp = torch.log_softmax(logits, dim=-1)
                 loss = -logp.gather(-1, targets[:, None]).sum() / n_rows

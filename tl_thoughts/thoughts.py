@@ -292,7 +292,8 @@ def fit_thought(
             the fit, and the patch records it (``ThoughtPatch.unpatched_positions``): it is then
             applied as activation hooks from that position on (``ThoughtPatch.apply``). Needs a
             prefix of the same length in every example and ``pool`` other than ``"all"``.
-        batch_size: Examples per padded batch.
+        batch_size: Examples per padded batch (the examples are batched by length, so that a
+            batch pads few positions).
         compare_steering: Also stream the unpatched reduced prompts, to store the plain
             mean-difference steering vectors (``ThoughtPatch.steering``) for comparison.
         progress: Show a progress bar over blocks.
@@ -367,10 +368,11 @@ def fit_thought(
     # the positions every full prompt shares (the prefix and the chunk) run once, as one sequence
     # whose keys and values every batch's attention reads (a key-value cache): the same values
     shared = _shared_length(encoded, rows, prefix) if _share_prefix else 0
-    made = [
-        _make_batch(model, encoded[i : i + batch_size], rows[i : i + batch_size], shared, compare_steering)
-        for i in range(0, len(encoded), batch_size)
-    ]
+    # batches of examples of similar lengths (sorted by length, the order of the examples kept
+    # among equal lengths): the fewer padded positions, the less each batch computes
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    made = [_make_batch(model, [encoded[i] for i in g], [rows[i] for i in g], shared, compare_steering) for g in groups]
     batches = [b for b, _ in made]
     common = made[0][1]  # [1, shared, d_model]: the shared positions' residual stream
     deltas: dict[str, Tensor] = {}
