@@ -9,7 +9,16 @@ import json
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, D_VOCAB, assert_close, assert_model_untouched, param_snapshot, random_tokens
+from helpers import (
+    ARCHITECTURES,
+    D_VOCAB,
+    PRE_NORM_MLP_ARCHITECTURES,
+    assert_close,
+    assert_model_untouched,
+    hooks_attached,
+    param_snapshot,
+    random_tokens,
+)
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -90,9 +99,48 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     stops[stop] = True
     expected = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed)
     assert E._greedy_cached(model, prompts, keep, stops, unembed) == expected
+    if shared:  # the loop itself after a prefix read from a key-value cache
+        prefix = (shared, _tl.prefix_cache(model, prompts[0][None, :shared]))
+        assert E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
     generated, stopped = expected
     assert any(stopped) and not all(stopped), stopped  # both endings occur
     assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
+
+
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
+    """The protocol runs a thought patch in its weight form (``_match_under``), the positions it
+    leaves unpatched (a fixed first token here) read from a key-value cache of the unpatched
+    model: the verdicts and log-probabilities (float64) of the activation form's hooks, position
+    by position; the model is left untouched."""
+    from tl_thoughts.templates import encode_example
+
+    model = text_models(arch)
+    snap = param_snapshot(model)
+    template = tt.PromptTemplate("<eos>{chunk}{query}" if prefixed else "{chunk}{query}", separator="")
+    chunk = "the cat sat on the mat and"
+    pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat .")]
+    patch = tt.fit_thought(model, chunk, pairs, template=template, patch_prefix=not prefixed, pool="answer",
+                           vector_site="attn_out", vector_target="attention", attention_matrix=True,
+                           output_matrix=True, query_weight=0.1, ridge=0.05, progress=False)
+    assert patch.unpatched_positions == int(prefixed)
+    examples = []
+    for pair in pairs:
+        enc = encode_example(model, template, chunk, pair)
+        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+    stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    stops[model.to_single_token(".")] = True
+    unembed = model.W_U.T.contiguous()
+    weight = E._match_under(model, patch, examples, stops=stops, batch_size=3, unembed_weight=unembed)
+    assert not hooks_attached(model)
+    assert_model_untouched(model, snap)
+    with patch.apply(model, "activation"):
+        hooked = E.greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=3)
+    plain = E.greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=3)
+    assert weight[0].tolist() == hooked[0].tolist()
+    assert_close(weight[1], hooked[1], 1e-10, "log-probabilities")
+    assert (hooked[1] - plain[1]).abs().max() > 1e-3  # the patch changes them
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -274,6 +274,7 @@ def _pad(seqs: list[Tensor]) -> Int[Tensor, "batch pos"]:
 
 
 HookFactory = Callable[[list[_Example], bool], list[tuple[str, Callable]]]
+Prefix = tuple[int, TransformerLensKeyValueCache]  # the first k tokens of every prompt, and their key-value cache
 
 
 def _row_logits(
@@ -368,10 +369,12 @@ def _decode_open(
     hooks: HookFactory | None,
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
+    prefix: "Prefix | None" = None,
 ) -> list[bool]:
     """Greedy decoding for real, for a batch of examples whose greedy tokens so far are ``paths``
-    (under ``hooks`` and whatever patch is applied): one token at a time, each example while its
-    text fits its answer; right when it stops on the answer's text (whitespace normalised)."""
+    (under ``hooks`` and whatever patch is applied, after ``prefix``, see :func:`_greedy_loop`):
+    one token at a time, each example while its text fits its answer; right when it stops on the
+    answer's text (whitespace normalised)."""
     prompts, answers = [], []
     for e in examples:
         cut = e.enc.answer_start - (0 if with_chunk else e.enc.stop - e.enc.start)
@@ -386,7 +389,7 @@ def _decode_open(
     def hook_factory(active: list[int]) -> list:
         return hooks([examples[i] for i in active], with_chunk) if hooks else []
 
-    generated, stopped = _greedy_loop(model, prompts, paths, keep, stops, unembed_weight, hook_factory)
+    generated, stopped = _greedy_loop(model, prompts, paths, keep, stops, unembed_weight, hook_factory, prefix)
     return [s and _norm(model.tokenizer.decode(g)) == _norm(a) for g, s, a in zip(generated, stopped, answers)]
 
 
@@ -398,20 +401,24 @@ def _greedy_loop(
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
     hooks: Callable[[list[int]], list] | None = None,
+    prefix: "Prefix | None" = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Greedy decoding of a batch of prompts (right-padded, every step from the start: no key-value
     cache), prompt ``i`` continued from the tokens ``starts[i]``: one token at a time, while no
     stop token comes and ``keep(i, tokens so far)`` holds. Returns the generated tokens (without
     the stop token) and whether each sequence ended on a stop token. ``hooks(active indices)``
-    gives forward hooks for a step."""
+    gives forward hooks for a step. ``prefix = (k, cache)``: the prompts' first ``k`` tokens (the
+    same in every prompt) are not run, their keys and values read from ``cache``
+    (:func:`tl_thoughts._tl.prefix_cache`)."""
     device = _tl.model_device(model)
+    k, cache = prefix if prefix is not None else (0, None)
     generated = [list(p) for p in starts]
     stopped = [False] * len(prompts)
     active = list(range(len(prompts)))
     while active:
-        seqs = [torch.cat([prompts[i], torch.tensor(generated[i], dtype=prompts[i].dtype)]) for i in active]
+        seqs = [torch.cat([prompts[i], torch.tensor(generated[i], dtype=prompts[i].dtype)])[k:] for i in active]
         with _tl.hooked(model, hooks(active) if hooks else []):
-            final = _run_to_end(model, _pad(seqs).to(device))
+            final = _run_to_end(model, _pad(seqs).to(device), prefix=cache)
         last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
         nxt = _row_logits(model, last, unembed_weight).argmax(-1)
         active = [i for i, token in zip(active, nxt.tolist()) if _advance(i, token, generated, stopped, stops, keep)]
@@ -551,6 +558,7 @@ def greedy_match(
     batch_size: int = 32,
     unembed_weight: Float[Tensor, "d_vocab d_model"] | None = None,
     compare: str = "text",
+    _prefix: "Prefix | None" = None,
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Whether greedy decoding gives each example's answer (as text, after normalising
     whitespace), and the mean log-probability of its continuation's tokens, in one teacher-forced
@@ -574,6 +582,8 @@ def greedy_match(
         compare: ``"text"`` (the protocol) or ``"tokens"``: right only when the greedy tokens are
             the tokenizer's tokens of the answer (no decoding; stricter where the model spells an
             answer with other tokens).
+        _prefix: Internal (:func:`_match_under`): ``(k, cache)``, the first ``k`` tokens of every
+            prompt read from ``cache`` instead of run (no ``hooks`` then).
 
     Returns:
         ``(right [n], mean log-probability of the continuation's tokens [n])``.
@@ -590,8 +600,10 @@ def greedy_match(
     unembed_weight = model.W_U.T.contiguous() if unembed_weight is None else unembed_weight
     # with the chunk, the first tokens every prompt shares run once (TransformerLens' key-value
     # cache), where no hook could depend on positions; the verdicts read positions after them
-    shared, prefix = 0, None
-    if with_chunk and hooks is None and examples and not _tl.hooked_points(model):
+    shared, prefix = _prefix if _prefix is not None else (0, None)
+    if _prefix is not None and hooks is not None:
+        raise ValueError("hooks count positions from each sequence's start: no hooks with a prefix cache")
+    if _prefix is None and with_chunk and hooks is None and examples and not _tl.hooked_points(model):
         shared = shared_prefix_length([e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
         prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
     for b in range(0, len(examples), batch_size):
@@ -605,12 +617,40 @@ def greedy_match(
         reopen = [i for i, path in enumerate(open_) if path is not None and compare == "text"]
         if reopen:
             decoded = _decode_open(model, [batch[i] for i in reopen], with_chunk, [open_[i] for i in reopen],
-                                   hooks, stops, unembed_weight)
+                                   hooks, stops, unembed_weight, _prefix)
             for i, verdict in zip(reopen, decoded):
                 r[i] = verdict
         right += r
         logprob += lp
     return torch.tensor(right, dtype=torch.bool), torch.tensor(logprob, dtype=torch.float64)
+
+
+def _match_under(
+    model: HookedTransformer,
+    patch: ThoughtPatch,
+    examples: list[_Example],
+    *,
+    stops: Bool[Tensor, " d_vocab"],
+    batch_size: int,
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
+    """:func:`greedy_match` without the chunk under ``patch``, in its weight form: one product per
+    patched matrix where the activation form's hooks compute two. The positions the patch leaves
+    unpatched (:attr:`ThoughtPatch.unpatched_positions`, the same tokens in every prompt) run
+    once, unpatched, into TransformerLens' key-value cache, which the patched positions read: the
+    values of ``with patch.apply(model): greedy_match(...)`` (the activation form), up to
+    floating-point rounding (``tests/test_evaluation.py``). Prompts that differ within those
+    positions run under the activation form."""
+    k = patch.unpatched_positions
+    if k and shared_prefix_length([e.enc.reduced for e in examples]) < k:
+        with patch.apply(model):
+            return greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size,
+                                unembed_weight=unembed_weight)
+    prefix = (k, _tl.prefix_cache(model, examples[0].enc.reduced[None, :k])) if k and examples else None
+    patch.check_compatible(model)
+    with _tl.swapped_tensors(model, patch.parameters(model)):
+        return greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size,
+                            unembed_weight=unembed_weight, _prefix=prefix)
 
 
 def chunk_filter(
@@ -879,10 +919,11 @@ def choose_rank(
     if len(candidates) == 1:
         return candidates[ranks[0]], ranks[0]
     scores = {}
+    stops = stop_tokens(model) if stops is None else stops
+    unembed_weight = model.W_U.T.contiguous() if unembed_weight is None else unembed_weight
     for r, p in candidates.items():
-        with p.apply(model):
-            right, logprob = greedy_match(model, fit_set, with_chunk=False, stops=stops, batch_size=batch_size,
-                                          unembed_weight=unembed_weight)
+        right, logprob = _match_under(model, p, fit_set, stops=stops, batch_size=batch_size,
+                                      unembed_weight=unembed_weight)
         size = float("inf") if r is None else r
         scores[r] = (float(right.double().mean()), float(logprob.mean()), -size)
     best = max(ranks, key=lambda r: scores[r])
@@ -962,9 +1003,12 @@ def _evaluate_seed(
 
     unembed_weight = model.W_U.T.contiguous()
 
-    def run(name: str, hooks: HookFactory | None = None) -> None:
-        right, _ = greedy_match(model, filtered, with_chunk=False, hooks=hooks, stops=stops, batch_size=bs,
-                                unembed_weight=unembed_weight)
+    def run(name: str, hooks: HookFactory | None = None, patch: ThoughtPatch | None = None) -> None:
+        if patch is not None:  # in its weight form
+            right, _ = _match_under(model, patch, filtered, stops=stops, batch_size=bs, unembed_weight=unembed_weight)
+        else:
+            right, _ = greedy_match(model, filtered, with_chunk=False, hooks=hooks, stops=stops, batch_size=bs,
+                                    unembed_weight=unembed_weight)
         result.right[name] = right.tolist()
 
     if filtered:
@@ -993,13 +1037,11 @@ def _evaluate_seed(
                     refined = refine_thought(model, patch, labelled, steps=config.refine_steps,
                                              lr=config.refine_lr, batch_size=bs, progress=False)
                     result.ranks["thought_patch_refined"] = rank
-                    with refined.apply(model):
-                        run("thought_patch_refined")
+                    run("thought_patch_refined", patch=refined)
                 if name not in config.methods:
                     continue
                 result.ranks[name] = rank
-            with patch.apply(model):
-                run(name)
+            run(name, patch=patch)
         if wanted:
             deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
             start = _region_start(fit_set + query_set + filtered)

@@ -39,6 +39,11 @@ def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Exam
     return out
 
 
+def _like(layout: Tensor, values: Tensor) -> Tensor:
+    """A copy of ``values`` in the memory layout (strides) of ``layout``."""
+    return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=layout.device).copy_(values)
+
+
 def check_options(steps: int, lr: float, prefix: str = "") -> None:
     """Raise ``ValueError`` unless ``steps`` is an integer >= 0 and ``lr`` > 0 (``prefix``: how
     the caller names them, e.g. ``"refine_"`` for ``EvalConfig``)."""
@@ -62,8 +67,11 @@ def refine_thought(
 
     The loss is the mean, over every position that predicts an answer token (the ``"answer"``
     pool of :func:`tl_thoughts.fit_thought`) of every example, of ``-log p(answer token)``, the
-    model run on the prompt WITHOUT the chunk under the patch (in its activation form, which equals
-    the weight form and also serves a patch that leaves a prefix unpatched). Each step takes the
+    model run on the prompt WITHOUT the chunk under the patch, in its weight form (each delta added
+    to its parameter for the call, ``torch.func.functional_call``: one product per matrix, where
+    the activation form's hooks compute two). A prefix the patch leaves unpatched runs first,
+    unpatched, into a frozen key-value cache that the patched positions read: the values of the
+    activation form (``tests/test_refine.py``). Each step takes the
     gradient over all the examples (accumulated over batches of ``batch_size``) and makes one Adam
     step on every delta; the model's parameters are not touched.
 
@@ -110,25 +118,30 @@ def refine_thought(
         which = torch.cat([torch.full_like(r[1], j) for j, r in enumerate(part)])
         batches.append((_pad([r[0] for r in part]).to(device), which.to(device),
                         torch.cat([r[1] for r in part]).to(device), torch.cat([r[2] for r in part]).to(device)))
-    leaves = {name: d.detach().clone().requires_grad_(True) for name, d in patch.deltas.items()}
-    params = list(leaves.values())
-    opt = torch.optim.Adam(params, lr=lr)
-    prefix = patch.unpatched_positions
     # the weight form: each delta added to its parameter for the call (functional_call), which
     # costs one product per matrix where the activation form's hooks cost two; an unpatched
     # prefix runs once, unpatched, into a frozen key-value cache that the patched positions read
     # (the positions after it see it only through its keys and values): the activation form's values
-    weights = {name: model.get_parameter(name) for name in leaves}
+    weights = {name: model.get_parameter(name).detach() for name in patch.deltas}
+    # the deltas, and the buffers holding W + delta, in W's memory layout (see _tl.linear_layout):
+    # the sum reads and writes memory in order, into the same memory at every step
+    leaves = {name: _like(w, patch.deltas[name]).requires_grad_(True) for name, w in weights.items()}
+    patched = {name: _like(w, w).requires_grad_(True) for name, w in weights.items()}
+    params, sums = list(leaves.values()), list(patched.values())
+    # fused: one pass over each tensor's memory (Adam's update, rounded as torch's fused kernel does)
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
+    prefix = patch.unpatched_positions
     caches = [_tl.prefix_cache(model, tokens[:, :prefix]) if prefix else None for tokens, *_ in batches]
 
     def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
         """The mean loss over every answer position, and its gradient with respect to the deltas
-        (none without ``grad``)."""
+        (none without ``grad``): the gradient with respect to ``W + delta``, the same."""
         total, grads = 0.0, []
+        with torch.no_grad():
+            for name, w in weights.items():
+                torch.add(w, leaves[name], out=patched[name])
         with torch.set_grad_enabled(grad):
             for (tokens, which, pos, targets), cache in zip(batches, caches):
-                # W + delta in W's memory layout (see _tl.linear_layout)
-                patched = {name: weights[name].detach() + d for name, d in leaves.items()}
                 rest = tokens[:, prefix:]
                 # the final norm and the unembedding at the answer positions only (the same logits)
                 resid = functional_call(model, patched, (rest,), dict(
@@ -137,8 +150,9 @@ def refine_thought(
                 logp = torch.log_softmax(logits, dim=-1)
                 loss = -logp.gather(-1, targets[:, None]).sum() / n_rows
                 if grad:
-                    parts = [torch.zeros_like(p) if part is None else part
-                             for p, part in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                    # in the deltas' own layout: the fused step reads a gradient's memory as its parameter's
+                    parts = [torch.zeros_like(p) if part is None else part if part.stride() == p.stride() else _like(p, part)
+                             for p, part in zip(params, torch.autograd.grad(loss, sums, allow_unused=True))]
                     if grads:  # accumulated over batches
                         for g, part in zip(grads, parts):
                             g += part
@@ -160,5 +174,6 @@ def refine_thought(
     rounds.append(dict(steps=steps, lr=lr, n_examples=len(examples), n_tokens=n_rows,
                        loss_before=before, loss_after=after))
     meta = {**patch.meta, "refined": rounds}
-    return ThoughtPatch(deltas={k: v.detach().clone() for k, v in leaves.items()}, steering=dict(patch.steering),
+    return ThoughtPatch(deltas={k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in leaves.items()},
+                        steering=dict(patch.steering),
                         meta=meta)
