@@ -26,8 +26,9 @@ Protocol (:func:`evaluate_task`), per seed:
    - ``thought_vector``, ``thought_matrix``, ``thought_patch``: :func:`tl_thoughts.fit_thought`
      with ``fit="vector"``, ``"matrix"``, ``"both"`` (in one :func:`tl_thoughts.fit_thoughts`
      call), applied in their weight form, the positions they leave unpatched (the fixed first
-     token, at the defaults) read from a key-value cache of the unpatched model (:func:`_match_under`: the values of
-     :meth:`tl_thoughts.ThoughtPatch.apply`'s activation form); the thought patch's matrices are
+     token, at the defaults) read from a key-value cache of the unpatched model
+     (:func:`_match_under`: the values of :meth:`tl_thoughts.ThoughtPatch.apply`'s activation
+     form); the thought patch's matrices are
      used at the rank of ``EvalConfig.ranks`` (their best low-rank approximations,
      :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
      fit examples (or on the fit examples and the answered queries with
