@@ -141,6 +141,12 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
     assert weight[0].tolist() == hooked[0].tolist()
     assert_close(weight[1], hooked[1], 1e-10, "log-probabilities")
     assert (hooked[1] - plain[1]).abs().max() > 1e-3  # the patch changes them
+    if prefixed:  # prompts whose unpatched first tokens differ: refused, not run under one cache
+        enc = examples[0].enc
+        other = E._Example(dataclasses.replace(enc, reduced=torch.cat([enc.reduced[1:2], enc.reduced[1:]])),
+                           examples[0].n_cont)
+        with pytest.raises(tt.InputError, match="first 1 tokens differ"):
+            E._match_under(model, patch, [other] + examples, stops=stops, batch_size=3, unembed_weight=unembed)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

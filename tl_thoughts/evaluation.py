@@ -642,13 +642,16 @@ def _match_under(
     unpatched (:attr:`ThoughtPatch.unpatched_positions`, the same tokens in every prompt) run
     once, unpatched, into TransformerLens' key-value cache, which the patched positions read: the
     values of ``with patch.apply(model): greedy_match(...)`` (the activation form), up to
-    floating-point rounding (``tests/test_evaluation.py``). Prompts that differ within those
-    positions run under the activation form."""
+    floating-point rounding (``tests/test_evaluation.py``).
+
+    Raises:
+        InputError: the prompts differ within those positions (one template gives them all the
+            same tokens).
+    """
     k = patch.unpatched_positions
     if k and shared_prefix_length([e.enc.reduced for e in examples]) < k:
-        with patch.apply(model):
-            return greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size,
-                                unembed_weight=unembed_weight)
+        raise InputError(f"the patch leaves the first {k} position(s) unpatched, but the prompts' first {k} "
+                         "tokens differ: one cache cannot hold them")
     prefix = (k, _tl.prefix_cache(model, examples[0].enc.reduced[None, :k])) if k and examples else None
     patch.check_compatible(model)
     with _tl.swapped_tensors(model, patch.parameters(model)):
