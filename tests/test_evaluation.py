@@ -147,6 +147,9 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
                            examples[0].n_cont)
         with pytest.raises(tt.InputError, match="first 1 tokens differ"):
             E._match_under(model, patch, [other] + examples, stops=stops, batch_size=3, unembed_weight=unembed)
+        with pytest.raises(ValueError, match="no hooks with a prefix cache"):
+            E.greedy_match(model, examples, with_chunk=False, hooks=lambda batch, with_chunk: [],
+                           _prefix=(1, _tl.prefix_cache(model, examples[0].enc.reduced[None, :1])))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

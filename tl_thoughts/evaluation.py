@@ -539,8 +539,8 @@ def _run_to_end(
     prefix: TransformerLensKeyValueCache | None = None,
 ) -> Tensor:
     """The residual stream after the last block (or before block ``stop_at_layer``), from tokens
-    or from a residual at a layer; with ``prefix`` (:func:`tl_thoughts._tl.prefix_cache`), of tokens that follow
-    that one sequence's tokens in every sequence of the batch."""
+    or from a residual at a layer; with ``prefix`` (:func:`tl_thoughts._tl.prefix_cache`), of
+    tokens that follow that one sequence's tokens in every sequence of the batch."""
     n_layers = model.cfg.n_layers
     stop = n_layers if stop_at_layer is None else min(stop_at_layer, n_layers)
     if start_at_layer is not None and start_at_layer >= stop:
@@ -601,8 +601,9 @@ def greedy_match(
     right, logprob = [], []
     device = _tl.model_device(model)
     unembed_weight = model.W_U.T.contiguous() if unembed_weight is None else unembed_weight
-    # with the chunk, the first tokens every prompt shares run once (TransformerLens' key-value
-    # cache), where no hook could depend on positions; the verdicts read positions after them
+    # the caller's prefix (_match_under) or, with the chunk, the first tokens every prompt shares
+    # run once (TransformerLens' key-value cache), where no hook could depend on positions; the
+    # verdicts read positions after them
     shared, prefix = _prefix if _prefix is not None else (0, None)
     if _prefix is not None and hooks is not None:
         raise ValueError("hooks count positions from each sequence's start: no hooks with a prefix cache")
