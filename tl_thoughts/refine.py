@@ -40,8 +40,9 @@ def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Exam
 
 
 def _like(layout: Tensor, values: Tensor) -> Tensor:
-    """A copy of ``values`` in the memory layout (strides) of ``layout``."""
-    return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=layout.device).copy_(values)
+    """A copy of ``values`` in the memory layout (strides) of ``layout`` (a dense tensor, such as a
+    parameter: ``empty_like`` keeps its strides)."""
+    return torch.empty_like(layout).copy_(values)
 
 
 def check_options(steps: int, lr: float, prefix: str = "") -> None:
@@ -126,7 +127,7 @@ def refine_thought(
     # the deltas, and the buffers holding W + delta, in W's memory layout (see _tl.linear_layout):
     # the sum reads and writes memory in order, into the same memory at every step
     leaves = {name: _like(w, patch.deltas[name]).requires_grad_(True) for name, w in weights.items()}
-    patched = {name: _like(w, w).requires_grad_(True) for name, w in weights.items()}
+    patched = {name: torch.empty_like(w).requires_grad_(True) for name, w in weights.items()}  # filled at each step
     params, sums = list(leaves.values()), list(patched.values())
     # fused: one pass over each tensor's memory (Adam's update, rounded as torch's fused kernel does)
     opt = torch.optim.Adam(params, lr=lr, fused=True)
