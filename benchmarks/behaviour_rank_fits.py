@@ -44,24 +44,20 @@ _solve, _fit, _truncations = th._Regression.solve, th.fit_thought, ThoughtPatch.
 _state: dict = {"log": [], "rank": None}
 
 
-def _ridge_lam(reg, ridge: float, n: float) -> torch.Tensor:
-    """The ``lam`` that ``_Regression.solve`` used."""
-    if reg.dual:
-        G = torch.cat([g for _, g, _ in reg.parts])
-        return ridge * (G * G).sum() / n
-    return ridge * torch.trace(reg.AtA) / n
-
-
 def _solve_logged(self, ridge: float, n: float, shift=None):
     """``reduced``: the solution, and the eigenvectors (descending) of its fitted values' second
     moment plus the ridge's term, ``M^T (A^T W A + lam I) M``."""
     M = _solve(self, ridge, n, shift)
-    lam = _ridge_lam(self, ridge, n)
     if self.dual:
-        GM = torch.cat([g for _, g, _ in self.parts]) @ M
-        moment = GM.T @ GM + lam * (M.T @ M)
+        G = torch.cat([g for _, g, _ in self.parts])
+        gram_trace = (G * G).sum()  # trace(A^T W A)
+        fitted = G @ M
+        moment = fitted.T @ fitted
     else:
-        moment = M.T @ (self.AtA @ M) + lam * (M.T @ M)
+        gram_trace = torch.trace(self.AtA)
+        moment = M.T @ (self.AtA @ M)
+    lam = ridge * gram_trace / n  # the lam of _Regression.solve
+    moment = moment + lam * (M.T @ M)
     _state["log"].append((M, torch.linalg.eigh(moment).eigenvectors.flip(-1)))
     return M
 
