@@ -169,7 +169,7 @@ def table(raw: dict) -> None:
         if rule == "fit examples (the suite's)":
             stored = _stored()
             same = [abs(100 * stored[k] - v) < 1e-9 for k, v in acc.items() if k in stored]
-            print(f"  (the suite's stored thought_patch: {sum(same)} of {len(same)} task-seeds equal)")
+    print(f"\nthe first row against the suite's stored thought_patch: {sum(same)} of {len(same)} task-seeds equal")
     print("\nranks chosen (per task, seeds in order " + ", ".join(seeds) + "):")
     for rule, labels in ranks.items():
         print(f"  {rule}: " + "; ".join(f"{t} " + ", ".join(v) for t, v in labels.items()))
