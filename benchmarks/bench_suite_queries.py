@@ -13,6 +13,9 @@ the ratio B / A.
 
 Run: .venv/bin/python benchmarks/bench_suite_queries.py --task plural [--seed 0]
 (the suite runs two worker processes of one thread: run two tasks at once, as it does).
+``--a QUERIES RIDGE --b QUERIES RIDGE`` compares two other configurations the same way (e.g.
+``--a 150 0.5 --b 480 0.5``: the defaults against 480 queries, section "480 queries" of
+docs/benchmark.md).
 """
 
 import argparse
@@ -25,25 +28,43 @@ from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
 
-CONFIGS = {"A: 60 queries, ridge 1 (the earlier defaults)": E.EvalConfig(n_queries=60, ridge=1.0),
-           "B: 150 queries, ridge 0.5 (the defaults)": E.EvalConfig()}
+DEFAULTS = E.EvalConfig()
+A_DEFAULT, B_DEFAULT = (60, 1.0), (DEFAULTS.n_queries, DEFAULTS.ridge)
+
+
+def _name(letter: str, queries: int, ridge: float) -> str:
+    name = f"{letter}: {queries} queries, ridge {ridge:g}"
+    if (queries, ridge) == A_DEFAULT:
+        return name + " (the earlier defaults)"
+    if (queries, ridge) == B_DEFAULT:
+        return name + " (the defaults)"
+    return name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="a shipped task's name")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--a", nargs=2, type=float, default=A_DEFAULT, metavar=("QUERIES", "RIDGE"),
+                        help="configuration A (default: 60 1, the earlier defaults)")
+    parser.add_argument("--b", nargs=2, type=float, default=B_DEFAULT, metavar=("QUERIES", "RIDGE"),
+                        help=f"configuration B (default: {B_DEFAULT[0]} {B_DEFAULT[1]:g}, the defaults)")
     args = parser.parse_args()
+    configs = {}
+    for letter, (queries, ridge) in (("A", args.a), ("B", args.b)):
+        if queries != int(queries):
+            parser.error(f"--{letter.lower()}: the number of queries must be an integer, got {queries}")
+        configs[_name(letter, int(queries), ridge)] = E.EvalConfig(n_queries=int(queries), ridge=ridge)
     torch.set_num_threads(1)  # as a suite worker
     model = load_default_model()
     task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))
     first = E.EvalConfig()
     verdicts = E.example_verdicts(model, task, batch_size=first.batch_size)  # the same for both
-    names = list(CONFIGS)
+    names = list(configs)
     times: dict[str, list[float]] = {name: [] for name in names}
     accuracy: dict[str, list[float]] = {name: [] for name in names}
     for name in [names[0], names[1], names[1], names[0]]:
-        config = CONFIGS[name]
+        config = configs[name]
         t0 = time.perf_counter()
         queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
         t1 = time.perf_counter()
