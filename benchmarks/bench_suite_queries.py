@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--b", nargs=2, type=float, default=B_DEFAULT, metavar=("QUERIES", "RIDGE"),
                         help=f"configuration B (default: {B_DEFAULT[0]} {B_DEFAULT[1]:g}, the defaults)")
     args = parser.parse_args()
+    if list(args.a) == list(args.b):
+        parser.error("--a and --b are the same configuration")
     configs = {}
     for letter, (queries, ridge) in (("A", args.a), ("B", args.b)):
         if queries != int(queries):
