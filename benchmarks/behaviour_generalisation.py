@@ -104,6 +104,16 @@ def filtered(model, task, indices, stops, batch_size):
     return [e for e, k in zip(examples, keep.tolist()) if k]
 
 
+def protocol_split(model, task, verdicts, n_fit: int, seed: int) -> tuple[list[int], list, list]:
+    """The suite's split of ``seed`` (``evaluation.split``): the fit indices, the fit examples
+    encoded, and the test examples filtered as the protocol does with the task's
+    ``evaluation.example_verdicts`` (right with the chunk, wrong without it)."""
+    fit_idx, test_idx = E.split(len(task.examples), n_fit, seed)
+    keep = (verdicts[0][torch.tensor(test_idx)] & ~verdicts[1][torch.tensor(test_idx)]).tolist()
+    test = [e for e, k in zip(E.encode_task_examples(model, task, test_idx), keep) if k]
+    return fit_idx, E.encode_task_examples(model, task, fit_idx), test
+
+
 def rank_label(rank: int | None) -> str:
     """A candidate rank as the docs' tables write it (None: ``"as fitted"``)."""
     return "as fitted" if rank is None else str(rank)

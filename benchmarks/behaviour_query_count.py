@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from behaviour_generalisation import (  # this folder is on sys.path
     print_header,
+    protocol_split,
     rank_label,
     record,
     seeds_main,
@@ -80,10 +81,7 @@ def measure(args) -> dict:
         answered = E.query_answers(model, task, max(n for n, _ in VARIANTS.values()), batch_size=bs)
         answered_set = [E._encode(model, task, q, a) for q, a in answered]  # the protocol's rows, once a task
         for seed in args.seeds:
-            fit_idx, test_idx = E.split(len(task.examples), config.n_fit, seed)
-            keep = (verdicts[0][torch.tensor(test_idx)] & ~verdicts[1][torch.tensor(test_idx)]).tolist()
-            test = [e for e, k in zip(E.encode_task_examples(model, task, test_idx), keep) if k]
-            fit_set = E.encode_task_examples(model, task, fit_idx)
+            fit_idx, fit_set, test = protocol_split(model, task, verdicts, config.n_fit, seed)
             entry = {}
             for name, (n, ridge) in VARIANTS.items():
                 pairs = task.fit_examples(fit_idx) + [(q, task.continuation(a)) for q, a in answered[:n]]

@@ -41,7 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from behaviour_generalisation import rank_label, record, seeds_main, tasks_and_seeds  # this folder is on sys.path
+from behaviour_generalisation import (  # this folder is on sys.path
+    protocol_split,
+    rank_label,
+    record,
+    seeds_main,
+    tasks_and_seeds,
+)
 from behaviour_query_count import _key  # choose_rank's ordering of a candidate's scores
 
 from tl_thoughts import _tl
@@ -106,10 +112,7 @@ def measure(args) -> dict:
         n_kept = SUITE.n_queries - HELD_OUT
         held_out = [E._encode(model, task, q, a) for q, a in answered[n_kept:]]
         for seed in args.seeds:
-            fit_idx, test_idx = E.split(len(task.examples), SUITE.n_fit, seed)
-            keep = (verdicts[0][torch.tensor(test_idx)] & ~verdicts[1][torch.tensor(test_idx)]).tolist()
-            test = [e for e, k in zip(E.encode_task_examples(model, task, test_idx), keep) if k]
-            fit_set = E.encode_task_examples(model, task, fit_idx)
+            fit_idx, fit_set, test = protocol_split(model, task, verdicts, SUITE.n_fit, seed)
             entry = {}
             with _tl.linear_layout(model), torch.no_grad():
                 unembed_weight = model.W_U.T.contiguous()
