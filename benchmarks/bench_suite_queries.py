@@ -6,16 +6,17 @@ earlier commit instead.)
 
 For one task and seed, in this one process, both configurations are timed twice, in the order
 A B B A (A: 60 queries at ridge 1, B: 150 queries at ridge 0.5), each time as the suite runs them:
-``evaluation.query_answers`` (once a task in the suite, so its time counts a third per seed) and
-``evaluation.evaluate_seed`` with every method. Prints each configuration's median time per seed,
-``thought_patch``'s accuracy (a check that the runs are the suite's: the same in both repeats), and
-the ratio B / A.
+``evaluation.query_answers`` and ``evaluation.query_difference_sums`` (once a task in the suite,
+so their time counts a third per seed) and ``evaluation.evaluate_seed`` with every method. Prints
+each configuration's median time per seed, ``thought_patch``'s accuracy (a check that the runs are
+the suite's: the same in both repeats), and the ratio B / A.
 
 Run: .venv/bin/python benchmarks/bench_suite_queries.py --task plural [--seed 0]
 (the suite runs two worker processes of one thread: run two tasks at once, as it does).
 ``--a QUERIES RIDGE --b QUERIES RIDGE`` compares two other configurations the same way (e.g.
 ``--a 150 0.5 --b 480 0.5``: the defaults against 480 queries, section "480 queries" of
-docs/benchmark.md).
+docs/benchmark.md), and ``--a-ranks``/``--b-ranks`` set their candidate ranks (0: as fitted;
+default ``EvalConfig``'s), e.g. ``--b 480 0.5 --b-ranks 0``: 480 queries, matrices as fitted.
 """
 
 import argparse
@@ -30,13 +31,16 @@ from tl_thoughts.tasks import load_task, shipped_tasks
 
 DEFAULTS = E.EvalConfig()
 A_DEFAULT, B_DEFAULT = (60, 1.0), (DEFAULTS.n_queries, DEFAULTS.ridge)
+RANKS = [r or 0 for r in DEFAULTS.ranks]
 
 
-def _name(letter: str, queries: int, ridge: float) -> str:
+def _name(letter: str, queries: int, ridge: float, ranks: list[int]) -> str:
     name = f"{letter}: {queries} queries, ridge {ridge:g}"
-    if (queries, ridge) == A_DEFAULT:
+    if ranks != RANKS:
+        name += ", ranks " + " ".join(str(r) if r else "as fitted" for r in ranks)
+    if (queries, ridge) == A_DEFAULT and ranks == RANKS:
         return name + " (the earlier defaults)"
-    if (queries, ridge) == B_DEFAULT:
+    if (queries, ridge) == B_DEFAULT and ranks == RANKS:
         return name + " (the defaults)"
     return name
 
@@ -49,14 +53,21 @@ def main() -> None:
                         help="configuration A (default: 60 1, the earlier defaults)")
     parser.add_argument("--b", nargs=2, type=float, default=B_DEFAULT, metavar=("QUERIES", "RIDGE"),
                         help=f"configuration B (default: {B_DEFAULT[0]} {B_DEFAULT[1]:g}, the defaults)")
+    parser.add_argument("--a-ranks", type=int, nargs="+", default=RANKS, metavar="RANK",
+                        help="configuration A's candidate ranks (0: as fitted; default: EvalConfig's)")
+    parser.add_argument("--b-ranks", type=int, nargs="+", default=RANKS, metavar="RANK",
+                        help="configuration B's candidate ranks (0: as fitted; default: EvalConfig's)")
     args = parser.parse_args()
-    if list(args.a) == list(args.b):
+    if (list(args.a), args.a_ranks) == (list(args.b), args.b_ranks):
         parser.error("--a and --b are the same configuration")
     configs = {}
-    for letter, (queries, ridge) in (("A", args.a), ("B", args.b)):
+    for letter, (queries, ridge), ranks in (("A", args.a, args.a_ranks), ("B", args.b, args.b_ranks)):
         if queries != int(queries):
             parser.error(f"--{letter.lower()}: the number of queries must be an integer, got {queries}")
-        configs[_name(letter, int(queries), ridge)] = E.EvalConfig(n_queries=int(queries), ridge=ridge)
+        if any(r < 0 for r in ranks) or len(set(ranks)) != len(ranks):
+            parser.error(f"--{letter.lower()}-ranks: distinct ranks >= 0 (0: as fitted), got {ranks}")
+        configs[_name(letter, int(queries), ridge, ranks)] = E.EvalConfig(
+            n_queries=int(queries), ridge=ridge, ranks=tuple(r or None for r in ranks))
     torch.set_num_threads(1)  # as a suite worker
     model = load_default_model()
     task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))
@@ -69,11 +80,12 @@ def main() -> None:
         config = configs[name]
         t0 = time.perf_counter()
         queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+        query_sums = E.query_difference_sums(model, task, queries, config)
         t1 = time.perf_counter()
-        result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries)
+        result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries, query_sums)
         t2 = time.perf_counter()
         n_seeds = len(config.seeds)
-        times[name].append((t1 - t0) / n_seeds + (t2 - t1))  # the queries are answered once for all seeds
+        times[name].append((t1 - t0) / n_seeds + (t2 - t1))  # the queries' part is computed once for all seeds
         accuracy[name].append(result.accuracy["thought_patch"])
         print(f"{name}: queries {t1 - t0:.0f} s, seed {t2 - t1:.0f} s, thought_patch {result.accuracy['thought_patch']:.3f}",
               flush=True)

@@ -7,7 +7,8 @@ prompts with the chunk ran once) is checked out in a temporary git worktree. For
 each version runs in its own process of one torch thread (as a suite worker), in the order A B B A
 (A: the earlier commit, B: this version), as the suite runs them: ``example_verdicts`` and
 ``query_answers`` (once a task in the suite, so a third of their time counts per seed) and
-``evaluate_seed`` with every method, at each version's ``EvalConfig()``. Prints each run's times,
+``evaluate_seed`` with every method, at each version's ``EvalConfig()`` (and, in versions that
+have it, ``query_difference_sums``, also once a task). Prints each run's times,
 ``thought_patch``'s accuracy (each version's own suite value for that task and seed, the same in
 both repeats), and the ratio of the medians B / A, which times the earlier suite's time estimates
 this version's suite at the same pace.
@@ -40,8 +41,10 @@ t0 = time.perf_counter()
 verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
 t1 = time.perf_counter()
 queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+# versions that compute the queries' part of the steering baselines once a task, as their suite does
+once = {"query_sums": E.query_difference_sums(model, task, queries, config)} if hasattr(E, "query_difference_sums") else {}
 t2 = time.perf_counter()
-result = E.evaluate_seed(model, task, config, seed, verdicts, queries)
+result = E.evaluate_seed(model, task, config, seed, verdicts, queries, **once)
 t3 = time.perf_counter()
 n = len(config.seeds)
 print("RESULT", config.n_queries, config.ridge, t1 - t0, t2 - t1, t3 - t2, (t2 - t0) / n + (t3 - t2),

@@ -83,13 +83,14 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     """``_greedy_cached`` (the key-value cache, prompts grouped by length, the first tokens they all
     share run once) decodes exactly what ``_greedy_loop`` (every step from the start, right
     padding) decodes: the same tokens, the same stops, for prompts of several lengths, some ending
-    on a stop token and some on ``keep``, without and with a shared prefix of 4 tokens."""
+    on a stop token and some on ``keep``, without and with a shared prefix of 4 tokens. Three or
+    four prompts share a length, so that a batch's prompts finish at different steps."""
     model = tiny_model(arch)
     unembed = model.W_U.T.contiguous()
     keep = lambda i, g: len(g) <= 5  # noqa: E731
     for seed in range(99, 109):  # a shared prefix after which the prompts' generations still differ
         common = random_tokens(shared, seed=seed)[0]
-        prompts = [torch.cat([common, random_tokens(n, seed=n + k)[0]]) for k, n in enumerate([3, 5, 5, 8, 3, 6])]
+        prompts = [torch.cat([common, random_tokens(n, seed=n + k)[0]]) for k, n in enumerate([3, 5, 5, 8, 3, 6, 5, 3, 5])]
         free, _ = E._greedy_loop(model, prompts, [[] for _ in prompts], keep,
                                  torch.zeros(D_VOCAB, dtype=torch.bool), unembed)
         # a stop token: one that some prompt generates and some other prompt does not
@@ -184,6 +185,15 @@ def test_mean_differences_equal_whole_runs(text_models, arch):
     assert diff.abs().max() > 1e-2
     assert_close(deltas, diff / n_pos, 1e-10, "mean differences")
     assert_close(vectors, task / len(examples), 1e-10, "task vectors")
+    # the sums over a split of the examples (as the protocol splits fit examples and queries) add up
+    parts = E.difference_sums(model, examples[:1], "answer", 3) + E.difference_sums(model, examples[1:], "answer", 3)
+    assert (parts.n_positions, parts.n_examples) == (n_pos, len(examples))
+    assert_close(parts.means()[0], diff / n_pos, 1e-10, "mean differences from two parts")
+    assert_close(parts.means()[1], task / len(examples), 1e-10, "task vectors from two parts")
+    none = E.difference_sums(model, [], "answer", 3)
+    assert (none.n_positions, none.n_examples) == (0, 0) and not none.diff.any()
+    with pytest.raises(tt.InputError, match="no pooled position"):
+        none.means()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -332,9 +342,13 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
         for method in E.METHODS:
             assert len(seed_result.right[method]) == n
         assert seed_result.accuracy["with_chunk"] == 1.0 and seed_result.accuracy["without_chunk"] == 0.0
-    # deterministic: the same seed gives the same numbers
+    # deterministic: the same seed gives the same numbers (here with the queries' part of the
+    # baselines' sums computed in the call, where evaluate_task computed it once for both seeds)
     again = E.evaluate_seed(smollm2, slice_task, config, 1)
     assert again.right == result.seeds[1].right and again.layers == result.seeds[1].layers
+    other = E.query_difference_sums(smollm2, slice_task, result.queries[:-1], config)  # sums over other queries
+    with pytest.raises(tt.InputError, match="query_sums"):
+        E.evaluate_seed(smollm2, slice_task, config, 1, queries=result.queries, query_sums=other)
     assert_model_untouched(smollm2, snap)
 
 
@@ -603,8 +617,10 @@ def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_tas
     filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
     start = E._region_start(fit_set)
     rights = {}
-    for label, rows in (("with queries", fit_set + query_set), ("without", fit_set)):
-        deltas, _ = E._mean_differences(smollm2, rows, config.pool, 64)
+    for label, rows in (("with queries", (fit_set, query_set)), ("without", (fit_set, []))):
+        # the fit examples' sums plus the queries' (the protocol computes the second once a task)
+        deltas, _ = (E.difference_sums(smollm2, rows[0], config.pool, 64)
+                     + E.difference_sums(smollm2, rows[1], config.pool, 64)).means()
         right, logprob = E.greedy_match(smollm2, filtered, with_chunk=False,
                                         hooks=E._all_layer_steering_hooks(deltas, start))
         rights[label] = (right.tolist(), logprob.tolist())

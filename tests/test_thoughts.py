@@ -60,12 +60,18 @@ def test_ridge_solve_matches_lstsq_and_closed_form(n_rows):
 
 @pytest.mark.parametrize("n_rows", [5, 15, 40])
 @pytest.mark.parametrize("ridge", [0.0, 0.3])
-def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge):
+@pytest.mark.parametrize("gram_block", [384, 5])
+def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge, gram_block, monkeypatch):
     """``_Regression`` (the fit's matrices): rows streamed in parts with weights and a shift of the
     targets, solved from the sufficient statistics (rows >= inputs' dimension, 16) or in the row
     space (fewer rows): the closed-form weighted ridge solution either way, and the minimum-norm
-    weighted least squares at ridge 0."""
+    weighted least squares at ridge 0. The statistics' ``A^T W A`` is accumulated on and above its
+    block diagonal only (``_add_upper_gram``): one block at 16 inputs, or three (of 5, 6 and 5
+    columns) with ``gram_block`` 5."""
+    from tl_thoughts import thoughts
     from tl_thoughts.thoughts import _Regression
+
+    monkeypatch.setattr(thoughts, "_GRAM_BLOCK", gram_block)
 
     gen = torch.Generator().manual_seed(n_rows)
     A = torch.randn(n_rows, 16, generator=gen, dtype=torch.float64)

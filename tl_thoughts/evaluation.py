@@ -94,6 +94,7 @@ METHODS = (
     "task_vector",
 )
 FIT_METHODS = {"thought_vector": "vector", "thought_matrix": "matrix", "thought_patch": "both"}
+BASELINES = ("steering_best_layer", "steering_all_layers", "task_vector")  # fitted from the mean differences
 
 
 @dataclass(frozen=True)
@@ -706,20 +707,49 @@ def _shared_full_length(examples: list[_Example], pool: str) -> int:
     return shared_prefix_length([e.enc.full for e in examples], upto=first_read)
 
 
+@dataclass
+class DifferenceSums:
+    """The steering baselines' sums over some examples (:func:`difference_sums`): of
+    ``resid(full) - resid(reduced)`` over their pooled positions at ``blocks.0.hook_resid_pre``
+    then every ``blocks.{l}.hook_resid_post`` (``diff``, ``[n_layers + 1, d_model]``, over
+    ``n_positions``), and of the full run's ``resid_post`` at the last prompt position (``task``,
+    ``[n_layers, d_model]``, over ``n_examples``), float64. Sums over disjoint sets of examples add
+    up (``+``) to the sums over their union: the answered queries' part, the same in every seed, is
+    computed once a task (:func:`query_difference_sums`)."""
+
+    diff: Float[Tensor, "layer1 d_model"]
+    n_positions: int
+    task: Float[Tensor, "layer d_model"]
+    n_examples: int
+
+    def __add__(self, other: "DifferenceSums") -> "DifferenceSums":
+        return DifferenceSums(self.diff + other.diff, self.n_positions + other.n_positions,
+                              self.task + other.task, self.n_examples + other.n_examples)
+
+    def means(self) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
+        """The mean differences and the task vectors (:func:`_mean_differences`)."""
+        if self.n_positions == 0 or self.n_examples == 0:
+            raise InputError("no pooled position to average the steering baselines over")
+        return self.diff / self.n_positions, self.task / self.n_examples
+
+
 @torch.no_grad()
-def _mean_differences(
-    model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
-) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
-    """Mean over the fit examples' pooled positions of ``resid(full) - resid(reduced)`` at
-    ``blocks.0.hook_resid_pre`` then every ``blocks.{l}.hook_resid_post`` (``[n_layers + 1, d]``),
-    and the task vectors: mean full-run ``resid_post`` at the last prompt position (``[n_layers, d]``).
-    The positions every prompt with the chunk shares (the prefix and the chunk) run once, their
-    keys and values read by every batch from TransformerLens' key-value cache."""
+def difference_sums(model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int) -> DifferenceSums:
+    """:class:`DifferenceSums` over ``examples`` (none: zero sums). The positions every prompt with
+    the chunk shares (the prefix and the chunk) run once, their keys and values read by every batch
+    from TransformerLens' key-value cache.
+
+    Example:
+        >>> fit_part = difference_sums(model, encode_task_examples(model, task, range(20)), "answer", 64)  # doctest: +SKIP
+        >>> deltas, task_vectors = (fit_part + query_difference_sums(model, task, queries, config)).means()  # doctest: +SKIP
+    """
     n_layers = model.cfg.n_layers
     names = ["blocks.0.hook_resid_pre"] + [_tl.resid_post_name(layer) for layer in range(n_layers)]
     diff = torch.zeros(n_layers + 1, model.cfg.d_model, dtype=torch.float64)
     task = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
     n_pos = 0
+    if not examples:
+        return DifferenceSums(diff, 0, task, 0)
     device = _tl.model_device(model)
     shared = _shared_full_length(examples, pool)
     prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
@@ -747,7 +777,36 @@ def _mean_differences(
         diff += (full - reduced).sum(1)
         n_pos += full.shape[1]
         task += last[1:].sum(1)
-    return diff / n_pos, task / len(examples)
+    return DifferenceSums(diff, n_pos, task, len(examples))
+
+
+def _mean_differences(
+    model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int
+) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
+    """Mean over the examples' pooled positions of ``resid(full) - resid(reduced)`` at
+    ``blocks.0.hook_resid_pre`` then every ``blocks.{l}.hook_resid_post`` (``[n_layers + 1, d]``),
+    and the task vectors: mean full-run ``resid_post`` at the last prompt position (``[n_layers, d]``)
+    (:func:`difference_sums`, :meth:`DifferenceSums.means`)."""
+    return difference_sums(model, examples, pool, batch_size).means()
+
+
+def query_difference_sums(
+    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig
+) -> DifferenceSums | None:
+    """The answered queries' part of the steering baselines' sums (:class:`DifferenceSums`), the
+    same in every seed (the seeds differ in their fit examples only): what :func:`evaluate_seed`
+    takes as ``query_sums``. None where ``config`` runs no steering baseline.
+
+    Example:
+        >>> queries = query_answers(model, task, config.n_queries)  # doctest: +SKIP
+        >>> sums = query_difference_sums(model, task, queries, config)  # doctest: +SKIP
+        >>> seed = evaluate_seed(model, task, config, 0, queries=queries, query_sums=sums)  # doctest: +SKIP
+    """
+    if not set(BASELINES) & set(config.methods):
+        return None
+    with _tl.linear_layout(model):
+        rows = [_encode(model, task, q, a) for q, a in queries]
+        return difference_sums(model, rows, config.pool, config.batch_size)
 
 
 def _region_start(examples: list[_Example]) -> int:
@@ -959,12 +1018,15 @@ def evaluate_seed(
     seed: int,
     verdicts: tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]] | None = None,
     queries: Sequence[tuple[str, str]] | None = None,
+    query_sums: DifferenceSums | None = None,
 ) -> SeedResult:
     """The protocol on one seed (see the module docstring). ``verdicts``: the task's
     :func:`example_verdicts` if the caller has them (computed here otherwise; the same either
-    way); ``queries``: likewise its :func:`query_answers` for ``config.n_queries``. The model is
-    left as it was (its gated MLP weights are stored transposed in memory during the runs,
-    :func:`tl_thoughts._tl.linear_layout`).
+    way); ``queries``: likewise its :func:`query_answers` for ``config.n_queries``;
+    ``query_sums``: likewise :func:`query_difference_sums` of those queries (the steering
+    baselines' part that is the same in every seed; ignored where ``config`` runs no baseline).
+    The model is left as it was (its gated MLP weights are stored transposed in memory during the
+    runs, :func:`tl_thoughts._tl.linear_layout`).
 
     Example:
         >>> seed = evaluate_seed(load_default_model(), task, EvalConfig(), seed=0)  # doctest: +SKIP
@@ -979,15 +1041,19 @@ def evaluate_seed(
         raise InputError(f"verdicts must hold one value per example of {task.name!r} ({len(task.examples)})")
     if queries is None:
         queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    if query_sums is None:
+        query_sums = query_difference_sums(model, task, queries, config)
+    elif query_sums.n_examples != len(queries):
+        raise InputError(f"query_sums are sums over {query_sums.n_examples} queries, {len(queries)} queries given")
     with _tl.linear_layout(model):
-        result = _evaluate_seed(model, task, config, seed, verdicts, list(queries))
+        result = _evaluate_seed(model, task, config, seed, verdicts, list(queries), query_sums)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _evaluate_seed(
     model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
-    queries: list[tuple[str, str]],
+    queries: list[tuple[str, str]], query_sums: DifferenceSums | None,
 ) -> SeedResult:
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
@@ -1022,7 +1088,7 @@ def _evaluate_seed(
         # every method is fitted on the fit examples plus the answered queries
         labelled = task.fit_examples(fit_idx)
         fit_pairs = labelled + [(q, task.continuation(a)) for q, a in queries]
-        wanted = {"steering_best_layer", "steering_all_layers", "task_vector"} & set(config.methods)
+        wanted = set(BASELINES) & set(config.methods)
         # the answered queries as protocol rows, where the rank choice or the baselines use them
         query_set = [_encode(model, task, q, a) for q, a in queries] if config.rank_on_queries or wanted else []
         refine = "thought_patch_refined" in config.methods
@@ -1050,7 +1116,8 @@ def _evaluate_seed(
                 result.ranks[name] = rank
             run(name, patch=patch)
         if wanted:
-            deltas, task_vectors = _mean_differences(model, fit_set + query_set, config.pool, bs)
+            # the fit examples' sums, plus the queries' (the same in every seed: computed once a task)
+            deltas, task_vectors = (difference_sums(model, fit_set, config.pool, bs) + query_sums).means()
             start = _region_start(fit_set + query_set + filtered)
             edits = {"steering_best_layer": _steering_edit(deltas, start), "task_vector": _task_vector_edit(task_vectors)}
             edits = {name: edit for name, edit in edits.items() if name in wanted}
@@ -1109,8 +1176,9 @@ def evaluate_task(
     # once for every seed
     verdicts = example_verdicts(model, task, batch_size=config.batch_size)
     queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    query_sums = query_difference_sums(model, task, queries, config)
     seeds = [
-        evaluate_seed(model, task, config, seed, verdicts, queries)
+        evaluate_seed(model, task, config, seed, verdicts, queries, query_sums)
         for seed in tqdm(config.seeds, desc=f"{task.name}: seeds", disable=not progress)
     ]
     return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds, queries=queries)
@@ -1130,21 +1198,23 @@ def _worker_init(dtype: torch.dtype, threads: int) -> None:
 
 def _worker_verdicts(
     task: Task, config: EvalConfig
-) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]]]:
-    """A task's :func:`example_verdicts` (plain lists between processes) and :func:`query_answers`."""
+) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]], DifferenceSums | None]:
+    """A task's :func:`example_verdicts` (plain lists between processes), :func:`query_answers`
+    and :func:`query_difference_sums`."""
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     with_right, without_right = example_verdicts(_WORKER_MODEL, task, batch_size=config.batch_size)
     queries = query_answers(_WORKER_MODEL, task, config.n_queries, batch_size=config.batch_size)
-    return (with_right.tolist(), without_right.tolist()), queries
+    query_sums = query_difference_sums(_WORKER_MODEL, task, queries, config)
+    return (with_right.tolist(), without_right.tolist()), queries, query_sums
 
 
 def _worker_seed(task: Task, config: EvalConfig, seed: int, verdicts: tuple[list[bool], list[bool]],
-                 queries: list[tuple[str, str]]) -> SeedResult:
+                 queries: list[tuple[str, str]], query_sums: DifferenceSums | None) -> SeedResult:
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     tensors = tuple(torch.tensor(v, dtype=torch.bool) for v in verdicts)
-    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors, queries)
+    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors, queries, query_sums)
 
 
 def evaluate_in_processes(
@@ -1158,8 +1228,9 @@ def evaluate_in_processes(
 ) -> list[TaskResult]:
     """:func:`evaluate_task` for every task on the DEFAULT model, in ``jobs`` worker processes of
     ``threads`` torch threads each (each loads its own copy of the model; the workers take one
-    unit at a time: a task's :func:`example_verdicts` and :func:`query_answers`, then each of its
-    seeds; the biggest tasks first). On this project's 2-core machine this is as fast as one process with both threads
+    unit at a time: a task's :func:`example_verdicts`, :func:`query_answers` and
+    :func:`query_difference_sums`, then each of its seeds; the biggest tasks first). On this
+    project's 2-core machine this is as fast as one process with both threads
     (``benchmarks/bench_jobs.py``).
     ``on_result(result)`` is called as each task finishes. Results come back in the order of
     ``tasks``, the same as :func:`evaluate_task` gives at the same thread count
@@ -1189,9 +1260,9 @@ def evaluate_in_processes(
             for future in done:
                 i, seed = pending.pop(future)
                 if seed is None:
-                    verdicts, queries[i] = future.result()
+                    verdicts, queries[i], query_sums = future.result()
                     for s in config.seeds:
-                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts, queries[i])] = (i, s)
+                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts, queries[i], query_sums)] = (i, s)
                     continue
                 seeds[i][seed] = future.result()
                 if len(seeds[i]) == len(config.seeds):

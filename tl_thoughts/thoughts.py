@@ -69,13 +69,29 @@ def ridge_solve(
     return torch.cholesky_solve(AtU, factor)
 
 
+_GRAM_BLOCK = 384  # columns per block of _add_upper_gram
+
+
+def _add_upper_gram(out: Float[Tensor, "d d"], wa: Float[Tensor, "n d"], a: Float[Tensor, "n d"]) -> None:
+    """Add ``wa^T a`` (symmetric: ``wa`` is ``a`` with weighted rows) to ``out`` on and above the
+    block diagonal only: blocks of about :data:`_GRAM_BLOCK` columns, each row block times the
+    columns from its own on (with ``k`` blocks, ``(k + 1) / 2k`` of the whole ``d x d`` product's
+    work; ``benchmarks/bench_gram.py`` times both). Read the result as its ``triu``, mirrored."""
+    d = a.shape[1]
+    k = max(1, round(d / _GRAM_BLOCK))
+    edges = [round(i * d / k) for i in range(k + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[lo:hi, lo:] += wa[:, lo:hi].T @ a[:, lo:]
+
+
 class _Regression:
     """A weighted ridge regression ``argmin_M sum_i w_i ||a_i @ M - u_i||^2 + lam ||M||^2`` whose
     rows arrive in parts (:func:`fit_thought` streams batches), solved as :func:`ridge_solve` does
     (``lam = ridge * sum_i w_i ||a_i||^2 / n``; ``ridge = 0``: minimum-norm least squares).
 
     With at least as many rows as input dimensions it keeps the sufficient statistics ``A^T W A``
-    and ``A^T W U`` (``d x d``, whatever the rows); with fewer (``n_rows < d``, e.g. a few hundred
+    (on and above its block diagonal, :func:`_add_upper_gram`) and ``A^T W U`` (``d x d``,
+    whatever the rows); with fewer (``n_rows < d``, e.g. a few hundred
     rows against an MLP's ``d_mlp``) it keeps the weighted rows themselves and solves in the row
     space, ``M = G^T (G G^T + lam I)^-1 F`` with ``G = W^1/2 A``, ``F = W^1/2 U``: the same
     solution (``tests/test_thoughts.py``) at ``n x n`` instead of ``d x d`` cost.
@@ -96,18 +112,21 @@ class _Regression:
             return
         wa = a * w[:, None]
         if self.AtA is None:
-            self.AtA, self.AtU, self.Asum = wa.T @ a, wa.T @ u, wa.sum(0)
+            d = a.shape[1]
+            self.AtA = a.new_zeros(d, d)
+            self.AtU, self.Asum = wa.T @ u, wa.sum(0)
         else:
-            self.AtA += wa.T @ a
             self.AtU += wa.T @ u
             self.Asum += wa.sum(0)
+        _add_upper_gram(self.AtA, wa, a)
 
     def solve(self, ridge: float, n: float, shift: Tensor | None = None) -> Tensor:
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         if not self.dual:
             AtU = self.AtU if shift is None else self.AtU - torch.outer(self.Asum, shift)
-            return ridge_solve(self.AtA, AtU, ridge, n)
+            upper = self.AtA.triu()
+            return ridge_solve(upper + upper.triu(1).T, AtU, ridge, n)
         sw, G, F = (torch.cat(t) for t in zip(*self.parts))
         if shift is not None:
             F = F - sw[:, None] * shift[None]

@@ -1,0 +1,60 @@
+"""Profile: where one seed of the suite spends its time, at the defaults or other options.
+
+Loads the default model (one torch thread, as a suite worker), computes the task's verdicts and
+answered queries (timed, not profiled), then profiles ``evaluation.evaluate_seed`` with every
+method under cProfile, and prints the seed's time, its accuracies and the functions with the
+largest cumulative time.
+
+Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--queries 480]
+[--ranks 0] [--top 45]   (``--ranks``: candidate ranks, 0: as fitted; default: ``EvalConfig``'s)
+"""
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from tl_thoughts import evaluation as E
+from tl_thoughts.models import load_default_model
+from tl_thoughts.tasks import load_task, shipped_tasks
+
+DEFAULTS = E.EvalConfig()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="a shipped task's name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=DEFAULTS.n_queries)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in DEFAULTS.ranks])
+    parser.add_argument("--top", type=int, default=45, help="functions printed")
+    args = parser.parse_args()
+    if any(r < 0 for r in args.ranks) or len(set(args.ranks)) != len(args.ranks):
+        parser.error(f"--ranks: distinct ranks >= 0 (0: as fitted), got {args.ranks}")
+    torch.set_num_threads(1)
+    model = load_default_model()
+    task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))
+    config = E.EvalConfig(n_queries=args.queries, ranks=tuple(r or None for r in args.ranks))
+    t0 = time.perf_counter()
+    verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
+    t1 = time.perf_counter()
+    queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    t2 = time.perf_counter()
+    query_sums = E.query_difference_sums(model, task, queries, config)
+    t3 = time.perf_counter()
+    print(f"verdicts {t1 - t0:.1f} s, query answers {t2 - t1:.1f} s, query sums {t3 - t2:.1f} s (once a task)")
+    profile = cProfile.Profile()
+    profile.enable()
+    t4 = time.perf_counter()
+    result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries, query_sums)
+    seconds = time.perf_counter() - t4
+    profile.disable()
+    print(f"seed {args.seed}: {seconds:.1f} s (profiled)")
+    print({name: round(value, 3) for name, value in result.accuracy.items()})
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
