@@ -64,10 +64,11 @@ def main() -> None:
     for letter, (queries, ridge), ranks in (("A", args.a, args.a_ranks), ("B", args.b, args.b_ranks)):
         if queries != int(queries):
             parser.error(f"--{letter.lower()}: the number of queries must be an integer, got {queries}")
-        if any(r < 0 for r in ranks) or len(set(ranks)) != len(ranks):
-            parser.error(f"--{letter.lower()}-ranks: distinct ranks >= 0 (0: as fitted), got {ranks}")
-        configs[_name(letter, int(queries), ridge, ranks)] = E.EvalConfig(
-            n_queries=int(queries), ridge=ridge, ranks=tuple(r or None for r in ranks))
+        try:  # EvalConfig checks the options (distinct ranks, each >= 1 or as fitted)
+            config = E.EvalConfig(n_queries=int(queries), ridge=ridge, ranks=tuple(r or None for r in ranks))
+        except ValueError as e:
+            parser.error(f"--{letter.lower()}, --{letter.lower()}-ranks: {e}")
+        configs[_name(letter, int(queries), ridge, ranks)] = config
     torch.set_num_threads(1)  # as a suite worker
     model = load_default_model()
     task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))

@@ -31,12 +31,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in DEFAULTS.ranks])
     parser.add_argument("--top", type=int, default=45, help="functions printed")
     args = parser.parse_args()
-    if any(r < 0 for r in args.ranks) or len(set(args.ranks)) != len(args.ranks):
-        parser.error(f"--ranks: distinct ranks >= 0 (0: as fitted), got {args.ranks}")
+    try:  # EvalConfig checks the options (distinct ranks, each >= 1 or as fitted)
+        config = E.EvalConfig(n_queries=args.queries, ranks=tuple(r or None for r in args.ranks))
+    except ValueError as e:
+        parser.error(str(e))
     torch.set_num_threads(1)
     model = load_default_model()
     task = load_task(next(p for p in shipped_tasks() if p.stem == args.task))
-    config = E.EvalConfig(n_queries=args.queries, ranks=tuple(r or None for r in args.ranks))
     t0 = time.perf_counter()
     verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
     t1 = time.perf_counter()
