@@ -4,7 +4,8 @@ The confidence and first-position findings in ``docs/benchmark.md`` come from th
     .venv/bin/python benchmarks/behaviour_confidence.py
 
 Per task (one seed; the protocol of ``tl-thoughts eval``: the same split, filter and thought patch,
-its rank chosen on the fit examples as ``EvalConfig`` does), for every filtered test example:
+its rank chosen on the fit examples among 1, 4, 16 and as fitted, as ``EvalConfig`` did until 2
+December, pinned by ``findings_config``), for every filtered test example:
 
 - ``confidence``: how sure the model is WITH the chunk, the smallest probability it gives to one of
   the answer's tokens (teacher-forced; the filter only asks that each be the argmax);

@@ -11,7 +11,7 @@ examples of the ``n_fit=40`` variants, and the rest the test examples, the same 
 (so that the variants with 40 fit examples are compared on the same test examples as those with
 20). Both the fit and the test examples are filtered as in the protocol (right with the chunk,
 wrong without). For each variant (options of ``fit_thought`` changed from ``EvalConfig``'s; the
-thought matrices as fitted, without the rank ``EvalConfig.ranks`` would choose) it
+thought matrices as fitted, without a rank chosen among candidates) it
 prints the thought patch's accuracy, without the chunk, on the filtered FIT examples it was fitted
 on ("fit") and on the filtered test examples ("test"). The last variant fits on the model's own
 greedy answers with the chunk instead of the task's answers (the "fit" column still scores the
@@ -45,10 +45,13 @@ from tl_thoughts.thoughts import fit_thought
 OLD_PATCH = dict(output_matrix=False, patch_prefix=True)
 OLD_PATCH_HELP = (f"fit the thought patch of 82.5%% ({OLD_PATCH}: no W_out thought matrix, the prefix patched) "
                   "instead of EvalConfig's, as these findings were first measured")  # %% for argparse
+EARLIER_RANKS = (1, 4, 16, None)  # EvalConfig.ranks until 2 December (since then as fitted, no choice)
 # EvalConfig's defaults when the findings up to the section "150 queries at ridge 0.5" of
-# docs/benchmark.md were measured: 60 answered queries, ridge 1 (since then 150 and 0.5). The
-# findings scripts pin them, so that they print their tables again.
-FINDINGS = dict(n_queries=60, ridge=1.0)
+# docs/benchmark.md were measured: 60 answered queries, ridge 1, the rank chosen among
+# EARLIER_RANKS (since then 150 queries and ridge 0.5, then 480 queries as fitted). The findings
+# scripts pin them, so that they print their tables again.
+FINDINGS = dict(n_queries=60, ridge=1.0, ranks=EARLIER_RANKS)
+SUITE_150 = dict(n_queries=150, ridge=0.5, ranks=EARLIER_RANKS)  # the suite's defaults until 2 December
 N_FIT = E.EvalConfig().n_fit  # the protocol's fit examples (20)
 N_EXTRA = 40  # fit examples of the n_fit=40 variants
 OWN_ANSWERS = "fitted on the model's own answers with the chunk (no labels)"
@@ -71,10 +74,10 @@ def scaled(patch: ThoughtPatch, all_: float, vector: float) -> ThoughtPatch:
 
 
 def findings_config(old_patch: bool, **changes) -> E.EvalConfig:
-    """``EvalConfig(n_queries=0, ridge=1, **changes)``, with the options of the patch of 82.5% if
-    ``old_patch``: the findings take apart the patch fitted on the 20 fit examples alone, without
-    the unlabelled queries the protocol adds since (``behaviour_queries.py`` measures those), at
-    the ridge of the time (:data:`FINDINGS`)."""
+    """``EvalConfig(n_queries=0, ridge=1, ranks=EARLIER_RANKS, **changes)``, with the options of
+    the patch of 82.5% if ``old_patch``: the findings take apart the patch fitted on the 20 fit
+    examples alone, without the unlabelled queries the protocol adds since (``behaviour_queries.py``
+    measures those), at the ridge and the candidate ranks of the time (:data:`FINDINGS`)."""
     return E.EvalConfig(**{**FINDINGS, "n_queries": 0, **(OLD_PATCH if old_patch else {}), **changes})
 
 

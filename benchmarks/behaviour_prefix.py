@@ -10,9 +10,10 @@ the shuffled order are the protocol's fit examples and the test examples are tho
 thought patch is fitted with ``EvalConfig``'s options but for the two compared here,
 ``output_matrix`` (a thought matrix on ``W_out``) and ``patch_prefix`` (False: the positions before
 the chunk's place, the fixed first token ``<|im_start|>``, left unpatched in the fit and when
-applied), its rank chosen on the fit examples as the benchmark does (``evaluation.choose_rank``),
-and scored without the chunk on the filtered fit and test examples. The first variant is the
-benchmark's thought patch before these two options (``OLD_PATCH``, the patch of 82.5%), the last its current one.
+applied), its rank chosen on the fit examples among 1, 4, 16 and as fitted, as the benchmark did
+until 2 December (``evaluation.choose_rank``; pinned by ``findings_config``), and scored without
+the chunk on the filtered fit and test examples. The first variant is the benchmark's thought patch
+before these two options (``OLD_PATCH``, the patch of 82.5%), the last its current one.
 
 Options: ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2).
 """
@@ -45,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = findings_config(False)  # EvalConfig's options at ridge 1, the 20 fit examples alone
+    config = findings_config(False)  # EvalConfig's options at ridge 1, the 20 fit examples alone, ranks 1, 4, 16
     assert (config.output_matrix, config.patch_prefix) == VARIANTS["W_out matrix, prefix unpatched (EvalConfig)"]
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]

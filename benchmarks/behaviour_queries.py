@@ -10,12 +10,13 @@ split of ``behaviour_generalisation.py`` (the protocol's 20 fit examples; the fi
 examples after the first 40 of the shuffled order), the thought patch is fitted with
 ``EvalConfig``'s options on the 20 fit examples alone, and on the same 20 plus the first 20 or 60
 of the task's unlabelled ``queries`` that the model answers with the chunk, with those answers
-(``evaluation.query_answers``, as the benchmark does since its ``n_queries`` option: the 60 are the
-suite's). Those queries are none of the task's examples or the chunk's. The ridge grows with the
-number of fit rows (``ridge * n / 20``, as in the benchmark), so that its strength relative to the
-sum of squares stays that of the 20 examples (the findings on 40 fit examples). The matrices' rank
-is chosen on the 20 labelled fit examples, as the benchmark does (``evaluation.choose_rank``). Each
-patch is scored without the chunk on the filtered test examples, as fitted and at the rank chosen.
+(``evaluation.query_answers``, as the benchmark does since its ``n_queries`` option: the 60 were
+the suite's then). Those queries are none of the task's examples or the chunk's. The ridge grows
+with the number of fit rows (``ridge * n / 20``, as in the benchmark), so that its strength relative
+to the sum of squares stays that of the 20 examples (the findings on 40 fit examples). The matrices' rank
+is chosen on the 20 labelled fit examples among 1, 4, 16 and as fitted, as the benchmark did until
+2 December (``evaluation.choose_rank``; ``FINDINGS`` pins those candidates). Each patch is scored
+without the chunk on the filtered test examples, as fitted and at the rank chosen.
 
 Options: ``--tasks`` (default: all shipped), ``--seeds`` (default 0 1 2), ``--save FILE`` (the raw
 per-example verdicts as JSON, written after every task), ``--load FILE [FILE ...]`` (print the
@@ -54,7 +55,7 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig(**FINDINGS)  # ridge 1, as when this table was measured
+    config = E.EvalConfig(**FINDINGS)  # ridge 1 and the ranks 1, 4, 16, as fitted, as when this table was measured
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]
     extra = {task.name: [(q, task.continuation(a)) for q, a in E.query_answers(model, task, max(EXTRA), batch_size=bs)]

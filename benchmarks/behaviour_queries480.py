@@ -6,9 +6,11 @@
 
 The runs it reads (``docs/benchmark/...``, each made by the command in its ``meta.config``):
 
-- ``results.json``: the suite at its defaults (150 queries, the rank chosen on the fit examples);
+- ``queries150``: the suite at its defaults until 2 December (150 queries, the rank chosen on the
+  fit examples among 1, 4, 16 and as fitted; the values of ``results.json`` then);
 - ``queries480``: ``tl-thoughts eval --suite --queries 480 --out docs/benchmark/queries480``
-  (every method);
+  (every method, with the code and the candidate ranks of that time: its ``thought_matrix`` is the
+  matrix-only patch fitted on its own, ``thought_matrix_fitted_alone`` since 2 December);
 - ``queries480_as_fitted``: ``tl-thoughts eval --suite --queries 480 --ranks 0 --methods with_chunk
   without_chunk thought_patch --out docs/benchmark/queries480_as_fitted`` (the thought matrices
   as fitted, no rank choice), and the same on seeds 3, 4, 5 (``queries480_as_fitted_seeds345``,
@@ -26,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent / "docs" / "benchmark"
-ROWS = [  # label, run folder ("" for the suite's own), method
-    ("150 queries (the defaults), rank chosen", "", "thought_patch"),
+DEFAULTS = "queries150"  # the suite's run at its defaults until 2 December
+ROWS = [  # label, run folder, method
+    ("150 queries (the defaults), rank chosen", DEFAULTS, "thought_patch"),
     ("480 queries, rank chosen", "queries480", "thought_patch"),
     ("480 queries, as fitted", "queries480_as_fitted", "thought_patch"),
     ("480 queries, thought matrices alone, as fitted", "queries480", "thought_matrix"),
-    ("150 queries (the defaults), refined", "", "thought_patch_refined"),
+    ("150 queries (the defaults), refined", DEFAULTS, "thought_patch_refined"),
     ("480 queries, refined", "queries480", "thought_patch_refined"),
     ("150 queries (the defaults), rank chosen, seeds 3-5", "queries150_seeds345", "thought_patch"),
     ("480 queries, as fitted, seeds 3-5", "queries480_as_fitted_seeds345", "thought_patch"),
@@ -51,7 +54,7 @@ def check(runs: dict[str, dict]) -> None:
         reference = by_seeds.setdefault(seeds, data)
         for task, entry in data["meta"]["tasks"].items():
             assert entry["filtered_indices"] == reference["meta"]["tasks"][task]["filtered_indices"], (folder, task)
-    defaults = runs[""]["meta"]["tasks"]
+    defaults = runs[DEFAULTS]["meta"]["tasks"]
     for folder, data in runs.items():
         for task, entry in data["meta"]["tasks"].items():
             n = len(defaults[task]["queries"])
@@ -61,7 +64,7 @@ def check(runs: dict[str, dict]) -> None:
 def main() -> None:
     runs = {folder: data for folder in dict.fromkeys(f for _, f, _ in ROWS) if (data := load(folder)) is not None}
     check(runs)
-    tasks = sorted(runs[""]["meta"]["tasks"])
+    tasks = sorted(runs[DEFAULTS]["meta"]["tasks"])
     print("| fit rows, matrices | " + " | ".join(tasks) + " | mean | per seed |")
     print("|---" * (len(tasks) + 3) + "|")
     for label, folder, method in ROWS:

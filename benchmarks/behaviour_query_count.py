@@ -7,18 +7,20 @@ rank chosen on the queries" in ``docs/benchmark.md`` comes from this script:
 Per task and seed (0, 1, 2), on the protocol's own split (``evaluation.split``: the 20 fit
 examples; the test examples filtered with ``evaluation.example_verdicts``, as the suite does), the
 least-squares thought patch is fitted with ``EvalConfig``'s options on the 20 fit examples plus the
-first 60 (the earlier defaults) or 150 (the defaults since 2 December) of the task's unlabelled
-queries that the model answers with the chunk (``evaluation.query_answers``), at the ridge
-``ridge * rows / 20`` with ``ridge`` 1 (earlier) or 0.5 (since). Each patch's matrices are truncated to the candidate ranks of ``EvalConfig.ranks``,
-and each candidate is scored without the chunk on the 20 fit examples, on the answered queries
-(against the model's own answers with the chunk) and on the filtered test examples. The rank is
-then chosen as ``evaluation.choose_rank`` does (accuracy, then mean log-probability, then the
-smaller rank), on the fit examples alone (the suite's choice) or on the fit examples plus the
-queries (``EvalConfig.rank_on_queries``); both are checked against ``choose_rank`` itself. The row
-"60 queries, ridge 1", rank on the fit examples, is the ``thought_patch`` of the suite at its
-earlier defaults (``tl-thoughts eval --suite --queries 60 --ridge 1``); the row "150 queries,
-ridge 0.5", rank on the fit examples, is the suite's ``thought_patch`` now, and on fit + queries
-that of ``tl-thoughts eval --suite --rank-on-queries``.
+first 60 (the earlier defaults) or 150 (the defaults of 2 December, before 480) of the task's
+unlabelled queries that the model answers with the chunk (``evaluation.query_answers``), at the
+ridge ``ridge * rows / 20`` with ``ridge`` 1 (earlier) or 0.5 (since). Each patch's matrices are
+truncated to the candidate ranks of ``EvalConfig.ranks`` until 2 December (1, 4, 16 and as fitted,
+``behaviour_generalisation.EARLIER_RANKS``), and each candidate is scored without the chunk on the
+20 fit examples, on the answered queries (against the model's own answers with the chunk) and on
+the filtered test examples. The rank is then chosen as ``evaluation.choose_rank`` does (accuracy,
+then mean log-probability, then the smaller rank), on the fit examples alone (the suite's choice)
+or on the fit examples plus the queries (``EvalConfig.rank_on_queries``); both are checked against
+``choose_rank`` itself. The row "60 queries, ridge 1", rank on the fit examples, is the
+``thought_patch`` of the suite at its earlier defaults (``tl-thoughts eval --suite --queries 60
+--ridge 1 --ranks 1 4 16 0``); the row "150 queries, ridge 0.5", rank on the fit examples, is the
+suite's ``thought_patch`` at its defaults until 2 December (``--queries 150 --ranks 1 4 16 0``),
+and on fit + queries that of the same with ``--rank-on-queries``.
 
 The options are those of ``behaviour_generalisation.seeds_main``: the tasks and seeds measured, and
 saving the raw verdicts or printing the table of saved runs (``--help``).
@@ -29,6 +31,7 @@ import time
 import numpy as np
 import torch
 from behaviour_generalisation import (  # this folder is on sys.path
+    SUITE_150,
     print_header,
     protocol_split,
     rank_label,
@@ -70,7 +73,7 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     model = load_default_model()
     stops = E.stop_tokens(model)
-    config = E.EvalConfig()
+    config = E.EvalConfig(**SUITE_150)  # the suite's defaults until 2 December, as when this table was measured
     assert (config.n_queries, config.ridge, config.rank_on_queries) == (150, 0.5, False)  # the last variant
     bs = config.batch_size
     tasks = [load_task(p) for p in shipped_tasks() if args.tasks is None or p.stem in args.tasks]

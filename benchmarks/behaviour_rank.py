@@ -11,8 +11,10 @@ every block) is then replaced by its best
 rank-k approximation (``ThoughtPatch.truncations``; rank 1 is the form of a ROME edit), the thought
 vectors kept as they are, and the truncated patch is scored again, without the chunk, on the same
 test examples. A last row gives the accuracy of the rank ``evaluation.choose_rank`` picks among
-``EvalConfig.ranks`` on the 20 fit examples, as the benchmark does. The last column of the header row gives how many numbers the truncated matrices of
-one block take as factors (``k * (d_in + d_out)`` per matrix), against the dense matrices.
+1, 4, 16 and as fitted (the candidates of ``EvalConfig.ranks`` until 2 December, pinned by
+``findings_config``) on the 20 fit examples, as the benchmark did then. The last column of the
+header row gives how many numbers the truncated matrices of one block take as factors
+(``k * (d_in + d_out)`` per matrix), against the dense matrices.
 
 Options: ``--tasks`` (default: all shipped), ``--seed`` (default 0), ``--ranks``, ``--old-patch``
 (the options of the patch of 82.5%).

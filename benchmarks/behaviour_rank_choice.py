@@ -5,7 +5,9 @@ section "How far a better rank choice could go" in ``docs/benchmark.md`` comes f
 
 Per task and seed, on the protocol's own split (``evaluation.split``: the 20 fit examples; the test
 examples filtered with ``evaluation.example_verdicts``, as the suite does), two least-squares
-thought patches are fitted with ``EvalConfig``'s options (``fit_options_for`` the rows):
+thought patches are fitted with ``EvalConfig``'s options (``fit_options_for`` the rows) at the
+suite's defaults until 2 December (``SUITE``: 150 answered queries, ridge 0.5, the candidate ranks
+1, 4, 16 and as fitted; ``behaviour_generalisation.SUITE_150``):
 
 - the suite's: on the 20 fit examples plus the first 150 answered queries
   (``evaluation.query_answers``);
@@ -20,16 +22,16 @@ per task and seed, always ranking the candidates as ``evaluation.choose_rank`` d
 then mean log-probability of the continuations, then the smaller rank) on its rows, and the
 suite's patch at that rank is tested:
 
-- on the fit examples, among ``EvalConfig.ranks`` (1, 4, 16, as fitted): the suite's choice
-  (checked against ``choose_rank`` itself, and its test values against the suite's stored
-  ``thought_patch`` per seed where ``docs/benchmark`` holds them);
+- on the fit examples, among ``SUITE.ranks`` (1, 4, 16, as fitted): the suite's choice until 2
+  December (checked against ``choose_rank`` itself, and its test values against the suite's stored
+  ``thought_patch`` per seed at those defaults where ``docs/benchmark`` holds them);
 - on the fit examples, among all eight candidates;
 - the matrices as fitted, always;
 - on the 30 held-out queries, or on the fit examples and those queries, with the held-out patch
   (the queries are rows of the suite's fit, so the choice is made on the patch that did not see
-  them), among ``EvalConfig.ranks``;
+  them), among ``SUITE.ranks``;
 - the oracle: the candidate best on the filtered test examples themselves, among
-  ``EvalConfig.ranks`` or all eight. A ceiling, not a method.
+  ``SUITE.ranks`` or all eight. A ceiling, not a method.
 
 The options are those of ``behaviour_generalisation.seeds_main``: the tasks and seeds measured, and
 saving the raw verdicts or printing the table of saved runs (``--help``).
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from behaviour_generalisation import (  # this folder is on sys.path
+    SUITE_150,
     protocol_split,
     rank_label,
     record,
@@ -58,11 +61,11 @@ from tl_thoughts.thoughts import fit_thoughts
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, None)
 HELD_OUT = 30  # answered queries held out of the second fit
-SUITE = E.EvalConfig()
+SUITE = E.EvalConfig(**SUITE_150)  # the suite's defaults until 2 December, as when this table was measured
 SUITE_RANKS = tuple(str(r) for r in SUITE.ranks)
 ALL_RANKS = tuple(str(r) for r in RANKS)
 STORED = {  # the suite's runs at these defaults: their per-seed thought_patch values
-    "results.json": (0, 1, 2),
+    "queries150/results.json": (0, 1, 2),  # the values of results.json until 2 December
     "queries150_seeds345/results.json": (3, 4, 5),
     "seeds678/results.json": (6, 7, 8),
 }

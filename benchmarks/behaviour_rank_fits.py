@@ -8,10 +8,12 @@ protocol. Two rows of the table of the section "Four more variants, on held-out 
         --methods with_chunk without_chunk thought_patch --out DIR
 
 The first argument picks the variant; the others are those of ``tl-thoughts eval`` (it runs with
-``--jobs 1``: worker processes would not see the changes below). The protocol picks the thought
-patch's rank among ``EvalConfig.ranks`` on the fit examples (``evaluation.choose_rank``); the
-candidates of a rank k are, instead of the fitted matrices' best rank-k approximations
-(``ThoughtPatch.truncations``, the library's and the suite's):
+``--jobs 1``: worker processes would not see the changes below), at the suite's defaults until 2
+December where not given, as its rows were measured: ``--queries 150 --ridge 0.5 --ranks 1 4 16 0``
+(``behaviour_generalisation.SUITE_150``; with the matrices as fitted alone, the default since, no
+candidate would be made). The protocol picks the thought patch's rank among those candidates on the
+fit examples (``evaluation.choose_rank``); the candidates of a rank k are, instead of the fitted
+matrices' best rank-k approximations (``ThoughtPatch.truncations``, the library's and the suite's):
 
 - ``reduced``: the rank-k solution of each block's own ridge problem (reduced-rank ridge
   regression, Mukherjee and Zhu 2011: the ridge problem is least squares on the inputs stacked
@@ -34,6 +36,7 @@ the suite's ``thought_patch``.
 import sys
 
 import torch
+from behaviour_generalisation import SUITE_150  # this folder is on sys.path
 
 import tl_thoughts.thoughts as th
 from tl_thoughts import _tl
@@ -147,6 +150,11 @@ def main(argv: list[str]) -> int:
         raise SystemExit("--jobs must be 1: worker processes would not see this script's changes")
     if "--jobs" not in rest:
         rest += ["--jobs", "1"]
+    pinned = {"--queries": [str(SUITE_150["n_queries"])], "--ridge": [str(SUITE_150["ridge"])],
+              "--ranks": [str(r or 0) for r in SUITE_150["ranks"]]}  # the options its rows were measured at
+    for flag, values in pinned.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in rest):
+            rest += [flag, *values]
     if variant == "reduced":
         th._Regression.solve, th.fit_thought, ThoughtPatch.truncations = (
             _solve_logged, _fit_reduced, _truncations_reduced)

@@ -1,5 +1,6 @@
-"""Benchmark: what 150 answered queries at ridge 0.5 (the defaults since 2 December) cost the suite
-against its earlier defaults (60 queries, ridge 1, ``--queries 60 --ridge 1``), with the same code,
+"""Benchmark: what 150 answered queries at ridge 0.5 (the defaults of ``9ca5b9d``, before 480 queries with the
+matrices as fitted) cost the suite against its earlier defaults (60 queries, ridge 1, ``--queries 60 --ridge 1``),
+both with the rank chosen among 1, 4, 16 and as fitted, with the same code,
 measured in one run, so that the machine's speed (these shared machines drift by a factor of two
 between runs) cancels out of the ratio. (``bench_versions.py`` compares this version with an
 earlier commit instead.)
@@ -14,9 +15,13 @@ the suite's: the same in both repeats), and the ratio B / A.
 Run: .venv/bin/python benchmarks/bench_suite_queries.py --task plural [--seed 0]
 (the suite runs two worker processes of one thread: run two tasks at once, as it does).
 ``--a QUERIES RIDGE --b QUERIES RIDGE`` compares two other configurations the same way (e.g.
-``--a 150 0.5 --b 480 0.5``: the defaults against 480 queries, section "480 queries" of
-docs/benchmark.md), and ``--a-ranks``/``--b-ranks`` set their candidate ranks (0: as fitted;
-default ``EvalConfig``'s), e.g. ``--b 480 0.5 --b-ranks 0``: 480 queries, matrices as fitted.
+``--a 150 0.5 --b 480 0.5``: 150 against 480 queries, section "480 queries" of docs/benchmark.md),
+and ``--a-ranks``/``--b-ranks`` set their candidate ranks (0: as fitted; default: 1 4 16 0, the
+candidates of ``EvalConfig.ranks`` until 2 December), e.g. ``--b 480 0.5 --b-ranks 0``: 480 queries,
+matrices as fitted (the defaults since). ``--fitted-alone`` adds the vector-only and matrix-only
+patches fitted on their own (``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone``), as
+the suite's ``thought_vector`` and ``thought_matrix`` were until 2 December: the ratios of
+docs/benchmark.md measured before then (sections "480 queries" and "Cheaper fits") need it.
 """
 
 import argparse
@@ -29,9 +34,8 @@ from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
 
-DEFAULTS = E.EvalConfig()
-A_DEFAULT, B_DEFAULT = (60, 1.0), (DEFAULTS.n_queries, DEFAULTS.ridge)
-RANKS = [r or 0 for r in DEFAULTS.ranks]
+A_DEFAULT, B_DEFAULT = (60, 1.0), (150, 0.5)
+RANKS = [1, 4, 16, 0]  # EvalConfig.ranks until 2 December (0: as fitted)
 
 
 def _name(letter: str, queries: int, ridge: float, ranks: list[int]) -> str:
@@ -39,9 +43,9 @@ def _name(letter: str, queries: int, ridge: float, ranks: list[int]) -> str:
     if ranks != RANKS:
         name += ", ranks " + " ".join(str(r) if r else "as fitted" for r in ranks)
     if (queries, ridge) == A_DEFAULT and ranks == RANKS:
-        return name + " (the earlier defaults)"
+        return name + " (the defaults until 2 December)"
     if (queries, ridge) == B_DEFAULT and ranks == RANKS:
-        return name + " (the defaults)"
+        return name + " (the defaults of 9ca5b9d)"
     return name
 
 
@@ -50,14 +54,18 @@ def main() -> None:
     parser.add_argument("--task", required=True, help="a shipped task's name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--a", nargs=2, type=float, default=A_DEFAULT, metavar=("QUERIES", "RIDGE"),
-                        help="configuration A (default: 60 1, the earlier defaults)")
+                        help="configuration A (default: 60 1)")
     parser.add_argument("--b", nargs=2, type=float, default=B_DEFAULT, metavar=("QUERIES", "RIDGE"),
-                        help=f"configuration B (default: {B_DEFAULT[0]} {B_DEFAULT[1]:g}, the defaults)")
+                        help="configuration B (default: 150 0.5)")
     parser.add_argument("--a-ranks", type=int, nargs="+", default=RANKS, metavar="RANK",
-                        help="configuration A's candidate ranks (0: as fitted; default: EvalConfig's)")
+                        help="configuration A's candidate ranks (0: as fitted; default: 1 4 16 0)")
     parser.add_argument("--b-ranks", type=int, nargs="+", default=RANKS, metavar="RANK",
-                        help="configuration B's candidate ranks (0: as fitted; default: EvalConfig's)")
+                        help="configuration B's candidate ranks (0: as fitted; default: 1 4 16 0)")
+    parser.add_argument("--fitted-alone", action="store_true",
+                        help="also fit the vector-only and matrix-only patches on their own (the suite's "
+                             "ablations until 2 December)")
     args = parser.parse_args()
+    methods = E.DEFAULT_METHODS + (E.FITTED_ALONE if args.fitted_alone else ())
     if (list(args.a), args.a_ranks) == (list(args.b), args.b_ranks):
         parser.error("--a and --b are the same configuration")
     configs = {}
@@ -65,7 +73,8 @@ def main() -> None:
         if queries != int(queries):
             parser.error(f"--{letter.lower()}: the number of queries must be an integer, got {queries}")
         try:  # EvalConfig checks the options (distinct ranks, each >= 1 or as fitted)
-            config = E.EvalConfig(n_queries=int(queries), ridge=ridge, ranks=tuple(r or None for r in ranks))
+            config = E.EvalConfig(n_queries=int(queries), ridge=ridge, ranks=tuple(r or None for r in ranks),
+                                  methods=methods)
         except ValueError as e:
             parser.error(f"--{letter.lower()}, --{letter.lower()}-ranks: {e}")
         configs[_name(letter, int(queries), ridge, ranks)] = config

@@ -1,9 +1,10 @@
-"""Benchmark: the suite's cost per seed, this version at its defaults (150 answered queries, ridge
-0.5) against an earlier commit at ITS defaults, measured in one run, so that the machine's speed
+"""Benchmark: the suite's cost per seed, this version at its defaults (480 answered queries, ridge
+0.5, the thought matrices as fitted) against an earlier commit at ITS defaults, measured in one run, so that the machine's speed
 (these shared machines drift by a factor of two between runs) cancels out of the ratio.
 
 The earlier commit (default ``f026f3e``: 60 queries, ridge 1, before the shared positions of the
-prompts with the chunk ran once) is checked out in a temporary git worktree. For one task and seed,
+prompts with the chunk ran once; ``9ca5b9d``: 150 queries, ridge 0.5, the rank chosen among 1, 4, 16
+and as fitted, the ablations fitted on their own) is checked out in a temporary git worktree. For one task and seed,
 each version runs in its own process of one torch thread (as a suite worker), in the order A B B A
 (A: the earlier commit, B: this version), as the suite runs them: ``example_verdicts`` and
 ``query_answers`` (once a task in the suite, so a third of their time counts per seed) and

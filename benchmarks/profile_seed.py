@@ -5,8 +5,10 @@ answered queries (timed, not profiled), then profiles ``evaluation.evaluate_seed
 method under cProfile, and prints the seed's time, its accuracies and the functions with the
 largest cumulative time.
 
-Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--queries 480]
-[--ranks 0] [--top 45]   (``--ranks``: candidate ranks, 0: as fitted; default: ``EvalConfig``'s)
+Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--queries 150]
+[--ranks 1 4 16 0] [--top 45]   (``--ranks``: candidate ranks, 0: as fitted; default: ``EvalConfig``'s,
+480 queries, as fitted). The profiles of docs/benchmark.md were made with ``ca0c3d8``, whose suite
+also fitted the vector-only and matrix-only ablations on their own.
 """
 
 import argparse

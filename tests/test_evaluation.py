@@ -339,7 +339,8 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
             assert (i in seed_result.filtered_indices) == (right_with and not right_without), i
         n = len(seed_result.filtered_indices)
         assert n > 0
-        for method in E.METHODS:
+        assert set(seed_result.right) == set(config.methods) == set(E.DEFAULT_METHODS)
+        for method in config.methods:
             assert len(seed_result.right[method]) == n
         assert seed_result.accuracy["with_chunk"] == 1.0 and seed_result.accuracy["without_chunk"] == 0.0
     # deterministic: the same seed gives the same numbers (here with the queries' part of the
@@ -370,6 +371,28 @@ def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
     assert E.evaluate_seed(smollm2, slice_task, config, 0, made_up).filtered_indices == test_idx
     with pytest.raises(tt.InputError, match="one value per example"):
         E.evaluate_seed(smollm2, slice_task, config, 0, (made_up[0][:-1], made_up[1][:-1]))
+
+
+@pytest.mark.real_model
+def test_the_fitted_alone_ablations_are_fits_of_their_kind(smollm2, slice_task):
+    """``thought_vector_fitted_alone`` and ``thought_matrix_fitted_alone`` (not in the default
+    methods) give the verdicts of ``fit_thought(fit="vector" | "matrix")`` on the same rows, at the
+    same options; they are not the thought patch's parts."""
+    methods = ("with_chunk", "without_chunk", "thought_vector_fitted_alone", "thought_matrix_fitted_alone")
+    assert not set(methods[2:]) & set(E.DEFAULT_METHODS) and set(methods) <= set(E.METHODS)
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods)
+    seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+    assert set(seed.right) == set(methods) and len(seed.filtered_indices) > 0 and not seed.ranks
+    queries = E.query_answers(smollm2, slice_task, N_QUERIES)
+    fit_rows = slice_task.fit_examples(seed.fit_indices) + [(q, slice_task.continuation(a)) for q, a in queries]
+    filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
+    for method, kind in (("thought_vector_fitted_alone", "vector"), ("thought_matrix_fitted_alone", "matrix")):
+        patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, template=slice_task.template, fit=kind,
+                               compare_steering=False, progress=False, batch_size=64,
+                               **config.fit_options_for(len(fit_rows)))
+        with patch.apply(smollm2):
+            right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
+        assert right.tolist() == seed.right[method], method
 
 
 @pytest.fixture(scope="module")
@@ -447,6 +470,11 @@ def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     with patch.truncated(3).apply(smollm2):
         right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
     assert right.tolist() == seed.right["thought_patch"]
+    # the ablations are that patch's parts, as fitted: its vectors alone, its matrices alone
+    for method, part in (("thought_vector", "vectors"), ("thought_matrix", "matrices")):
+        with patch.only(part).apply(smollm2):
+            right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
+        assert right.tolist() == seed.right[method], method
     seed = E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods, ranks=(None,)), 0)
     assert seed.ranks == {"thought_patch": None}
     # the refined method alone: the rank-3 patch refined on the fit examples, as refine_thought does

@@ -534,6 +534,36 @@ def test_summary_has_ranks_and_steering_cosines(fitted):
     assert "layer" in patch.summary_table()
 
 
+def test_only_splits_the_patch_into_its_vectors_and_its_matrices(fitted):
+    model, _ = fitted
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=PREFIXED, vector_site="attn_out", attention_matrix=True,
+                           output_matrix=True, patch_prefix=False, progress=False)
+    vectors, matrices = patch.only("vectors"), patch.only("matrices")
+    assert {k.rsplit(".", 1)[-1] for k in vectors.deltas} == {"b_O"}
+    assert {k.rsplit(".", 1)[-1] for k in matrices.deltas} == {"W_O", "W_gate", "W_in", "W_out"}
+    assert set(vectors.deltas) | set(matrices.deltas) == set(patch.deltas)
+    assert not set(vectors.deltas) & set(matrices.deltas)
+    for part in (vectors, matrices):  # the same tensors, not fitted again; the metadata kept
+        assert all(part.deltas[k] is patch.deltas[k] for k in part.deltas)
+        assert part.unpatched_positions == patch.unpatched_positions == 1 and "part" not in patch.meta
+    assert (vectors.meta["part"], matrices.meta["part"]) == ("vectors", "matrices")
+    # applied, each part changes the run, and the two together are the whole patch
+    tokens = model.to_tokens("<eos> the dog ran")
+    with patch.apply(model):
+        whole = model(tokens)
+    merged = tt.ThoughtPatch(deltas={**vectors.deltas, **matrices.deltas}, meta=patch.meta)
+    with merged.apply(model):
+        assert torch.equal(model(tokens), whole)
+    base = model(tokens)
+    for part in (vectors, matrices):
+        with part.apply(model):
+            assert (model(tokens) - base)[0, 1:].abs().max() > 1e-6
+    with pytest.raises(ValueError, match="part must be"):
+        patch.only("vector")
+    with pytest.raises(tt.InputError, match="no thought matrix"):
+        vectors.only("matrices")
+
+
 @pytest.mark.parametrize("rank", [1, 3])
 def test_truncated_keeps_the_top_singular_directions_only(fitted, rank):
     model, _ = fitted

@@ -69,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
             ranks=tuple(r or None for r in args.ranks), rank_on_queries=args.rank_on_queries,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-            methods=tuple(args.methods) if args.methods else E.METHODS,
+            methods=tuple(args.methods) if args.methods else E.DEFAULT_METHODS,
         )
     except (TaskFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Adam steps of the thought_patch_refined method (default: %(default)s)")
     e.add_argument("--refine-lr", type=float, default=defaults.refine_lr,
                    help="its learning rate (default: %(default)s)")
-    e.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
+    e.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="default: all but thought_vector_fitted_alone and thought_matrix_fitted_alone")
     e.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="seeds of tasks evaluated at once, in as many processes of one torch "
                         "thread each (1: in this process, with progress bars; default: %(default)s)")

@@ -23,16 +23,19 @@ Protocol (:func:`evaluate_task`), per seed:
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
-   - ``thought_vector``, ``thought_matrix``, ``thought_patch``: :func:`tl_thoughts.fit_thought`
-     with ``fit="vector"``, ``"matrix"``, ``"both"`` (in one :func:`tl_thoughts.fit_thoughts`
-     call), applied in their weight form, the positions they leave unpatched (the fixed first
-     token, at the defaults) read from a key-value cache of the unpatched model
-     (:func:`_match_under`: the values of :meth:`tl_thoughts.ThoughtPatch.apply`'s activation
-     form); the thought patch's matrices are
-     used at the rank of ``EvalConfig.ranks`` (their best low-rank approximations,
-     :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for ``None``) that does best on the
-     fit examples (or on the fit examples and the answered queries with
-     ``EvalConfig.rank_on_queries``; the vector-only and matrix-only ablations as fitted);
+   - ``thought_patch``: :func:`tl_thoughts.fit_thought` with ``fit="both"``, applied in its weight
+     form, the positions it leaves unpatched (the fixed first token, at the defaults) read from a
+     key-value cache of the unpatched model (:func:`_match_under`: the values of
+     :meth:`tl_thoughts.ThoughtPatch.apply`'s activation form); its matrices are used as fitted,
+     or, with several candidates in ``EvalConfig.ranks``, at the candidate rank (their best
+     low-rank approximations, :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for
+     ``None``) that does best on the fit examples (or on the fit examples and the answered queries
+     with ``EvalConfig.rank_on_queries``);
+   - ``thought_vector``, ``thought_matrix``: that patch's thought vectors alone and its thought
+     matrices alone, as fitted (:meth:`tl_thoughts.ThoughtPatch.only`; not fitted again);
+   - ``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone`` (not in
+     :data:`DEFAULT_METHODS`): ``fit_thought(fit="vector" | "matrix")``, patches fitted on their
+     own (in one :func:`tl_thoughts.fit_thoughts` call with the thought patch), as fitted;
    - ``thought_patch_refined``: that thought patch (at its chosen rank) refined by
      ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
      chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
@@ -82,7 +85,7 @@ from tl_thoughts.refine import check_options as check_refine_options
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.thoughts import fit_thoughts
 
-METHODS = (
+DEFAULT_METHODS = (  # the suite's methods
     "with_chunk",
     "without_chunk",
     "thought_vector",
@@ -93,7 +96,11 @@ METHODS = (
     "steering_all_layers",
     "task_vector",
 )
-FIT_METHODS = {"thought_vector": "vector", "thought_matrix": "matrix", "thought_patch": "both"}
+FITTED_ALONE = ("thought_vector_fitted_alone", "thought_matrix_fitted_alone")  # on request (methods=...)
+METHODS = DEFAULT_METHODS + FITTED_ALONE
+# least-squares fits: kind of fit_thought; the thought_patch's fit also gives its parts
+FIT_METHODS = {"thought_patch": "both", "thought_vector_fitted_alone": "vector", "thought_matrix_fitted_alone": "matrix"}
+PART_METHODS = {"thought_vector": "vectors", "thought_matrix": "matrices"}  # ThoughtPatch.only of the thought_patch
 BASELINES = ("steering_best_layer", "steering_all_layers", "task_vector")  # fitted from the mean differences
 
 
@@ -128,7 +135,9 @@ class EvalConfig:
             ``k`` replaces every thought matrix by its best rank-``k`` approximation
             (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
             several candidates, the one doing best on the fit examples is used (per seed; recorded
-            in ``SeedResult.ranks``). The ``thought_matrix`` ablation uses its matrices as fitted.
+            in ``SeedResult.ranks``). Default: as fitted, no choice (``docs/benchmark.md``, "480
+            queries"). The ``thought_vector`` and ``thought_matrix`` ablations are the patch's
+            vectors alone and matrices alone as fitted (:meth:`tl_thoughts.ThoughtPatch.only`).
         rank_on_queries: Choose the rank on the labelled fit examples plus the answered queries
             (each scored against the model's own answer with the chunk) instead of on the
             labelled fit examples alone (``docs/benchmark.md``, "More queries, a smaller ridge,
@@ -137,11 +146,13 @@ class EvalConfig:
             chosen rank) refined by that many full-batch Adam steps at that learning rate on the
             fit examples' answers (:func:`tl_thoughts.refine_thought`).
         batch_size: Sequences per forward pass.
-        methods: The methods run (default: all of :data:`METHODS`).
+        methods: The methods run (default: :data:`DEFAULT_METHODS`, all of :data:`METHODS` but
+            ``thought_vector_fitted_alone`` and ``thought_matrix_fitted_alone``, the vector-only and
+            matrix-only patches fitted on their own, ``fit_thought(fit="vector" | "matrix")``).
     """
 
     n_fit: int = 20
-    n_queries: int = 150
+    n_queries: int = 480
     seeds: tuple[int, ...] = (0, 1, 2)
     layers: tuple[int, ...] | None = None
     ridge: float = 0.5
@@ -152,12 +163,12 @@ class EvalConfig:
     query_weight: float = 0.1
     output_matrix: bool = True
     patch_prefix: bool = False
-    ranks: tuple[int | None, ...] = (1, 4, 16, None)
+    ranks: tuple[int | None, ...] = (None,)
     rank_on_queries: bool = False
     refine_steps: int = 10
     refine_lr: float = 1e-5
     batch_size: int = 64
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
     @property
     def fit_options(self) -> dict:
@@ -1092,8 +1103,9 @@ def _evaluate_seed(
         # the answered queries as protocol rows, where the rank choice or the baselines use them
         query_set = [_encode(model, task, q, a) for q, a in queries] if config.rank_on_queries or wanted else []
         refine = "thought_patch_refined" in config.methods
+        parts = [name for name in PART_METHODS if name in config.methods]
         kinds = {name: kind for name, kind in FIT_METHODS.items()
-                 if name in config.methods or (refine and name == "thought_patch")}
+                 if name in config.methods or (name == "thought_patch" and (refine or parts))}
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
             model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
             compare_steering=False, progress=False, batch_size=bs,
@@ -1102,6 +1114,8 @@ def _evaluate_seed(
         for name, kind in kinds.items():
             patch = patches[kind]
             if name == "thought_patch":
+                for part in parts:  # the least-squares patch's vectors alone, its matrices alone (as fitted)
+                    run(part, patch=patch.only(PART_METHODS[part]))
                 choice_set = fit_set + query_set if config.rank_on_queries else fit_set
                 patch, rank = choose_rank(model, patch, config.ranks, choice_set, stops=stops,
                                           batch_size=bs, unembed_weight=unembed_weight)

@@ -20,6 +20,7 @@ from tl_thoughts.errors import InputError, TLThoughtsError
 FORMAT = "tl_thoughts.ThoughtPatch/1"
 FORMS = ("weight", "activation")
 MATRICES = ("W_O", "W_gate", "W_in", "W_out")  # the thought matrices' parameters, in summary order
+PARTS = ("vectors", "matrices")  # ThoughtPatch.only
 
 
 class PatchFileError(TLThoughtsError, ValueError):
@@ -226,6 +227,29 @@ class ThoughtPatch:
                 out[i][name] = low.reshape(d.shape).to(d.dtype)
         return [ThoughtPatch(deltas=deltas, steering=dict(self.steering), meta={**self.meta, "truncated_rank": rank})
                 for deltas, rank in zip(out, ranks)]
+
+    def only(self, part: str) -> "ThoughtPatch":
+        """A copy with one part of the patch: ``"vectors"`` keeps the thought vectors (the bias
+        deltas ``b_O`` / ``b_out``) and drops the thought matrices, ``"matrices"`` keeps the thought
+        matrices (``W_O``, ``W_gate``, ``W_in``, ``W_out``) and drops the vectors. The kept deltas
+        are the same tensors, not fitted again (an ablation of this patch; to fit a vector-only or
+        matrix-only patch, use ``fit_thought(fit="vector" | "matrix")``). The steering vectors and
+        the metadata are copied; ``meta["part"]`` records the part.
+
+        Raises:
+            ValueError: ``part`` is neither ``"vectors"`` nor ``"matrices"``.
+            InputError: The patch has no delta of that part.
+
+        Example:
+            >>> sorted({name.rsplit(".", 1)[-1] for name in patch.only("vectors").deltas})
+            ['b_out']
+        """
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        keep = {name: d for name, d in self.deltas.items() if (name.rsplit(".", 1)[-1] in MATRICES) == (part == "matrices")}
+        if not keep:
+            raise InputError(f"the patch has no {'thought matrix' if part == 'matrices' else 'thought vector'} to keep")
+        return ThoughtPatch(deltas=keep, steering=dict(self.steering), meta={**self.meta, "part": part})
 
     def summary_table(self) -> str:
         """``summary()`` as a fixed-width text table."""

@@ -66,20 +66,22 @@ for i in test_idx[:8]:
 # ## Fewer directions
 # Each thought matrix can be replaced by its best rank-k approximation (`truncated`, or
 # `truncations` for several ranks from one decomposition); rank 1 is the form of a ROME edit. How
-# many directions the behaviour needs depends on the task; the benchmark chooses the rank on the
-# fit examples (`choose_rank`: accuracy without the chunk, then mean log-probability).
+# many directions the behaviour needs depends on the task. The benchmark uses the matrices as
+# fitted (`config.ranks` is `(None,)`); given candidate ranks, it chooses among them on the fit
+# examples (`choose_rank`: accuracy without the chunk, then mean log-probability).
 
 # %%
 fit_set = evaluation.encode_task_examples(model, task, fit_idx)
-chosen, rank = evaluation.choose_rank(model, patch, config.ranks, fit_set)
-print("candidates", config.ranks, "-> chosen on the fit examples:", rank)
+candidates = (1, 4, 16, None)  # None: as fitted
+chosen, rank = evaluation.choose_rank(model, patch, candidates, fit_set)
+print("candidates", candidates, "-> chosen on the fit examples:", rank)
 
 # %% [markdown]
 # ## Refining by gradient descent
 # `refine_thought` trains the same numbers (the vectors and matrices; the model's weights are not
 # touched) by full-batch Adam on the cross-entropy of the fit examples' answers without the chunk,
 # from the least-squares patch. The benchmark's `thought_patch_refined` is this, 10 steps at
-# 1e-5 from the patch at its chosen rank. It is trained with labels: no longer the theory's
+# 1e-5 from its least-squares patch (here from the one at the rank just chosen). It is trained with labels: no longer the theory's
 # least-squares patch (`docs/benchmark.md`).
 
 # %%
@@ -107,7 +109,7 @@ with loaded.apply(model):
 # ## The protocol on the test examples, against the steering baselines
 # `evaluate_seed` filters the test examples to those right WITH the chunk and wrong WITHOUT it,
 # then runs every method on them (see `tl_thoughts.evaluation`). Every method is fitted on the fit
-# examples plus 150 of the task's unlabelled queries, answered by the model itself with the chunk
+# examples plus 480 of the task's unlabelled queries, answered by the model itself with the chunk
 # (`evaluation.query_answers`; `config.n_queries`), at the ridge scaled by the rows
 # (`config.fit_options_for`), so its thought patch is not the one above.
 
