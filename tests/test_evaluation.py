@@ -156,10 +156,13 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_mean_differences_equal_whole_runs(text_models, arch):
+@pytest.mark.parametrize("pool", ["answer", "kept"])
+def test_mean_differences_equal_whole_runs(text_models, arch, pool):
     """The steering baselines' mean differences and task vectors, whose prompts with the chunk run
-    their shared positions once (TransformerLens' key-value cache, read by every batch), equal the
-    same means taken from whole runs of each prompt alone (``run_with_cache``), float64."""
+    their shared positions once (TransformerLens' key-value cache, read by every batch) and stop
+    at the last position read (``"answer"``: the line break's own position is not run;
+    ``"kept"``: it is, and read), equal the same means taken from whole runs of each prompt alone
+    (``run_with_cache``), float64."""
     from tl_thoughts.templates import encode_example
 
     model = text_models(arch)
@@ -175,18 +178,19 @@ def test_mean_differences_equal_whole_runs(text_models, arch):
     for e in examples:
         _, full = model.run_with_cache(e.enc.full[None], names_filter=names.__contains__)
         _, reduced = model.run_with_cache(e.enc.reduced[None], names_filter=names.__contains__)
-        pos = e.enc.pooled("answer")
+        pos = e.enc.pooled(pool)
+        assert (int(pos.max()) == e.enc.full.shape[0] - 1) == (pool == "kept")
         for k, name in enumerate(names):
             diff[k] += (full[name][0, pos] - reduced[name][0, e.enc.to_reduced(pos)]).sum(0)
             if k:
                 task[k - 1] += full[name][0, e.last_prompt_full]
         n_pos += len(pos)
-    deltas, vectors = E._mean_differences(model, examples, "answer", batch_size=3)  # a batch of 3, then 1
+    deltas, vectors = E._mean_differences(model, examples, pool, batch_size=3)  # a batch of 3, then 1
     assert diff.abs().max() > 1e-2
     assert_close(deltas, diff / n_pos, 1e-10, "mean differences")
     assert_close(vectors, task / len(examples), 1e-10, "task vectors")
     # the sums over a split of the examples (as the protocol splits fit examples and queries) add up
-    parts = E.difference_sums(model, examples[:1], "answer", 3) + E.difference_sums(model, examples[1:], "answer", 3)
+    parts = E.difference_sums(model, examples[:1], pool, 3) + E.difference_sums(model, examples[1:], pool, 3)
     assert (parts.n_positions, parts.n_examples) == (n_pos, len(examples))
     assert_close(parts.means()[0], diff / n_pos, 1e-10, "mean differences from two parts")
     assert_close(parts.means()[1], task / len(examples), 1e-10, "task vectors from two parts")
@@ -273,6 +277,11 @@ def test_splits_are_disjoint_complete_and_deterministic(seed):
 
 
 def test_config_is_validated():
+    # the suite's default methods are the protocol's (results.json's keys); the others on request
+    assert E.EvalConfig().methods == E.DEFAULT_METHODS and set(E.DEFAULT_METHODS) == {
+        "with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch",
+        "steering_best_layer", "steering_all_layers", "task_vector"}
+    assert set(E.METHODS) == set(E.DEFAULT_METHODS) | set(E.ON_REQUEST) and "thought_patch_refined" in E.ON_REQUEST
     with pytest.raises(ValueError, match="unknown methods"):
         E.EvalConfig(methods=("with_chunk", "without_chunk", "magic"))
     with pytest.raises(ValueError, match="filters on"):
@@ -697,7 +706,8 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     full = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
     path.write_text(json.dumps(full.to_json()))
     code = main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
-                 "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector", "thought_patch_refined",
+                 "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector",
+                 "--also", "thought_patch_refined",
                  "--refine-steps", "2", "--rank-on-queries", "--ridge", "0.25", "--quiet"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())

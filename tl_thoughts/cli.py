@@ -69,7 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             output_matrix=not args.no_output_matrix, patch_prefix=args.patch_prefix,
             ranks=tuple(r or None for r in args.ranks), rank_on_queries=args.rank_on_queries,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-            methods=tuple(args.methods) if args.methods else E.DEFAULT_METHODS,
+            methods=tuple(dict.fromkeys((tuple(args.methods) if args.methods else E.DEFAULT_METHODS)
+                                        + tuple(args.also or ()))),
         )
     except (TaskFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_verify)
 
-    from tl_thoughts.evaluation import METHODS, EvalConfig
+    from tl_thoughts.evaluation import METHODS, ON_REQUEST, EvalConfig
 
     defaults = EvalConfig()
 
@@ -183,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--refine-lr", type=float, default=defaults.refine_lr,
                    help="its learning rate (default: %(default)s)")
     e.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="default: all but thought_vector_fitted_alone and thought_matrix_fitted_alone")
+                   help="the methods run (default: the protocol's, all but " + ", ".join(ON_REQUEST) + ")")
+    e.add_argument("--also", nargs="+", choices=ON_REQUEST, metavar="METHOD",
+                   help="methods added to the others: " + ", ".join(ON_REQUEST)
+                        + " (e.g. --also thought_patch_refined)")
     e.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="seeds of tasks evaluated at once, in as many processes of one torch "
                         "thread each (1: in this process, with progress bars; default: %(default)s)")

@@ -36,7 +36,8 @@ Protocol (:func:`evaluate_task`), per seed:
    - ``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone`` (not in
      :data:`DEFAULT_METHODS`): ``fit_thought(fit="vector" | "matrix")``, patches fitted on their
      own (in one :func:`tl_thoughts.fit_thoughts` call with the thought patch), as fitted;
-   - ``thought_patch_refined``: that thought patch (at its chosen rank) refined by
+   - ``thought_patch_refined`` (not in :data:`DEFAULT_METHODS`: on request, :data:`ON_REQUEST`):
+     that thought patch (at its chosen rank) refined by
      ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
      chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
    - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
@@ -91,13 +92,13 @@ DEFAULT_METHODS = (  # the suite's methods
     "thought_vector",
     "thought_matrix",
     "thought_patch",
-    "thought_patch_refined",
     "steering_best_layer",
     "steering_all_layers",
     "task_vector",
 )
 FITTED_ALONE = ("thought_vector_fitted_alone", "thought_matrix_fitted_alone")  # on request (methods=...)
-METHODS = DEFAULT_METHODS + FITTED_ALONE
+ON_REQUEST = ("thought_patch_refined",) + FITTED_ALONE  # not in the suite's defaults: methods=... adds them
+METHODS = DEFAULT_METHODS + ON_REQUEST
 # least-squares fits: kind of fit_thought; the thought_patch's fit also gives its parts
 FIT_METHODS = {"thought_patch": "both", "thought_vector_fitted_alone": "vector", "thought_matrix_fitted_alone": "matrix"}
 PART_METHODS = {"thought_vector": "vectors", "thought_matrix": "matrices"}  # ThoughtPatch.only of the thought_patch
@@ -146,8 +147,9 @@ class EvalConfig:
             chosen rank) refined by that many full-batch Adam steps at that learning rate on the
             fit examples' answers (:func:`tl_thoughts.refine_thought`).
         batch_size: Sequences per forward pass.
-        methods: The methods run (default: :data:`DEFAULT_METHODS`, all of :data:`METHODS` but
-            ``thought_vector_fitted_alone`` and ``thought_matrix_fitted_alone``, the vector-only and
+        methods: The methods run (default: :data:`DEFAULT_METHODS`, the protocol's: all of
+            :data:`METHODS` but those of :data:`ON_REQUEST`, ``thought_patch_refined`` and
+            ``thought_vector_fitted_alone`` / ``thought_matrix_fitted_alone``, the vector-only and
             matrix-only patches fitted on their own, ``fit_thought(fit="vector" | "matrix")``).
     """
 
@@ -626,7 +628,8 @@ def greedy_match(
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
-            final = _run_to_end(model, _pad([q[shared:] for q in seqs]).to(device), prefix=prefix)
+            # the last position (the line break's) predicts nothing the verdicts read: not run
+            final = _run_to_end(model, _pad([q[shared:-1] for q in seqs]).to(device), prefix=prefix)
             if shared:  # the shared positions' rows, never read: the verdicts' positions line up
                 final = torch.cat([final.new_zeros(len(batch), shared, final.shape[-1]), final], dim=1)
         r, lp, open_ = _verdicts(model, batch, seqs, final, stops, unembed_weight)
@@ -774,8 +777,11 @@ def difference_sums(model: HookedTransformer, examples: list[_Example], pool: st
         pooled_reduced = (in_batch, torch.cat([e.enc.to_reduced(p) for e, p in zip(batch, pooled)]))
         last_full = (torch.arange(len(batch)), torch.tensor([e.last_prompt_full - shared for e in batch]))
         picked = {}
+        # each prompt up to the last position read (the later ones change nothing read: causal attention)
+        ends = {"full": [max([e.last_prompt_full] + p.tolist()) + 1 for e, p in zip(batch, pooled)],
+                "reduced": [max([0] + e.enc.to_reduced(p).tolist()) + 1 for e, p in zip(batch, pooled)]}
         for which, skip, rows in (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,))):
-            tokens = _pad([getattr(e.enc, which)[skip:] for e in batch]).to(device)
+            tokens = _pad([getattr(e.enc, which)[skip:end] for e, end in zip(batch, ends[which])]).to(device)
             store: dict[str, list[Tensor]] = {}
 
             def save(act, hook, store=store, rows=rows):  # the rows read, not every position
@@ -928,7 +934,7 @@ def _best_layers(
             store[hook.name] = act.detach().clone()
 
         with _tl.hooked(model, [(name, save) for name in names]):
-            _run_to_end(model, _pad(seqs).to(device))
+            _run_to_end(model, _pad([s[:-1] for s in seqs]).to(device))  # the line break's position: not read
         order = []
         stack = None
         for layer in range(n_layers):

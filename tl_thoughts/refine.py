@@ -35,7 +35,8 @@ def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Exam
             raise InputError(f"refining needs (query, answer) pairs, got the query {ex!r} alone")
         enc = encode_example(model, template, chunk, ex)
         pos = enc.to_reduced(enc.pooled("answer"))
-        out.append((enc.reduced, pos, enc.reduced[pos + 1]))
+        # the prompt up to the last position read (the line break's own position predicts nothing)
+        out.append((enc.reduced[: int(pos.max()) + 1], pos, enc.reduced[pos + 1]))
     return out
 
 

@@ -206,8 +206,11 @@ def _make_batch(
         pr.append(ex.to_reduced(pos))
         w.append(weights)
         inside.append(in_pool)
-    full = _tl.embed(model, _pad([e.full for e in encoded]))
-    reduced = _tl.embed(model, _pad([e.reduced for e in encoded]))
+    # each prompt up to its last fitted row: the positions after it change no fitted row (causal attention)
+    ends = [int(pos.max()) + 1 if len(pos) else ex.full.shape[0] for ex, (pos, _, _) in zip(encoded, rows)]
+    full = _tl.embed(model, _pad([e.full[:end] for e, end in zip(encoded, ends)]))
+    reduced = _tl.embed(model, _pad([e.reduced[: int(e.to_reduced(torch.tensor([end - 1]))[0]) + 1]
+                                     for e, end in zip(encoded, ends)]))
     dev = full.device
     rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
     rows_red = (rows_full[0], torch.cat(pr).to(dev))
