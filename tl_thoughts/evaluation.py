@@ -314,6 +314,13 @@ def _advance(i: int, token: int, generated: list[list[int]], stopped: list[bool]
     return keep(i, generated[i])
 
 
+def _read_end(e: _Example, seq: Tensor) -> int:
+    """How many first positions of ``seq`` (``e``'s prompt with or without the chunk) :func:`_verdicts`
+    reads: all but the last, whose token (the line break) is the last target, where the example
+    has a continuation (causal attention: the later position changes none read)."""
+    return seq.shape[0] - (1 if e.n_cont else 0)
+
+
 def _verdicts(
     model: HookedTransformer,
     batch: list[_Example],
@@ -629,7 +636,8 @@ def greedy_match(
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
             # the last position (the line break's) predicts nothing the verdicts read: not run
-            final = _run_to_end(model, _pad([q[shared:-1] for q in seqs]).to(device), prefix=prefix)
+            final = _run_to_end(model, _pad([q[shared:_read_end(e, q)] for e, q in zip(batch, seqs)]).to(device),
+                                prefix=prefix)
             if shared:  # the shared positions' rows, never read: the verdicts' positions line up
                 final = torch.cat([final.new_zeros(len(batch), shared, final.shape[-1]), final], dim=1)
         r, lp, open_ = _verdicts(model, batch, seqs, final, stops, unembed_weight)
@@ -934,7 +942,7 @@ def _best_layers(
             store[hook.name] = act.detach().clone()
 
         with _tl.hooked(model, [(name, save) for name in names]):
-            _run_to_end(model, _pad([s[:-1] for s in seqs]).to(device))  # the line break's position: not read
+            _run_to_end(model, _pad([s[:_read_end(e, s)] for e, s in zip(batch, seqs)]).to(device))
         order = []
         stack = None
         for layer in range(n_layers):
