@@ -8,7 +8,8 @@ earlier commit instead.)
 For one task and seed, in this one process, both configurations are timed twice, in the order
 A B B A (A: 60 queries at ridge 1, B: 150 queries at ridge 0.5), each time as the suite runs them:
 ``evaluation.query_answers`` and ``evaluation.query_difference_sums`` (once a task in the suite,
-so their time counts a third per seed) and ``evaluation.evaluate_seed`` with every method. Prints
+so their time counts a third per seed) and ``evaluation.evaluate_seed`` with every method of the
+suite of the time (the refined patch included). Prints
 each configuration's median time per seed, ``thought_patch``'s accuracy (a check that the runs are
 the suite's: the same in both repeats), and the ratio B / A.
 
@@ -65,7 +66,8 @@ def main() -> None:
                         help="also fit the vector-only and matrix-only patches on their own (the suite's "
                              "ablations until 2 December)")
     args = parser.parse_args()
-    methods = E.DEFAULT_METHODS + (E.FITTED_ALONE if args.fitted_alone else ())
+    # the suite's methods when these ratios were measured: the refined patch included (until 3 December)
+    methods = E.DEFAULT_METHODS + ("thought_patch_refined",) + (E.FITTED_ALONE if args.fitted_alone else ())
     if (list(args.a), args.a_ranks) == (list(args.b), args.b_ranks):
         parser.error("--a and --b are the same configuration")
     configs = {}

@@ -1,8 +1,8 @@
 """Profile: where one seed of the suite spends its time, at the defaults or other options.
 
 Loads the default model (one torch thread, as a suite worker), computes the task's verdicts and
-answered queries (timed, not profiled), then profiles ``evaluation.evaluate_seed`` with every
-method under cProfile, and prints the seed's time, its accuracies and the functions with the
+answered queries (timed, not profiled), then profiles ``evaluation.evaluate_seed`` with the
+suite's default methods (``--refined``: and the refined patch) under cProfile, and prints the seed's time, its accuracies and the functions with the
 largest cumulative time.
 
 Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--queries 150]
@@ -32,9 +32,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=DEFAULTS.n_queries)
     parser.add_argument("--ranks", type=int, nargs="+", default=[r or 0 for r in DEFAULTS.ranks])
     parser.add_argument("--top", type=int, default=45, help="functions printed")
+    parser.add_argument("--refined", action="store_true",
+                        help="also the thought_patch_refined method (in the suite's defaults until 3 December)")
     args = parser.parse_args()
     try:  # EvalConfig checks the options (distinct ranks, each >= 1 or as fitted)
-        config = E.EvalConfig(n_queries=args.queries, ranks=tuple(r or None for r in args.ranks))
+        config = E.EvalConfig(n_queries=args.queries, ranks=tuple(r or None for r in args.ranks),
+                              methods=E.DEFAULT_METHODS + (("thought_patch_refined",) if args.refined else ()))
     except ValueError as e:
         parser.error(str(e))
     torch.set_num_threads(1)
