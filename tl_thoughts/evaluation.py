@@ -782,12 +782,13 @@ def difference_sums(model: HookedTransformer, examples: list[_Example], pool: st
         pooled = [e.enc.pooled(pool) for e in batch]
         in_batch = torch.cat([torch.full_like(p, i) for i, p in enumerate(pooled)])
         pooled_full = (in_batch, torch.cat(pooled) - shared)  # the full prompts run from position ``shared``
-        pooled_reduced = (in_batch, torch.cat([e.enc.to_reduced(p) for e, p in zip(batch, pooled)]))
+        reduced_pos = [e.enc.to_reduced(p) for e, p in zip(batch, pooled)]
+        pooled_reduced = (in_batch, torch.cat(reduced_pos))
         last_full = (torch.arange(len(batch)), torch.tensor([e.last_prompt_full - shared for e in batch]))
         picked = {}
         # each prompt up to the last position read (the later ones change nothing read: causal attention)
         ends = {"full": [max([e.last_prompt_full] + p.tolist()) + 1 for e, p in zip(batch, pooled)],
-                "reduced": [max([0] + e.enc.to_reduced(p).tolist()) + 1 for e, p in zip(batch, pooled)]}
+                "reduced": [max([0] + r.tolist()) + 1 for r in reduced_pos]}
         for which, skip, rows in (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,))):
             tokens = _pad([getattr(e.enc, which)[skip:end] for e, end in zip(batch, ends[which])]).to(device)
             store: dict[str, list[Tensor]] = {}

@@ -200,17 +200,18 @@ def _make_batch(
     """The batch, its full prompts from position ``shared`` on (:func:`_shared_length`), and the
     residual entering block 0 of the ``shared`` first positions, ``[1, shared, d_model]``."""
     bf, pf, pr, w, inside = [], [], [], [], []
+    seq_full, seq_red = [], []
     for i, (ex, (pos, weights, in_pool)) in enumerate(zip(encoded, rows)):
         bf.append(torch.full_like(pos, i))
         pf.append(pos - shared)
         pr.append(ex.to_reduced(pos))
         w.append(weights)
         inside.append(in_pool)
-    # each prompt up to its last fitted row: the positions after it change no fitted row (causal attention)
-    ends = [int(pos.max()) + 1 if len(pos) else ex.full.shape[0] for ex, (pos, _, _) in zip(encoded, rows)]
-    full = _tl.embed(model, _pad([e.full[:end] for e, end in zip(encoded, ends)]))
-    reduced = _tl.embed(model, _pad([e.reduced[: int(e.to_reduced(torch.tensor([end - 1]))[0]) + 1]
-                                     for e, end in zip(encoded, ends)]))
+        # each prompt up to its last fitted row: the positions after it change no fitted row (causal attention)
+        seq_full.append(ex.full[: int(pos.max()) + 1] if len(pos) else ex.full)
+        seq_red.append(ex.reduced[: int(pr[-1].max()) + 1] if len(pos) else ex.reduced)
+    full = _tl.embed(model, _pad(seq_full))
+    reduced = _tl.embed(model, _pad(seq_red))
     dev = full.device
     rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
     rows_red = (rows_full[0], torch.cat(pr).to(dev))
