@@ -1,14 +1,17 @@
 """Profile: where one seed of the suite spends its time, at the defaults or other options.
 
-Loads the default model (one torch thread, as a suite worker), computes the task's verdicts and
-answered queries (timed, not profiled), then profiles ``evaluation.evaluate_seed`` with the
-suite's default methods (``--refined``: and the refined patch) under cProfile, and prints the seed's time, its accuracies and the functions with the
-largest cumulative time.
+Loads the default model (one torch thread, as a suite worker), computes the task's verdicts,
+answered queries, their rows with the chunk and their steering sums (once a task in the suite;
+timed, not profiled), then profiles ``evaluation.evaluate_seed`` with the suite's default methods
+(``--refined``: and the refined patch) under cProfile, and prints the seed's time, its accuracies
+and the functions with the largest cumulative time.
 
 Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--queries 150]
 [--ranks 1 4 16 0] [--top 45]   (``--ranks``: candidate ranks, 0: as fitted; default: ``EvalConfig``'s,
-480 queries, as fitted). The profiles of docs/benchmark.md were made with ``ca0c3d8``, whose suite
-also fitted the vector-only and matrix-only ablations on their own.
+480 queries, as fitted). The profiles of docs/benchmark.md were made with ``ca0c3d8`` (whose suite
+also fitted the vector-only and matrix-only ablations on their own), ``3214ac7``, ``f946737`` and
+the code of its section "Decoding, layer search and the queries' rows" (the script then timed
+the rows, which earlier code did not compute).
 """
 
 import argparse
@@ -48,13 +51,16 @@ def main() -> None:
     t1 = time.perf_counter()
     queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
     t2 = time.perf_counter()
-    query_sums = E.query_difference_sums(model, task, queries, config)
+    query_rows = E.query_full_rows(model, task, queries, config)
     t3 = time.perf_counter()
-    print(f"verdicts {t1 - t0:.1f} s, query answers {t2 - t1:.1f} s, query sums {t3 - t2:.1f} s (once a task)")
+    query_sums = E.query_difference_sums(model, task, queries, config, query_rows)
+    t3b = time.perf_counter()
+    print(f"verdicts {t1 - t0:.1f} s, query answers {t2 - t1:.1f} s, query rows {t3 - t2:.1f} s, "
+          f"query sums {t3b - t3:.1f} s (once a task)")
     profile = cProfile.Profile()
     profile.enable()
     t4 = time.perf_counter()
-    result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries, query_sums)
+    result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries, query_sums, query_rows)
     seconds = time.perf_counter() - t4
     profile.disable()
     print(f"seed {args.seed}: {seconds:.1f} s (profiled)")

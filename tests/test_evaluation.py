@@ -79,12 +79,14 @@ def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, no
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("shared", [0, 4])
-def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, shared):
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, shared, batch_size):
     """``_greedy_cached`` (the key-value cache, prompts grouped by length, the first tokens they all
     share run once) decodes exactly what ``_greedy_loop`` (every step from the start, right
     padding) decodes: the same tokens, the same stops, for prompts of several lengths, some ending
     on a stop token and some on ``keep``, without and with a shared prefix of 4 tokens. Three or
-    four prompts share a length, so that a batch's prompts finish at different steps."""
+    four prompts share a length, so that a batch's prompts finish at different steps (the finished
+    ones leave the batch and its cache); with ``batch_size=2`` those groups are split."""
     model = tiny_model(arch)
     unembed = model.W_U.T.contiguous()
     keep = lambda i, g: len(g) <= 5  # noqa: E731
@@ -101,7 +103,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     stops = torch.zeros(D_VOCAB, dtype=torch.bool)
     stops[stop] = True
     expected = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed)
-    assert E._greedy_cached(model, prompts, keep, stops, unembed) == expected
+    assert E._greedy_cached(model, prompts, keep, stops, unembed, batch_size) == expected
     if shared:  # the loop itself after a prefix read from a key-value cache
         prefix = (shared, _tl.prefix_cache(model, prompts[0][None, :shared]))
         assert E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
@@ -198,6 +200,22 @@ def test_mean_differences_equal_whole_runs(text_models, arch, pool):
     assert (none.n_positions, none.n_examples) == (0, 0) and not none.diff.any()
     with pytest.raises(tt.InputError, match="no pooled position"):
         none.means()
+    # the sums with the chunk read from the prompts' rows streamed once (as the protocol's queries')
+    from tl_thoughts.thoughts import full_prompt_rows
+
+    if _tl.model_spec(model).post_norm:  # streamed as fit_thought streams, which does not support these blocks
+        with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
+            full_prompt_rows(model, chunk, pairs, template=template, pool=pool)
+        return
+    rows = full_prompt_rows(model, chunk, pairs, template=template, pool=pool, query_weight=0.5, batch_size=3)
+    read = E.difference_sums(model, examples, pool, 3, rows)
+    assert_close(read.means()[0], diff / n_pos, 1e-10, "mean differences from the rows")
+    assert_close(read.means()[1], task / len(examples), 1e-10, "task vectors from the rows")
+    doubled = dataclasses.replace(rows, pre=2 * rows.pre)  # they are read: doubled rows, other sums
+    assert (E.difference_sums(model, examples, pool, 3, doubled).diff - read.diff).abs().max() > 1e-3
+    other = full_prompt_rows(model, chunk, pairs, template=template, pool="query", batch_size=3)
+    run = E.difference_sums(model, examples, pool, 3).diff
+    assert torch.equal(E.difference_sums(model, examples, pool, 3, other).diff, run)  # not read: run
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -609,6 +627,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smoll
     keep = lambda i, g: len(g) <= 16  # noqa: E731
     expected = E._greedy_loop(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
     assert E._greedy_cached(smollm2, prompts, keep, stops, unembed) == expected
+    assert E._greedy_cached(smollm2, prompts, keep, stops, unembed, batch_size=3) == expected  # groups split
     assert all(expected[1])  # every query's generation ends on a stop token
 
 
@@ -675,6 +694,48 @@ def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
         assert set(seed.layers) == ({method} - {"steering_all_layers"})
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layer_search_equals_whole_hooked_runs(text_models, arch):
+    """``_best_layers`` (the candidates staggered, each running only from its edit's first position,
+    the earlier ones' keys and values read from the unedited run's key-value cache) gives every
+    layer's accuracy and mean log-probability that ``greedy_match`` gives under the same edit as
+    hooks on whole runs, float64: a steering vector from the chunk's place on and task vectors at
+    each prompt's last position, prompts of several lengths in batches of 2."""
+    from tl_thoughts.templates import encode_example
+
+    model = text_models(arch)
+    template = tt.PromptTemplate("<eos>{chunk}{query}", separator="")
+    pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat on .")]
+    examples = []
+    for pair in pairs:
+        enc = encode_example(model, template, "the cat sat on the mat and", pair)
+        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+    stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    stops[model.to_single_token(".")] = True
+    g = torch.Generator().manual_seed(0)
+    d, n_layers = model.cfg.d_model, model.cfg.n_layers
+    deltas = torch.randn(n_layers + 1, d, generator=g, dtype=torch.float64)
+    vectors = 3 * torch.randn(n_layers, d, generator=g, dtype=torch.float64)
+    start = E._region_start(examples)
+    edits = {"steering": E._steering_edit(deltas, start), "task_vector": E._task_vector_edit(vectors)}
+    assert 0 < start < min(edits["task_vector"].first(examples[i : i + 2]) for i in (0, 2))  # both read a cache
+    best = E._best_layers(model, examples, edits, stops, 4)  # batches of 2
+    hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
+             "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
+    for name, (layer, accuracy, logprob) in best.items():
+        for candidate in range(n_layers):
+            right, lp = E.greedy_match(model, examples, with_chunk=False, hooks=hooks[name](candidate), stops=stops,
+                                       batch_size=4, compare="tokens")
+            assert accuracy[candidate] == float(right.double().mean()), (name, candidate)
+            assert abs(logprob[candidate] - float(lp.mean())) < 1e-10, (name, candidate)
+        assert max(logprob) - min(logprob) > 1e-3  # the layers' edits differ
+        assert layer == max(range(n_layers), key=lambda k: (accuracy[k], logprob[k], -k))
+    assert best["steering"][2] != best["task_vector"][2]
+    liar = E.ResidEdit(edits["steering"].apply, lambda batch: start + 1)  # it changes position start
+    with pytest.raises(RuntimeError, match="changes positions before its first one"):
+        E._best_layers(model, examples, {"liar": liar}, stops, 4)
+
+
 @pytest.mark.real_model
 def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     fit_set = E.encode_task_examples(smollm2, slice_task, range(6))
@@ -686,12 +747,13 @@ def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     best = E._best_layers(smollm2, fit_set[:5], edits, stops, 4)
     hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
              "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
-    for name, (layer, accuracy) in best.items():
-        assert len(accuracy) == smollm2.cfg.n_layers and accuracy[layer] == max(accuracy)
+    for name, (layer, accuracy, logprob) in best.items():
+        assert len(accuracy) == len(logprob) == smollm2.cfg.n_layers and accuracy[layer] == max(accuracy)
         for candidate in sorted({0, 11, 29, layer}):
-            right, _ = E.greedy_match(smollm2, fit_set[:5], with_chunk=False, hooks=hooks[name](candidate))
+            right, lp = E.greedy_match(smollm2, fit_set[:5], with_chunk=False, hooks=hooks[name](candidate))
             assert accuracy[candidate] == float(right.double().mean()), (name, candidate)
-    assert len({tuple(accuracy) for _, accuracy in best.values()}) == 2  # the edits were not mixed up
+            assert abs(logprob[candidate] - float(lp.mean())) < 1e-3, (name, candidate)  # float32 shapes differ
+    assert len({tuple(accuracy) for _, accuracy, _ in best.values()}) == 2  # the edits were not mixed up
 
 
 @pytest.mark.real_model

@@ -1,6 +1,7 @@
 """Thought patches (THEORY 4): the least-squares fits, exactness in the one-token case, composition
 across blocks, applying without surprises, saving and loading."""
 
+import dataclasses
 import json
 
 import pytest
@@ -441,6 +442,48 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
     odd = [(" a", " ran")] + EXAMPLES
     encoded = [encode_example(model, template, "dog " + CHUNK if i == 0 else CHUNK, ex) for i, ex in enumerate(odd)]
     assert _shared_length(encoded, [_fitted_rows(e, "answer", 0.1) for e in encoded], 0) == (1 if prefixed else 0)
+
+
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_given_full_rows_give_the_same_fit(text_models, arch, prefixed):
+    """Some examples' prompts with the chunk streamed once (``full_prompt_rows``, as the protocol
+    does for the answered queries, the same in every seed) and read by fits of those examples
+    plus others (``_full_rows``): the patches (every matrix, the steering record) of fits that
+    stream every prompt, to float64 rounding, for each kind of fit and in ``fit_thoughts``; rows
+    kept for other options or another model are refused, and examples they do not hold streamed."""
+    from tl_thoughts.thoughts import full_prompt_rows
+
+    model = text_models(arch)
+    template = PREFIXED if prefixed else TEMPLATE
+    options = dict(template=template, pool="answer", vector_site="attn_out", vector_target="attention",
+                   attention_matrix=True, output_matrix=True, query_weight=0.1, ridge=1.0, batch_size=2,
+                   patch_prefix=not prefixed, progress=False)
+    more = EXAMPLES + [(" the big dog", " sat ."), (" a cat", " ran on")]
+    rows = full_prompt_rows(model, CHUNK, more[1:4] + [(" a hat", " ran")], template=template, pool="answer",
+                            query_weight=0.1, batch_size=2)
+    assert rows.pre.shape[0] == model.cfg.n_layers + 1 == rows.attn.shape[0] + 1
+    assert rows.pre.shape[1] == rows.positions.shape[0] == sum(n for _, n in rows.index.values())
+    for kind in ("both", "vector", "matrix"):
+        streamed = tt.fit_thought(model, CHUNK, more, fit=kind, **options)
+        read = tt.fit_thought(model, CHUNK, more, fit=kind, _full_rows=rows, **options)
+        assert set(read.deltas) == set(streamed.deltas) and streamed.deltas
+        for name in streamed.deltas:
+            assert_close(read.deltas[name], streamed.deltas[name], 1e-10, f"{kind}: {name}")
+        for name in streamed.steering:
+            assert_close(read.steering[name], streamed.steering[name], 1e-10, f"{kind}: {name}")
+    assert sum(bool(d.abs().max() > 1e-3) for d in streamed.deltas.values()) > len(streamed.deltas) / 2
+    together = tt.fit_thoughts(model, CHUNK, more, fits=("both", "vector"), _full_rows=rows, **options)
+    for name, delta in together["vector"].deltas.items():
+        assert_close(delta, tt.fit_thought(model, CHUNK, more, fit="vector", **options).deltas[name], 1e-10, name)
+    with pytest.raises(tt.InputError, match="kept for pool='answer'"):
+        tt.fit_thought(model, CHUNK, more, _full_rows=rows, **{**options, "pool": "kept"})
+    wrong = dataclasses.replace(rows, pre=rows.pre[:-1], attn=rows.attn[:-1])  # a model with a block less
+    with pytest.raises(tt.InputError, match="not this model's"):
+        tt.fit_thought(model, CHUNK, more, _full_rows=wrong, **options)
+    moved = dataclasses.replace(rows, positions=rows.positions + 1)
+    with pytest.raises(tt.InputError, match="not at the positions"):
+        tt.fit_thought(model, CHUNK, more, _full_rows=moved, **options)
 
 
 def _runs_by_form(model, patch, tokens):

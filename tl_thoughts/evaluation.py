@@ -18,8 +18,9 @@ Protocol (:func:`evaluate_task`), per seed:
 4. every method runs on the same filtered examples, without the chunk, after being fitted on the
    same fit rows: the fit examples plus the first ``EvalConfig.n_queries`` of the task's
    unlabelled queries that the model answers WITH the chunk, with those answers
-   (:func:`query_answers`; the same queries for every seed, none of them an example; the refined
-   patch's gradient steps use the labelled fit examples only):
+   (:func:`query_answers`; the same queries for every seed, none of them an example, their
+   prompts with the chunk streamed once a task for every seed's fit, :func:`query_full_rows`; the
+   refined patch's gradient steps use the labelled fit examples only):
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
@@ -75,7 +76,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import ChunkError, InputError
@@ -84,7 +85,7 @@ from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example, shared_prefix_length
 from tl_thoughts.refine import check_options as check_refine_options
 from tl_thoughts.refine import refine_thought
-from tl_thoughts.thoughts import fit_thoughts
+from tl_thoughts.thoughts import FullRows, fit_thoughts, full_prompt_rows
 
 DEFAULT_METHODS = (  # the suite's methods
     "with_chunk",
@@ -456,11 +457,14 @@ def _greedy_cached(
     keep: Callable[[int, list[int]], bool],
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
+    batch_size: int | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """:func:`_greedy_loop` without hooks, with TransformerLens' key-value cache
     (``TransformerLensKeyValueCache``): the first tokens every prompt shares run once (a task's
     prompts with the chunk: the prefix and the chunk), then the prompts of one length run as one
-    batch (no padding) from there, each prompt once, then one new token per step. The same decoding up to floating-point
+    batch (no padding; at most ``batch_size`` sequences, a larger length group split evenly) from
+    there, each prompt once, then one new token per step, for the sequences still going: a finished
+    sequence leaves the batch and its rows of the cache. The same decoding up to floating-point
     rounding (the cached step multiplies other shapes): a near tie between two tokens may break
     the other way (``tests/test_evaluation.py``
     ``test_cached_greedy_decoding_equals_the_uncached_loop``)."""
@@ -470,21 +474,30 @@ def _greedy_cached(
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(int(p.shape[0]), []).append(i)
+    groups = []
+    for same in by_length.values():
+        k = 1 if batch_size is None else -(-len(same) // batch_size)  # parts of at most batch_size, as even as can be
+        groups += [same[round(j * len(same) / k) : round((j + 1) * len(same) / k)] for j in range(k)]
     shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
     prefix = _tl.prefix_cache(model, prompts[0][None, :shared]) if shared else None
-    for group in by_length.values():
+    for group in groups:
         if prefix is None:
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
         else:
             cache = _tl.broadcast_cache(prefix, len(group), frozen=False)
         x = torch.stack([prompts[i][shared:] for i in group]).to(device)
-        active = set(range(len(group)))
-        while active:
+        while group:
             mask = torch.ones(x.shape, dtype=torch.long, device=device)
             final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
             nxt = _row_logits(model, final[:, -1], unembed_weight).argmax(-1)
-            # the finished rows run on (cheaper than cutting the cache)
-            active = {j for j in active if _advance(group[j], int(nxt[j]), generated, stopped, stops, keep)}
+            going = [r for r, i in enumerate(group) if _advance(i, int(nxt[r]), generated, stopped, stops, keep)]
+            if going and len(going) < len(group):  # the finished sequences leave the batch and the cache
+                rows = torch.tensor(going, device=device)
+                for entry in cache.entries:
+                    entry.past_keys, entry.past_values = entry.past_keys[rows], entry.past_values[rows]
+                cache.previous_attention_mask = cache.previous_attention_mask[rows]
+                nxt = nxt[rows]
+            group = [group[r] for r in going]
             x = nxt[:, None]
     return generated, stopped
 
@@ -495,8 +508,9 @@ def query_answers(
 ) -> list[tuple[str, str]]:
     """The first ``n`` of the task's unlabelled ``queries`` that the model answers WITH the chunk,
     with their answers: greedy decoding of the prompt with the chunk (the protocol's tokens) up to
-    a stop token (:func:`stop_tokens`), through TransformerLens' key-value cache (the prompts of
-    one length in one batch; the same tokens as decoding every step from the start,
+    a stop token (:func:`stop_tokens`), through TransformerLens' key-value cache (the queries still
+    wanted, at least ``batch_size`` of them, decoded together: the prompts of one length in
+    batches of at most ``batch_size``; the same tokens as decoding every step from the start,
     ``tests/test_evaluation.py``). A query is skipped (and the next one taken) where the
     generation does not stop within ``max_new_tokens`` tokens, does not start with the task's
     ``answer_prefix``, leaves an empty answer or one with surrounding whitespace or an incomplete
@@ -514,8 +528,8 @@ def query_answers(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     if n == 0:
         return []
     stops = stop_tokens(model)
@@ -523,14 +537,15 @@ def query_answers(
     prefix = task.answer_prefix
     examples = set(task.examples)
     out: list[tuple[str, str]] = []
+    start = 0
     with _tl.linear_layout(model):
-        for b in range(0, len(task.queries), batch_size):
-            if len(out) == n:
-                break
-            batch = task.queries[b : b + batch_size]
+        while len(out) < n and start < len(task.queries):
+            # the queries still wanted (at least a batch's), grouped by length in batches of batch_size
+            batch = task.queries[start : start + max(batch_size, n - len(out))]
+            start += len(batch)
             prompts = [encode_example(model, task.template, task.chunk, q).full.cpu() for q in batch]
             generated, stopped = _greedy_cached(model, prompts, lambda i, g: len(g) <= max_new_tokens, stops,
-                                                unembed_weight)
+                                                unembed_weight, batch_size)
             for query, tokens, ended in zip(batch, generated, stopped):
                 text = model.tokenizer.decode(tokens)
                 answer = text[len(prefix):]
@@ -756,10 +771,15 @@ class DifferenceSums:
 
 
 @torch.no_grad()
-def difference_sums(model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int) -> DifferenceSums:
+def difference_sums(
+    model: HookedTransformer, examples: list[_Example], pool: str, batch_size: int, full_rows: FullRows | None = None
+) -> DifferenceSums:
     """:class:`DifferenceSums` over ``examples`` (none: zero sums). The positions every prompt with
     the chunk shares (the prefix and the chunk) run once, their keys and values read by every batch
-    from TransformerLens' key-value cache.
+    from TransformerLens' key-value cache. ``full_rows``: :class:`tl_thoughts.thoughts.FullRows`
+    holding every example's prompt with the chunk at its ``pool`` positions and its last prompt
+    position (:func:`query_full_rows` of the same queries): the sums with the chunk are read from
+    them instead of run (the same sums up to floating-point rounding).
 
     Example:
         >>> fit_part = difference_sums(model, encode_task_examples(model, task, range(20)), "answer", 64)  # doctest: +SKIP
@@ -773,8 +793,13 @@ def difference_sums(model: HookedTransformer, examples: list[_Example], pool: st
     if not examples:
         return DifferenceSums(diff, 0, task, 0)
     device = _tl.model_device(model)
-    shared = _shared_full_length(examples, pool)
+    read = _rows_read(full_rows, examples, pool)
+    shared = _shared_full_length(examples, pool) if read is None else 0
     prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
+    if read is not None:  # the prompts with the chunk: their rows given
+        pooled_rows, last_rows = (torch.cat(rows) for rows in zip(*read))
+        diff += full_rows.pre[:, pooled_rows].double().sum(1)
+        task += full_rows.pre[1:, last_rows].double().sum(1)
     # batches of examples of similar lengths: the fewer padded positions, the less each batch computes
     examples = sorted(examples, key=lambda e: (e.enc.full.shape[0], e.enc.reduced.shape[0]))
     for b in range(0, len(examples), batch_size):
@@ -789,7 +814,8 @@ def difference_sums(model: HookedTransformer, examples: list[_Example], pool: st
         # each prompt up to the last position read (the later ones change nothing read: causal attention)
         ends = {"full": [max([e.last_prompt_full] + p.tolist()) + 1 for e, p in zip(batch, pooled)],
                 "reduced": [max([0] + r.tolist()) + 1 for r in reduced_pos]}
-        for which, skip, rows in (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,))):
+        runs = (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,)))
+        for which, skip, rows in runs[1:] if read is not None else runs:
             tokens = _pad([getattr(e.enc, which)[skip:end] for e, end in zip(batch, ends[which])]).to(device)
             store: dict[str, list[Tensor]] = {}
 
@@ -799,11 +825,34 @@ def difference_sums(model: HookedTransformer, examples: list[_Example], pool: st
             with _tl.hooked(model, [(name, save) for name in names]):
                 _run_to_end(model, tokens, prefix=prefix if skip else None)
             picked[which] = [torch.stack([store[name][k] for name in names]) for k in range(len(rows))]  # [L+1, n, d]
-        (full, last), (reduced,) = picked["full"], picked["reduced"]
-        diff += (full - reduced).sum(1)
-        n_pos += full.shape[1]
-        task += last[1:].sum(1)
+        (reduced,) = picked["reduced"]
+        if read is None:
+            (full, last) = picked["full"]
+            diff += (full - reduced).sum(1)
+            task += last[1:].sum(1)
+        else:  # the sums with the chunk were added above
+            diff -= reduced.sum(1)
+        n_pos += reduced.shape[1]
     return DifferenceSums(diff, n_pos, task, len(examples))
+
+
+def _rows_read(full_rows: FullRows | None, examples: list[_Example], pool: str) -> list[tuple[Tensor, Tensor]] | None:
+    """Where ``full_rows`` holds every example's prompt with the chunk at its ``pool`` positions and
+    its last prompt position: per example, the indices of those rows (pooled, last); else None."""
+    if full_rows is None or full_rows.pool != pool:
+        return None
+    read = []
+    for e in examples:
+        place = full_rows.index.get(tuple(e.enc.full.tolist()))
+        if place is None:
+            return None
+        idx = torch.arange(place[0], place[0] + place[1])
+        positions, pooled = full_rows.positions[idx], e.enc.pooled(pool)
+        last = (positions == e.last_prompt_full).nonzero()
+        if not torch.equal(positions[: len(pooled)], pooled) or len(last) == 0:
+            return None
+        read.append((idx[: len(pooled)], idx[last[0]]))
+    return read
 
 
 def _mean_differences(
@@ -817,11 +866,14 @@ def _mean_differences(
 
 
 def query_difference_sums(
-    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig
+    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig,
+    query_rows: FullRows | None = None,
 ) -> DifferenceSums | None:
     """The answered queries' part of the steering baselines' sums (:class:`DifferenceSums`), the
     same in every seed (the seeds differ in their fit examples only): what :func:`evaluate_seed`
-    takes as ``query_sums``. None where ``config`` runs no steering baseline.
+    takes as ``query_sums``. None where ``config`` runs no steering baseline. ``query_rows``: the
+    queries' :func:`query_full_rows`, if computed: the sums with the chunk are read from them
+    (:func:`difference_sums`).
 
     Example:
         >>> queries = query_answers(model, task, config.n_queries)  # doctest: +SKIP
@@ -832,7 +884,29 @@ def query_difference_sums(
         return None
     with _tl.linear_layout(model):
         rows = [_encode(model, task, q, a) for q, a in queries]
-        return difference_sums(model, rows, config.pool, config.batch_size)
+        return difference_sums(model, rows, config.pool, config.batch_size, query_rows)
+
+
+def query_full_rows(
+    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig
+) -> FullRows | None:
+    """The answered queries' prompts with the chunk, streamed through every block once, at the rows
+    the fits read (:func:`tl_thoughts.thoughts.full_prompt_rows`): the same in every seed (the
+    seeds' fit rows differ in their labelled examples only), so that each seed's fit streams
+    the labelled examples' prompts with the chunk only. None where ``config`` fits no patch or
+    has no query.
+
+    Example:
+        >>> rows = query_full_rows(model, task, queries, config)  # doctest: +SKIP
+        >>> seed = evaluate_seed(model, task, config, 0, queries=queries, query_rows=rows)  # doctest: +SKIP
+    """
+    if not queries or not any(m in config.methods for m in list(FIT_METHODS) + list(PART_METHODS)
+                              + ["thought_patch_refined"]):
+        return None
+    with _tl.linear_layout(model):
+        return full_prompt_rows(model, task.chunk, [(q, task.continuation(a)) for q, a in queries],
+                                template=task.template, pool=config.pool, query_weight=config.query_weight,
+                                batch_size=config.batch_size)
 
 
 def _region_start(examples: list[_Example]) -> int:
@@ -897,37 +971,46 @@ def _task_vector_hooks(vectors: Float[Tensor, "layer d_model"], layer: int) -> H
     return make
 
 
-def _steering_edit(deltas: Tensor, start: int) -> "ResidEdit":
+@dataclass(frozen=True)
+class ResidEdit:
+    """A residual edit of :func:`_best_layers`: ``apply(layer, resid_after_block_layer, batch)``
+    returns the edited residual (it may edit in place), changing no position before
+    ``first(batch)``."""
+
+    apply: Callable[[int, Tensor, list[_Example]], Tensor]
+    first: Callable[[list[_Example]], int]
+
+
+def _steering_edit(deltas: Tensor, start: int) -> ResidEdit:
     def edit(layer: int, x: Tensor, batch: list[_Example]) -> Tensor:
         x[:, start:] += deltas[layer + 1].to(x.dtype)
         return x
 
-    return edit
+    return ResidEdit(edit, lambda batch: start)
 
 
-def _task_vector_edit(vectors: Tensor) -> "ResidEdit":
+def _task_vector_edit(vectors: Tensor) -> ResidEdit:
     def edit(layer: int, x: Tensor, batch: list[_Example]) -> Tensor:
         x[torch.arange(len(batch)), torch.tensor([e.last_prompt_reduced for e in batch])] = vectors[layer].to(x.dtype)
         return x
 
-    return edit
-
-
-ResidEdit = Callable[[int, Tensor, list[_Example]], Tensor]
+    return ResidEdit(edit, lambda batch: min(e.last_prompt_reduced for e in batch))
 
 
 @torch.no_grad()
 def _best_layers(
-    model: HookedTransformer, fit_set: list[_Example], edits: dict[str, "ResidEdit"], stops, batch_size: int
-) -> dict[str, tuple[int, list[float]]]:
+    model: HookedTransformer, fit_set: list[_Example], edits: dict[str, ResidEdit], stops, batch_size: int
+) -> dict[str, tuple[int, list[float], list[float]]]:
     """For each named residual edit, the layer whose edit does best on the fit examples without
-    the chunk (accuracy, then mean log-probability), and the accuracy of every layer's edit.
+    the chunk (accuracy, then mean log-probability), and the accuracy and mean log-probability of
+    every layer's edit.
 
-    ``edit(layer, resid_after_block_layer, batch)`` returns the edited residual. Every candidate
-    runs from the cached residual after its block, not from the start, and the candidates run
-    together, staggered: block ``k`` runs once on the stack of every candidate edited below it
-    (the same products as one run per candidate, in ``n_layers`` calls instead of
-    ``n_layers^2 / 2``)."""
+    Every candidate runs from the cached residual after its block, not from the start, and the
+    candidates run together, staggered: block ``k`` runs once on the stack of every candidate
+    edited below it (the same products as one run per candidate, in ``n_layers`` calls instead of
+    ``n_layers^2 / 2``). The positions before an edit's first one (:class:`ResidEdit`), which no
+    edit changes (causal attention), do not run again: a candidate's block reads their keys and
+    values from the unedited run, as TransformerLens' key-value cache holds them."""
     n_layers = model.cfg.n_layers
     device = _tl.model_device(model)
     unembed_weight = model.W_U.T.contiguous()
@@ -942,27 +1025,65 @@ def _best_layers(
         def save(act, hook, store=store):
             store[hook.name] = act.detach().clone()
 
+        tokens = _pad([s[:_read_end(e, s)] for e, s in zip(batch, seqs)]).to(device)
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(batch))  # filled by the run
         with _tl.hooked(model, [(name, save) for name in names]):
-            _run_to_end(model, _pad([s[:_read_end(e, s)] for e, s in zip(batch, seqs)]).to(device))
-        order = []
-        stack = None
+            model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens), past_kv_cache=kv)
+        # the edits by their first position (never after the first one the verdicts read)
+        first_read = min(e.last_prompt_reduced for e in batch)
+        by_first: dict[int, list[str]] = {}
+        for name, edit in edits.items():
+            by_first.setdefault(max(0, min(edit.first(batch), first_read)), []).append(name)
+        order = {p: [] for p in by_first}
+        stacks: dict[int, Tensor | None] = {p: None for p in by_first}
         for layer in range(n_layers):
-            new = [edit(layer, store[names[layer]].clone(), batch) for edit in edits.values()]
-            order += [(name, layer) for name in edits]
-            stack = torch.cat(([] if stack is None else [stack]) + new)
-            stack = _run_to_end(model, stack, start_at_layer=layer + 1, stop_at_layer=layer + 2)
-        for i, key in enumerate(order):
-            final = stack[i * len(batch) : (i + 1) * len(batch)]
-            r, lp, _ = _verdicts(model, batch, seqs, final, stops, unembed_weight)  # token level: a ranking
-            scores[key][0].extend(r)
-            scores[key][1].extend(lp)
+            for p, family in by_first.items():
+                new = []
+                for name in family:
+                    before = store[names[layer]]
+                    edited = edits[name].apply(layer, before.clone(), batch)
+                    if not torch.equal(edited[:, :p], before[:, :p]):
+                        raise RuntimeError(f"the edit {name!r} changes positions before its first one ({p})")
+                    new.append(edited[:, p:])
+                order[p] += [(name, layer) for name in family]
+                stack = torch.cat(([] if stacks[p] is None else [stacks[p]]) + new)
+                stacks[p] = _run_block_after(model, stack, layer + 1, kv, p, len(batch))
+        for p, keys in order.items():
+            for i, key in enumerate(keys):
+                final = stacks[p][i * len(batch) : (i + 1) * len(batch)]
+                if p:  # the rows before p, never read: the verdicts' positions line up
+                    final = torch.cat([final.new_zeros(len(batch), p, final.shape[-1]), final], dim=1)
+                r, lp, _ = _verdicts(model, batch, seqs, final, stops, unembed_weight)  # token level: a ranking
+                scores[key][0].extend(r)
+                scores[key][1].extend(lp)
     best = {}
     for name in edits:
         accuracy = [float(np.mean(scores[name, layer][0])) for layer in range(n_layers)]
-        layer = max(range(n_layers), key=lambda layer: (accuracy[layer],
-                                                        float(np.mean(scores[name, layer][1])), -layer))
-        best[name] = (layer, accuracy)
+        logprob = [float(np.mean(scores[name, layer][1])) for layer in range(n_layers)]
+        layer = max(range(n_layers), key=lambda layer: (accuracy[layer], logprob[layer], -layer))
+        best[name] = (layer, accuracy, logprob)
     return best
+
+
+def _run_block_after(
+    model: HookedTransformer, stack: Tensor, layer: int, kv: TransformerLensKeyValueCache, p: int, n: int
+) -> Tensor:
+    """Block ``layer`` (none past the last) on ``stack``: candidates of ``n`` sequences each, holding
+    their positions from ``p`` on; the positions before ``p`` are read from ``kv``, the key-value
+    cache of the unedited run of the ``n`` sequences (:func:`_best_layers`), the same for every
+    candidate."""
+    if layer >= model.cfg.n_layers:
+        return stack
+    if p == 0:
+        return _run_to_end(model, stack, start_at_layer=layer, stop_at_layer=layer + 1)
+    copies = stack.shape[0] // n
+    entry = kv.entries[layer]
+    keys, values = (t[:, :p].repeat(copies, *[1] * (t.dim() - 1)) for t in (entry.past_keys, entry.past_values))
+    entry = TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
+    mask = torch.ones(stack.shape[0], p + stack.shape[1], dtype=torch.long, device=stack.device)
+    # only this block's entry is read (start_at_layer=layer, stop_at_layer=layer + 1)
+    cache = TransformerLensKeyValueCache([entry] * model.cfg.n_layers, mask[:, :p], frozen=True)
+    return model(stack, start_at_layer=layer, stop_at_layer=layer + 1, attention_mask=mask, past_kv_cache=cache)
 
 
 # --- the protocol ------------------------------------------------------------------------------------
@@ -1045,12 +1166,15 @@ def evaluate_seed(
     verdicts: tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]] | None = None,
     queries: Sequence[tuple[str, str]] | None = None,
     query_sums: DifferenceSums | None = None,
+    query_rows: FullRows | None = None,
 ) -> SeedResult:
     """The protocol on one seed (see the module docstring). ``verdicts``: the task's
     :func:`example_verdicts` if the caller has them (computed here otherwise; the same either
     way); ``queries``: likewise its :func:`query_answers` for ``config.n_queries``;
     ``query_sums``: likewise :func:`query_difference_sums` of those queries (the steering
-    baselines' part that is the same in every seed; ignored where ``config`` runs no baseline).
+    baselines' part that is the same in every seed; ignored where ``config`` runs no baseline);
+    ``query_rows``: likewise :func:`query_full_rows` (the prompts with the chunk of those queries,
+    which the fits read instead of streaming them again).
     The model is left as it was (its gated MLP weights are stored transposed in memory during the
     runs, :func:`tl_thoughts._tl.linear_layout`).
 
@@ -1067,19 +1191,21 @@ def evaluate_seed(
         raise InputError(f"verdicts must hold one value per example of {task.name!r} ({len(task.examples)})")
     if queries is None:
         queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    if query_rows is None:
+        query_rows = query_full_rows(model, task, queries, config)
     if query_sums is None:
-        query_sums = query_difference_sums(model, task, queries, config)
+        query_sums = query_difference_sums(model, task, queries, config, query_rows)
     elif query_sums.n_examples != len(queries):
         raise InputError(f"query_sums are sums over {query_sums.n_examples} queries, {len(queries)} queries given")
     with _tl.linear_layout(model):
-        result = _evaluate_seed(model, task, config, seed, verdicts, list(queries), query_sums)
+        result = _evaluate_seed(model, task, config, seed, verdicts, list(queries), query_sums, query_rows)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _evaluate_seed(
     model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
-    queries: list[tuple[str, str]], query_sums: DifferenceSums | None,
+    queries: list[tuple[str, str]], query_sums: DifferenceSums | None, query_rows: FullRows | None,
 ) -> SeedResult:
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
@@ -1121,9 +1247,9 @@ def _evaluate_seed(
         parts = [name for name in PART_METHODS if name in config.methods]
         kinds = {name: kind for name, kind in FIT_METHODS.items()
                  if name in config.methods or (name == "thought_patch" and (refine or parts))}
-        patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits
+        patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits, the queries' read
             model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
-            compare_steering=False, progress=False, batch_size=bs,
+            compare_steering=False, progress=False, batch_size=bs, _full_rows=query_rows,
             **config.fit_options_for(len(fit_pairs)),
         ) if kinds else {}
         for name, kind in kinds.items():
@@ -1152,13 +1278,13 @@ def _evaluate_seed(
             edits = {name: edit for name, edit in edits.items() if name in wanted}
             best = _best_layers(model, fit_set, edits, stops, bs) if edits else {}
             if "steering_best_layer" in wanted:
-                layer, _ = best["steering_best_layer"]
+                layer = best["steering_best_layer"][0]
                 result.layers["steering_best_layer"] = layer
                 run("steering_best_layer", _steering_hooks(deltas, [layer], start))
             if "steering_all_layers" in wanted:
                 run("steering_all_layers", _all_layer_steering_hooks(deltas, start))
             if "task_vector" in wanted:
-                layer, _ = best["task_vector"]
+                layer = best["task_vector"][0]
                 result.layers["task_vector"] = layer
                 run("task_vector", _task_vector_hooks(task_vectors, layer))
     for name in config.methods:
@@ -1205,9 +1331,10 @@ def evaluate_task(
     # once for every seed
     verdicts = example_verdicts(model, task, batch_size=config.batch_size)
     queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
-    query_sums = query_difference_sums(model, task, queries, config)
+    query_rows = query_full_rows(model, task, queries, config)
+    query_sums = query_difference_sums(model, task, queries, config, query_rows)
     seeds = [
-        evaluate_seed(model, task, config, seed, verdicts, queries, query_sums)
+        evaluate_seed(model, task, config, seed, verdicts, queries, query_sums, query_rows)
         for seed in tqdm(config.seeds, desc=f"{task.name}: seeds", disable=not progress)
     ]
     return TaskResult(task=task.name, n_examples=len(task.examples), seeds=seeds, queries=queries)
@@ -1227,23 +1354,25 @@ def _worker_init(dtype: torch.dtype, threads: int) -> None:
 
 def _worker_verdicts(
     task: Task, config: EvalConfig
-) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]], DifferenceSums | None]:
-    """A task's :func:`example_verdicts` (plain lists between processes), :func:`query_answers`
-    and :func:`query_difference_sums`."""
+) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]], DifferenceSums | None, FullRows | None]:
+    """A task's :func:`example_verdicts` (plain lists between processes), :func:`query_answers`,
+    :func:`query_difference_sums` and :func:`query_full_rows`."""
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     with_right, without_right = example_verdicts(_WORKER_MODEL, task, batch_size=config.batch_size)
     queries = query_answers(_WORKER_MODEL, task, config.n_queries, batch_size=config.batch_size)
-    query_sums = query_difference_sums(_WORKER_MODEL, task, queries, config)
-    return (with_right.tolist(), without_right.tolist()), queries, query_sums
+    query_rows = query_full_rows(_WORKER_MODEL, task, queries, config)
+    query_sums = query_difference_sums(_WORKER_MODEL, task, queries, config, query_rows)
+    return (with_right.tolist(), without_right.tolist()), queries, query_sums, query_rows
 
 
 def _worker_seed(task: Task, config: EvalConfig, seed: int, verdicts: tuple[list[bool], list[bool]],
-                 queries: list[tuple[str, str]], query_sums: DifferenceSums | None) -> SeedResult:
+                 queries: list[tuple[str, str]], query_sums: DifferenceSums | None,
+                 query_rows: FullRows | None) -> SeedResult:
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     tensors = tuple(torch.tensor(v, dtype=torch.bool) for v in verdicts)
-    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors, queries, query_sums)
+    return evaluate_seed(_WORKER_MODEL, task, config, seed, tensors, queries, query_sums, query_rows)
 
 
 def evaluate_in_processes(
@@ -1257,8 +1386,9 @@ def evaluate_in_processes(
 ) -> list[TaskResult]:
     """:func:`evaluate_task` for every task on the DEFAULT model, in ``jobs`` worker processes of
     ``threads`` torch threads each (each loads its own copy of the model; the workers take one
-    unit at a time: a task's :func:`example_verdicts`, :func:`query_answers` and
-    :func:`query_difference_sums`, then each of its seeds; the biggest tasks first). On this
+    unit at a time: a task's :func:`example_verdicts`, :func:`query_answers`,
+    :func:`query_difference_sums` and :func:`query_full_rows`, then each of its seeds; the biggest
+    tasks first). On this
     project's 2-core machine this is as fast as one process with both threads
     (``benchmarks/bench_jobs.py``).
     ``on_result(result)`` is called as each task finishes. Results come back in the order of
@@ -1289,9 +1419,10 @@ def evaluate_in_processes(
             for future in done:
                 i, seed = pending.pop(future)
                 if seed is None:
-                    verdicts, queries[i], query_sums = future.result()
+                    verdicts, queries[i], query_sums, query_rows = future.result()
                     for s in config.seeds:
-                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts, queries[i], query_sums)] = (i, s)
+                        pending[pool.submit(_worker_seed, tasks[i], config, s, verdicts, queries[i], query_sums,
+                                            query_rows)] = (i, s)
                     continue
                 seeds[i][seed] = future.result()
                 if len(seeds[i]) == len(config.seeds):

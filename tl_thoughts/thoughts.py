@@ -157,6 +157,8 @@ class _Batch:
     in_pool: Bool[Tensor, " n"]
     weights: Float[Tensor, " n"]  # float64
     cache: dict = field(default_factory=dict)
+    # the full prompts' rows given (FullRows), not streamed: resid_pre [layer + 1, n, d], attn_out [layer, n, d]
+    given: tuple[Tensor, Tensor] | None = None
 
 
 def _pad(seqs: list[Tensor]) -> Tensor:
@@ -190,6 +192,34 @@ def _shared_length(encoded: list[EncodedExample], rows: list[tuple[Tensor, Tenso
     return n if n >= prefix else 0
 
 
+def _given_rows(
+    full_rows: "FullRows | None", encoded: list[EncodedExample], rows: list[tuple[Tensor, Tensor, Tensor]],
+    pool: str, query_weight: float, spec: _tl.ModelSpec,
+) -> dict[int, Tensor]:
+    """For each example whose prompt with the chunk ``full_rows`` holds: the indices of its rows
+    there (checked: the same fitted positions, options, blocks, width and dtype)."""
+    if full_rows is None:
+        return {}
+    if (full_rows.pool, full_rows.query_weight) != (pool, float(query_weight)):
+        raise InputError(f"the full rows were kept for pool={full_rows.pool!r}, query_weight={full_rows.query_weight}; "
+                         f"this fit reads pool={pool!r}, query_weight={query_weight}")
+    n_pre, _, d = full_rows.pre.shape
+    if n_pre != full_rows.attn.shape[0] + 1 or n_pre != spec.n_layers + 1 or d != spec.d_model \
+            or full_rows.pre.dtype != spec.dtype:
+        raise InputError(f"the full rows ({n_pre - 1} blocks, d_model {d}, {full_rows.pre.dtype}) are not this "
+                         f"model's ({spec.n_layers} blocks, d_model {spec.d_model}, {spec.dtype})")
+    given = {}
+    for i, e in enumerate(encoded):
+        place = full_rows.index.get(tuple(e.full.tolist()))
+        if place is None:
+            continue
+        idx = torch.arange(place[0], place[0] + place[1])
+        if not torch.equal(full_rows.positions[idx], rows[i][0]):
+            raise InputError("the full rows of an example are not at the positions this fit reads")
+        given[i] = idx
+    return given
+
+
 def _make_batch(
     model: HookedTransformer,
     encoded: list[EncodedExample],
@@ -218,6 +248,112 @@ def _make_batch(
     batch = _Batch(full[:, shared:], reduced, reduced.clone() if base else None, rows_full, rows_red,
                    torch.cat(inside).to(dev), torch.cat(w).to(dev))
     return batch, full[:1, :shared]
+
+
+@dataclass
+class FullRows:
+    """The prompts WITH the chunk of some examples, streamed through every block (:func:`full_prompt_rows`),
+    kept at the rows a fit reads (:func:`fit_thought`'s fitted positions for ``pool`` and
+    ``query_weight``): ``resid_pre`` of every block then the residual after the last one
+    (``pre``), and every block's attention output (``attn``). They do not depend on any patch:
+    fits of other examples plus these (the protocol's seeds, whose fit rows share the answered
+    queries) read them instead of streaming these prompts again (``fit_thought(_full_rows=...)``).
+    ``index`` maps a prompt's tokens (``EncodedExample.full``, as a tuple) to its first row and
+    number of rows."""
+
+    pool: str
+    query_weight: float
+    index: dict[tuple[int, ...], tuple[int, int]]
+    positions: Int[Tensor, " rows"]
+    pre: Float[Tensor, "layer1 rows d_model"]
+    attn: Float[Tensor, "layer rows d_model"]
+
+
+@torch.no_grad()
+def full_prompt_rows(
+    model: HookedTransformer,
+    chunk: str,
+    examples: Sequence[Example],
+    *,
+    template: PromptTemplate | None = None,
+    pool: str = "kept",
+    query_weight: float = 0.0,
+    batch_size: int = 16,
+) -> FullRows:
+    """:class:`FullRows` of ``examples``: their prompts with the chunk streamed block by block as
+    :func:`fit_thought` streams them (the positions every prompt shares run once, each prompt up
+    to its last fitted row, batches of similar lengths), kept at the rows a fit with this
+    ``pool`` and ``query_weight`` reads. A fit given them
+    (``fit_thought(..., _full_rows=rows)``) gives the patch it gives streaming those prompts
+    itself, up to floating-point rounding (the batches differ;
+    ``tests/test_thoughts.py::test_given_full_rows_give_the_same_fit``).
+
+    Raises:
+        UnsupportedArchitectureError: blocks with norms after their sublayers (as :func:`fit_thought`).
+        InputError: no examples, or an example given twice.
+
+    Example:
+        >>> rows = tl_thoughts.thoughts.full_prompt_rows(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
+        >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog", "sun"], _full_rows=rows)  # doctest: +SKIP
+    """
+    spec = _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    if spec.post_norm:
+        raise UnsupportedArchitectureError(
+            "full_prompt_rows streams the blocks as fit_thought does, which does not support blocks with "
+            "norms after their sublayers (Gemma 2/3 use_normalization_before_and_after, OLMo 2)"
+        )
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not query_weight >= 0:
+        raise ValueError(f"query_weight must be >= 0, got {query_weight}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if len(examples) == 0:
+        raise InputError("at least one example is needed")
+    template = template or default_template(model)
+    encoded = [encode_example(model, template, chunk, ex) for ex in examples]
+    rows = [_fitted_rows(e, pool, query_weight) for e in encoded]
+    shared = _shared_length(encoded, rows, 0)
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    made = [_make_batch(model, [encoded[i] for i in g], [rows[i] for i in g], shared, False) for g in groups]
+    batches = [b for b, _ in made]
+    common = made[0][1]
+    pre: list[list[Tensor]] = [[] for _ in batches]
+    attn: list[list[Tensor]] = [[] for _ in batches]
+    for layer in range(spec.n_layers):
+        kv = None
+        if shared:
+            attn_common, _, kv = _tl.block_attention_kv(model, layer, common)
+            common = _finish_block(model, spec, layer, common, attn_common, {})
+        for j, b in enumerate(batches):
+            attn_full, _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
+            pre[j].append(b.full[b.rows_full])
+            attn[j].append(attn_full[b.rows_full])
+            b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
+    for j, b in enumerate(batches):
+        pre[j].append(b.full[b.rows_full])
+    # back to the examples' order: each example's rows in a row
+    index, first, parts = {}, 0, []
+    for j, g in enumerate(groups):
+        starts = [0]
+        for i in g:
+            starts.append(starts[-1] + len(rows[i][0]))
+        for k, i in enumerate(g):
+            parts.append((i, j, starts[k], starts[k + 1]))
+    parts.sort()
+    for i, _, lo, hi in parts:
+        key = tuple(encoded[i].full.tolist())
+        if key in index:
+            raise InputError("an example is given twice (the same prompt with the chunk)")
+        index[key] = (first, hi - lo)
+        first += hi - lo
+    pre_b, attn_b = [torch.stack(p) for p in pre], [torch.stack(a) for a in attn]  # [layer(+1), rows of batch j, d]
+    return FullRows(pool=pool, query_weight=float(query_weight), index=index,
+                    positions=torch.cat([rows[i][0] for i in range(len(encoded))]),
+                    pre=torch.cat([pre_b[j][:, lo:hi] for _, j, lo, hi in parts], dim=1),
+                    attn=torch.cat([attn_b[j][:, lo:hi] for _, j, lo, hi in parts], dim=1))
 
 
 @torch.no_grad()
@@ -272,6 +408,7 @@ def fit_thought(
     progress: bool = True,
     _full_stream: dict | None = None,
     _share_prefix: bool = True,
+    _full_rows: FullRows | None = None,
 ) -> ThoughtPatch:
     """Fit a thought patch (a thought vector and/or thought matrix per block) from a chunk.
 
@@ -325,6 +462,10 @@ def fit_thought(
             prompts' attention outputs and residual streams per (batch, block).
         _share_prefix: Internal: False streams every full prompt whole, the positions they share
             included (the same fit, slower: ``tests/test_thoughts.py``).
+        _full_rows: Internal: :class:`FullRows` of some of the examples (:func:`full_prompt_rows`,
+            with this ``pool`` and ``query_weight``), whose prompts with the chunk are then read
+            from them instead of streamed (batched apart from the others). Not used where the
+            unpatched ``patch_prefix`` positions cannot be read from the shared positions.
 
     Returns:
         The fitted :class:`ThoughtPatch`.
@@ -391,12 +532,23 @@ def fit_thought(
     # the positions every full prompt shares (the prefix and the chunk) run once, as one sequence
     # whose keys and values every batch's attention reads (a key-value cache): the same values
     shared = _shared_length(encoded, rows, prefix) if _share_prefix else 0
+    given = _given_rows(_full_rows, encoded, rows, pool, query_weight, spec)
+    if prefix and not shared:  # the unpatched positions are copied from the streamed prompts
+        given = {}
     # batches of examples of similar lengths (sorted by length, the order of the examples kept
-    # among equal lengths): the fewer padded positions, the less each batch computes
+    # among equal lengths): the fewer padded positions, the less each batch computes; the
+    # examples whose full rows are given apart from the others
     order = sorted(range(len(encoded)), key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = []
+    for part in ([i for i in order if i not in given], [i for i in order if i in given]):
+        groups += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     made = [_make_batch(model, [encoded[i] for i in g], [rows[i] for i in g], shared, compare_steering) for g in groups]
     batches = [b for b, _ in made]
+    for g, b in zip(groups, batches):
+        if g[0] in given:  # their rows, in the batch's order, on the model's device
+            idx = torch.cat([given[i] for i in g])
+            b.given = tuple(t[:, idx].to(b.reduced.device) for t in (_full_rows.pre, _full_rows.attn))
+            b.full = None
     common = made[0][1]  # [1, shared, d_model]: the shared positions' residual stream
     deltas: dict[str, Tensor] = {}
     steering: dict[str, Tensor] = {}
@@ -427,26 +579,29 @@ def fit_thought(
             if _full_stream is not None:
                 _full_stream["shared", layer] = common  # after the block
         for j, b in enumerate(batches):
-            if _full_stream is not None and (j, layer) in _full_stream:
-                b.cache["attn_full"], b.cache["next_full"] = _full_stream[j, layer]
+            if b.given is not None:  # the full prompts' rows, given (FullRows)
+                b.cache["pre_full"], b.cache["attn_rows"] = b.given[0][layer], b.given[1][layer]
             else:
-                b.cache["attn_full"], _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
+                if _full_stream is not None and (j, layer) in _full_stream:
+                    b.cache["attn_full"], b.cache["next_full"] = _full_stream[j, layer]
+                else:
+                    b.cache["attn_full"], _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
+                b.cache["pre_full"], b.cache["attn_rows"] = b.full[b.rows_full], b.cache["attn_full"][b.rows_full]
+            pre_full, attn_rows = b.cache["pre_full"], b.cache["attn_rows"]  # [n, d_model] at the fitted rows
             b.cache["attn_red"], b.cache["z_red"] = _tl.block_attention(model, layer, b.reduced)
-            mid_full = (b.full + b.cache["attn_full"])[b.rows_full]
             if vector_target == "residual":
-                delta = mid_full - (b.reduced + b.cache["attn_red"])[b.rows_reduced]
+                delta = (pre_full + attn_rows) - (b.reduced + b.cache["attn_red"])[b.rows_reduced]
             else:
-                delta = b.cache["attn_full"][b.rows_full] - b.cache["attn_red"][b.rows_reduced]
+                delta = attn_rows - b.cache["attn_red"][b.rows_reduced]
             delta = delta.double()
             sum_delta += delta[b.in_pool].sum(0)
             if fitting and want_attn_matrix:
                 z_fit.add(b.cache["z_red"][b.rows_reduced].flatten(1).double(), delta, b.weights)  # z: [n, head * d_head]
             if b.base is not None:
                 b.cache["attn_base"], _ = _tl.block_attention(model, layer, b.base)
-                rows_f = (b.rows_full[0][b.in_pool], b.rows_full[1][b.in_pool])
                 rows_b = (b.rows_reduced[0][b.in_pool], b.rows_reduced[1][b.in_pool])
-                sum_steer += (b.cache["attn_full"][rows_f] - b.cache["attn_base"][rows_b]).double().sum(0)
-                sum_resid += ((b.full + b.cache["attn_full"])[rows_f]
+                sum_steer += (attn_rows[b.in_pool] - b.cache["attn_base"][rows_b]).double().sum(0)
+                sum_resid += ((pre_full + attn_rows)[b.in_pool]
                               - (b.base + b.cache["attn_base"])[rows_b]).double().sum(0)
         if compare_steering:
             steering[f"steering.{layer}"] = (sum_steer / n_tokens).to(spec.dtype)
@@ -476,7 +631,7 @@ def fit_thought(
             for b in batches:
                 r_full, r_red = _mlp_resids(spec, b)
                 a = _tl.mlp_norm(model, layer, r_red[b.rows_reduced]).double()
-                a_c = _tl.mlp_norm(model, layer, r_full[b.rows_full]).double()
+                a_c = _tl.mlp_norm(model, layer, r_full).double()
                 a_fit.add(a, a_c - a, b.weights)
             solved = a_fit.solve(ridge, n_weight)  # [d_model, d_model]
             for name in spec.mlp_input_matrices:
@@ -490,19 +645,23 @@ def fit_thought(
         if fit_out:
             h_fit = _Regression(spec.d_mlp, n_rows)
         for j, b in enumerate(batches):
-            attn_full = b.cache.pop("attn_full")
-            if "next_full" in b.cache:
-                b.full = b.cache.pop("next_full")
+            if b.given is not None:
+                post_full = b.given[0][layer + 1]
             else:
-                b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
-                if _full_stream is not None:
-                    _full_stream[j, layer] = (attn_full, b.full)
+                attn_full = b.cache.pop("attn_full")
+                if "next_full" in b.cache:
+                    b.full = b.cache.pop("next_full")
+                else:
+                    b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
+                    if _full_stream is not None:
+                        _full_stream[j, layer] = (attn_full, b.full)
+                post_full = b.full[b.rows_full] if fit_out else None
             if fit_out:  # resid_post and h under the block's other patches; the rows' residual differences
                 b.reduced, b.cache["post"] = _finish_block(
                     model, spec, layer, b.reduced, b.cache.pop("attn_red"), new, keep_post=True
                 )
                 h_fit.add(b.cache["post"][b.rows_reduced].double(),
-                          (b.full[b.rows_full] - b.reduced[b.rows_reduced]).double(), b.weights)
+                          (post_full - b.reduced[b.rows_reduced]).double(), b.weights)
             else:
                 b.reduced = _finish_block(model, spec, layer, b.reduced, b.cache.pop("attn_red"), new)
             if b.base is not None:
@@ -535,10 +694,11 @@ def fit_thought(
 
 
 def _mlp_resids(spec: _tl.ModelSpec, b: _Batch) -> tuple[Tensor, Tensor]:
-    """The residual streams the MLP normalises (resid_mid, or resid_pre for parallel blocks)."""
+    """What the MLP normalises (resid_mid, or resid_pre for parallel blocks): the full prompts'
+    at the fitted rows, the reduced prompts' at every position."""
     if spec.parallel_attn_mlp:
-        return b.full, b.reduced
-    return b.full + b.cache["attn_full"], b.reduced + b.cache["attn_red"]
+        return b.cache["pre_full"], b.reduced
+    return b.cache["pre_full"] + b.cache["attn_rows"], b.reduced + b.cache["attn_red"]
 
 
 def _finish_block(
