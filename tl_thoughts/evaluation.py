@@ -103,6 +103,14 @@ METHODS = DEFAULT_METHODS + ON_REQUEST
 # least-squares fits: kind of fit_thought; the thought_patch's fit also gives its parts
 FIT_METHODS = {"thought_patch": "both", "thought_vector_fitted_alone": "vector", "thought_matrix_fitted_alone": "matrix"}
 PART_METHODS = {"thought_vector": "vectors", "thought_matrix": "matrices"}  # ThoughtPatch.only of the thought_patch
+
+
+def _fit_kinds(methods: Sequence[str]) -> dict[str, str]:
+    """The least-squares fits ``methods`` need (method -> ``fit_thought``'s ``fit``): their own, and
+    the thought patch wherever its parts or its refinement are run."""
+    patch_needed = "thought_patch_refined" in methods or any(name in methods for name in PART_METHODS)
+    return {name: kind for name, kind in FIT_METHODS.items()
+            if name in methods or (name == "thought_patch" and patch_needed)}
 BASELINES = ("steering_best_layer", "steering_all_layers", "task_vector")  # fitted from the mean differences
 
 
@@ -843,10 +851,9 @@ def _rows_read(full_rows: FullRows | None, examples: list[_Example], pool: str) 
         return None
     read = []
     for e in examples:
-        place = full_rows.index.get(tuple(e.enc.full.tolist()))
-        if place is None:
+        idx = full_rows.rows_of(e.enc.full)
+        if idx is None:
             return None
-        idx = torch.arange(place[0], place[0] + place[1])
         positions, pooled = full_rows.positions[idx], e.enc.pooled(pool)
         last = (positions == e.last_prompt_full).nonzero()
         if not torch.equal(positions[: len(pooled)], pooled) or len(last) == 0:
@@ -900,8 +907,7 @@ def query_full_rows(
         >>> rows = query_full_rows(model, task, queries, config)  # doctest: +SKIP
         >>> seed = evaluate_seed(model, task, config, 0, queries=queries, query_rows=rows)  # doctest: +SKIP
     """
-    if not queries or not any(m in config.methods for m in list(FIT_METHODS) + list(PART_METHODS)
-                              + ["thought_patch_refined"]):
+    if not queries or not _fit_kinds(config.methods):
         return None
     with _tl.linear_layout(model):
         return full_prompt_rows(model, task.chunk, [(q, task.continuation(a)) for q, a in queries],
@@ -1245,8 +1251,7 @@ def _evaluate_seed(
         query_set = [_encode(model, task, q, a) for q, a in queries] if config.rank_on_queries or wanted else []
         refine = "thought_patch_refined" in config.methods
         parts = [name for name in PART_METHODS if name in config.methods]
-        kinds = {name: kind for name, kind in FIT_METHODS.items()
-                 if name in config.methods or (name == "thought_patch" and (refine or parts))}
+        kinds = _fit_kinds(config.methods)
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits, the queries' read
             model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
             compare_steering=False, progress=False, batch_size=bs, _full_rows=query_rows,

@@ -210,14 +210,20 @@ def _given_rows(
                          f"model's ({spec.n_layers} blocks, d_model {spec.d_model}, {spec.dtype})")
     given = {}
     for i, e in enumerate(encoded):
-        place = full_rows.index.get(tuple(e.full.tolist()))
-        if place is None:
+        idx = full_rows.rows_of(e.full)
+        if idx is None:
             continue
-        idx = torch.arange(place[0], place[0] + place[1])
         if not torch.equal(full_rows.positions[idx], rows[i][0]):
             raise InputError("the full rows of an example are not at the positions this fit reads")
         given[i] = idx
     return given
+
+
+def _length_batches(encoded: list[EncodedExample], indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` sorted by prompt lengths (with, then without the chunk; their order kept among
+    equal lengths), in batches of ``batch_size``: the fewer padded positions, the less a batch computes."""
+    order = sorted(indices, key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _make_batch(
@@ -268,6 +274,16 @@ class FullRows:
     pre: Float[Tensor, "layer1 rows d_model"]
     attn: Float[Tensor, "layer rows d_model"]
 
+    def rows_of(self, full: Int[Tensor, " pos"]) -> Int[Tensor, " n"] | None:
+        """The indices of the rows of the prompt ``full`` (its tokens with the chunk), or None
+        where it is not held.
+
+        Example:
+            >>> rows.positions[rows.rows_of(encoded.full)]  # doctest: +SKIP
+        """
+        place = self.index.get(tuple(full.tolist()))
+        return None if place is None else torch.arange(place[0], place[0] + place[1])
+
 
 @torch.no_grad()
 def full_prompt_rows(
@@ -315,8 +331,7 @@ def full_prompt_rows(
     encoded = [encode_example(model, template, chunk, ex) for ex in examples]
     rows = [_fitted_rows(e, pool, query_weight) for e in encoded]
     shared = _shared_length(encoded, rows, 0)
-    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = _length_batches(encoded, range(len(encoded)), batch_size)
     made = [_make_batch(model, [encoded[i] for i in g], [rows[i] for i in g], shared, False) for g in groups]
     batches = [b for b, _ in made]
     common = made[0][1]
@@ -538,10 +553,8 @@ def fit_thought(
     # batches of examples of similar lengths (sorted by length, the order of the examples kept
     # among equal lengths): the fewer padded positions, the less each batch computes; the
     # examples whose full rows are given apart from the others
-    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].full.shape[0], encoded[i].reduced.shape[0]))
-    groups = []
-    for part in ([i for i in order if i not in given], [i for i in order if i in given]):
-        groups += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    groups = (_length_batches(encoded, [i for i in range(len(encoded)) if i not in given], batch_size)
+              + _length_batches(encoded, [i for i in range(len(encoded)) if i in given], batch_size))
     made = [_make_batch(model, [encoded[i] for i in g], [rows[i] for i in g], shared, compare_steering) for g in groups]
     batches = [b for b, _ in made]
     for g, b in zip(groups, batches):
