@@ -7,7 +7,7 @@ earlier commit instead.)
 
 For one task and seed, in this one process, both configurations are timed twice, in the order
 A B B A (A: 60 queries at ridge 1, B: 150 queries at ridge 0.5), each time as the suite runs them:
-``evaluation.query_answers``, ``evaluation.query_difference_sums`` and ``evaluation.query_full_rows`` (once a task in the suite,
+``evaluation.query_answers_with_rows`` and ``evaluation.query_difference_sums`` (once a task in the suite,
 so their time counts a third per seed) and ``evaluation.evaluate_seed`` with every method of the
 suite of the time (the refined patch included). Prints
 each configuration's median time per seed, ``thought_patch``'s accuracy (a check that the runs are
@@ -91,8 +91,7 @@ def main() -> None:
     for name in [names[0], names[1], names[1], names[0]]:
         config = configs[name]
         t0 = time.perf_counter()
-        queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
-        query_rows = E.query_full_rows(model, task, queries, config)
+        queries, query_rows = E.query_answers_with_rows(model, task, config)
         query_sums = E.query_difference_sums(model, task, queries, config, query_rows)
         t1 = time.perf_counter()
         result = E.evaluate_seed(model, task, config, args.seed, verdicts, queries, query_sums, query_rows)

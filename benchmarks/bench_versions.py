@@ -9,7 +9,8 @@ each version runs in its own process of one torch thread (as a suite worker), in
 (A: the earlier commit, B: this version), as the suite runs them: ``example_verdicts`` and
 ``query_answers`` (once a task in the suite, so a third of their time counts per seed) and
 ``evaluate_seed`` with every method, at each version's ``EvalConfig()`` (and, in versions that
-have them, ``query_difference_sums`` and ``query_full_rows``, also once a task). Prints each run's times,
+have them, ``query_difference_sums`` and ``query_full_rows``, also once a task; in versions with
+``query_answers_with_rows``, the answers and their rows together, as their suite computes them). Prints each run's times,
 ``thought_patch``'s accuracy (each version's own suite value for that task and seed, the same in
 both repeats), and the ratio of the medians B / A, which times the earlier suite's time estimates
 this version's suite at the same pace.
@@ -41,11 +42,14 @@ config = E.EvalConfig()
 t0 = time.perf_counter()
 verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
 t1 = time.perf_counter()
-queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
 # versions that compute the queries' part of the steering baselines once a task, as their suite does
 once = {}
-if hasattr(E, "query_full_rows"):  # and the queries' prompts with the chunk, streamed once a task
-    once["query_rows"] = E.query_full_rows(model, task, queries, config)
+if hasattr(E, "query_answers_with_rows"):  # the queries' rows read from their decoding
+    queries, once["query_rows"] = E.query_answers_with_rows(model, task, config)
+else:
+    queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    if hasattr(E, "query_full_rows"):  # and the queries' prompts with the chunk, streamed once a task
+        once["query_rows"] = E.query_full_rows(model, task, queries, config)
 if hasattr(E, "query_difference_sums"):
     once["query_sums"] = E.query_difference_sums(model, task, queries, config, *once.values())
 t2 = time.perf_counter()

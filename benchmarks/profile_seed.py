@@ -1,8 +1,8 @@
 """Profile: where one seed of the suite spends its time, at the defaults or other options.
 
 Loads the default model (one torch thread, as a suite worker), computes the task's verdicts,
-answered queries, their rows with the chunk and their steering sums (once a task in the suite;
-timed, not profiled), then profiles ``evaluation.evaluate_seed`` with the suite's default methods
+answered queries with their rows with the chunk (``query_answers_with_rows``) and their steering
+sums (once a task in the suite; timed, not profiled), then profiles ``evaluation.evaluate_seed`` with the suite's default methods
 (``--refined``: and the refined patch) under cProfile, and prints the seed's time, its accuracies
 and the functions with the largest cumulative time.
 
@@ -11,7 +11,8 @@ Run: .venv/bin/python benchmarks/profile_seed.py --task uppercase [--seed 0] [--
 480 queries, as fitted). The profiles of docs/benchmark.md were made with ``ca0c3d8`` (whose suite
 also fitted the vector-only and matrix-only ablations on their own), ``3214ac7``, ``f946737`` and
 the code of its section "Decoding, layer search and the queries' rows" (the script then timed
-the rows, which earlier code did not compute).
+the answers and the rows apart, which earlier code did not compute) and of its section "The
+queries' rows from their decoding" (the answers and rows together).
 """
 
 import argparse
@@ -49,14 +50,12 @@ def main() -> None:
     t0 = time.perf_counter()
     verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
     t1 = time.perf_counter()
-    queries = E.query_answers(model, task, config.n_queries, batch_size=config.batch_size)
+    queries, query_rows = E.query_answers_with_rows(model, task, config)
     t2 = time.perf_counter()
-    query_rows = E.query_full_rows(model, task, queries, config)
-    t3 = time.perf_counter()
     query_sums = E.query_difference_sums(model, task, queries, config, query_rows)
-    t3b = time.perf_counter()
-    print(f"verdicts {t1 - t0:.1f} s, query answers {t2 - t1:.1f} s, query rows {t3 - t2:.1f} s, "
-          f"query sums {t3b - t3:.1f} s (once a task)")
+    t3 = time.perf_counter()
+    print(f"verdicts {t1 - t0:.1f} s, query answers and their rows {t2 - t1:.1f} s, "
+          f"query sums {t3 - t2:.1f} s (once a task)")
     profile = cProfile.Profile()
     profile.enable()
     t4 = time.perf_counter()

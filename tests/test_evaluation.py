@@ -110,6 +110,26 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     generated, stopped = expected
     assert any(stopped) and not all(stopped), stopped  # both endings occur
     assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
+    # the runs' residual stream, recorded from a position (inside the shared prefix, and after it):
+    # that of whole runs of each prompt then its generated tokens (all but the last where keep
+    # refused it: never run), float64
+    n_layers = model.cfg.n_layers
+    for first in sorted({2, shared + 1}):
+        records = []
+        assert E._greedy_cached(model, prompts, keep, stops, unembed, batch_size, record_from=first,
+                                records=records) == expected
+        assert len(records) == len(prompts)
+        for prompt, g, s, (pre, attn) in zip(prompts, generated, stopped, records):
+            run = torch.cat([prompt, torch.tensor(g if s else g[:-1], dtype=prompt.dtype)])
+            with torch.no_grad():
+                _, cache = model.run_with_cache(run[None])
+            want_pre = torch.stack([cache[f"blocks.{layer}.hook_resid_pre"][0] for layer in range(n_layers)]
+                                   + [cache[f"blocks.{n_layers - 1}.hook_resid_post"][0]])[:, first:]
+            want_attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] for layer in range(n_layers)])[:, first:]
+            assert_close(pre, want_pre, 1e-10, f"recorded resid (from {first})")
+            assert_close(attn, want_attn, 1e-10, f"recorded attn_out (from {first})")
+    with pytest.raises(ValueError, match="record_from"):
+        E._greedy_cached(model, prompts, keep, stops, unembed, records=[])
 
 
 @pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
@@ -660,6 +680,49 @@ def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, sli
 
 
 @pytest.mark.real_model
+def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice_task, monkeypatch):
+    """``query_answers_with_rows`` (the rows read from the decoding's own runs) gives the queries
+    of ``query_answers`` and the rows of ``query_full_rows`` (streamed), to float64 rounding, on the
+    default model; a query whose run is not its prompt (another tokenization of its answer) is
+    streamed; the runs' records are what is read; a config that fits nothing keeps no rows."""
+    from tl_thoughts.thoughts import full_prompt_rows
+
+    model = smollm2_f64
+    config = E.EvalConfig(n_fit=8, n_queries=10, batch_size=4)
+    queries, rows = E.query_answers_with_rows(model, slice_task, config)
+    assert queries == E.query_answers(model, slice_task, 10, batch_size=4)
+    streamed = E.query_full_rows(model, slice_task, queries, config)
+    assert rows.index == streamed.index and torch.equal(rows.positions, streamed.positions)
+    assert (rows.pool, rows.query_weight) == (streamed.pool, streamed.query_weight)
+    assert_close(rows.pre, streamed.pre, 1e-10, "resid_pre rows")
+    assert_close(rows.attn, streamed.attn, 1e-10, "attn_out rows")
+    # tampered runs: the first query's run spells its answer otherwise (its record zeroed), the
+    # second's record doubled
+    answer_queries = E._answer_queries
+
+    def tampered(*args, **kwargs):
+        out, runs = answer_queries(*args, **kwargs)
+        (ex0, run0, (pre0, attn0), f0), (ex1, run1, (pre1, attn1), f1) = runs[:2]
+        other = run0.clone()
+        other[ex0.enc.answer_start] += 1
+        runs[0] = (ex0, other, (0 * pre0, 0 * attn0), f0)
+        runs[1] = (ex1, run1, (2 * pre1, 2 * attn1), f1)
+        return out, runs
+
+    monkeypatch.setattr(E, "_answer_queries", tampered)
+    _, read = E.query_answers_with_rows(model, slice_task, config)
+    first, second = (read.rows_of(E._encode(model, slice_task, q, a).enc.full) for q, a in queries[:2])
+    alone = full_prompt_rows(model, slice_task.chunk, [(queries[0][0], slice_task.continuation(queries[0][1]))],
+                             template=slice_task.template, pool=config.pool, query_weight=config.query_weight)
+    assert_close(read.pre[:, first], alone.pre, 1e-10, "the streamed query's rows")
+    assert_close(read.pre[:, second], 2 * streamed.pre[:, second], 1e-9, "the doubled record's rows")
+    assert_close(read.pre[:, len(first) + len(second):], streamed.pre[:, len(first) + len(second):], 1e-10, "others")
+    monkeypatch.undo()
+    vector_free = E.EvalConfig(n_fit=8, n_queries=3, methods=("with_chunk", "without_chunk", "task_vector"))
+    assert E.query_answers_with_rows(model, slice_task, vector_free) == (queries[:3], None)
+
+
+@pytest.mark.real_model
 def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_task):
     """The mean differences of the steering baselines average over the fit examples AND the
     answered queries: the all-layer steering verdicts equal hooks built from those rows by hand
@@ -695,7 +758,7 @@ def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_layer_search_equals_whole_hooked_runs(text_models, arch):
+def test_layer_search_equals_whole_hooked_runs(text_models, arch, monkeypatch):
     """``_best_layers`` (the candidates staggered, each running only from its edit's first position,
     the earlier ones' keys and values read from the unedited run's key-value cache) gives every
     layer's accuracy and mean log-probability that ``greedy_match`` gives under the same edit as
@@ -718,7 +781,8 @@ def test_layer_search_equals_whole_hooked_runs(text_models, arch):
     vectors = 3 * torch.randn(n_layers, d, generator=g, dtype=torch.float64)
     start = E._region_start(examples)
     edits = {"steering": E._steering_edit(deltas, start), "task_vector": E._task_vector_edit(vectors)}
-    assert 0 < start < min(edits["task_vector"].first(examples[i : i + 2]) for i in (0, 2))  # both read a cache
+    groups = [[examples[i] for i in g] for g in E._search_groups(examples, edits, 2)]
+    assert len(groups) == 2 and 0 < start < min(edits["task_vector"].first(g) for g in groups)  # both read a cache
     best = E._best_layers(model, examples, edits, stops, 4)  # batches of 2
     hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
              "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
@@ -734,6 +798,52 @@ def test_layer_search_equals_whole_hooked_runs(text_models, arch):
     liar = E.ResidEdit(edits["steering"].apply, lambda batch: start + 1)  # it changes position start
     with pytest.raises(RuntimeError, match="changes positions before its first one"):
         E._best_layers(model, examples, {"liar": liar}, stops, 4)
+    # other groups (every example alone; all four together): the same values, to float64 rounding
+    for most in (2, 8):
+        for cost in (0, 10**6):
+            monkeypatch.setattr(E, "_GROUP_COST", cost)
+            assert len(E._search_groups(examples, edits, most // 2)) == (4 if cost == 0 or most == 2 else 1)
+            other = E._best_layers(model, examples, edits, stops, most)
+            for name in best:
+                assert other[name][0] == best[name][0] and other[name][1] == best[name][1]
+                assert max(abs(a - b) for a, b in zip(other[name][2], best[name][2])) < 1e-10
+
+
+def test_layer_search_groups_are_the_cheapest_cuts():
+    """``_search_groups`` sorts the examples by the positions the verdicts read and cuts them where
+    the positions run (padding included) plus a fixed cost a group are fewest: the cheapest of
+    every contiguous cut (brute force), with groups of at most ``most``, each example once."""
+    import itertools
+
+    from tl_thoughts.templates import EncodedExample
+
+    def example(n):  # n tokens without the chunk (3 tokens), the last 3 the continuation
+        full = torch.zeros(n + 3, dtype=torch.long)
+        return E._Example(EncodedExample(full, full[:n], 1, 4, n), 3)
+
+    examples = [example(n) for n in (9, 5, 6, 5, 12, 5, 7)]
+    edits = {"from 1": E.ResidEdit(lambda *a: None, lambda batch: 1),
+             "last prompt": E.ResidEdit(lambda *a: None, lambda batch: min(e.last_prompt_reduced for e in batch))}
+
+    def cost(indices):
+        batch = [examples[i] for i in indices]
+        end = max(E._read_end(e, e.enc.reduced) for e in batch)
+        first_read = min(e.last_prompt_reduced for e in batch)
+        return E._GROUP_COST + sum(len(batch) * (end - min(edit.first(batch), first_read)) for edit in edits.values())
+
+    order = sorted(range(len(examples)), key=lambda i: examples[i].enc.reduced.shape[0])
+    for most in (1, 3, 7):
+        groups = E._search_groups(examples, edits, most)
+        assert sorted(i for g in groups for i in g) == list(range(len(examples))) and max(map(len, groups)) <= most
+        assert [i for g in groups for i in g] == order  # sorted, cut into runs
+        best = min(
+            sum(cost(order[a:b]) for a, b in zip((0,) + cuts, cuts + (len(order),)))
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+            if all(b - a <= most for a, b in zip((0,) + cuts, cuts + (len(order),)))
+        )
+        assert sum(cost(g) for g in groups) == best
+    assert len(E._search_groups(examples, edits, 7)) not in (1, 7)  # neither extreme here
 
 
 @pytest.mark.real_model

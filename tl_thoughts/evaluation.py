@@ -19,8 +19,9 @@ Protocol (:func:`evaluate_task`), per seed:
    same fit rows: the fit examples plus the first ``EvalConfig.n_queries`` of the task's
    unlabelled queries that the model answers WITH the chunk, with those answers
    (:func:`query_answers`; the same queries for every seed, none of them an example, their
-   prompts with the chunk streamed once a task for every seed's fit, :func:`query_full_rows`; the
-   refined patch's gradient steps use the labelled fit examples only):
+   prompts with the chunk run once a task for every seed's fit: their rows are read from the
+   decoding's own runs, :func:`query_answers_with_rows`, the rows :func:`query_full_rows`
+   streams; the refined patch's gradient steps use the labelled fit examples only):
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
@@ -79,13 +80,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import ChunkError, InputError
+from tl_thoughts.errors import ChunkError, InputError, UnsupportedArchitectureError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example, shared_prefix_length
 from tl_thoughts.refine import check_options as check_refine_options
 from tl_thoughts.refine import refine_thought
-from tl_thoughts.thoughts import FullRows, fit_thoughts, full_prompt_rows
+from tl_thoughts.thoughts import FullRows, _assemble_full_rows, _fitted_rows, fit_thoughts, full_prompt_rows
 
 DEFAULT_METHODS = (  # the suite's methods
     "with_chunk",
@@ -466,6 +467,8 @@ def _greedy_cached(
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
     batch_size: int | None = None,
+    record_from: int | None = None,
+    records: list | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """:func:`_greedy_loop` without hooks, with TransformerLens' key-value cache
     (``TransformerLensKeyValueCache``): the first tokens every prompt shares run once (a task's
@@ -475,7 +478,13 @@ def _greedy_cached(
     sequence leaves the batch and its rows of the cache. The same decoding up to floating-point
     rounding (the cached step multiplies other shapes): a near tie between two tokens may break
     the other way (``tests/test_evaluation.py``
-    ``test_cached_greedy_decoding_equals_the_uncached_loop``)."""
+    ``test_cached_greedy_decoding_equals_the_uncached_loop``).
+
+    ``records`` (a list, with ``record_from``): appended, for each prompt, the residual stream it ran
+    through, from position ``record_from`` to the last one run (the prompt, then every generated
+    token but the last: the stop token, or the one ``keep`` refused): ``(resid_pre of every block
+    then the residual after the last one [n_layers + 1, pos, d_model], every block's hook_attn_out
+    [n_layers, pos, d_model])``, as the run computes them."""
     device = _tl.model_device(model)
     generated: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
@@ -487,26 +496,65 @@ def _greedy_cached(
         k = 1 if batch_size is None else -(-len(same) // batch_size)  # parts of at most batch_size, as even as can be
         groups += [same[round(j * len(same) / k) : round((j + 1) * len(same) / k)] for j in range(k)]
     shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
-    prefix = _tl.prefix_cache(model, prompts[0][None, :shared]) if shared else None
-    for group in groups:
-        if prefix is None:
-            cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
-        else:
-            cache = _tl.broadcast_cache(prefix, len(group), frozen=False)
-        x = torch.stack([prompts[i][shared:] for i in group]).to(device)
-        while group:
-            mask = torch.ones(x.shape, dtype=torch.long, device=device)
-            final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
-            nxt = _row_logits(model, final[:, -1], unembed_weight).argmax(-1)
-            going = [r for r, i in enumerate(group) if _advance(i, int(nxt[r]), generated, stopped, stops, keep)]
-            if going and len(going) < len(group):  # the finished sequences leave the batch and the cache
-                rows = torch.tensor(going, device=device)
-                for entry in cache.entries:
-                    entry.past_keys, entry.past_values = entry.past_keys[rows], entry.past_values[rows]
-                cache.previous_attention_mask = cache.previous_attention_mask[rows]
-                nxt = nxt[rows]
-            group = [group[r] for r in going]
-            x = nxt[:, None]
+    n_layers = model.cfg.n_layers
+    pre_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [_tl.resid_post_name(n_layers - 1)]
+    attn_names = [_tl.attn_out_name(layer) for layer in range(n_layers)]
+    store: dict[str, Tensor] = {}
+
+    def save(act, hook):
+        store[hook.name] = act
+
+    recording = records is not None
+    if recording and record_from is None:
+        raise ValueError("records need record_from")
+    hooks = [(name, save) for name in pre_names + attn_names] if recording else []
+    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in prompts]
+
+    def record(rows: list[int], first: int) -> None:
+        """The rows just run (positions ``first`` on) of the sequences ``rows``."""
+        pre, attn = torch.stack([store[n] for n in pre_names]), torch.stack([store[n] for n in attn_names])
+        lo = max(0, record_from - first)
+        if lo < pre.shape[2]:
+            for r, i in enumerate(rows):
+                parts[i].append((pre[:, r, lo:], attn[:, r, lo:]))
+
+    prefix = None
+    if shared:
+        with _tl.hooked(model, hooks if recording and record_from < shared else []):
+            prefix = _tl.prefix_cache(model, prompts[0][None, :shared])
+        if recording and record_from < shared:  # the shared positions, the same rows in every sequence
+            record([0], 0)
+            parts = [list(parts[0]) for _ in prompts]
+    with _tl.hooked(model, hooks):
+        for group in groups:
+            if prefix is None:
+                cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
+            else:
+                cache = _tl.broadcast_cache(prefix, len(group), frozen=False)
+            x = torch.stack([prompts[i][shared:] for i in group]).to(device)
+            first = shared
+            while group:
+                mask = torch.ones(x.shape, dtype=torch.long, device=device)
+                final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
+                if recording:
+                    record(group, first)
+                first += x.shape[1]
+                nxt = _row_logits(model, final[:, -1], unembed_weight).argmax(-1)
+                going = [r for r, i in enumerate(group) if _advance(i, int(nxt[r]), generated, stopped, stops, keep)]
+                if going and len(going) < len(group):  # the finished sequences leave the batch and the cache
+                    rows = torch.tensor(going, device=device)
+                    for entry in cache.entries:
+                        entry.past_keys, entry.past_values = entry.past_keys[rows], entry.past_values[rows]
+                    cache.previous_attention_mask = cache.previous_attention_mask[rows]
+                    nxt = nxt[rows]
+                group = [group[r] for r in going]
+                x = nxt[:, None]
+    if recording:
+        d, dtype = model.cfg.d_model, model.cfg.dtype
+        for seq in parts:  # no position from record_from on: no rows
+            seq = seq or [(torch.zeros(n_layers + 1, 0, d, dtype=dtype, device=device),
+                           torch.zeros(n_layers, 0, d, dtype=dtype, device=device))]
+            records.append((torch.cat([p for p, _ in seq], dim=1), torch.cat([a for _, a in seq], dim=1)))
     return generated, stopped
 
 
@@ -534,37 +582,54 @@ def query_answers(
         >>> query_answers(model, task, 2)  # doctest: +SKIP
         [('swim', 'swam'), ('dance', 'danced')]
     """
+    return _answer_queries(model, task, n, batch_size, max_new_tokens, keep_runs=False)[0]
+
+
+def _answer_queries(
+    model: HookedTransformer, task: Task, n: int, batch_size: int, max_new_tokens: int, keep_runs: bool
+) -> tuple[list[tuple[str, str]], list[tuple[_Example, Tensor, tuple[Tensor, Tensor], int]]]:
+    """:func:`query_answers`, and with ``keep_runs`` each answered query's run: ``(its example
+    (:func:`_encode`), the tokens run (the prompt then the generated tokens but the last), their
+    residual stream from the first position after the chunk on (``_greedy_cached``'s records),
+    that position)``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     if n == 0:
-        return []
+        return [], []
     stops = stop_tokens(model)
     unembed_weight = model.W_U.T.contiguous()
     prefix = task.answer_prefix
     examples = set(task.examples)
     out: list[tuple[str, str]] = []
+    runs = []
     start = 0
     with _tl.linear_layout(model):
         while len(out) < n and start < len(task.queries):
             # the queries still wanted (at least a batch's), grouped by length in batches of batch_size
             batch = task.queries[start : start + max(batch_size, n - len(out))]
             start += len(batch)
-            prompts = [encode_example(model, task.template, task.chunk, q).full.cpu() for q in batch]
+            encoded = [encode_example(model, task.template, task.chunk, q) for q in batch]
+            prompts = [e.full.cpu() for e in encoded]
+            records = [] if keep_runs else None
+            first = min(e.stop for e in encoded)
             generated, stopped = _greedy_cached(model, prompts, lambda i, g: len(g) <= max_new_tokens, stops,
-                                                unembed_weight, batch_size)
-            for query, tokens, ended in zip(batch, generated, stopped):
+                                                unembed_weight, batch_size, record_from=first, records=records)
+            for k, (query, tokens, ended) in enumerate(zip(batch, generated, stopped)):
                 text = model.tokenizer.decode(tokens)
                 answer = text[len(prefix):]
                 if not ended or not text.startswith(prefix) or "\ufffd" in answer or answer != answer.strip() \
                         or not answer or (answer, query) in examples:
                     continue
                 try:
-                    _encode(model, task, query, answer)
+                    example = _encode(model, task, query, answer)
                 except ChunkError:
                     continue
                 out.append((query, answer))
+                if keep_runs:
+                    run = torch.cat([prompts[k], torch.tensor(tokens, dtype=prompts[k].dtype)])
+                    runs.append((example, run, records[k], first))
                 if len(out) == n:
                     break
     if len(out) < n:
@@ -572,7 +637,7 @@ def query_answers(
             f"task {task.name!r}: {len(out)} of its {len(task.queries)} unlabelled queries are answered by "
             f"the model with the chunk, {n} wanted (add queries to the task file or lower n_queries)"
         )
-    return out
+    return out, runs
 
 
 def _run_to_end(
@@ -915,6 +980,59 @@ def query_full_rows(
                                 batch_size=config.batch_size)
 
 
+def query_answers_with_rows(
+    model: HookedTransformer, task: Task, config: EvalConfig, *, max_new_tokens: int = 16
+) -> tuple[list[tuple[str, str]], FullRows | None]:
+    """:func:`query_answers` of ``config.n_queries`` queries and their :func:`query_full_rows`, the
+    rows read from the decoding's own runs: greedy decoding runs each answered query's prompt
+    with the chunk, then its answer's tokens, through every block, which is the prompt a fit reads
+    up to its last fitted row. The same queries as :func:`query_answers`, and the rows of
+    :func:`query_full_rows` up to floating-point rounding (the decoding runs other shapes;
+    ``tests/test_evaluation.py::test_query_rows_from_the_decoding_equal_the_streamed_ones``).
+    A query whose answer the decoding spelt with other tokens than its continuation's tokenization
+    (then the prompt differs from the run) is streamed as :func:`query_full_rows` streams it.
+
+    Raises:
+        InputError: Fewer than ``config.n_queries`` usable queries.
+        UnsupportedArchitectureError: rows wanted on a model with norms after its sublayers (as
+            :func:`tl_thoughts.thoughts.full_prompt_rows`).
+
+    Example:
+        >>> queries, rows = query_answers_with_rows(model, task, config)  # doctest: +SKIP
+        >>> seed = evaluate_seed(model, task, config, 0, queries=queries, query_rows=rows)  # doctest: +SKIP
+    """
+    want_rows = config.n_queries > 0 and bool(_fit_kinds(config.methods))
+    if want_rows and _tl.model_spec(model).post_norm:
+        raise UnsupportedArchitectureError(
+            "the queries' rows are read as fit_thought reads them, which does not support blocks with norms "
+            "after their sublayers (Gemma 2/3 use_normalization_before_and_after, OLMo 2)"
+        )
+    queries, runs = _answer_queries(model, task, config.n_queries, config.batch_size, max_new_tokens,
+                                    keep_runs=want_rows)
+    if not want_rows:
+        return queries, None
+    parts: list[tuple[Tensor, Tensor] | None] = []
+    for example, run, (pre, attn), first in runs:
+        positions, _, _ = _fitted_rows(example.enc, config.pool, config.query_weight)
+        end = int(positions.max()) + 1 if len(positions) else 0  # the rows read depend on the tokens before them
+        same = run.shape[0] >= end and torch.equal(example.enc.full[:end].cpu(), run[:end])
+        if same and (not len(positions) or int(positions.min()) >= first):
+            parts.append((pre[:, positions - first], attn[:, positions - first]))
+        else:
+            parts.append(None)
+    missing = [i for i, part in enumerate(parts) if part is None]
+    if missing:  # another tokenization of the answer than the run's: streamed
+        with _tl.linear_layout(model):
+            streamed = full_prompt_rows(model, task.chunk, [(q, task.continuation(a)) for q, a in
+                                                            (queries[i] for i in missing)],
+                                        template=task.template, pool=config.pool, query_weight=config.query_weight,
+                                        batch_size=config.batch_size)
+        for i in missing:
+            idx = streamed.rows_of(runs[i][0].enc.full)
+            parts[i] = (streamed.pre[:, idx], streamed.attn[:, idx])
+    return queries, _assemble_full_rows(config.pool, config.query_weight, [r[0].enc for r in runs], parts)
+
+
 def _region_start(examples: list[_Example]) -> int:
     """First position after the chunk's place in the reduced prompts (the same for every example
     of a task: the template puts the chunk at a fixed place)."""
@@ -1021,10 +1139,10 @@ def _best_layers(
     device = _tl.model_device(model)
     unembed_weight = model.W_U.T.contiguous()
     names = [_tl.resid_post_name(layer) for layer in range(n_layers)]
-    scores = {(e, layer): ([], []) for e in edits for layer in range(n_layers)}
+    scores = {(e, layer): ({}, {}) for e in edits for layer in range(n_layers)}  # by example: right, logprob
     group = max(1, batch_size // 2)  # the stack holds up to len(edits) * n_layers * group sequences
-    for b in range(0, len(fit_set), group):
-        batch = fit_set[b : b + group]
+    for indices in _search_groups(fit_set, edits, group):
+        batch = [fit_set[i] for i in indices]
         seqs = [e.enc.reduced for e in batch]
         store: dict[str, Tensor] = {}
 
@@ -1060,15 +1178,48 @@ def _best_layers(
                 if p:  # the rows before p, never read: the verdicts' positions line up
                     final = torch.cat([final.new_zeros(len(batch), p, final.shape[-1]), final], dim=1)
                 r, lp, _ = _verdicts(model, batch, seqs, final, stops, unembed_weight)  # token level: a ranking
-                scores[key][0].extend(r)
-                scores[key][1].extend(lp)
+                for i, right, logprob in zip(indices, r, lp):
+                    scores[key][0][i], scores[key][1][i] = right, logprob
     best = {}
     for name in edits:
-        accuracy = [float(np.mean(scores[name, layer][0])) for layer in range(n_layers)]
-        logprob = [float(np.mean(scores[name, layer][1])) for layer in range(n_layers)]
+        # means in the examples' order, whatever the groups
+        accuracy = [float(np.mean([scores[name, layer][0][i] for i in range(len(fit_set))])) for layer in range(n_layers)]
+        logprob = [float(np.mean([scores[name, layer][1][i] for i in range(len(fit_set))])) for layer in range(n_layers)]
         layer = max(range(n_layers), key=lambda layer: (accuracy[layer], logprob[layer], -layer))
         best[name] = (layer, accuracy, logprob)
     return best
+
+
+_GROUP_COST = 48  # a group's fixed cost in _search_groups, in positions run (its calls, its copies of the cache)
+
+
+def _search_groups(examples: list[_Example], edits: dict[str, ResidEdit], most: int) -> list[list[int]]:
+    """The examples of :func:`_best_layers` (their indices) in groups of at most ``most``, of similar lengths: sorted
+    by the positions the verdicts read, cut where the positions each edit's candidates run (padding
+    included: every sequence runs to its group's longest) plus :data:`_GROUP_COST` a group are
+    fewest (dynamic programming over the cuts)."""
+    order = sorted(range(len(examples)), key=lambda i: (_read_end(examples[i], examples[i].enc.reduced),
+                                                       examples[i].last_prompt_reduced))
+
+    def cost(indices: list[int]) -> int:
+        batch = [examples[i] for i in indices]
+        end = max(_read_end(e, e.enc.reduced) for e in batch)
+        first_read = min(e.last_prompt_reduced for e in batch)
+        return _GROUP_COST + sum(len(batch) * (end - max(0, min(edit.first(batch), first_read)))
+                                 for edit in edits.values())
+
+    best = [0] + [None] * len(order)  # best[j]: the cheapest cut of the first j examples
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(max(0, j - most), j):
+            c = best[i] + cost(order[i:j])
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _run_block_after(
@@ -1180,7 +1331,8 @@ def evaluate_seed(
     ``query_sums``: likewise :func:`query_difference_sums` of those queries (the steering
     baselines' part that is the same in every seed; ignored where ``config`` runs no baseline);
     ``query_rows``: likewise :func:`query_full_rows` (the prompts with the chunk of those queries,
-    which the fits read instead of streaming them again).
+    which the fits read instead of streaming them again; with neither ``queries`` nor
+    ``query_rows`` given, both come from :func:`query_answers_with_rows`).
     The model is left as it was (its gated MLP weights are stored transposed in memory during the
     runs, :func:`tl_thoughts._tl.linear_layout`).
 
@@ -1195,7 +1347,9 @@ def evaluate_seed(
         verdicts = example_verdicts(model, task, batch_size=config.batch_size)
     if any(tuple(v.shape) != (len(task.examples),) for v in verdicts):
         raise InputError(f"verdicts must hold one value per example of {task.name!r} ({len(task.examples)})")
-    if queries is None:
+    if queries is None and query_rows is None:
+        queries, query_rows = query_answers_with_rows(model, task, config)
+    elif queries is None:
         queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
     if query_rows is None:
         query_rows = query_full_rows(model, task, queries, config)
@@ -1335,8 +1489,7 @@ def evaluate_task(
     _tl.check_no_hooks(model)
     # once for every seed
     verdicts = example_verdicts(model, task, batch_size=config.batch_size)
-    queries = query_answers(model, task, config.n_queries, batch_size=config.batch_size)
-    query_rows = query_full_rows(model, task, queries, config)
+    queries, query_rows = query_answers_with_rows(model, task, config)
     query_sums = query_difference_sums(model, task, queries, config, query_rows)
     seeds = [
         evaluate_seed(model, task, config, seed, verdicts, queries, query_sums, query_rows)
@@ -1360,13 +1513,12 @@ def _worker_init(dtype: torch.dtype, threads: int) -> None:
 def _worker_verdicts(
     task: Task, config: EvalConfig
 ) -> tuple[tuple[list[bool], list[bool]], list[tuple[str, str]], DifferenceSums | None, FullRows | None]:
-    """A task's :func:`example_verdicts` (plain lists between processes), :func:`query_answers`,
-    :func:`query_difference_sums` and :func:`query_full_rows`."""
+    """A task's :func:`example_verdicts` (plain lists between processes),
+    :func:`query_answers_with_rows` and :func:`query_difference_sums`."""
     assert _WORKER_MODEL is not None, "the worker was not initialised"
     _tl.check_no_hooks(_WORKER_MODEL)
     with_right, without_right = example_verdicts(_WORKER_MODEL, task, batch_size=config.batch_size)
-    queries = query_answers(_WORKER_MODEL, task, config.n_queries, batch_size=config.batch_size)
-    query_rows = query_full_rows(_WORKER_MODEL, task, queries, config)
+    queries, query_rows = query_answers_with_rows(_WORKER_MODEL, task, config)
     query_sums = query_difference_sums(_WORKER_MODEL, task, queries, config, query_rows)
     return (with_right.tolist(), without_right.tolist()), queries, query_sums, query_rows
 
@@ -1391,8 +1543,8 @@ def evaluate_in_processes(
 ) -> list[TaskResult]:
     """:func:`evaluate_task` for every task on the DEFAULT model, in ``jobs`` worker processes of
     ``threads`` torch threads each (each loads its own copy of the model; the workers take one
-    unit at a time: a task's :func:`example_verdicts`, :func:`query_answers`,
-    :func:`query_difference_sums` and :func:`query_full_rows`, then each of its seeds; the biggest
+    unit at a time: a task's :func:`example_verdicts`, :func:`query_answers_with_rows` and
+    :func:`query_difference_sums`, then each of its seeds; the biggest
     tasks first). On this
     project's 2-core machine this is as fast as one process with both threads
     (``benchmarks/bench_jobs.py``).

@@ -349,26 +349,39 @@ def full_prompt_rows(
             b.full = _finish_block(model, spec, layer, b.full, attn_full, {})
     for j, b in enumerate(batches):
         pre[j].append(b.full[b.rows_full])
-    # back to the examples' order: each example's rows in a row
-    index, first, parts = {}, 0, []
+    parts: list[tuple[Tensor, Tensor] | None] = [None] * len(encoded)  # per example: its rows (resid_pre, attn_out)
+    pre_b, attn_b = [torch.stack(p) for p in pre], [torch.stack(a) for a in attn]  # [layer(+1), rows of batch j, d]
     for j, g in enumerate(groups):
-        starts = [0]
+        lo = 0
         for i in g:
-            starts.append(starts[-1] + len(rows[i][0]))
-        for k, i in enumerate(g):
-            parts.append((i, j, starts[k], starts[k + 1]))
-    parts.sort()
-    for i, _, lo, hi in parts:
-        key = tuple(encoded[i].full.tolist())
+            hi = lo + len(rows[i][0])
+            parts[i] = (pre_b[j][:, lo:hi], attn_b[j][:, lo:hi])
+            lo = hi
+    return _assemble_full_rows(pool, query_weight, encoded, parts)
+
+
+def _assemble_full_rows(
+    pool: str, query_weight: float, encoded: Sequence[EncodedExample], parts: Sequence[tuple[Tensor, Tensor]]
+) -> FullRows:
+    """:class:`FullRows` from each example's rows, in the examples' order: ``parts[i]`` holds
+    ``encoded[i]``'s prompt with the chunk at its fitted rows for ``pool`` and ``query_weight``
+    (in :func:`fit_thought`'s order), ``resid_pre`` of every block then the residual after the
+    last one (``[n_layers + 1, rows, d_model]``) and every block's attention output
+    (``[n_layers, rows, d_model]``). Raises :class:`InputError` for an example given twice (the
+    same prompt with the chunk) or rows that are not its fitted rows' number."""
+    index, first, positions = {}, 0, []
+    for e, (pre, attn) in zip(encoded, parts, strict=True):
+        pos, _, _ = _fitted_rows(e, pool, query_weight)
+        if pre.shape[1] != len(pos) or attn.shape[1] != len(pos) or pre.shape[0] != attn.shape[0] + 1:
+            raise InputError(f"an example's rows: {tuple(pre.shape)} and {tuple(attn.shape)} for {len(pos)} fitted rows")
+        key = tuple(e.full.tolist())
         if key in index:
             raise InputError("an example is given twice (the same prompt with the chunk)")
-        index[key] = (first, hi - lo)
-        first += hi - lo
-    pre_b, attn_b = [torch.stack(p) for p in pre], [torch.stack(a) for a in attn]  # [layer(+1), rows of batch j, d]
-    return FullRows(pool=pool, query_weight=float(query_weight), index=index,
-                    positions=torch.cat([rows[i][0] for i in range(len(encoded))]),
-                    pre=torch.cat([pre_b[j][:, lo:hi] for _, j, lo, hi in parts], dim=1),
-                    attn=torch.cat([attn_b[j][:, lo:hi] for _, j, lo, hi in parts], dim=1))
+        index[key] = (first, len(pos))
+        first += len(pos)
+        positions.append(pos)
+    return FullRows(pool=pool, query_weight=float(query_weight), index=index, positions=torch.cat(positions),
+                    pre=torch.cat([p for p, _ in parts], dim=1), attn=torch.cat([a for _, a in parts], dim=1))
 
 
 @torch.no_grad()
