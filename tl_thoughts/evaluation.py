@@ -1012,8 +1012,8 @@ def query_answers_with_rows(
     if not want_rows:
         return queries, None
     parts: list[tuple[Tensor, Tensor] | None] = []
-    for example, run, (pre, attn), first in runs:
-        positions, _, _ = _fitted_rows(example.enc, config.pool, config.query_weight)
+    fitted = [_fitted_rows(example.enc, config.pool, config.query_weight)[0] for example, _, _, _ in runs]
+    for positions, (example, run, (pre, attn), first) in zip(fitted, runs):
         end = int(positions.max()) + 1 if len(positions) else 0  # the rows read depend on the tokens before them
         same = run.shape[0] >= end and torch.equal(example.enc.full[:end].cpu(), run[:end])
         if same and (not len(positions) or int(positions.min()) >= first):
@@ -1030,7 +1030,7 @@ def query_answers_with_rows(
         for i in missing:
             idx = streamed.rows_of(runs[i][0].enc.full)
             parts[i] = (streamed.pre[:, idx], streamed.attn[:, idx])
-    return queries, _assemble_full_rows(config.pool, config.query_weight, [r[0].enc for r in runs], parts)
+    return queries, _assemble_full_rows(config.pool, config.query_weight, [r[0].enc for r in runs], fitted, parts)
 
 
 def _region_start(examples: list[_Example]) -> int:

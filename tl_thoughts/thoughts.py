@@ -357,21 +357,21 @@ def full_prompt_rows(
             hi = lo + len(rows[i][0])
             parts[i] = (pre_b[j][:, lo:hi], attn_b[j][:, lo:hi])
             lo = hi
-    return _assemble_full_rows(pool, query_weight, encoded, parts)
+    return _assemble_full_rows(pool, query_weight, encoded, [pos for pos, _, _ in rows], parts)
 
 
 def _assemble_full_rows(
-    pool: str, query_weight: float, encoded: Sequence[EncodedExample], parts: Sequence[tuple[Tensor, Tensor]]
+    pool: str, query_weight: float, encoded: Sequence[EncodedExample], positions: Sequence[Tensor],
+    parts: Sequence[tuple[Tensor, Tensor]],
 ) -> FullRows:
     """:class:`FullRows` from each example's rows, in the examples' order: ``parts[i]`` holds
-    ``encoded[i]``'s prompt with the chunk at its fitted rows for ``pool`` and ``query_weight``
-    (in :func:`fit_thought`'s order), ``resid_pre`` of every block then the residual after the
-    last one (``[n_layers + 1, rows, d_model]``) and every block's attention output
-    (``[n_layers, rows, d_model]``). Raises :class:`InputError` for an example given twice (the
-    same prompt with the chunk) or rows that are not its fitted rows' number."""
-    index, first, positions = {}, 0, []
-    for e, (pre, attn) in zip(encoded, parts, strict=True):
-        pos, _, _ = _fitted_rows(e, pool, query_weight)
+    ``encoded[i]``'s prompt with the chunk at its fitted rows ``positions[i]`` for ``pool`` and
+    ``query_weight`` (:func:`_fitted_rows`, in its order), ``resid_pre`` of every block then the
+    residual after the last one (``[n_layers + 1, rows, d_model]``) and every block's attention
+    output (``[n_layers, rows, d_model]``). Raises :class:`InputError` for an example given twice
+    (the same prompt with the chunk) or rows that are not its fitted rows' number."""
+    index, first = {}, 0
+    for e, pos, (pre, attn) in zip(encoded, positions, parts, strict=True):
         if pre.shape[1] != len(pos) or attn.shape[1] != len(pos) or pre.shape[0] != attn.shape[0] + 1:
             raise InputError(f"an example's rows: {tuple(pre.shape)} and {tuple(attn.shape)} for {len(pos)} fitted rows")
         key = tuple(e.full.tolist())
@@ -379,8 +379,7 @@ def _assemble_full_rows(
             raise InputError("an example is given twice (the same prompt with the chunk)")
         index[key] = (first, len(pos))
         first += len(pos)
-        positions.append(pos)
-    return FullRows(pool=pool, query_weight=float(query_weight), index=index, positions=torch.cat(positions),
+    return FullRows(pool=pool, query_weight=float(query_weight), index=index, positions=torch.cat(list(positions)),
                     pre=torch.cat([p for p, _ in parts], dim=1), attn=torch.cat([a for _, a in parts], dim=1))
 
 
