@@ -344,3 +344,27 @@ def make_word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
     )
+
+
+FIT_CALL_ARGS = ("template", "rows", "progress")
+
+
+def fit(model, chunk, examples, **options):
+    """``tl_thoughts.fit_thought`` with the fit options as keywords (made into a ``FitConfig``;
+    ``layers`` as a tuple) and ``template``, ``rows``, ``progress`` (default False) passed on."""
+    import tl_thoughts as tt
+
+    call = {k: options.pop(k) for k in FIT_CALL_ARGS if k in options}
+    call.setdefault("progress", False)
+    if options.get("layers") is not None:
+        options["layers"] = tuple(options["layers"])
+    return tt.fit_thought(model, chunk, examples, tt.FitConfig(**options), **call)
+
+
+def fit_all(model, chunk, examples, fits, **options):
+    """``tl_thoughts.fit_thoughts`` as :func:`fit` calls ``fit_thought``."""
+    import tl_thoughts as tt
+
+    call = {k: options.pop(k) for k in FIT_CALL_ARGS if k in options}
+    call.setdefault("progress", False)
+    return tt.fit_thoughts(model, chunk, examples, tt.FitConfig(**options), fits=fits, **call)

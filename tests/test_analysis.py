@@ -6,6 +6,7 @@ model is left untouched."""
 import pytest
 import torch
 from helpers import (
+    fit,
     MLP_ARCHITECTURES,
     POST_NORM_ARCHITECTURES,
     PRE_NORM_ARCHITECTURES,
@@ -270,7 +271,7 @@ def fitted():
     model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
     template = tt.PromptTemplate("{chunk}{query}", separator="")
     examples = [(" the dog", " ran"), (" a big red hat", " sat"), (" the red cat", " ran ."), (" a dog", " sat on")]
-    patch = tt.fit_thought(model, "the cat sat on the mat and", examples, template=template, progress=False)
+    patch = fit(model, "the cat sat on the mat and", examples, template=template, progress=False)
     return model, patch, template, examples
 
 
@@ -291,11 +292,11 @@ def test_steering_comparison_matches_the_stored_vectors(fitted):
 
 def test_steering_comparison_needs_vectors_and_statistics(fitted):
     model, patch, template, examples = fitted
-    only_matrix = tt.fit_thought(model, "the cat sat on the mat and", examples, template=template,
+    only_matrix = fit(model, "the cat sat on the mat and", examples, template=template,
                                  fit="matrix", progress=False)
     with pytest.raises(tt.InputError, match="no thought vector"):
         analysis.steering_comparison(only_matrix)
-    no_stats = tt.fit_thought(model, "the cat sat on the mat and", examples, template=template,
+    no_stats = fit(model, "the cat sat on the mat and", examples, template=template,
                               fit="vector", compare_steering=False, progress=False)
     with pytest.raises(tt.InputError, match="compare_steering"):
         analysis.steering_comparison(no_stats)

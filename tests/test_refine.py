@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 import tl_thoughts as tt
-from helpers import assert_close, assert_model_untouched, hooks_attached, param_snapshot
+from helpers import assert_close, assert_model_untouched, hooks_attached, param_snapshot, fit
 from tl_thoughts.templates import encode_example
 
 TEMPLATE = tt.PromptTemplate("{chunk}{query}", separator="")
@@ -45,7 +45,7 @@ def test_one_step_is_adam_on_the_cross_entropy_gradient(text_models, arch):
     loss before and after, which agree with that independent loss."""
     model = text_models(arch)
     snap = param_snapshot(model)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in patch.deltas.items()}
     loss = _cross_entropy(model, leaves, TEMPLATE)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
@@ -78,7 +78,7 @@ def test_one_step_with_an_unpatched_prefix_follows_the_activation_form(text_mode
     first step on the gradient of the cross-entropy computed through the patch's own hooks (the
     activation form, position by position), and the loss it records is that loss (float64)."""
     model = text_models(arch)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=False, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=False, **OPTIONS)
     assert patch.unpatched_positions == 1
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in patch.deltas.items()}
     live = tt.ThoughtPatch(deltas=leaves, steering={}, meta=patch.meta)
@@ -108,7 +108,7 @@ def test_refining_an_unpatched_prefix_patch(text_models, arch):
     saves and loads; 0 steps returns the same deltas; the model is untouched."""
     model = text_models(arch)
     snap = param_snapshot(model)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=False, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=False, **OPTIONS)
     refined = tt.refine_thought(model, patch, EXAMPLES, steps=3, lr=1e-3, progress=False)
     one_by_one = tt.refine_thought(model, patch, EXAMPLES, steps=3, lr=1e-3, batch_size=1, progress=False)
     for name in patch.deltas:
@@ -135,7 +135,7 @@ def test_refining_an_unpatched_prefix_patch(text_models, arch):
 
 def test_refine_saves_and_loads(text_models, tmp_path):
     model = text_models("ln_gelu_learned")
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
     refined = tt.refine_thought(model, patch, EXAMPLES, steps=2, lr=1e-3, progress=False)
     loaded = tt.ThoughtPatch.load(refined.save(tmp_path / "refined.safetensors"), model)
     assert loaded.meta["refined"] == refined.meta["refined"]
@@ -145,7 +145,7 @@ def test_refine_saves_and_loads(text_models, tmp_path):
 def test_refine_refuses_bad_input_and_cleans_up_on_errors(text_models):
     model = text_models("ln_gelu_learned")
     snap = param_snapshot(model)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
     for bad in (-1, True):
         with pytest.raises(ValueError, match="steps"):
             tt.refine_thought(model, patch, EXAMPLES, steps=bad, progress=False)
@@ -179,7 +179,7 @@ def test_refine_cleans_up_after_an_error_inside_a_step(text_models, monkeypatch)
     parameters are back afterwards, bit for bit."""
     model = text_models("rms_gated_silu_rotary_gqa")
     snap = param_snapshot(model)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, **OPTIONS)
     name = next(n for n in patch.deltas if n.endswith("mlp.W_in"))
     original = model.get_parameter(name).detach().clone()
     calls, forward = [], model.blocks[1].forward

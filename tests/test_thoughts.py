@@ -9,6 +9,8 @@ import torch
 
 import tl_thoughts as tt
 from helpers import (
+    fit,
+    fit_all,
     POST_NORM_ARCHITECTURES,
     PRE_NORM_MLP_ARCHITECTURES,
     assert_close,
@@ -63,16 +65,16 @@ def test_ridge_solve_matches_lstsq_and_closed_form(n_rows):
 @pytest.mark.parametrize("ridge", [0.0, 0.3])
 @pytest.mark.parametrize("gram_block", [384, 5])
 def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge, gram_block, monkeypatch):
-    """``_Regression`` (the fit's matrices): rows streamed in parts with weights and a shift of the
+    """``RidgeRegression`` (the fit's matrices): rows streamed in parts with weights and a shift of the
     targets, solved from the sufficient statistics (rows >= inputs' dimension, 16) or in the row
     space (fewer rows): the closed-form weighted ridge solution either way, and the minimum-norm
     weighted least squares at ridge 0. The statistics' ``A^T W A`` is accumulated on and above its
-    block diagonal only (``_add_upper_gram``): one block at 16 inputs, or three (of 5, 6 and 5
+    block diagonal only (``add_upper_gram``): one block at 16 inputs, or three (of 5, 6 and 5
     columns) with ``gram_block`` 5."""
-    from tl_thoughts import thoughts
-    from tl_thoughts.thoughts import _Regression
+    from tl_thoughts import _math
+    from tl_thoughts._math import RidgeRegression
 
-    monkeypatch.setattr(thoughts, "_GRAM_BLOCK", gram_block)
+    monkeypatch.setattr(_math, "GRAM_BLOCK", gram_block)
 
     gen = torch.Generator().manual_seed(n_rows)
     A = torch.randn(n_rows, 16, generator=gen, dtype=torch.float64)
@@ -80,11 +82,11 @@ def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge, gr
     w = torch.rand(n_rows, generator=gen, dtype=torch.float64) + 0.05
     shift = torch.randn(24, generator=gen, dtype=torch.float64)
     n = float(w.sum())
-    fit = _Regression(16, n_rows)
-    assert fit.dual == (n_rows < 16)
+    reg = RidgeRegression(16, n_rows)
+    assert reg.dual == (n_rows < 16)
     for part in torch.arange(n_rows).split(4):
-        fit.add(A[part], U[part], w[part])
-    got = fit.solve(ridge, n, shift=shift)
+        reg.add(A[part], U[part], w[part])
+    got = reg.solve(ridge, n, shift=shift)
     G, F = A * w.sqrt()[:, None], (U - shift) * w.sqrt()[:, None]  # weighted rows
     if ridge == 0:
         expected = torch.linalg.lstsq(G, F, driver="gelsd").solution  # minimum norm
@@ -93,7 +95,7 @@ def test_streamed_regression_solves_the_weighted_ridge_problem(n_rows, ridge, gr
         expected = torch.linalg.solve(G.T @ G + lam * torch.eye(16, dtype=A.dtype), G.T @ F)
     assert_close(got, expected, EXACT, f"rows {n_rows}, ridge {ridge}")
     with pytest.raises(ValueError, match="ridge"):
-        fit.solve(-1.0, n)
+        reg.solve(-1.0, n)
 
 
 @pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "lnpre_relu_learned_parallel"])
@@ -101,7 +103,7 @@ def test_fitted_matrix_and_vector_equal_independent_least_squares(text_models, a
     """Layer 0 and layer 1 (under the layer-0 patch: the papers' Algorithm 1), against lstsq on
     activations read from plain model runs."""
     model = text_models(arch)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=0.0, progress=False, layers=[0, 1])
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=0.0, progress=False, layers=[0, 1])
     assert patch.layers == [0, 1]
     encoded = [encode_example(model, TEMPLATE, CHUNK, ex) for ex in EXAMPLES]
     below = tt.ThoughtPatch(
@@ -161,7 +163,7 @@ def test_attention_matrix_and_query_weights_equal_independent_least_squares(text
     weigh ``query_weight``. References from plain model runs; weight and activation forms agree."""
     model = text_models(arch)
     qw, ridge = 0.3, 0.05
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
                            vector_site="attn_out", vector_target="attention", attention_matrix=True,
                            query_weight=qw, layers=[0, 1], progress=False)
     assert {n.split(".", 2)[2] for n in patch.deltas} >= {"attn.b_O", "attn.W_O", "mlp.W_in"}
@@ -264,7 +266,7 @@ def test_output_matrix_equals_independent_least_squares(text_models, arch):
     (references from plain model runs); the weight and activation forms agree."""
     model = text_models(arch)
     qw, ridge = 0.3, 0.05
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer",
                            vector_site="attn_out", vector_target="attention", attention_matrix=True,
                            output_matrix=True, query_weight=qw, layers=[0, 1], progress=False)
     assert {k for k in patch.deltas if k.endswith(".W_out")} == {"blocks.0.mlp.W_out", "blocks.1.mlp.W_out"}
@@ -296,8 +298,8 @@ def test_unpatched_prefix_in_the_fit_and_when_applied(text_models, arch):
     options = dict(template=PREFIXED, ridge=ridge, pool="answer", vector_site="attn_out",
                    vector_target="attention", attention_matrix=True, output_matrix=True, query_weight=qw,
                    progress=False)
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, patch_prefix=False, **options)
-    everywhere = tt.fit_thought(model, CHUNK, EXAMPLES, **options)
+    patch = fit(model, CHUNK, EXAMPLES, patch_prefix=False, **options)
+    everywhere = fit(model, CHUNK, EXAMPLES, **options)
     assert patch.unpatched_positions == 1 and everywhere.unpatched_positions == 0
     assert torch.equal(patch.vector(0), everywhere.vector(0))  # block 0's input: the same embeddings
     assert (patch.vector(1) - everywhere.vector(1)).abs().max() > 1e-6  # the prefix differs from block 1 on
@@ -337,7 +339,7 @@ def test_unpatched_prefix_in_the_fit_and_when_applied(text_models, arch):
     with pytest.raises(tt.InputError, match="merged into the weights"):
         patch.merge_into(model)
     with pytest.raises(tt.InputError, match="pool='all'"):
-        tt.fit_thought(model, CHUNK, EXAMPLES, **{**options, "pool": "all"}, patch_prefix=False)
+        fit(model, CHUNK, EXAMPLES, **{**options, "pool": "all"}, patch_prefix=False)
     assert patch.truncated(1).unpatched_positions == 1
     assert_model_untouched(model, snapshot)
 
@@ -350,7 +352,7 @@ def test_unpatched_prefix_in_the_fit_and_when_applied(text_models, arch):
 def test_one_example_one_token_reproduces_full_run(text_models, arch, site):
     model = text_models(arch)
     snapshot = param_snapshot(model)
-    patch = tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, ridge=0.0, vector_site=site, progress=False)
+    patch = fit(model, CHUNK, [" dog"], template=TEMPLATE, ridge=0.0, vector_site=site, progress=False)
     full = model.to_tokens(CHUNK + " dog")
     reduced = model.to_tokens(" dog")
     assert reduced.shape == (1, 1)
@@ -370,7 +372,7 @@ def test_post_norm_models_are_refused_with_the_reason(text_models, arch):
     model = text_models(arch)
     snapshot = param_snapshot(model)
     with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
-        tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, progress=False)
+        fit(model, CHUNK, [" dog"], template=TEMPLATE, progress=False)
     assert_model_untouched(model, snapshot)
 
 
@@ -380,7 +382,7 @@ def test_post_norm_models_are_refused_with_the_reason(text_models, arch):
 @pytest.fixture(scope="module")
 def fitted(text_models):
     model = text_models("rms_gated_silu_rotary_gqa")
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
     return model, patch
 
 
@@ -391,19 +393,17 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
     model = text_models(arch)
     options = dict(template=TEMPLATE, pool="answer", vector_site="attn_out", vector_target="attention",
                    attention_matrix=True, query_weight=0.1, ridge=1.0, batch_size=3, progress=False)
-    together = tt.fit_thoughts(model, CHUNK, EXAMPLES, fits=("both", "vector", "matrix"), **options)
+    together = fit_all(model, CHUNK, EXAMPLES, fits=("both", "vector", "matrix"), **options)
     assert list(together) == ["both", "vector", "matrix"]
     for kind, patch in together.items():
-        alone = tt.fit_thought(model, CHUNK, EXAMPLES, fit=kind, **options)
+        alone = fit(model, CHUNK, EXAMPLES, fit=kind, **options)
         assert set(patch.deltas) == set(alone.deltas) and patch.deltas, kind
         assert all(torch.equal(patch.deltas[k], alone.deltas[k]) for k in alone.deltas), kind
         assert all(torch.equal(patch.steering[k], alone.steering[k]) for k in alone.steering), kind
-    with pytest.raises(ValueError, match="distinct"):
-        tt.fit_thoughts(model, CHUNK, EXAMPLES, fits=("both", "both"), **options)
-    with pytest.raises(TypeError, match="fits="):
-        tt.fit_thoughts(model, CHUNK, EXAMPLES, fit="both", **options)
-    with pytest.raises(TypeError, match="shares the full-prompt stream"):
-        tt.fit_thoughts(model, CHUNK, EXAMPLES, _full_stream={}, **options)
+    with pytest.raises(tt.InputError, match="distinct"):
+        fit_all(model, CHUNK, EXAMPLES, fits=("both", "both"), **options)
+    with pytest.raises(tt.InputError, match="distinct"):
+        fit_all(model, CHUNK, EXAMPLES, fits="both", **options)
 
 
 @pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
@@ -411,10 +411,10 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
 def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, prefixed):
     """The positions every prompt with the chunk shares (the template's prefix and the chunk) run
     once, as one sequence whose keys and values every batch reads: the same patch, to float64
-    rounding, as streaming every prompt whole (``_share_prefix=False``), with every matrix, the
-    steering record, and the unpatched prefix copied from the shared run; and the same patch at
-    any batch size (the examples are batched by length)."""
-    from tl_thoughts.thoughts import _fitted_rows, _shared_length
+    rounding, as a fit reading every prompt's rows streamed whole (``prompt_rows(share_prefix=False)``),
+    with every matrix, the steering record, and the unpatched prefix copied from the shared run; and
+    the same patch at any batch size (the examples are batched by length)."""
+    from tl_thoughts.stream import fitted_rows, shared_stream_length
 
     model = text_models(arch)
     template = PREFIXED if prefixed else TEMPLATE
@@ -422,11 +422,18 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
                    attention_matrix=True, output_matrix=True, query_weight=0.1, ridge=1.0, batch_size=3,
                    patch_prefix=not prefixed, progress=False)
     encoded = [encode_example(model, template, CHUNK, ex) for ex in EXAMPLES]
-    rows = [_fitted_rows(e, "answer", 0.1) for e in encoded]
-    shared = _shared_length(encoded, rows, encoded[0].start if prefixed else 0)
+    rows = [fitted_rows(e, "answer", 0.1) for e in encoded]
+    shared = shared_stream_length(encoded, rows, encoded[0].start if prefixed else 0)
     assert shared == encoded[0].stop  # the prefix and the chunk, up to the first query token
-    once = tt.fit_thought(model, CHUNK, EXAMPLES, **options)
-    whole = tt.fit_thought(model, CHUNK, EXAMPLES, _share_prefix=False, **options)
+    once = fit(model, CHUNK, EXAMPLES, **options)
+    unshared = tt.prompt_rows(model, CHUNK, EXAMPLES, template=template, pool="answer", query_weight=0.1,
+                              batch_size=3, share_prefix=False)
+    shared_rows = tt.prompt_rows(model, CHUNK, EXAMPLES, template=template, pool="answer", query_weight=0.1,
+                                 batch_size=2)
+    assert unshared.index == shared_rows.index and torch.equal(unshared.positions, shared_rows.positions)
+    assert_close(unshared.pre, shared_rows.pre, 1e-10, "rows' resid_pre, shared or not")
+    assert_close(unshared.attn, shared_rows.attn, 1e-10, "rows' attn_out, shared or not")
+    whole = fit(model, CHUNK, EXAMPLES, rows=unshared, **options)
     assert set(once.deltas) == set(whole.deltas) and any(k.endswith("W_out") for k in once.deltas)
     assert sum(bool(d.abs().max() > 1e-3) for d in whole.deltas.values()) > len(whole.deltas) / 2
     for name in whole.deltas:
@@ -435,55 +442,53 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
         assert_close(once.steering[name], whole.steering[name], 1e-10, name)
     # batched by length (3 + 1 here, the order changed): the same fit one example a batch or all in one
     for size in (1, len(EXAMPLES)):
-        other = tt.fit_thought(model, CHUNK, EXAMPLES, **{**options, "batch_size": size})
+        other = fit(model, CHUNK, EXAMPLES, **{**options, "batch_size": size})
         for name in whole.deltas:
             assert_close(other.deltas[name], once.deltas[name], 1e-10, f"{name}, batch_size={size}")
     # a prompt that shares nothing past its first token with the others: only that token is shared
     odd = [(" a", " ran")] + EXAMPLES
     encoded = [encode_example(model, template, "dog " + CHUNK if i == 0 else CHUNK, ex) for i, ex in enumerate(odd)]
-    assert _shared_length(encoded, [_fitted_rows(e, "answer", 0.1) for e in encoded], 0) == (1 if prefixed else 0)
+    assert shared_stream_length(encoded, [fitted_rows(e, "answer", 0.1) for e in encoded]) == (1 if prefixed else 0)
 
 
 @pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_given_full_rows_give_the_same_fit(text_models, arch, prefixed):
-    """Some examples' prompts with the chunk streamed once (``full_prompt_rows``, as the protocol
+    """Some examples' prompts with the chunk streamed once (``prompt_rows``, as the protocol
     does for the answered queries, the same in every seed) and read by fits of those examples
-    plus others (``_full_rows``): the patches (every matrix, the steering record) of fits that
+    plus others (``rows=``): the patches (every matrix, the steering record) of fits that
     stream every prompt, to float64 rounding, for each kind of fit and in ``fit_thoughts``; rows
     kept for other options or another model are refused, and examples they do not hold streamed."""
-    from tl_thoughts.thoughts import full_prompt_rows
-
     model = text_models(arch)
     template = PREFIXED if prefixed else TEMPLATE
     options = dict(template=template, pool="answer", vector_site="attn_out", vector_target="attention",
                    attention_matrix=True, output_matrix=True, query_weight=0.1, ridge=1.0, batch_size=2,
                    patch_prefix=not prefixed, progress=False)
     more = EXAMPLES + [(" the big dog", " sat ."), (" a cat", " ran on")]
-    rows = full_prompt_rows(model, CHUNK, more[1:4] + [(" a hat", " ran")], template=template, pool="answer",
-                            query_weight=0.1, batch_size=2)
+    rows = tt.prompt_rows(model, CHUNK, more[1:4] + [(" a hat", " ran")], template=template, pool="answer",
+                          query_weight=0.1, batch_size=2)
     assert rows.pre.shape[0] == model.cfg.n_layers + 1 == rows.attn.shape[0] + 1
     assert rows.pre.shape[1] == rows.positions.shape[0] == sum(n for _, n in rows.index.values())
     for kind in ("both", "vector", "matrix"):
-        streamed = tt.fit_thought(model, CHUNK, more, fit=kind, **options)
-        read = tt.fit_thought(model, CHUNK, more, fit=kind, _full_rows=rows, **options)
+        streamed = fit(model, CHUNK, more, fit=kind, **options)
+        read = fit(model, CHUNK, more, fit=kind, rows=rows, **options)
         assert set(read.deltas) == set(streamed.deltas) and streamed.deltas
         for name in streamed.deltas:
             assert_close(read.deltas[name], streamed.deltas[name], 1e-10, f"{kind}: {name}")
         for name in streamed.steering:
             assert_close(read.steering[name], streamed.steering[name], 1e-10, f"{kind}: {name}")
     assert sum(bool(d.abs().max() > 1e-3) for d in streamed.deltas.values()) > len(streamed.deltas) / 2
-    together = tt.fit_thoughts(model, CHUNK, more, fits=("both", "vector"), _full_rows=rows, **options)
+    together = fit_all(model, CHUNK, more, fits=("both", "vector"), rows=rows, **options)
     for name, delta in together["vector"].deltas.items():
-        assert_close(delta, tt.fit_thought(model, CHUNK, more, fit="vector", **options).deltas[name], 1e-10, name)
+        assert_close(delta, fit(model, CHUNK, more, fit="vector", **options).deltas[name], 1e-10, name)
     with pytest.raises(tt.InputError, match="kept for pool='answer'"):
-        tt.fit_thought(model, CHUNK, more, _full_rows=rows, **{**options, "pool": "kept"})
+        fit(model, CHUNK, more, rows=rows, **{**options, "pool": "kept"})
     wrong = dataclasses.replace(rows, pre=rows.pre[:-1], attn=rows.attn[:-1])  # a model with a block less
     with pytest.raises(tt.InputError, match="not this model's"):
-        tt.fit_thought(model, CHUNK, more, _full_rows=wrong, **options)
+        fit(model, CHUNK, more, rows=wrong, **options)
     moved = dataclasses.replace(rows, positions=rows.positions + 1)
     with pytest.raises(tt.InputError, match="not at the positions"):
-        tt.fit_thought(model, CHUNK, more, _full_rows=moved, **options)
+        fit(model, CHUNK, more, rows=moved, **options)
 
 
 def _runs_by_form(model, patch, tokens):
@@ -525,7 +530,7 @@ def test_apply_restores_on_exception_and_attach_handle(fitted):
 
 def test_merge_into_is_explicit_and_permanent(text_models):
     model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
     tokens = model.to_tokens(" the dog")
     with torch.no_grad(), patch.apply(model):
         expected = model(tokens)
@@ -543,23 +548,23 @@ def test_bad_options_are_refused_and_model_untouched(fitted):
     ]
     for kwargs in bad:
         with pytest.raises(ValueError):
-            tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False, **kwargs)
+            fit(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False, **kwargs)
     with pytest.raises(tt.InputError):
-        tt.fit_thought(model, CHUNK, [], template=TEMPLATE, progress=False)
+        fit(model, CHUNK, [], template=TEMPLATE, progress=False)
     with pytest.raises(tt.InputError):
-        tt.fit_thought(model, "", EXAMPLES, template=TEMPLATE, progress=False)
+        fit(model, "", EXAMPLES, template=TEMPLATE, progress=False)
     with pytest.raises(tt.InputError):
-        tt.fit_thought(model, CHUNK, [" dog"], template=TEMPLATE, pool="answer", progress=False)
+        fit(model, CHUNK, [" dog"], template=TEMPLATE, pool="answer", progress=False)
     with pytest.raises(tt.ChunkError):
-        tt.fit_thought(model, CHUNK + " zebra", EXAMPLES, template=TEMPLATE, progress=False)
+        fit(model, CHUNK + " zebra", EXAMPLES, template=TEMPLATE, progress=False)
     assert_model_untouched(model, snapshot)
 
 
 def test_subset_of_layers_and_vector_only(fitted):
     model, _ = fitted
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, layers=[1], fit="vector", progress=False)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, layers=[1], fit="vector", progress=False)
     assert list(patch.deltas) == ["blocks.1.mlp.b_out"]
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="matrix", progress=False)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="matrix", progress=False)
     assert all(".W_" in k for k in patch.deltas)
 
 
@@ -579,7 +584,7 @@ def test_summary_has_ranks_and_steering_cosines(fitted):
 
 def test_only_splits_the_patch_into_its_vectors_and_its_matrices(fitted):
     model, _ = fitted
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=PREFIXED, vector_site="attn_out", attention_matrix=True,
+    patch = fit(model, CHUNK, EXAMPLES, template=PREFIXED, vector_site="attn_out", attention_matrix=True,
                            output_matrix=True, patch_prefix=False, progress=False)
     vectors, matrices = patch.only("vectors"), patch.only("matrices")
     assert {k.rsplit(".", 1)[-1] for k in vectors.deltas} == {"b_O"}
@@ -610,7 +615,7 @@ def test_only_splits_the_patch_into_its_vectors_and_its_matrices(fitted):
 @pytest.mark.parametrize("rank", [1, 3])
 def test_truncated_keeps_the_top_singular_directions_only(fitted, rank):
     model, _ = fitted
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, output_matrix=True,
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, output_matrix=True,
                            progress=False)
     before = {k: v.clone() for k, v in patch.deltas.items()}
     small = patch.truncated(rank)
@@ -643,7 +648,7 @@ def test_truncated_keeps_the_top_singular_directions_only(fitted, rank):
 
 def test_truncations_share_one_decomposition_and_equal_truncated(fitted):
     model, _ = fitted
-    patch = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, progress=False)
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, attention_matrix=True, progress=False)
     many = patch.truncations([3, 1, 2])
     assert [p.meta["truncated_rank"] for p in many] == [3, 1, 2]
     for p, rank in zip(many, [3, 1, 2]):
@@ -664,7 +669,7 @@ def test_truncated_refuses_bad_ranks_and_vector_only_patches(fitted):
     for bad in (1.5, True, "2"):
         with pytest.raises(TypeError):  # TypeCheckError under the suite's runtime checks, ours without
             patch.truncated(bad)
-    vector_only = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="vector", progress=False)
+    vector_only = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, fit="vector", progress=False)
     with pytest.raises(tt.InputError, match="no thought matrix"):
         vector_only.truncated(1)
 
@@ -734,8 +739,8 @@ def test_patches_stack_and_survive_merging(text_models):
     """A patch's identity check reads weights no patch changes: two patches can be applied
     together, and a patch still applies to a model another patch was merged into."""
     model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
-    first = tt.fit_thought(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
-    second = tt.fit_thought(model, "a big red hat and", EXAMPLES, template=TEMPLATE, progress=False)
+    first = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
+    second = fit(model, "a big red hat and", EXAMPLES, template=TEMPLATE, progress=False)
     tokens = model.to_tokens(" the dog")
     with torch.no_grad():
         with first.apply(model), second.apply(model):
@@ -744,3 +749,135 @@ def test_patches_stack_and_survive_merging(text_models):
         with second.apply(model):
             merged_then_second = model(tokens)
     assert_close(both, merged_then_second, 1e-10, "stacked vs merged")
+
+
+# --- FitConfig and the per-site solves ------------------------------------------------------------
+
+
+def test_fit_config_validates_and_presets_are_the_documented_methods():
+    """``FitConfig`` refuses every bad option when made (the library's ``InputError``, a
+    ``ValueError``); the presets are the papers' method and the benchmark's; ``fit_thought`` takes
+    few parameters and no private one."""
+    import inspect
+
+    for bad in [dict(fit="nope"), dict(pool="x"), dict(vector_site="resid"), dict(vector_target="x"),
+                dict(ridge=-1.0), dict(ridge=float("nan")), dict(ridge=float("inf")), dict(query_weight=-0.1),
+                dict(query_weight=float("nan")), dict(batch_size=0), dict(layers=()), dict(layers=(-1,)),
+                dict(patch_prefix=False, pool="all")]:
+        with pytest.raises(tt.InputError):
+            tt.FitConfig(**bad)
+    # wrong types: our InputError, or the TypeCheckError (a TypeError) of the suite's runtime checks first
+    for bad in [dict(batch_size=2.0), dict(batch_size=True), dict(attention_matrix=1), dict(patch_prefix="no"),
+                dict(layers=(True,)), dict(ridge="1")]:
+        with pytest.raises((tt.InputError, TypeError)):
+            tt.FitConfig(**bad)
+    assert tt.FitConfig(layers=(3, 1, 3)).layers == (1, 3)
+    paper = tt.FitConfig.preset("paper")
+    assert (paper.vector_site, paper.vector_target, paper.pool, paper.fit) == ("b_out", "attention", "kept", "both")
+    assert not (paper.attention_matrix or paper.output_matrix) and paper.patch_prefix and paper.query_weight == 0
+    bench = tt.FitConfig.preset("benchmark")
+    from tl_thoughts.evaluation import EvalConfig
+
+    evaluation = EvalConfig()
+    for name in ("ridge", "pool", "vector_site", "vector_target", "attention_matrix", "output_matrix",
+                 "query_weight", "patch_prefix"):
+        assert getattr(bench, name) == getattr(evaluation, name), name
+    assert tt.FitConfig.preset("default") == tt.FitConfig()
+    assert tt.FitConfig.preset("paper", ridge=2.0).ridge == 2.0
+    with pytest.raises(tt.InputError, match="unknown FitConfig preset"):
+        tt.FitConfig.preset("nope")
+    with pytest.raises(tt.InputError):
+        tt.FitConfig.preset("paper", ridge=-1)
+    params = inspect.signature(tt.fit_thought).parameters
+    assert len(params) <= 8 and not any(p.startswith("_") for p in params)
+
+
+def test_a_config_that_is_not_a_fit_config_is_refused(fitted):
+    model, _ = fitted
+    with pytest.raises((tt.InputError, TypeError), match="FitConfig"):  # ours, or the runtime checker's
+        tt.fit_thought(model, CHUNK, EXAMPLES, {"ridge": 0.5}, template=TEMPLATE, progress=False)
+    with pytest.raises((tt.InputError, TypeError), match="FitConfig"):
+        tt.fit_thoughts(model, CHUNK, EXAMPLES, "paper", template=TEMPLATE, progress=False)
+
+
+def test_the_paper_preset_patches_the_mlp_only(text_models):
+    """The papers' method: a vector on every block's ``b_out`` and matrices on the MLP input only,
+    every position patched."""
+    model = text_models("rms_gated_silu_rotary_gqa")
+    patch = tt.fit_thought(model, CHUNK, EXAMPLES, tt.FitConfig.preset("paper"), template=TEMPLATE, progress=False)
+    kinds = {name.split(".", 2)[2] for name in patch.deltas}
+    assert kinds == {"mlp.b_out", "mlp.W_in", "mlp.W_gate"}
+    assert len(patch.deltas) == 3 * model.cfg.n_layers and patch.unpatched_positions == 0
+    assert patch.meta["options"]["vector_target"] == "attention"
+
+
+def _random_rows(n, d_in, d_out, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+    u = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    w = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    return a, u, w
+
+
+def _weighted_ridge(a, u, w, ridge):
+    lam = ridge * (w[:, None] * a**2).sum() / w.sum()
+    G, F = a * w.sqrt()[:, None], u * w.sqrt()[:, None]
+    return torch.linalg.solve(G.T @ G + lam * torch.eye(a.shape[1], dtype=a.dtype), G.T @ F)
+
+
+def test_solve_vector_is_the_mean_and_refuses_no_token():
+    from tl_thoughts.thoughts import solve_vector
+
+    deltas = torch.randn(7, 5, dtype=torch.float64)
+    assert_close(solve_vector(deltas.sum(0), 7), deltas.mean(0), 1e-14, "mean")
+    with pytest.raises(tt.InputError, match="no pooled position"):
+        solve_vector(deltas.sum(0), 0)
+
+
+@pytest.mark.parametrize("n", [6, 30])  # fewer rows than inputs (row space) and more
+def test_solve_W_O_fits_what_the_vector_leaves(n):
+    """``solve_W_O``: the weighted ridge regression of ``delta - vector`` on ``z``."""
+    from tl_thoughts._math import RidgeRegression
+    from tl_thoughts.thoughts import solve_W_O
+
+    z, delta, w = _random_rows(n, 8, 5)
+    vector = torch.randn(5, dtype=torch.float64)
+    reg = RidgeRegression(8, n)
+    reg.add(z, delta, w)
+    got = solve_W_O(reg, vector, 0.3, float(w.sum()), n_heads=2, d_head=4)
+    assert_close(got, _weighted_ridge(z, delta - vector, w, 0.3), 1e-10, "W_O")
+    with pytest.raises(tt.InputError, match="n_heads"):
+        solve_W_O(reg, vector, 0.3, float(w.sum()), n_heads=3, d_head=4)
+
+
+@pytest.mark.parametrize("n", [6, 60])
+def test_solve_W_out_is_the_weighted_ridge_regression(n):
+    from tl_thoughts._math import RidgeRegression
+    from tl_thoughts.thoughts import solve_W_out
+
+    h, r, w = _random_rows(n, 12, 5, seed=1)
+    reg = RidgeRegression(12, n)
+    for part in torch.arange(n).split(5):
+        reg.add(h[part], r[part], w[part])
+    assert_close(solve_W_out(reg, 0.2, float(w.sum())), _weighted_ridge(h, r, w, 0.2), 1e-10, "W_out")
+
+
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+def test_solve_mlp_inputs_maps_one_solve_through_every_input_matrix(text_models, arch):
+    """``solve_mlp_inputs``: ``M @ W`` for ``W_in`` (and ``W_gate``) with ``M`` the ridge regression
+    of ``a_C - a`` on ``a``: the regression of the targets ``(a_C - a) @ W`` themselves."""
+    from tl_thoughts import _tl
+    from tl_thoughts._math import RidgeRegression
+    from tl_thoughts.thoughts import solve_mlp_inputs
+
+    model = text_models(arch)
+    d = model.cfg.d_model
+    a, diff, w = _random_rows(3 * d, d, d, seed=2)
+    reg = RidgeRegression(d, 3 * d)
+    reg.add(a, diff, w)
+    got = solve_mlp_inputs(model, 1, reg, 0.1, float(w.sum()))
+    spec = _tl.model_spec(model)
+    assert set(got) == {f"blocks.1.mlp.{name}" for name in spec.mlp_input_matrices}
+    for name in spec.mlp_input_matrices:
+        W = _tl.mlp_matrix(model, 1, name).double()
+        assert_close(got[f"blocks.1.mlp.{name}"], _weighted_ridge(a, diff @ W, w, 0.1), 1e-9, name)

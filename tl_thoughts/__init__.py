@@ -19,11 +19,12 @@ from tl_thoughts.exact_weights import ExactWeightPatch, exact_weight_patch
 from tl_thoughts.patch import IncompatibleModelError, PatchFileError, PatchHandle, ThoughtPatch
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.templates import PromptTemplate
-from tl_thoughts.thoughts import fit_thought, fit_thoughts
+from tl_thoughts.stream import PromptRows, prompt_rows
+from tl_thoughts.thoughts import FitConfig, fit_thought, fit_thoughts
 from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
 from tl_thoughts.verify import FormReport, VerificationReport, verify
 
-__version__ = "0.1.0"
+from tl_thoughts.version import __version__  # noqa: E402
 
 __all__ = [
     "ChunkError",
@@ -34,7 +35,10 @@ __all__ = [
     "PatchHandle",
     "PromptTemplate",
     "ThoughtPatch",
+    "FitConfig",
+    "PromptRows",
     "fit_thought",
+    "prompt_rows",
     "fit_thoughts",
     "refine_thought",
     "ImplicitUpdates",

@@ -1,4 +1,5 @@
-"""The mathematical kernel: implicit updates from cached activations (THEORY.md sections 2-3).
+"""The mathematical kernel: implicit updates from cached activations (THEORY.md sections 2-3), and
+the ridge solves of the thought matrices (section 4).
 
 Pure tensor functions, no TransformerLens plumbing, row-vector convention (``x @ W``).
 Read each function against THEORY.md line by line.
@@ -145,3 +146,106 @@ def min_norm_factors(
     # left = Q R^{-T} = (R^{-1} Q^T)^T, with R upper triangular
     left = torch.linalg.solve_triangular(R, Q.T, upper=True).T
     return left, targets
+
+
+# --- the thought matrices' least-squares solves (THEORY 4) ---------------------------------------
+
+
+def ridge_solve(
+    AtA: Float[Tensor, "d d"], AtU: Float[Tensor, "d m"], ridge: float, n: float | int
+) -> Float[Tensor, "d m"]:
+    """``argmin_M sum_i ||a_i @ M - u_i||^2 + lam ||M||^2`` from the sufficient statistics.
+
+    ``lam = ridge * trace(A^T A) / n`` (ridge relative to the mean squared input norm; ``n`` is
+    the number of rows, or their total weight in a weighted fit).
+    ``ridge = 0`` gives the minimum-norm least-squares solution ``pinv(A^T A) @ A^T U``
+    (``= pinv(A) @ U``).
+
+    Example:
+        >>> A, U = torch.randn(40, 8, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+        >>> M = ridge_solve(A.T @ A, A.T @ U, ridge=0.0, n=40)
+        >>> bool((M - torch.linalg.lstsq(A, U).solution).abs().max() < 1e-10)
+        True
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if ridge == 0:
+        return torch.linalg.pinv(AtA, hermitian=True) @ AtU
+    lam = ridge * torch.trace(AtA) / n
+    eye = torch.eye(AtA.shape[0], dtype=AtA.dtype, device=AtA.device)
+    factor, info = torch.linalg.cholesky_ex(AtA + lam * eye)  # symmetric positive definite when lam > 0
+    if int(info) != 0:  # not numerically so (all-zero inputs: lam = 0): LU, which raises if singular
+        return torch.linalg.solve(AtA + lam * eye, AtU)
+    return torch.cholesky_solve(AtU, factor)
+
+
+GRAM_BLOCK = 384  # columns per block of add_upper_gram
+
+
+def add_upper_gram(out: Float[Tensor, "d d"], wa: Float[Tensor, "n d"], a: Float[Tensor, "n d"]) -> None:
+    """Add ``wa^T a`` (symmetric: ``wa`` is ``a`` with weighted rows) to ``out`` on and above the
+    block diagonal only: blocks of about :data:`GRAM_BLOCK` columns, each row block times the
+    columns from its own on (with ``k`` blocks, ``(k + 1) / 2k`` of the whole ``d x d`` product's
+    work; measured at 0.74-0.86 of the whole product's time at commit ``0246a97``, ``benchmarks/bench_gram.py`` there). Read the result as its ``triu``, mirrored."""
+    d = a.shape[1]
+    k = max(1, round(d / GRAM_BLOCK))
+    edges = [round(i * d / k) for i in range(k + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[lo:hi, lo:] += wa[:, lo:hi].T @ a[:, lo:]
+
+
+class RidgeRegression:
+    """A weighted ridge regression ``argmin_M sum_i w_i ||a_i @ M - u_i||^2 + lam ||M||^2`` whose
+    rows arrive in parts (``fit_thought`` streams batches), solved as :func:`ridge_solve` does
+    (``lam = ridge * sum_i w_i ||a_i||^2 / n``; ``ridge = 0``: minimum-norm least squares).
+
+    With at least as many rows as input dimensions it keeps the sufficient statistics ``A^T W A``
+    (on and above its block diagonal, :func:`add_upper_gram`) and ``A^T W U`` (``d x d``,
+    whatever the rows); with fewer (``n_rows < d``, e.g. a few hundred
+    rows against an MLP's ``d_mlp``) it keeps the weighted rows themselves and solves in the row
+    space, ``M = G^T (G G^T + lam I)^-1 F`` with ``G = W^1/2 A``, ``F = W^1/2 U``: the same
+    solution (``tests/test_thoughts.py``) at ``n x n`` instead of ``d x d`` cost.
+    ``solve(shift=s)`` fits the targets ``u_i - s``."""
+
+    def __init__(self, d_in: int, n_rows: int) -> None:
+        self.dual = n_rows < d_in
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []  # dual: (sqrt(w), G, F) per batch
+        self.AtA: Tensor | None = None
+        self.AtU: Tensor | None = None
+        self.Asum: Tensor | None = None  # sum_i w_i a_i (the shift's term)
+
+    def add(self, a: Float[Tensor, "n d"], u: Float[Tensor, "n m"], w: Float[Tensor, " n"]) -> None:
+        """Rows ``a`` (inputs), ``u`` (targets) and their weights ``w``, all float64."""
+        if self.dual:
+            sw = w.sqrt()
+            self.parts.append((sw, a * sw[:, None], u * sw[:, None]))
+            return
+        wa = a * w[:, None]
+        if self.AtA is None:
+            d = a.shape[1]
+            self.AtA = a.new_zeros(d, d)
+            self.AtU, self.Asum = wa.T @ u, wa.sum(0)
+        else:
+            self.AtU += wa.T @ u
+            self.Asum += wa.sum(0)
+        add_upper_gram(self.AtA, wa, a)
+
+    def solve(self, ridge: float, n: float, shift: Tensor | None = None) -> Tensor:
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not self.dual:
+            AtU = self.AtU if shift is None else self.AtU - torch.outer(self.Asum, shift)
+            upper = self.AtA.triu()
+            return ridge_solve(upper + upper.triu(1).T, AtU, ridge, n)
+        sw, G, F = (torch.cat(t) for t in zip(*self.parts))
+        if shift is not None:
+            F = F - sw[:, None] * shift[None]
+        K = G @ G.T
+        if ridge == 0:
+            return G.T @ (torch.linalg.pinv(K, hermitian=True) @ F)
+        lam = ridge * torch.trace(K) / n  # trace(G G^T) = trace(A^T W A)
+        K.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            return G.T @ torch.linalg.solve(K, F)
+        return G.T @ torch.cholesky_solve(F, factor)

@@ -16,6 +16,7 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError, TLThoughtsError
+from tl_thoughts.version import __version__
 
 FORMAT = "tl_thoughts.ThoughtPatch/1"
 FORMS = ("weight", "activation")
@@ -96,8 +97,6 @@ class ThoughtPatch:
     def create(
         cls, model: HookedTransformer, deltas: dict[str, Tensor], steering: dict[str, Tensor], meta: dict
     ) -> "ThoughtPatch":
-        from tl_thoughts import __version__
-
         params = _tl.parameters(model)
         for name, d in deltas.items():
             if name not in params or params[name].shape != d.shape:

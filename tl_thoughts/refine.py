@@ -19,7 +19,7 @@ from tl_thoughts import _tl
 from tl_thoughts.errors import InputError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.templates import Example, PromptTemplate, encode_example
-from tl_thoughts.thoughts import _pad
+from tl_thoughts.stream import pad_right
 
 
 def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Example]) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -118,7 +118,7 @@ def refine_thought(
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
         which = torch.cat([torch.full_like(r[1], j) for j, r in enumerate(part)])
-        batches.append((_pad([r[0] for r in part]).to(device), which.to(device),
+        batches.append((pad_right([r[0] for r in part]).to(device), which.to(device),
                         torch.cat([r[1] for r in part]).to(device), torch.cat([r[2] for r in part]).to(device)))
     # the weight form: each delta added to its parameter for the call (functional_call), which
     # costs one product per matrix where the activation form's hooks cost two; an unpatched

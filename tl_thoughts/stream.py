@@ -1,0 +1,493 @@
+"""The stream engine: how prompts run through the model, written once for every method above the exact core.
+
+Fitting (:func:`tl_thoughts.fit_thought`), refining (:func:`tl_thoughts.refine_thought`) and the
+behavioural benchmark (:mod:`tl_thoughts.evaluation`: verdicts, query answers, steering baselines,
+layer search) all run their prompts through the pieces here; none re-implements them:
+
+- :func:`pad_right` and :func:`length_batches`: right padding (exact under causal attention: a
+  real position never sees a pad) and batches of similar lengths (the fewer pads, the less a batch
+  computes);
+- :func:`shared_stream_length` and :class:`SharedStream`: the first positions every prompt with the
+  chunk shares (the template's prefix and the chunk), run once as one sequence whose keys and
+  values every batch's attention reads (TransformerLens' key-value cache entries);
+- :class:`StreamBatch`: a batch of examples streamed block by block, side by side: the prompts
+  WITH the chunk, the reduced prompts (without it, under the patches fitted so far) and, for the
+  steering record, the reduced prompts unpatched; :func:`finish_block` and
+  :func:`finish_block_hidden` run a block's MLP half;
+- :func:`fitted_rows`, :class:`PromptRows` and :func:`prompt_rows`: the positions a fit reads,
+  and the prompts with the chunk recorded there at every block (they depend on no patch, so they
+  are computed once and read by several fits);
+- :func:`run_to_end`: a forward pass to the residual stream after the last block, optionally after
+  a cached prefix.
+
+Shapes: ``pos`` positions, ``rows`` recorded rows, ``layer1 = n_layers + 1`` (``resid_pre`` of
+every block, then the residual after the last one).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+
+from tl_thoughts import _tl
+from tl_thoughts.errors import InputError, UnsupportedArchitectureError
+from tl_thoughts.templates import (
+    POOLS,
+    EncodedExample,
+    Example,
+    PromptTemplate,
+    default_template,
+    encode_example,
+    shared_prefix_length,
+)
+
+__all__ = [
+    "FittedRows",
+    "PromptRows",
+    "SharedStream",
+    "StreamBatch",
+    "finish_block",
+    "finish_block_hidden",
+    "fitted_rows",
+    "length_batches",
+    "pad_right",
+    "prompt_rows",
+    "refuse_post_norm",
+    "run_to_end",
+    "shared_stream_length",
+]
+
+
+# --- padding and batching -----------------------------------------------------------------------
+
+
+def pad_right(seqs: Sequence[Tensor]) -> Tensor:
+    """The sequences (token ids ``[pos]`` or residuals ``[pos, d_model]``) stacked with zeros on the
+    right, on the first one's device and dtype: exact under causal attention, where a real position
+    never sees a later one.
+
+    Example:
+        >>> pad_right([torch.tensor([1, 2, 3]), torch.tensor([4])]).tolist()
+        [[1, 2, 3], [4, 0, 0]]
+    """
+    if len(seqs) == 0:
+        raise InputError("pad_right needs at least one sequence")
+    n = max(s.shape[0] for s in seqs)
+    out = torch.zeros(len(seqs), n, *seqs[0].shape[1:], dtype=seqs[0].dtype, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s.to(out.device)
+    return out
+
+
+def length_batches(key: Callable[[int], object], indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` sorted by ``key`` (a sequence's length, or a tuple of lengths; the given order
+    kept among equal keys), cut in batches of ``batch_size``: the fewer padded positions, the less
+    a batch computes.
+
+    Example:
+        >>> lengths = [5, 2, 9, 2]
+        >>> length_batches(lambda i: lengths[i], range(4), 2)
+        [[1, 3], [0, 2]]
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(indices, key=key)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --- forward passes -----------------------------------------------------------------------------
+
+
+def run_to_end(
+    model: HookedTransformer,
+    x: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    prefix: TransformerLensKeyValueCache | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream after the last block (or before block ``stop_at_layer``) of right-padded
+    tokens, or of a residual entering block ``start_at_layer``, as the model is (apply patches or
+    hooks around the call). ``prefix``: a frozen one-sequence key-value cache
+    (:func:`tl_thoughts._tl.prefix_cache`) of tokens that come before every sequence of the batch,
+    read and not run again.
+
+    Example:
+        >>> resid = run_to_end(model, model.to_tokens("Hello"))  # doctest: +SKIP
+    """
+    n_layers = model.cfg.n_layers
+    stop = n_layers if stop_at_layer is None else min(stop_at_layer, n_layers)
+    if start_at_layer is not None and start_at_layer >= stop:
+        return x
+    mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    cache = None if prefix is None else _tl.broadcast_cache(prefix, x.shape[0])
+    return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask, past_kv_cache=cache)
+
+
+def refuse_post_norm(spec: _tl.ModelSpec, what: str) -> None:
+    """Raise :class:`~tl_thoughts.errors.UnsupportedArchitectureError` for blocks with norms after
+    their sublayers, which the block-by-block streams (and so ``what``) do not support: a
+    token-independent vector would have to be added after the norm, where the block has no bias."""
+    if spec.post_norm:
+        raise UnsupportedArchitectureError(
+            f"{what} streams the blocks as fit_thought does, which does not support blocks with norms after "
+            "their sublayers (Gemma 2/3 use_normalization_before_and_after, OLMo 2): a token-independent vector "
+            "would have to be added after the norm, where the block has no bias to carry it. The exact updates, "
+            "their verification and their weight form do support these models."
+        )
+
+
+def finish_block(
+    model: HookedTransformer,
+    spec: _tl.ModelSpec,
+    layer: int,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    attn_out: Float[Tensor, "batch pos d_model"],
+    mlp_patched: dict[str, Tensor] | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """``resid_post`` of block ``layer`` from its input and its (already patched) attention output,
+    the block's MLP parameters replaced for the call by ``mlp_patched`` (full values, by name)."""
+    if not spec.has_mlp:
+        return resid_pre + attn_out
+    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
+    with _tl.swapped_tensors(model, mlp_patched or {}):
+        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
+        return resid_pre + attn_out + _tl.block_mlp(model, layer, mlp_in)
+
+
+def finish_block_hidden(
+    model: HookedTransformer,
+    spec: _tl.ModelSpec,
+    layer: int,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    attn_out: Float[Tensor, "batch pos d_model"],
+    mlp_patched: dict[str, Tensor] | None = None,
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
+    """:func:`finish_block` and the MLP's hidden activations (``mlp.hook_post``) it computed."""
+    if not spec.has_mlp:
+        raise InputError("an attention-only block has no MLP hidden activations")
+    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
+    with _tl.swapped_tensors(model, mlp_patched or {}):
+        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
+        mlp_out, post = _tl.block_mlp_hidden(model, layer, mlp_in)
+        return resid_pre + attn_out + mlp_out, post
+
+
+# --- the rows a fit reads -----------------------------------------------------------------------
+
+
+class FittedRows(NamedTuple):
+    """The positions (in the prompt with the chunk) a fit reads for one example: the pooled ones
+    (weight 1: the thought vector's mean and the matrices' regressions), then the query positions
+    the pool leaves out (the matrices' regressions only, weighted ``query_weight``)."""
+
+    positions: Int[Tensor, " n"]
+    weights: Float[Tensor, " n"]  # float64
+    in_pool: Bool[Tensor, " n"]
+
+
+def fitted_rows(example: EncodedExample, pool: str, query_weight: float) -> FittedRows:
+    """The :class:`FittedRows` of ``example`` for ``pool`` (see ``EncodedExample.pooled``) and
+    ``query_weight`` (0: no query row beyond the pool).
+
+    Example:
+        >>> rows = fitted_rows(encoded, "answer", 0.1)  # doctest: +SKIP
+        >>> rows.positions[rows.in_pool]  # the pooled positions  # doctest: +SKIP
+    """
+    pos = example.pooled(pool)
+    extra = pos[:0]
+    if query_weight > 0:
+        query = example.pooled("query")
+        extra = query[~torch.isin(query, pos)]
+    weights = torch.cat([torch.ones(len(pos), dtype=torch.float64),
+                         torch.full((len(extra),), float(query_weight), dtype=torch.float64)])
+    return FittedRows(torch.cat([pos, extra]), weights, torch.arange(len(pos) + len(extra)) < len(pos))
+
+
+def shared_stream_length(encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], prefix: int = 0) -> int:
+    """How many first positions every prompt with the chunk shares, token for token (the
+    template's prefix and the chunk), that a stream computes once for all (:class:`SharedStream`):
+    up to every example's first fitted row, and none unless it covers the ``prefix`` first positions
+    (an unpatched prefix, whose residuals the reduced stream copies from it).
+
+    Example:
+        >>> shared_stream_length(encoded, [fitted_rows(e, "answer", 0.0) for e in encoded])  # doctest: +SKIP
+    """
+    first_row = min((int(r.positions.min()) for r in rows if len(r.positions)), default=None)
+    n = shared_prefix_length([e.full for e in encoded], upto=first_row)
+    return n if n >= prefix else 0
+
+
+@dataclass
+class PromptRows:
+    """The prompts WITH the chunk of some examples, streamed through every block, kept at the rows a
+    fit reads (:func:`fitted_rows` for ``pool`` and ``query_weight``).
+
+    They depend on no patch: fits of these examples plus others (the benchmark's seeds, whose fit
+    rows share the answered queries) read them (``fit_thought(..., rows=...)``) instead of
+    streaming these prompts again.
+
+    Attributes:
+        pool, query_weight: The fit options the rows were kept for.
+        index: A prompt's tokens (``EncodedExample.full``, as a tuple) -> (first row, number of rows).
+        positions: ``[rows]`` each row's position in its prompt.
+        pre: ``[n_layers + 1, rows, d_model]`` ``resid_pre`` of every block, then the residual after
+            the last one.
+        attn: ``[n_layers, rows, d_model]`` every block's attention output (``hook_attn_out``).
+    """
+
+    pool: str
+    query_weight: float
+    index: dict[tuple[int, ...], tuple[int, int]]
+    positions: Int[Tensor, " rows"]
+    pre: Float[Tensor, "layer1 rows d_model"]
+    attn: Float[Tensor, "layer rows d_model"]
+
+    def __repr__(self) -> str:
+        return (f"PromptRows(prompts={len(self.index)}, rows={self.positions.shape[0]}, "
+                f"blocks={self.attn.shape[0]}, d_model={self.pre.shape[-1]}, pool={self.pool!r}, "
+                f"query_weight={self.query_weight}, dtype={self.pre.dtype})")
+
+    def rows_of(self, full: Int[Tensor, " pos"]) -> Int[Tensor, " n"] | None:
+        """The indices of the rows of the prompt ``full`` (its tokens with the chunk), or None
+        where it is not held.
+
+        Example:
+            >>> rows.positions[rows.rows_of(encoded.full)]  # doctest: +SKIP
+        """
+        place = self.index.get(tuple(full.tolist()))
+        return None if place is None else torch.arange(place[0], place[0] + place[1])
+
+    @classmethod
+    def assemble(
+        cls, pool: str, query_weight: float, encoded: Sequence[EncodedExample], positions: Sequence[Tensor],
+        parts: Sequence[tuple[Tensor, Tensor]],
+    ) -> "PromptRows":
+        """:class:`PromptRows` from each example's rows, in the examples' order: ``parts[i]`` holds
+        ``encoded[i]``'s prompt with the chunk at its fitted positions ``positions[i]``
+        (``resid_pre`` of every block then the residual after the last one, ``[n_layers + 1,
+        rows, d_model]``, and every block's attention output, ``[n_layers, rows, d_model]``).
+
+        Raises:
+            InputError: an example given twice (the same prompt with the chunk), or rows that are
+                not its positions' number.
+        """
+        index, first = {}, 0
+        for e, pos, (pre, attn) in zip(encoded, positions, parts, strict=True):
+            if pre.shape[1] != len(pos) or attn.shape[1] != len(pos) or pre.shape[0] != attn.shape[0] + 1:
+                raise InputError(f"an example's rows: {tuple(pre.shape)} and {tuple(attn.shape)} for {len(pos)} fitted rows")
+            key = tuple(e.full.tolist())
+            if key in index:
+                raise InputError("an example is given twice (the same prompt with the chunk)")
+            index[key] = (first, len(pos))
+            first += len(pos)
+        return cls(pool=pool, query_weight=float(query_weight), index=index, positions=torch.cat(list(positions)),
+                   pre=torch.cat([p for p, _ in parts], dim=1), attn=torch.cat([a for _, a in parts], dim=1))
+
+    def lookup(
+        self, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], pool: str, query_weight: float,
+        spec: _tl.ModelSpec,
+    ) -> dict[int, Int[Tensor, " n"]]:
+        """For each example of ``encoded`` whose prompt with the chunk these rows hold: the indices
+        of its rows here (checked: the same fitted positions, fit options, blocks, width and dtype).
+
+        Raises:
+            InputError: rows kept for other options or another model, or at other positions.
+        """
+        if (self.pool, self.query_weight) != (pool, float(query_weight)):
+            raise InputError(f"the prompt rows were kept for pool={self.pool!r}, query_weight={self.query_weight}; "
+                             f"this fit reads pool={pool!r}, query_weight={query_weight}")
+        n_pre, _, d = self.pre.shape
+        if n_pre != self.attn.shape[0] + 1 or n_pre != spec.n_layers + 1 or d != spec.d_model \
+                or self.pre.dtype != spec.dtype:
+            raise InputError(f"the prompt rows ({n_pre - 1} blocks, d_model {d}, {self.pre.dtype}) are not this "
+                             f"model's ({spec.n_layers} blocks, d_model {spec.d_model}, {spec.dtype})")
+        found = {}
+        for i, e in enumerate(encoded):
+            idx = self.rows_of(e.full)
+            if idx is None:
+                continue
+            if not torch.equal(self.positions[idx], rows[i].positions):
+                raise InputError("the prompt rows of an example are not at the positions this fit reads")
+            found[i] = idx
+        return found
+
+
+# --- streaming block by block -------------------------------------------------------------------
+
+
+class SharedStream:
+    """The ``length`` first positions every prompt with the chunk shares, streamed block by block as
+    one sequence (``[1, length, d_model]``): each block's keys and values of these positions are
+    read by every batch's attention (:func:`tl_thoughts._tl.block_attention_kv`), so that they run
+    once instead of once a prompt (the same values, to rounding)."""
+
+    def __init__(self, resid: Float[Tensor, "1 shared d_model"]) -> None:
+        self.resid = resid
+
+    @property
+    def length(self) -> int:
+        return self.resid.shape[1]
+
+    def step(self, model: HookedTransformer, spec: _tl.ModelSpec, layer: int) -> "_tl.AllKeysValues | None":
+        """Run block ``layer`` on the shared positions; return their keys and values at this block
+        (None when nothing is shared)."""
+        if not self.length:
+            return None
+        attn, _, kv = _tl.block_attention_kv(model, layer, self.resid)
+        self.resid = finish_block(model, spec, layer, self.resid, attn)
+        return kv
+
+
+@dataclass
+class StreamBatch:
+    """Examples padded on the right, streamed block by block side by side (:func:`make_batches`).
+
+    Attributes:
+        full: ``[batch, pos - shared, d_model]`` the prompts WITH the chunk from position ``shared``
+            on (None where their rows are given, ``given``).
+        reduced: ``[batch, T, d_model]`` the prompts without the chunk (natural positions), under
+            the patches fitted so far.
+        base: ``[batch, T, d_model]`` the same, unpatched (the steering record), or None.
+        rows_full, rows_reduced: (batch index, position) of the fitted rows in ``full`` and ``reduced``.
+        in_pool: ``[n]`` which fitted rows are pooled; weights: ``[n]`` their weights (float64).
+        given: the rows of ``full`` given (:class:`PromptRows`): ``resid_pre`` ``[n_layers + 1, n,
+            d_model]`` and ``attn_out`` ``[n_layers, n, d_model]``, or None.
+    """
+
+    full: Float[Tensor, "batch pos d_model"] | None
+    reduced: Float[Tensor, "batch T d_model"]
+    base: Float[Tensor, "batch T d_model"] | None
+    rows_full: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
+    rows_reduced: tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
+    in_pool: Bool[Tensor, " n"]
+    weights: Float[Tensor, " n"]
+    given: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def make(
+        cls, model: HookedTransformer, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], shared: int,
+        base: bool,
+    ) -> tuple["StreamBatch", Float[Tensor, "1 shared d_model"]]:
+        """The batch, its prompts with the chunk from position ``shared`` on
+        (:func:`shared_stream_length`), each prompt up to its last fitted row (the later positions
+        change no fitted row: causal attention), and the residual entering block 0 of the
+        ``shared`` first positions, ``[1, shared, d_model]``."""
+        bf, pf, pr, w, inside = [], [], [], [], []
+        seq_full, seq_red = [], []
+        for i, (ex, (pos, weights, in_pool)) in enumerate(zip(encoded, rows)):
+            bf.append(torch.full_like(pos, i))
+            pf.append(pos - shared)
+            pr.append(ex.to_reduced(pos))
+            w.append(weights)
+            inside.append(in_pool)
+            seq_full.append(ex.full[: int(pos.max()) + 1] if len(pos) else ex.full)
+            seq_red.append(ex.reduced[: int(pr[-1].max()) + 1] if len(pos) else ex.reduced)
+        full = _tl.embed(model, pad_right(seq_full))
+        reduced = _tl.embed(model, pad_right(seq_red))
+        dev = full.device
+        rows_full = (torch.cat(bf).to(dev), torch.cat(pf).to(dev))
+        rows_red = (rows_full[0], torch.cat(pr).to(dev))
+        batch = cls(full[:, shared:], reduced, reduced.clone() if base else None, rows_full, rows_red,
+                    torch.cat(inside).to(dev), torch.cat(w).to(dev))
+        return batch, full[:1, :shared]
+
+
+def make_batches(
+    model: HookedTransformer, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], batch_size: int,
+    *, shared: int, base: bool, given: "PromptRows | None" = None, given_index: dict[int, Tensor] | None = None,
+) -> tuple[list[list[int]], list[StreamBatch], SharedStream]:
+    """The examples in :class:`StreamBatch` es of similar lengths (:func:`length_batches` on the
+    prompts' lengths with, then without the chunk), those whose rows ``given`` holds
+    (``given_index``, from :meth:`PromptRows.lookup`) batched apart after the others, and the
+    :class:`SharedStream` of their ``shared`` first positions. Returns the batches' example
+    indices, the batches and the shared stream."""
+    given_index = given_index or {}
+
+    def key(i: int) -> tuple[int, int]:
+        return encoded[i].full.shape[0], encoded[i].reduced.shape[0]
+
+    everything = range(len(encoded))
+    groups = (length_batches(key, [i for i in everything if i not in given_index], batch_size)
+              + length_batches(key, [i for i in everything if i in given_index], batch_size))
+    made = [StreamBatch.make(model, [encoded[i] for i in g], [rows[i] for i in g], shared, base) for g in groups]
+    batches = [b for b, _ in made]
+    for g, b in zip(groups, batches):
+        if g[0] in given_index:  # their rows, in the batch's order, on the model's device
+            idx = torch.cat([given_index[i] for i in g])
+            b.given = tuple(t[:, idx].to(b.reduced.device) for t in (given.pre, given.attn))
+            b.full = None
+    return groups, batches, SharedStream(made[0][1])
+
+
+@torch.no_grad()
+def prompt_rows(
+    model: HookedTransformer,
+    chunk: str,
+    examples: Sequence[Example],
+    *,
+    template: PromptTemplate | None = None,
+    pool: str = "kept",
+    query_weight: float = 0.0,
+    batch_size: int = 16,
+    share_prefix: bool = True,
+) -> PromptRows:
+    """:class:`PromptRows` of ``examples``: their prompts with the chunk streamed block by block as
+    :func:`tl_thoughts.fit_thought` streams them (the positions every prompt shares run once, each
+    prompt up to its last fitted row, batches of similar lengths), kept at the rows a fit with this
+    ``pool`` and ``query_weight`` reads. A fit given them gives the patch it gives streaming those
+    prompts itself, to floating-point rounding (``tests/test_thoughts.py``).
+
+    Args:
+        model: The model (no hooks may be attached).
+        chunk, examples, template: As for :func:`tl_thoughts.fit_thought`.
+        pool, query_weight: The fit options whose rows are kept.
+        batch_size: Prompts per forward pass.
+        share_prefix: False runs every prompt whole, the positions they share included (the same
+            rows, to rounding; slower).
+
+    Raises:
+        UnsupportedArchitectureError: blocks with norms after their sublayers.
+        InputError: no examples, an example given twice, a bad option.
+
+    Example:
+        >>> rows = prompt_rows(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
+        >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog", "sun"], rows=rows)  # doctest: +SKIP
+    """
+    spec = _tl.model_spec(model)
+    _tl.check_no_hooks(model)
+    refuse_post_norm(spec, "prompt_rows")
+    if pool not in POOLS:
+        raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not query_weight >= 0:
+        raise InputError(f"query_weight must be >= 0, got {query_weight}")
+    if len(examples) == 0:
+        raise InputError("at least one example is needed")
+    template = template or default_template(model)
+    encoded = [encode_example(model, template, chunk, ex) for ex in examples]
+    rows = [fitted_rows(e, pool, query_weight) for e in encoded]
+    shared = shared_stream_length(encoded, rows) if share_prefix else 0
+    groups, batches, common = make_batches(model, encoded, rows, batch_size, shared=shared, base=False)
+    pre: list[list[Tensor]] = [[] for _ in batches]
+    attn: list[list[Tensor]] = [[] for _ in batches]
+    for layer in range(spec.n_layers):
+        kv = common.step(model, spec, layer)
+        for j, b in enumerate(batches):
+            attn_full, _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
+            pre[j].append(b.full[b.rows_full])
+            attn[j].append(attn_full[b.rows_full])
+            b.full = finish_block(model, spec, layer, b.full, attn_full)
+    for j, b in enumerate(batches):
+        pre[j].append(b.full[b.rows_full])
+    parts: list[tuple[Tensor, Tensor] | None] = [None] * len(encoded)  # per example: its rows (resid_pre, attn_out)
+    pre_b, attn_b = [torch.stack(p) for p in pre], [torch.stack(a) for a in attn]  # [layer(+1), rows of batch j, d]
+    for j, g in enumerate(groups):
+        lo = 0
+        for i in g:
+            hi = lo + len(rows[i].positions)
+            parts[i] = (pre_b[j][:, lo:hi], attn_b[j][:, lo:hi])
+            lo = hi
+    return PromptRows.assemble(pool, query_weight, encoded, [r.positions for r in rows], parts)
