@@ -17,8 +17,12 @@ layer search) all run their prompts through the pieces here; none re-implements 
 - :func:`fitted_rows`, :class:`PromptRows` and :func:`prompt_rows`: the positions a fit reads,
   and the prompts with the chunk recorded there at every block (they depend on no patch, so they
   are computed once and read by several fits);
-- :func:`run_to_end`: a forward pass to the residual stream after the last block, optionally after
-  a cached prefix.
+- :class:`SharedPrefix`, :func:`run_to_end` and :func:`run_block_after`: forward passes to the
+  residual stream after the last block (or one block), after a cached prefix that every prompt
+  shares or after the cached positions of an earlier run;
+- :func:`greedy_decode_cached` (TransformerLens' key-value cache, optionally recording the residual
+  stream it ran through) and :func:`greedy_decode` (position-dependent hooks allowed), with
+  :func:`row_logits`.
 
 Shapes: ``pos`` positions, ``rows`` recorded rows, ``layer1 = n_layers + 1`` (``resid_pre`` of
 every block, then the residual after the last one).
@@ -31,7 +35,7 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
@@ -48,15 +52,21 @@ from tl_thoughts.templates import (
 __all__ = [
     "FittedRows",
     "PromptRows",
+    "SharedPrefix",
     "SharedStream",
     "StreamBatch",
     "finish_block",
     "finish_block_hidden",
     "fitted_rows",
+    "greedy_decode",
+    "greedy_decode_cached",
     "length_batches",
+    "make_batches",
     "pad_right",
     "prompt_rows",
     "refuse_post_norm",
+    "row_logits",
+    "run_block_after",
     "run_to_end",
     "shared_stream_length",
 ]
@@ -491,3 +501,237 @@ def prompt_rows(
             parts[i] = (pre_b[j][:, lo:hi], attn_b[j][:, lo:hi])
             lo = hi
     return PromptRows.assemble(pool, query_weight, encoded, [r.positions for r in rows], parts)
+
+
+# --- shared prefixes and forward passes after them ------------------------------------------------
+
+
+class SharedPrefix(NamedTuple):
+    """The first ``length`` tokens of every prompt of a batch (the same tokens in each), and their
+    frozen key-value cache (TransformerLens' ``TransformerLensKeyValueCache``, one sequence): the
+    positions after them run alone and read their keys and values (:func:`run_to_end`,
+    :func:`greedy_decode`), so they run once instead of once a prompt (the same values, to
+    rounding). Unpacks as ``(length, cache)``."""
+
+    length: int
+    cache: TransformerLensKeyValueCache
+
+    @classmethod
+    def of(
+        cls, model: HookedTransformer, seqs: Sequence[Int[Tensor, " pos"]], upto: int | None = None
+    ) -> "SharedPrefix | None":
+        """The tokens every one of ``seqs`` shares from its start (at most ``upto``, and at most
+        one less than the shortest: :func:`~tl_thoughts.templates.shared_prefix_length`), run
+        through the model as it is now (no hook or patch should be attached); None when they
+        share nothing.
+
+        Example:
+            >>> prefix = SharedPrefix.of(model, [e.full for e in encoded])  # doctest: +SKIP
+            >>> final = run_to_end(model, pad_right([e.full[prefix.length:] for e in encoded]), prefix=prefix.cache)  # doctest: +SKIP
+        """
+        n = shared_prefix_length(seqs, upto=upto)
+        return cls.first(model, seqs[0], n) if n else None
+
+    @classmethod
+    def first(cls, model: HookedTransformer, tokens: Int[Tensor, " pos"], length: int) -> "SharedPrefix":
+        """The first ``length`` tokens of ``tokens`` and their cache (the caller checks that every
+        prompt starts with them)."""
+        if not 0 < length <= tokens.shape[0]:
+            raise InputError(f"a shared prefix of {length} tokens out of {tokens.shape[0]}")
+        return cls(length, _tl.prefix_cache(model, tokens[None, :length]))
+
+
+def run_block_after(
+    model: HookedTransformer,
+    stack: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    kv: TransformerLensKeyValueCache,
+    p: int,
+    n: int,
+) -> Float[Tensor, "batch pos d_model"]:
+    """Block ``layer`` (none past the last) on ``stack``: copies of ``n`` sequences each (e.g. one
+    candidate edit a copy), holding their positions from ``p`` on; the positions before ``p`` are
+    read from ``kv``, the key-value cache of one run of the ``n`` sequences (the same for every
+    copy; ``TransformerLensKeyValueCache`` filled by ``model(..., past_kv_cache=kv)``).
+
+    Example:
+        >>> after = run_block_after(model, edited, 5, kv, p=3, n=len(batch))  # doctest: +SKIP
+    """
+    if layer >= model.cfg.n_layers:
+        return stack
+    if p == 0:
+        return run_to_end(model, stack, start_at_layer=layer, stop_at_layer=layer + 1)
+    copies = stack.shape[0] // n
+    entry = kv.entries[layer]
+    keys, values = (t[:, :p].repeat(copies, *[1] * (t.dim() - 1)) for t in (entry.past_keys, entry.past_values))
+    entry = TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
+    mask = torch.ones(stack.shape[0], p + stack.shape[1], dtype=torch.long, device=stack.device)
+    # only this block's entry is read (start_at_layer=layer, stop_at_layer=layer + 1)
+    cache = TransformerLensKeyValueCache([entry] * model.cfg.n_layers, mask[:, :p], frozen=True)
+    return model(stack, start_at_layer=layer, stop_at_layer=layer + 1, attention_mask=mask, past_kv_cache=cache)
+
+
+# --- greedy decoding ----------------------------------------------------------------------------
+
+Keep = Callable[[int, list[int]], bool]  # keep(sequence index, tokens generated so far): go on?
+
+
+def row_logits(
+    model: HookedTransformer, rows: Float[Tensor, "rows d_model"], unembed_weight: Float[Tensor, "d_vocab d_model"]
+) -> Float[Tensor, "rows d_vocab"]:
+    """The logits of residual rows after the last block: the final norm, then the unembedding.
+
+    ``unembed_weight`` is ``model.W_U.T.contiguous()``, made once by the caller: TransformerLens'
+    ``Unembed`` computes ``F.linear(x, W_U.T.contiguous(), b_U)``, copying the matrix at every
+    call; the same product with a copy made once gives the same logits, bit for bit."""
+    return torch.nn.functional.linear(_tl.final_norm(model, rows), unembed_weight, model.b_U)
+
+
+def _advance(i: int, token: int, generated: list[list[int]], stopped: list[bool], stops: Tensor, keep: Keep) -> bool:
+    """One greedy step of sequence ``i``: a stop token ends it (``stopped[i]``); any other token is
+    appended, and it goes on while ``keep`` holds. Returns whether it goes on."""
+    if bool(stops[token]):
+        stopped[i] = True
+        return False
+    generated[i].append(token)
+    return keep(i, generated[i])
+
+
+def greedy_decode(
+    model: HookedTransformer,
+    prompts: Sequence[Int[Tensor, " pos"]],
+    starts: Sequence[list[int]],
+    keep: Keep,
+    stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+    hooks: Callable[[list[int]], list] | None = None,
+    prefix: SharedPrefix | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy decoding of a batch of prompts that may run under position-dependent hooks
+    (right-padded, every step from the start: no key-value cache for the generated tokens), prompt
+    ``i`` continued from the tokens ``starts[i]``: one token at a time, while no stop token comes
+    and ``keep(i, tokens so far)`` holds. ``hooks(active indices)`` gives forward hooks for a step.
+    ``prefix``: the prompts' first tokens (the same in every prompt) are not run, their keys and
+    values read from its cache. Without hooks, :func:`greedy_decode_cached` is the faster path.
+
+    Returns:
+        The generated tokens (without the stop token) and whether each sequence ended on a stop token.
+    """
+    device = _tl.model_device(model)
+    k, cache = prefix if prefix is not None else (0, None)
+    generated = [list(p) for p in starts]
+    stopped = [False] * len(prompts)
+    active = list(range(len(prompts)))
+    while active:
+        seqs = [torch.cat([prompts[i], torch.tensor(generated[i], dtype=prompts[i].dtype)])[k:] for i in active]
+        with _tl.hooked(model, hooks(active) if hooks else []):
+            final = run_to_end(model, pad_right(seqs).to(device), prefix=cache)
+        last = final[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]
+        nxt = row_logits(model, last, unembed_weight).argmax(-1)
+        active = [i for i, token in zip(active, nxt.tolist()) if _advance(i, token, generated, stopped, stops, keep)]
+    return generated, stopped
+
+
+Record = tuple[Float[Tensor, "layer1 pos d_model"], Float[Tensor, "layer pos d_model"]]
+
+
+@torch.no_grad()
+def greedy_decode_cached(
+    model: HookedTransformer,
+    prompts: Sequence[Int[Tensor, " pos"]],
+    keep: Keep,
+    stops: Bool[Tensor, " d_vocab"],
+    unembed_weight: Float[Tensor, "d_vocab d_model"],
+    batch_size: int | None = None,
+    record_from: int | None = None,
+    records: list[Record] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy decoding with TransformerLens' key-value cache (``TransformerLensKeyValueCache``; no
+    hooks): the first tokens every prompt shares run once (:class:`SharedPrefix`; a task's prompts
+    with the chunk: the prefix and the chunk), then the prompts of one length run as one batch (no
+    padding; at most ``batch_size`` sequences, a larger length group split evenly) from there, each
+    prompt once, then one new token per step for the sequences still going: a finished sequence
+    leaves the batch and its rows of the cache. The same decoding as :func:`greedy_decode` up to
+    floating-point rounding (the cached step multiplies other shapes): a near tie between two
+    tokens may break the other way (``tests/test_evaluation.py``).
+
+    ``records`` (a list, with ``record_from``): appended, for each prompt, the residual stream it ran
+    through, from position ``record_from`` to the last one run (the prompt, then every generated
+    token but the last: the stop token, or the one ``keep`` refused): ``(resid_pre of every block
+    then the residual after the last one [n_layers + 1, pos, d_model], every block's hook_attn_out
+    [n_layers, pos, d_model])``, as the run computes them.
+
+    Example:
+        >>> tokens, stopped = greedy_decode_cached(model, prompts, lambda i, g: len(g) < 8, stops, model.W_U.T.contiguous())  # doctest: +SKIP
+    """
+    device = _tl.model_device(model)
+    generated: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(int(p.shape[0]), []).append(i)
+    groups = []
+    for same in by_length.values():
+        k = 1 if batch_size is None else -(-len(same) // batch_size)  # parts of at most batch_size, as even as can be
+        groups += [same[round(j * len(same) / k) : round((j + 1) * len(same) / k)] for j in range(k)]
+    shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
+    n_layers = model.cfg.n_layers
+    pre_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [_tl.resid_post_name(n_layers - 1)]
+    attn_names = [_tl.attn_out_name(layer) for layer in range(n_layers)]
+    store: dict[str, Tensor] = {}
+
+    def save(act, hook):
+        store[hook.name] = act
+
+    recording = records is not None
+    if recording and record_from is None:
+        raise InputError("records need record_from")
+    hooks = [(name, save) for name in pre_names + attn_names] if recording else []
+    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in prompts]
+
+    def record(rows: list[int], first: int) -> None:
+        """The rows just run (positions ``first`` on) of the sequences ``rows``."""
+        pre, attn = torch.stack([store[n] for n in pre_names]), torch.stack([store[n] for n in attn_names])
+        lo = max(0, record_from - first)
+        if lo < pre.shape[2]:
+            for r, i in enumerate(rows):
+                parts[i].append((pre[:, r, lo:], attn[:, r, lo:]))
+
+    prefix = None
+    if shared:
+        with _tl.hooked(model, hooks if recording and record_from < shared else []):
+            prefix = SharedPrefix.first(model, prompts[0], shared).cache
+        if recording and record_from < shared:  # the shared positions, the same rows in every sequence
+            record([0], 0)
+            parts = [list(parts[0]) for _ in prompts]
+    with _tl.hooked(model, hooks):
+        for group in groups:
+            if prefix is None:
+                cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(group))
+            else:
+                cache = _tl.broadcast_cache(prefix, len(group), frozen=False)
+            x = torch.stack([prompts[i][shared:] for i in group]).to(device)
+            first = shared
+            while group:
+                mask = torch.ones(x.shape, dtype=torch.long, device=device)
+                final = model(x, stop_at_layer=model.cfg.n_layers, attention_mask=mask, past_kv_cache=cache)
+                if recording:
+                    record(group, first)
+                first += x.shape[1]
+                nxt = row_logits(model, final[:, -1], unembed_weight).argmax(-1)
+                going = [r for r, i in enumerate(group) if _advance(i, int(nxt[r]), generated, stopped, stops, keep)]
+                if going and len(going) < len(group):  # the finished sequences leave the batch and the cache
+                    rows = torch.tensor(going, device=device)
+                    for entry in cache.entries:
+                        entry.past_keys, entry.past_values = entry.past_keys[rows], entry.past_values[rows]
+                    cache.previous_attention_mask = cache.previous_attention_mask[rows]
+                    nxt = nxt[rows]
+                group = [group[r] for r in going]
+                x = nxt[:, None]
+    if recording:
+        d, dtype = model.cfg.d_model, model.cfg.dtype
+        for seq in parts:  # no position from record_from on: no rows
+            seq = seq or [(torch.zeros(n_layers + 1, 0, d, dtype=dtype, device=device),
+                           torch.zeros(n_layers, 0, d, dtype=dtype, device=device))]
+            records.append((torch.cat([p for p, _ in seq], dim=1), torch.cat([a for _, a in seq], dim=1)))
+    return generated, stopped

@@ -33,7 +33,6 @@ from tl_thoughts.errors import InputError
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.stream import (
     PromptRows,
-    StreamBatch,
     finish_block,
     finish_block_hidden,
     fitted_rows,
