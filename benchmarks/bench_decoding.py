@@ -3,11 +3,11 @@ TransformerLens' key-value cache, against decoding every step from the start, on
 
 For every shipped task (or ``--tasks``), the prompts WITH the chunk of all its ``queries``, in
 batches of ``EvalConfig.batch_size`` (as ``query_answers`` takes them), are decoded greedily up to
-a stop token or 17 tokens, both ways: ``evaluation._greedy_loop`` (right padding, every step
-re-runs the whole batch) and ``evaluation._greedy_cached`` (the key-value cache, prompts grouped by
-length). Prints, measured in this one run: per task, the two wall times, their ratio, and how many
-queries' generations differ (the two agree up to floating-point rounding, so a near tie could break
-the other way); then the totals. The reference loop's resident memory peaks far above the model's
+a stop token or 17 tokens, both ways: ``evaluation.greedy_decode`` (right padding, every step
+re-runs the whole batch) and ``evaluation.greedy_decode_cached`` (the key-value cache, prompts
+grouped by length). Prints, measured in this one run: per task, the two wall times, their ratio,
+and how many queries' generations differ (the two agree up to floating-point rounding, so a near
+tie could break the other way); then the totals. The reference loop's resident memory peaks far above the model's
 (11 GB on one batch of 64 antonyms prompts, cause not found): on successor it ran out of this
 machine's 23 GB, so ``--tasks`` runs a subset.
 
@@ -23,6 +23,7 @@ from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
 from tl_thoughts.models import load_default_model
 from tl_thoughts.tasks import load_task, shipped_tasks
+from tl_thoughts.templates import encode_example
 
 MAX_NEW_TOKENS = 16  # query_answers' default: a generation is cut after 17 tokens
 
@@ -44,16 +45,16 @@ def main() -> None:
         task = load_task(path)
         if args.tasks is not None and task.name not in args.tasks:
             continue
-        prompts = [E.encode_example(model, task.template, task.chunk, q).full.cpu() for q in task.queries]
+        prompts = [encode_example(model, task.template, task.chunk, q).full.cpu() for q in task.queries]
         t_loop = t_cached = 0.0
         differ = 0
         with _tl.linear_layout(model):
             for b in range(0, len(prompts), bs):
                 batch = prompts[b : b + bs]
                 t0 = time.perf_counter()
-                slow = E._greedy_loop(model, batch, [[] for _ in batch], keep, stops, unembed)
+                slow = E.greedy_decode(model, batch, [[] for _ in batch], keep, stops, unembed)
                 t1 = time.perf_counter()
-                fast = E._greedy_cached(model, batch, keep, stops, unembed)
+                fast = E.greedy_decode_cached(model, batch, keep, stops, unembed)
                 t2 = time.perf_counter()
                 t_loop, t_cached = t_loop + t1 - t0, t_cached + t2 - t1
                 differ += sum((g, s) != (h, u) for g, s, h, u in zip(*slow, *fast))

@@ -53,7 +53,10 @@ else:
 if hasattr(E, "query_difference_sums"):
     once["query_sums"] = E.query_difference_sums(model, task, queries, config, *once.values())
 t2 = time.perf_counter()
-result = E.evaluate_seed(model, task, config, seed, verdicts, queries, **once)
+if hasattr(E, "TaskInputs"):  # the once-a-task inputs in one object
+    result = E.evaluate_seed(model, task, config, seed, E.TaskInputs(verdicts, queries, **once))
+else:
+    result = E.evaluate_seed(model, task, config, seed, verdicts, queries, **once)
 t3 = time.perf_counter()
 n = len(config.seeds)
 print("RESULT", config.n_queries, config.ridge, t1 - t0, t2 - t1, t3 - t2, (t2 - t0) / n + (t3 - t2),

@@ -23,6 +23,7 @@ from helpers import (
 import tl_thoughts as tt
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
+from tl_thoughts.evaluation import decoding, protocol
 from tl_thoughts.tasks import MIN_EXAMPLES, TaskFormatError, load_task, shipped_tasks, task_from_dict
 from tl_thoughts.templates import shared_prefix_length
 
@@ -61,7 +62,7 @@ def test_shipped_tasks_follow_the_format():
 @pytest.mark.parametrize("normalization", ["as built", None])
 def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, normalization):
     """``_tl.final_norm`` on picked rows of the residual after the last block, then the unembedding
-    (what ``_verdicts`` and the greedy decoding compute, on the rows they need only), gives
+    (what ``teacher_forced_verdicts`` and the greedy decoding compute, on the rows they need only), gives
     the model's own logits at those positions, for every kind of final norm and without one."""
     extra = {} if normalization == "as built" else {"normalization_type": None}
     model = fresh_model(arch, **extra)
@@ -81,8 +82,8 @@ def test_final_norm_on_rows_gives_the_forward_passs_logits(fresh_model, arch, no
 @pytest.mark.parametrize("shared", [0, 4])
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, shared, batch_size):
-    """``_greedy_cached`` (the key-value cache, prompts grouped by length, the first tokens they all
-    share run once) decodes exactly what ``_greedy_loop`` (every step from the start, right
+    """``greedy_decode_cached`` (the key-value cache, prompts grouped by length, the first tokens they all
+    share run once) decodes exactly what ``greedy_decode`` (every step from the start, right
     padding) decodes: the same tokens, the same stops, for prompts of several lengths, some ending
     on a stop token and some on ``keep``, without and with a shared prefix of 4 tokens. Three or
     four prompts share a length, so that a batch's prompts finish at different steps (the finished
@@ -93,7 +94,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     for seed in range(99, 109):  # a shared prefix after which the prompts' generations still differ
         common = random_tokens(shared, seed=seed)[0]
         prompts = [torch.cat([common, random_tokens(n, seed=n + k)[0]]) for k, n in enumerate([3, 5, 5, 8, 3, 6, 5, 3, 5])]
-        free, _ = E._greedy_loop(model, prompts, [[] for _ in prompts], keep,
+        free, _ = E.greedy_decode(model, prompts, [[] for _ in prompts], keep,
                                  torch.zeros(D_VOCAB, dtype=torch.bool), unembed)
         # a stop token: one that some prompt generates and some other prompt does not
         stop = next((t for g in free for t in g if any(t not in h for h in free)), None)
@@ -102,11 +103,11 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     assert stop is not None and shared_prefix_length(prompts) == shared
     stops = torch.zeros(D_VOCAB, dtype=torch.bool)
     stops[stop] = True
-    expected = E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed)
-    assert E._greedy_cached(model, prompts, keep, stops, unembed, batch_size) == expected
+    expected = E.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert E.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size) == expected
     if shared:  # the loop itself after a prefix read from a key-value cache
         prefix = (shared, _tl.prefix_cache(model, prompts[0][None, :shared]))
-        assert E._greedy_loop(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
+        assert E.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
     generated, stopped = expected
     assert any(stopped) and not all(stopped), stopped  # both endings occur
     assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
@@ -116,7 +117,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     n_layers = model.cfg.n_layers
     for first in sorted({2, shared + 1}):
         records = []
-        assert E._greedy_cached(model, prompts, keep, stops, unembed, batch_size, record_from=first,
+        assert E.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size, record_from=first,
                                 records=records) == expected
         assert len(records) == len(prompts)
         for prompt, g, s, (pre, attn) in zip(prompts, generated, stopped, records):
@@ -129,13 +130,13 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
             assert_close(pre, want_pre, 1e-10, f"recorded resid (from {first})")
             assert_close(attn, want_attn, 1e-10, f"recorded attn_out (from {first})")
     with pytest.raises(ValueError, match="record_from"):
-        E._greedy_cached(model, prompts, keep, stops, unembed, records=[])
+        E.greedy_decode_cached(model, prompts, keep, stops, unembed, records=[])
 
 
 @pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
-    """The protocol runs a thought patch in its weight form (``_match_under``), the positions it
+    """The protocol runs a thought patch in its weight form (``match_under``), the positions it
     leaves unpatched (a fixed first token here) read from a key-value cache of the unpatched
     model: the verdicts and log-probabilities (float64) of the activation form's hooks, position
     by position; the model is left untouched."""
@@ -153,11 +154,11 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
     examples = []
     for pair in pairs:
         enc = encode_example(model, template, chunk, pair)
-        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+        examples.append(E.TaskExample(enc, enc.full.shape[0] - enc.answer_start))
     stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
     stops[model.to_single_token(".")] = True
     unembed = model.W_U.T.contiguous()
-    weight = E._match_under(model, patch, examples, stops=stops, batch_size=3, unembed_weight=unembed)
+    weight = E.match_under(model, patch, examples, stops=stops, batch_size=3, unembed_weight=unembed)
     assert not hooks_attached(model)
     assert_model_untouched(model, snap)
     with patch.apply(model, "activation"):
@@ -168,13 +169,13 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
     assert (hooked[1] - plain[1]).abs().max() > 1e-3  # the patch changes them
     if prefixed:  # prompts whose unpatched first tokens differ: refused, not run under one cache
         enc = examples[0].enc
-        other = E._Example(dataclasses.replace(enc, reduced=torch.cat([enc.reduced[1:2], enc.reduced[1:]])),
+        other = E.TaskExample(dataclasses.replace(enc, reduced=torch.cat([enc.reduced[1:2], enc.reduced[1:]])),
                            examples[0].n_cont)
         with pytest.raises(tt.InputError, match="first 1 tokens differ"):
-            E._match_under(model, patch, [other] + examples, stops=stops, batch_size=3, unembed_weight=unembed)
+            E.match_under(model, patch, [other] + examples, stops=stops, batch_size=3, unembed_weight=unembed)
         with pytest.raises(ValueError, match="no hooks with a prefix cache"):
             E.greedy_match(model, examples, with_chunk=False, hooks=lambda batch, with_chunk: [],
-                           _prefix=(1, _tl.prefix_cache(model, examples[0].enc.reduced[None, :1])))
+                           prefix=(1, _tl.prefix_cache(model, examples[0].enc.reduced[None, :1])))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -191,8 +192,8 @@ def test_mean_differences_equal_whole_runs(text_models, arch, pool):
     template = tt.PromptTemplate("<eos>{chunk}{query}", separator="")
     chunk = "the cat sat on the mat and"
     pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat on .")]
-    examples = [E._Example(encode_example(model, template, chunk, p), 0) for p in pairs]
-    assert E._shared_full_length(examples, "answer") == examples[0].enc.stop > 1
+    examples = [E.TaskExample(encode_example(model, template, chunk, p), 0) for p in pairs]
+    assert E.shared_full_length(examples, "answer") == examples[0].enc.stop > 1
     names = ["blocks.0.hook_resid_pre"] + [_tl.resid_post_name(layer) for layer in range(model.cfg.n_layers)]
     diff = torch.zeros(len(names), model.cfg.d_model, dtype=torch.float64)
     task = torch.zeros(len(names) - 1, model.cfg.d_model, dtype=torch.float64)
@@ -207,7 +208,7 @@ def test_mean_differences_equal_whole_runs(text_models, arch, pool):
             if k:
                 task[k - 1] += full[name][0, e.last_prompt_full]
         n_pos += len(pos)
-    deltas, vectors = E._mean_differences(model, examples, pool, batch_size=3)  # a batch of 3, then 1
+    deltas, vectors = E.mean_differences(model, examples, pool, batch_size=3)  # a batch of 3, then 1
     assert diff.abs().max() > 1e-2
     assert_close(deltas, diff / n_pos, 1e-10, "mean differences")
     assert_close(vectors, task / len(examples), 1e-10, "task vectors")
@@ -251,7 +252,7 @@ def test_teacher_forced_verdicts_with_the_chunk_run_its_positions_once(text_mode
     examples = []
     for query, answer in pairs:
         enc = encode_example(model, template, "the cat sat on the mat and", (query, answer))
-        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+        examples.append(E.TaskExample(enc, enc.full.shape[0] - enc.answer_start))
     stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
     stops[model.to_single_token(".")] = True
     once = E.greedy_match(model, examples, with_chunk=True, stops=stops, batch_size=3, compare="tokens")
@@ -312,6 +313,79 @@ def test_splits_are_disjoint_complete_and_deterministic(seed):
     assert fit != E.split(75, 20, seed + 10)[0]
     with pytest.raises(Exception, match="no test example"):
         E.split(20, 20, seed)
+
+
+def test_task_inputs_are_checked():
+    """``TaskInputs`` (what ``prepare_task`` computes once a task) holds its queries as a tuple and
+    refuses inconsistent parts; ``check`` refuses inputs that do not fit the task or the config."""
+    task = task_from_dict(_task_dict())
+    n = len(task.examples)
+    verdicts = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+    inputs = E.TaskInputs(verdicts, [("x", "y")])
+    assert inputs.queries == (("x", "y"),) and inputs.query_rows is None and inputs.query_sums is None
+    methods = ("with_chunk", "without_chunk", "thought_patch")
+    inputs.check(task, E.EvalConfig(n_queries=1, methods=methods))
+    with pytest.raises(tt.InputError, match="n_queries is 2"):
+        inputs.check(task, E.EvalConfig(n_queries=2, methods=methods))
+    with pytest.raises(tt.InputError, match="query_sums are needed"):
+        inputs.check(task, E.EvalConfig(n_queries=1))  # the default methods run the steering baselines
+    with pytest.raises(tt.InputError, match="one value per example"):
+        E.TaskInputs((verdicts[0][1:], verdicts[1][1:]), [("x", "y")]).check(task, E.EvalConfig(n_queries=1, methods=methods))
+    with pytest.raises((tt.InputError, TypeError), match="verdicts|n_examples"):  # TypeCheckError under the suite's checks
+        E.TaskInputs((verdicts[0], verdicts[1][1:]), [("x", "y")])
+    sums = E.DifferenceSums(torch.zeros(3, 4, dtype=torch.float64), 5, torch.zeros(2, 4, dtype=torch.float64), 2)
+    with pytest.raises(tt.InputError, match="query_sums are sums over 2 queries, 1 queries given"):
+        E.TaskInputs(verdicts, [("x", "y")], query_sums=sums)
+    E.TaskInputs(verdicts, [("x", "y"), ("z", "w")], query_sums=sums).check(task, E.EvalConfig(n_queries=2))
+
+
+def test_results_record_the_commit_and_the_command(tmp_path, monkeypatch):
+    """``results.json``'s ``meta`` records the git commit of the package's checkout (``+dirty``
+    with changes to tracked files; None without git) and the command given."""
+    import subprocess
+    from pathlib import Path
+
+    package = Path(E.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package,
+                            capture_output=True, text=True)
+    expected = None if head.returncode else head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    meta = E.results_json([], E.EvalConfig(), "m", command="tl-thoughts eval --suite")["meta"]
+    assert meta["commit"] == expected and meta["command"] == "tl-thoughts eval --suite"
+    assert E.results_json([], E.EvalConfig(), "m")["meta"]["command"] is None
+    out = E.write_results([], E.EvalConfig(), "m", tmp_path / "out", command="tl-thoughts eval --task t.json")
+    written = json.loads((out / "results.json").read_text())["meta"]
+    assert (written["commit"], written["command"]) == (expected, "tl-thoughts eval --task t.json")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git found: None, no error
+    assert E.checkout_commit() is None and E.results_json([], E.EvalConfig(), "m")["meta"]["commit"] is None
+
+
+def test_the_package_exports_its_public_names():
+    """``tl_thoughts.evaluation`` re-exports every public name its modules define (and nothing
+    else), and docs/api.md documents each."""
+    import ast
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    defined = []
+    for name in ("config", "examples", "decoding", "verdicts", "baselines", "protocol", "report"):
+        module = importlib.import_module(f"tl_thoughts.evaluation.{name}")
+        for node in ast.parse(inspect.getsource(module)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                names = [t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+            else:
+                continue
+            for n in names:
+                if not n.startswith("_"):
+                    defined.append(n)
+                    assert getattr(E, n) is getattr(module, n), (name, n)
+    assert sorted(defined) == sorted(E.__all__)
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for n in E.__all__:
+        assert f"::: tl_thoughts.evaluation.{n}\n" in api, n
 
 
 def test_config_is_validated():
@@ -395,8 +469,12 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
     again = E.evaluate_seed(smollm2, slice_task, config, 1)
     assert again.right == result.seeds[1].right and again.layers == result.seeds[1].layers
     other = E.query_difference_sums(smollm2, slice_task, result.queries[:-1], config)  # sums over other queries
+    n = len(slice_task.examples)
+    verdicts = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
     with pytest.raises(tt.InputError, match="query_sums"):
-        E.evaluate_seed(smollm2, slice_task, config, 1, queries=result.queries, query_sums=other)
+        E.TaskInputs(verdicts, result.queries, query_sums=other)
+    with pytest.raises(tt.InputError, match="query_sums are needed"):  # the config runs steering baselines
+        E.evaluate_seed(smollm2, slice_task, config, 1, E.TaskInputs(verdicts, result.queries))
     assert_model_untouched(smollm2, snap)
 
 
@@ -413,11 +491,16 @@ def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
     assert torch.equal(w, with_right[test_idx]) and torch.equal(wo, without_right[test_idx])
     seed = E.evaluate_seed(smollm2, slice_task, config, 0)
     assert seed.filtered_indices == [i for i, k in zip(test_idx, keep.tolist()) if k]
+    inputs = E.prepare_task(smollm2, slice_task, config)  # the inputs evaluate_seed computed
+    assert all(torch.equal(a, b) for a, b in zip(inputs.verdicts, (with_right, without_right)))
+    assert E.evaluate_seed(smollm2, slice_task, config, 0, inputs).right == seed.right
     n = len(slice_task.examples)
     made_up = (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
-    assert E.evaluate_seed(smollm2, slice_task, config, 0, made_up).filtered_indices == test_idx
+    given = dataclasses.replace(inputs, verdicts=made_up)
+    assert E.evaluate_seed(smollm2, slice_task, config, 0, given).filtered_indices == test_idx
+    shorter = dataclasses.replace(inputs, verdicts=(made_up[0][:-1], made_up[1][:-1]))
     with pytest.raises(tt.InputError, match="one value per example"):
-        E.evaluate_seed(smollm2, slice_task, config, 0, (made_up[0][:-1], made_up[1][:-1]))
+        E.evaluate_seed(smollm2, slice_task, config, 0, shorter)
 
 
 @pytest.mark.real_model
@@ -550,12 +633,12 @@ def test_the_rank_is_chosen_on_the_fit_examples_and_the_answered_queries(smollm2
         return out
 
     choose_rank = E.choose_rank
-    monkeypatch.setattr(E, "choose_rank", spy)
+    monkeypatch.setattr(protocol, "choose_rank", spy)
     methods = ("with_chunk", "without_chunk", "thought_patch")
     queries = E.query_answers(smollm2, slice_task, N_QUERIES)
     fit_idx = E.split(len(slice_task.examples), 8, 0)[0]
     labelled = [(e.enc.full.tolist(), e.n_cont) for e in E.encode_task_examples(smollm2, slice_task, fit_idx)]
-    answered = [(e.enc.full.tolist(), e.n_cont) for e in (E._encode(smollm2, slice_task, q, a) for q, a in queries)]
+    answered = [(e.enc.full.tolist(), e.n_cont) for e in (E.encode_task_example(smollm2, slice_task, q, a) for q, a in queries)]
     for on_queries, expected in ((True, labelled + answered), (False, labelled)):
         config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods, ranks=(1, None), rank_on_queries=on_queries)
         seed = E.evaluate_seed(smollm2, slice_task, config, 0)
@@ -640,14 +723,16 @@ def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
 def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smollm2, slice_task):
     """On the default model, the key-value-cached decoding of ``query_answers`` gives the same
     tokens as decoding every step from the start, for prompts of several lengths."""
-    prompts = [E.encode_example(smollm2, slice_task.template, slice_task.chunk, q).full.cpu()
+    from tl_thoughts.templates import encode_example
+
+    prompts = [encode_example(smollm2, slice_task.template, slice_task.chunk, q).full.cpu()
                for q in slice_task.queries[:24]]
     assert len({p.shape[0] for p in prompts}) > 1  # several length groups
     stops, unembed = E.stop_tokens(smollm2), smollm2.W_U.T.contiguous()
     keep = lambda i, g: len(g) <= 16  # noqa: E731
-    expected = E._greedy_loop(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
-    assert E._greedy_cached(smollm2, prompts, keep, stops, unembed) == expected
-    assert E._greedy_cached(smollm2, prompts, keep, stops, unembed, batch_size=3) == expected  # groups split
+    expected = E.greedy_decode(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert E.greedy_decode_cached(smollm2, prompts, keep, stops, unembed) == expected
+    assert E.greedy_decode_cached(smollm2, prompts, keep, stops, unembed, batch_size=3) == expected  # groups split
     assert all(expected[1])  # every query's generation ends on a stop token
 
 
@@ -676,7 +761,8 @@ def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, sli
     with pytest.raises(tt.InputError, match="3 unlabelled queries"):
         E.query_answers(smollm2, few, 5)
     with pytest.raises(tt.InputError, match="n_queries is"):
-        E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=2), 0, queries=pairs)
+        E.evaluate_seed(smollm2, slice_task, E.EvalConfig(n_fit=8, n_queries=2), 0,
+                        E.TaskInputs(E.example_verdicts(smollm2, slice_task), pairs))
 
 
 @pytest.mark.real_model
@@ -698,7 +784,7 @@ def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice
     assert_close(rows.attn, streamed.attn, 1e-10, "attn_out rows")
     # tampered runs: the first query's run spells its answer otherwise (its record zeroed), the
     # second's record doubled
-    answer_queries = E._answer_queries
+    answer_queries = E.query_answers_with_runs
 
     def tampered(*args, **kwargs):
         out, runs = answer_queries(*args, **kwargs)
@@ -709,9 +795,9 @@ def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice
         runs[1] = (ex1, run1, (2 * pre1, 2 * attn1), f1)
         return out, runs
 
-    monkeypatch.setattr(E, "_answer_queries", tampered)
+    monkeypatch.setattr(decoding, "query_answers_with_runs", tampered)
     _, read = E.query_answers_with_rows(model, slice_task, config)
-    first, second = (read.rows_of(E._encode(model, slice_task, q, a).enc.full) for q, a in queries[:2])
+    first, second = (read.rows_of(E.encode_task_example(model, slice_task, q, a).enc.full) for q, a in queries[:2])
     alone = full_prompt_rows(model, slice_task.chunk, [(queries[0][0], slice_task.continuation(queries[0][1]))],
                              template=slice_task.template, pool=config.pool, query_weight=config.query_weight)
     assert_close(read.pre[:, first], alone.pre, 1e-10, "the streamed query's rows")
@@ -732,16 +818,16 @@ def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_tas
     seed = E.evaluate_seed(smollm2, slice_task, config, 0)
     queries = E.query_answers(smollm2, slice_task, N_QUERIES)
     fit_set = E.encode_task_examples(smollm2, slice_task, seed.fit_indices)
-    query_set = [E._encode(smollm2, slice_task, q, a) for q, a in queries]
+    query_set = [E.encode_task_example(smollm2, slice_task, q, a) for q, a in queries]
     filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
-    start = E._region_start(fit_set)
+    start = E.region_start(fit_set)
     rights = {}
     for label, rows in (("with queries", (fit_set, query_set)), ("without", (fit_set, []))):
         # the fit examples' sums plus the queries' (the protocol computes the second once a task)
         deltas, _ = (E.difference_sums(smollm2, rows[0], config.pool, 64)
                      + E.difference_sums(smollm2, rows[1], config.pool, 64)).means()
         right, logprob = E.greedy_match(smollm2, filtered, with_chunk=False,
-                                        hooks=E._all_layer_steering_hooks(deltas, start))
+                                        hooks=E.all_layer_steering_hooks(deltas, start))
         rights[label] = (right.tolist(), logprob.tolist())
     assert rights["with queries"][0] == seed.right[method]
     assert rights["with queries"][1] != rights["without"][1]
@@ -758,8 +844,8 @@ def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_layer_search_equals_whole_hooked_runs(text_models, arch, monkeypatch):
-    """``_best_layers`` (the candidates staggered, each running only from its edit's first position,
+def test_layer_search_equals_whole_hooked_runs(text_models, arch):
+    """``best_layers`` (the candidates staggered, each running only from its edit's first position,
     the earlier ones' keys and values read from the unedited run's key-value cache) gives every
     layer's accuracy and mean log-probability that ``greedy_match`` gives under the same edit as
     hooks on whole runs, float64: a steering vector from the chunk's place on and task vectors at
@@ -772,20 +858,20 @@ def test_layer_search_equals_whole_hooked_runs(text_models, arch, monkeypatch):
     examples = []
     for pair in pairs:
         enc = encode_example(model, template, "the cat sat on the mat and", pair)
-        examples.append(E._Example(enc, enc.full.shape[0] - enc.answer_start))
+        examples.append(E.TaskExample(enc, enc.full.shape[0] - enc.answer_start))
     stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
     stops[model.to_single_token(".")] = True
     g = torch.Generator().manual_seed(0)
     d, n_layers = model.cfg.d_model, model.cfg.n_layers
     deltas = torch.randn(n_layers + 1, d, generator=g, dtype=torch.float64)
     vectors = 3 * torch.randn(n_layers, d, generator=g, dtype=torch.float64)
-    start = E._region_start(examples)
-    edits = {"steering": E._steering_edit(deltas, start), "task_vector": E._task_vector_edit(vectors)}
-    groups = [[examples[i] for i in g] for g in E._search_groups(examples, edits, 2)]
+    start = E.region_start(examples)
+    edits = {"steering": E.steering_edit(deltas, start), "task_vector": E.task_vector_edit(vectors)}
+    groups = [[examples[i] for i in g] for g in E.search_groups(examples, edits, 2)]
     assert len(groups) == 2 and 0 < start < min(edits["task_vector"].first(g) for g in groups)  # both read a cache
-    best = E._best_layers(model, examples, edits, stops, 4)  # batches of 2
-    hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
-             "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
+    best = E.best_layers(model, examples, edits, stops, 4)  # batches of 2
+    hooks = {"steering": lambda layer: E.steering_hooks(deltas, [layer], start),
+             "task_vector": lambda layer: E.task_vector_hooks(vectors, layer)}
     for name, (layer, accuracy, logprob) in best.items():
         for candidate in range(n_layers):
             right, lp = E.greedy_match(model, examples, with_chunk=False, hooks=hooks[name](candidate), stops=stops,
@@ -797,20 +883,19 @@ def test_layer_search_equals_whole_hooked_runs(text_models, arch, monkeypatch):
     assert best["steering"][2] != best["task_vector"][2]
     liar = E.ResidEdit(edits["steering"].apply, lambda batch: start + 1)  # it changes position start
     with pytest.raises(RuntimeError, match="changes positions before its first one"):
-        E._best_layers(model, examples, {"liar": liar}, stops, 4)
+        E.best_layers(model, examples, {"liar": liar}, stops, 4)
     # other groups (every example alone; all four together): the same values, to float64 rounding
     for most in (2, 8):
         for cost in (0, 10**6):
-            monkeypatch.setattr(E, "_GROUP_COST", cost)
-            assert len(E._search_groups(examples, edits, most // 2)) == (4 if cost == 0 or most == 2 else 1)
-            other = E._best_layers(model, examples, edits, stops, most)
+            assert len(E.search_groups(examples, edits, most // 2, group_cost=cost)) == (4 if cost == 0 or most == 2 else 1)
+            other = E.best_layers(model, examples, edits, stops, most, group_cost=cost)
             for name in best:
                 assert other[name][0] == best[name][0] and other[name][1] == best[name][1]
                 assert max(abs(a - b) for a, b in zip(other[name][2], best[name][2])) < 1e-10
 
 
 def test_layer_search_groups_are_the_cheapest_cuts():
-    """``_search_groups`` sorts the examples by the positions the verdicts read and cuts them where
+    """``search_groups`` sorts the examples by the positions the verdicts read and cuts them where
     the positions run (padding included) plus a fixed cost a group are fewest: the cheapest of
     every contiguous cut (brute force), with groups of at most ``most``, each example once."""
     import itertools
@@ -819,7 +904,7 @@ def test_layer_search_groups_are_the_cheapest_cuts():
 
     def example(n):  # n tokens without the chunk (3 tokens), the last 3 the continuation
         full = torch.zeros(n + 3, dtype=torch.long)
-        return E._Example(EncodedExample(full, full[:n], 1, 4, n), 3)
+        return E.TaskExample(EncodedExample(full, full[:n], 1, 4, n), 3)
 
     examples = [example(n) for n in (9, 5, 6, 5, 12, 5, 7)]
     edits = {"from 1": E.ResidEdit(lambda *a: None, lambda batch: 1),
@@ -827,13 +912,13 @@ def test_layer_search_groups_are_the_cheapest_cuts():
 
     def cost(indices):
         batch = [examples[i] for i in indices]
-        end = max(E._read_end(e, e.enc.reduced) for e in batch)
+        end = max(E.n_positions_read(e, e.enc.reduced) for e in batch)
         first_read = min(e.last_prompt_reduced for e in batch)
-        return E._GROUP_COST + sum(len(batch) * (end - min(edit.first(batch), first_read)) for edit in edits.values())
+        return E.SEARCH_GROUP_COST + sum(len(batch) * (end - min(edit.first(batch), first_read)) for edit in edits.values())
 
     order = sorted(range(len(examples)), key=lambda i: examples[i].enc.reduced.shape[0])
     for most in (1, 3, 7):
-        groups = E._search_groups(examples, edits, most)
+        groups = E.search_groups(examples, edits, most)
         assert sorted(i for g in groups for i in g) == list(range(len(examples))) and max(map(len, groups)) <= most
         assert [i for g in groups for i in g] == order  # sorted, cut into runs
         best = min(
@@ -843,20 +928,20 @@ def test_layer_search_groups_are_the_cheapest_cuts():
             if all(b - a <= most for a, b in zip((0,) + cuts, cuts + (len(order),)))
         )
         assert sum(cost(g) for g in groups) == best
-    assert len(E._search_groups(examples, edits, 7)) not in (1, 7)  # neither extreme here
+    assert len(E.search_groups(examples, edits, 7)) not in (1, 7)  # neither extreme here
 
 
 @pytest.mark.real_model
 def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     fit_set = E.encode_task_examples(smollm2, slice_task, range(6))
-    deltas, vectors = E._mean_differences(smollm2, fit_set, "answer", 4)
-    start = E._region_start(fit_set)
+    deltas, vectors = E.mean_differences(smollm2, fit_set, "answer", 4)
+    start = E.region_start(fit_set)
     stops = E.stop_tokens(smollm2)
-    edits = {"steering": E._steering_edit(deltas, start), "task_vector": E._task_vector_edit(vectors)}
+    edits = {"steering": E.steering_edit(deltas, start), "task_vector": E.task_vector_edit(vectors)}
     # a group of 2 examples: three staggered runs, the last one shorter
-    best = E._best_layers(smollm2, fit_set[:5], edits, stops, 4)
-    hooks = {"steering": lambda layer: E._steering_hooks(deltas, [layer], start),
-             "task_vector": lambda layer: E._task_vector_hooks(vectors, layer)}
+    best = E.best_layers(smollm2, fit_set[:5], edits, stops, 4)
+    hooks = {"steering": lambda layer: E.steering_hooks(deltas, [layer], start),
+             "task_vector": lambda layer: E.task_vector_hooks(vectors, layer)}
     for name, (layer, accuracy, logprob) in best.items():
         assert len(accuracy) == len(logprob) == smollm2.cfg.n_layers and accuracy[layer] == max(accuracy)
         for candidate in sorted({0, 11, 29, layer}):
@@ -884,6 +969,7 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {"with_chunk", "without_chunk", "thought_vector", "thought_patch_refined", "meta"} == set(results)
+    assert results["meta"]["command"].startswith(f"tl-thoughts eval --task {path} --out ")
     assert results["meta"]["config"]["refine_steps"] == 2
     assert results["meta"]["config"]["rank_on_queries"] is True and results["meta"]["config"]["ridge"] == 0.25
     assert results["meta"]["config"]["n_queries"] == 3 and len(results["meta"]["tasks"]["past_tense"]["queries"]) == 3

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for task in tasks:
             results.append(E.evaluate_task(model, task, config, progress=not args.quiet))
             report(results[-1])
-    out = E.write_results(results, config, DEFAULT_MODEL_NAME, args.out)
+    out = E.write_results(results, config, DEFAULT_MODEL_NAME, args.out, command=args.command_line)
     print()
     print(E.markdown_table(results, config))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     d.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
+    # the command line as run (recorded in results.json)
+    args.command_line = shlex.join(["tl-thoughts", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 
 

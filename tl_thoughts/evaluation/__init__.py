@@ -1,0 +1,225 @@
+"""The behavioural benchmark (THEORY 5): does a patch fitted from a chunk make the model, run
+WITHOUT the chunk, do what the chunk asked? Compared with the heuristics the theory explains.
+
+Protocol (:func:`evaluate_task`), per seed:
+
+1. the task's examples are shuffled with the seed and split into ``n_fit`` fit examples and the
+   rest, the test examples (disjoint);
+2. greedy decoding, exact match: an example is right when the model's greedy continuation of the
+   prompt is the answer's tokens (``answer_prefix + answer``) followed by a line break (a token
+   whose text starts with a line break after optional spaces, or an end-of-sequence / special
+   token), i.e. the generation cut at its first line break equals the answer. This is computed
+   exactly, for a whole batch in one forward pass, by teacher forcing: greedy decoding produces the
+   answer iff the argmax at every answer position is the next answer token (checked against real
+   generation in the test suite);
+3. the test examples are filtered to those right WITH the chunk and wrong WITHOUT it (their number
+   is reported; an example's verdicts do not depend on the split: :func:`example_verdicts`
+   computes them once a task);
+4. every method runs on the same filtered examples, without the chunk, after being fitted on the
+   same fit rows: the fit examples plus the first ``EvalConfig.n_queries`` of the task's
+   unlabelled queries that the model answers WITH the chunk, with those answers
+   (:func:`query_answers`; the same queries for every seed, none of them an example, their
+   prompts with the chunk run once a task for every seed's fit: their rows are read from the
+   decoding's own runs, :func:`query_answers_with_rows`, the rows :func:`query_full_rows`
+   streams; the refined patch's gradient steps use the labelled fit examples only):
+
+   - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
+     the filtered set by construction; their unfiltered accuracies are reported too);
+   - ``thought_patch``: :func:`tl_thoughts.fit_thought` with ``fit="both"``, applied in its weight
+     form, the positions it leaves unpatched (the fixed first token, at the defaults) read from a
+     key-value cache of the unpatched model (:func:`match_under`: the values of
+     :meth:`tl_thoughts.ThoughtPatch.apply`'s activation form); its matrices are used as fitted,
+     or, with several candidates in ``EvalConfig.ranks``, at the candidate rank (their best
+     low-rank approximations, :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for
+     ``None``) that does best on the fit examples (or on the fit examples and the answered queries
+     with ``EvalConfig.rank_on_queries``);
+   - ``thought_vector``, ``thought_matrix``: that patch's thought vectors alone and its thought
+     matrices alone, as fitted (:meth:`tl_thoughts.ThoughtPatch.only`; not fitted again);
+   - ``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone`` (not in
+     :data:`DEFAULT_METHODS`): ``fit_thought(fit="vector" | "matrix")``, patches fitted on their
+     own (in one :func:`tl_thoughts.fit_thoughts` call with the thought patch), as fitted;
+   - ``thought_patch_refined`` (not in :data:`DEFAULT_METHODS`: on request, :data:`ON_REQUEST`):
+     that thought patch (at its chosen rank) refined by
+     ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
+     chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
+   - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
+     ``l``, with the chunk minus without, averaged over the fit rows' pooled positions) added
+     at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
+     the fit examples;
+   - ``steering_all_layers``: at every block, the mean difference of the block's own output
+     (the increment of the mean residual difference), so that the vectors add up to the mean
+     residual difference at every depth;
+   - ``task_vector``: the hidden state of the run WITH the chunk after block ``l`` at the last
+     prompt position (the one that predicts the answer), averaged over the fit rows, written
+     into the run without the chunk at its last prompt position (Hendel et al. 2023), ``l`` chosen
+     on the fit examples.
+
+Choices on fit data (the baselines' layers, the thought matrices' rank) rank the candidates by
+accuracy on the (labelled) fit examples without the chunk, then by the mean log-probability of
+their continuations; with ``rank_on_queries``, the rank is chosen on the fit examples plus the
+answered queries (scored against the model's own answers with the chunk).
+
+An example is right when greedy decoding gives the answer's TEXT, so a greedy continuation that
+spells the answer with other tokens than the tokenizer's (``" F" "ARMER"`` for ``" FARMER"``) is
+right too: where the teacher-forced pass sees the model leave the answer's tokens for a token whose
+text still fits the answer (after normalising whitespace), the example is decoded for real, under
+the same patch or hooks, and its text compared (:func:`greedy_match`).
+
+The package's modules, each using only those above it:
+
+- ``config``: :class:`EvalConfig`, the method names, :func:`fit_kinds`;
+- ``examples``: :class:`TaskExample` (a task's example tokenised with and without the chunk),
+  :func:`stop_tokens`;
+- ``decoding``: runs to the last block, greedy decoding (:func:`greedy_decode`,
+  :func:`greedy_decode_cached`), the queries' answers (:func:`query_answers`,
+  :func:`query_answers_with_rows`), :func:`greedy_generate`;
+- ``verdicts``: the teacher-forced check (:func:`teacher_forced_verdicts`, :func:`greedy_match`,
+  :func:`match_under`) and the filter (:func:`chunk_filter`, :func:`example_verdicts`);
+- ``baselines``: the steering baselines' sums (:func:`difference_sums`), hooks, edits and layer
+  search (:func:`best_layers`);
+- ``protocol``: :func:`split`, :func:`choose_rank`, :class:`TaskInputs` / :func:`prepare_task`,
+  :func:`evaluate_seed`, :func:`evaluate_task`, :func:`evaluate_in_processes`;
+- ``report``: ``results.json`` (:func:`results_json`), :func:`markdown_table`,
+  :func:`plot_results`, :func:`write_results`.
+"""
+
+from tl_thoughts.evaluation.baselines import (
+    SEARCH_GROUP_COST,
+    DifferenceSums,
+    ResidEdit,
+    all_layer_steering_hooks,
+    best_layers,
+    difference_sums,
+    mean_differences,
+    query_difference_sums,
+    region_start,
+    search_groups,
+    shared_full_length,
+    steering_edit,
+    steering_hooks,
+    task_vector_edit,
+    task_vector_hooks,
+)
+from tl_thoughts.evaluation.config import (
+    BASELINES,
+    DEFAULT_METHODS,
+    FIT_METHODS,
+    FITTED_ALONE,
+    METHODS,
+    ON_REQUEST,
+    PART_METHODS,
+    EvalConfig,
+    fit_kinds,
+)
+from tl_thoughts.evaluation.decoding import (
+    Prefix,
+    QueryRun,
+    greedy_decode,
+    greedy_decode_cached,
+    greedy_generate,
+    query_answers,
+    query_answers_with_rows,
+    query_answers_with_runs,
+    query_full_rows,
+    right_pad,
+    row_logits,
+    run_to_end,
+)
+from tl_thoughts.evaluation.examples import (
+    TaskExample,
+    encode_task_example,
+    encode_task_examples,
+    n_positions_read,
+    stop_tokens,
+)
+from tl_thoughts.evaluation.protocol import (
+    SeedResult,
+    TaskInputs,
+    TaskResult,
+    choose_rank,
+    evaluate_in_processes,
+    evaluate_seed,
+    evaluate_task,
+    prepare_task,
+    split,
+)
+from tl_thoughts.evaluation.report import checkout_commit, markdown_table, plot_results, results_json, write_results
+from tl_thoughts.evaluation.verdicts import (
+    HookFactory,
+    chunk_filter,
+    example_verdicts,
+    greedy_match,
+    match_under,
+    teacher_forced_verdicts,
+)
+
+__all__ = [
+    # config
+    "BASELINES",
+    "DEFAULT_METHODS",
+    "FIT_METHODS",
+    "FITTED_ALONE",
+    "METHODS",
+    "ON_REQUEST",
+    "PART_METHODS",
+    "EvalConfig",
+    "fit_kinds",
+    # examples
+    "TaskExample",
+    "encode_task_example",
+    "encode_task_examples",
+    "n_positions_read",
+    "stop_tokens",
+    # decoding
+    "Prefix",
+    "QueryRun",
+    "greedy_decode",
+    "greedy_decode_cached",
+    "greedy_generate",
+    "query_answers",
+    "query_answers_with_rows",
+    "query_answers_with_runs",
+    "query_full_rows",
+    "right_pad",
+    "row_logits",
+    "run_to_end",
+    # verdicts
+    "HookFactory",
+    "chunk_filter",
+    "example_verdicts",
+    "greedy_match",
+    "match_under",
+    "teacher_forced_verdicts",
+    # baselines
+    "SEARCH_GROUP_COST",
+    "DifferenceSums",
+    "ResidEdit",
+    "all_layer_steering_hooks",
+    "best_layers",
+    "difference_sums",
+    "mean_differences",
+    "query_difference_sums",
+    "region_start",
+    "search_groups",
+    "shared_full_length",
+    "steering_edit",
+    "steering_hooks",
+    "task_vector_edit",
+    "task_vector_hooks",
+    # protocol
+    "SeedResult",
+    "TaskInputs",
+    "TaskResult",
+    "choose_rank",
+    "evaluate_in_processes",
+    "evaluate_seed",
+    "evaluate_task",
+    "prepare_task",
+    "split",
+    # report
+    "checkout_commit",
+    "markdown_table",
+    "plot_results",
+    "results_json",
+    "write_results",
+]

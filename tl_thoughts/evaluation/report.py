@@ -1,0 +1,175 @@
+"""The protocol's results as files: ``results.json`` (:func:`results_json`), a markdown table
+(:func:`markdown_table`), a bar plot (:func:`plot_results`), all three written by
+:func:`write_results`."""
+
+import json
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from tl_thoughts.evaluation.config import EvalConfig
+from tl_thoughts.evaluation.protocol import TaskResult
+
+
+def checkout_commit() -> str | None:
+    """The git commit of the checkout the package runs from, if any.
+
+    ``git rev-parse HEAD`` run in the package's directory, with ``"+dirty"`` appended when
+    ``git status --porcelain`` lists changes to tracked files. None when the package is not in a
+    git checkout or git is missing (never raises).
+
+    Example:
+        >>> commit = checkout_commit()
+        >>> commit is None or len(commit.removesuffix("+dirty")) == 40
+        True
+    """
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=60)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if status.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def results_json(
+    results: list[TaskResult], config: EvalConfig, model_name: str, *, command: str | None = None
+) -> dict:
+    """The content of ``results.json``.
+
+    One top-level key per method (accuracy averaged over tasks, each task's mean over seeds,
+    spread, per-seed values and filtered counts), plus ``meta``: the model, the package's version
+    and git commit (:func:`checkout_commit`), the ``command`` that produced the results (as given;
+    the ``tl-thoughts eval`` command line), the configuration, and per task its examples, answered
+    queries, unfiltered accuracies, chosen layers and ranks, splits and seconds.
+
+    Example:
+        >>> data = results_json([], EvalConfig(), "SmolLM2", command="tl-thoughts eval --suite")
+        >>> data["meta"].get("command")
+        'tl-thoughts eval --suite'
+        >>> data = results_json([evaluate_task(model, task)], EvalConfig(), "SmolLM2")  # doctest: +SKIP
+    """
+    from tl_thoughts import __version__
+
+    out: dict = {}
+    for method in config.methods:
+        per_task = {r.task: r.summary(method) for r in results}
+        means = [t["accuracy"] for t in per_task.values() if t["accuracy"] is not None]
+        out[method] = {
+            "accuracy": float(np.mean(means)) if means else None,
+            "std_over_tasks": float(np.std(means)) if means else None,
+            "n_filtered": {task: t["n_filtered"] for task, t in per_task.items()},
+            "per_seed": {task: t["per_seed"] for task, t in per_task.items()},
+            "per_task": per_task,
+        }
+    out["meta"] = {
+        "model": model_name,
+        "version": __version__,
+        "commit": checkout_commit(),
+        "command": command,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "tasks": {
+            r.task: {
+                "n_examples": r.n_examples,
+                "queries": [list(pair) for pair in r.queries],
+                "with_chunk_all": [s.with_chunk_all for s in r.seeds],
+                "without_chunk_all": [s.without_chunk_all for s in r.seeds],
+                "layers": [s.layers for s in r.seeds],
+                "ranks": [s.ranks for s in r.seeds],
+                "fit_indices": [s.fit_indices for s in r.seeds],
+                "filtered_indices": [s.filtered_indices for s in r.seeds],
+                "seconds": sum(s.seconds for s in r.seeds),
+            }
+            for r in results
+        },
+    }
+    return out
+
+
+def markdown_table(results: list[TaskResult], config: EvalConfig) -> str:
+    """A markdown table of the results, a row per task and a column per method.
+
+    Per task: every method's accuracy on the filtered examples (mean ± spread over seeds) and the
+    number of filtered examples per seed; a last row averages over tasks.
+
+    Example:
+        >>> print(markdown_table([evaluate_task(model, task)], EvalConfig()))  # doctest: +SKIP
+    """
+    methods = list(config.methods)
+    lines = [
+        "| task | filtered (per seed) | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    means: dict[str, list[float]] = {m: [] for m in methods}
+    for r in results:
+        cells = []
+        for m in methods:
+            s = r.summary(m)
+            if s["accuracy"] is None:
+                cells.append("n/a")
+            else:
+                means[m].append(s["accuracy"])
+                cells.append(f"{100 * s['accuracy']:.0f} ± {100 * s['std']:.0f}")
+        n = "/".join(str(k) for k in r.summary(methods[0])["n_filtered"])
+        lines.append(f"| {r.task} | {n} | " + " | ".join(cells) + " |")
+    avg = [f"**{100 * float(np.mean(v)):.0f}**" if v else "n/a" for v in means.values()]
+    lines.append("| **mean over tasks** | | " + " | ".join(avg) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: list[TaskResult], config: EvalConfig, save: str | Path | None = None):
+    """A bar plot of the results (a matplotlib ``Figure``, saved to ``save`` if given).
+
+    Grouped bars: accuracy on the filtered examples per task and method (mean over seeds, with the
+    spread as error bars).
+
+    Example:
+        >>> fig = plot_results([evaluate_task(model, task)], EvalConfig(), save="results.png")  # doctest: +SKIP
+    """
+    from matplotlib.figure import Figure
+
+    methods = [m for m in config.methods if m not in ("with_chunk", "without_chunk")]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(results) + 3), 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        acc = [r.summary(m)["accuracy"] or 0.0 for r in results]
+        err = [r.summary(m)["std"] or 0.0 for r in results]
+        xs = np.arange(len(results)) + (j - (len(methods) - 1) / 2) * width
+        ax.bar(xs, acc, width, yerr=err, label=m, capsize=2)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([r.task for r in results], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy without the chunk\n(filtered examples)")
+    ax.legend(fontsize=7, ncols=2)
+    if save is not None:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=120)
+    return fig
+
+
+def write_results(
+    results: list[TaskResult], config: EvalConfig, model_name: str, out: str | Path, *, command: str | None = None
+) -> Path:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out`` (created).
+
+    ``command``: recorded in ``results.json``'s ``meta`` (:func:`results_json`).
+
+    Example:
+        >>> write_results([evaluate_task(model, task)], EvalConfig(), "SmolLM2", "out")  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results_json(results, config, model_name, command=command),
+                                                 indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(results, config) + "\n")
+    plot_results(results, config, save=out / "results.png")
+    return out
+
