@@ -116,10 +116,8 @@ def main() -> None:
     for k in (1, 4, 8, 15, 30):
         layers = sorted({round(x) for x in torch.linspace(spec.n_layers - 1, 0, k).tolist()})
         def fit(steer: bool, layers: list[int] = layers) -> tt.ThoughtPatch:
-            return tt.fit_thought(
-                model, CHUNK, examples, template=TEMPLATE, layers=layers, ridge=1.0,
-                batch_size=bs, compare_steering=steer, progress=False,
-            )
+            config = tt.FitConfig(layers=tuple(layers), ridge=1.0, batch_size=bs, compare_steering=steer)
+            return tt.fit_thought(model, CHUNK, examples, config, template=TEMPLATE, progress=False)
 
         t_fit, _ = timed(lambda fit=fit: fit(True), args.repeats)
         t_fit_ns, _ = timed(lambda fit=fit: fit(False), args.repeats)
@@ -128,8 +126,8 @@ def main() -> None:
     layers = list(range(spec.n_layers))
     t_naive, naive = timed(lambda: naive_fit(model, examples, layers, 1.0, bs), 1)
     t_ours, ours = timed(
-        lambda: tt.fit_thought(model, CHUNK, examples, template=TEMPLATE, ridge=1.0, batch_size=bs,
-                               compare_steering=False, progress=False),
+        lambda: tt.fit_thought(model, CHUNK, examples, tt.FitConfig(ridge=1.0, batch_size=bs, compare_steering=False),
+                               template=TEMPLATE, progress=False),
         args.repeats,
     )
     diff = max(float((naive[k] - ours.deltas[k]).abs().max() / ours.deltas[k].abs().max()) for k in naive)

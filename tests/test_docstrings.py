@@ -35,6 +35,7 @@ MODULES = [
     "tl_thoughts.patch",
     "tl_thoughts.models",
     "tl_thoughts.thoughts",
+    "tl_thoughts.stream",
 ]
 
 

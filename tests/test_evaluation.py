@@ -23,6 +23,7 @@ from helpers import (
 import tl_thoughts as tt
 from tl_thoughts import _tl
 from tl_thoughts import evaluation as E
+from tl_thoughts import stream as S
 from tl_thoughts.evaluation import decoding, protocol
 from tl_thoughts.tasks import MIN_EXAMPLES, TaskFormatError, load_task, shipped_tasks, task_from_dict
 from tl_thoughts.templates import shared_prefix_length
@@ -94,7 +95,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     for seed in range(99, 109):  # a shared prefix after which the prompts' generations still differ
         common = random_tokens(shared, seed=seed)[0]
         prompts = [torch.cat([common, random_tokens(n, seed=n + k)[0]]) for k, n in enumerate([3, 5, 5, 8, 3, 6, 5, 3, 5])]
-        free, _ = E.greedy_decode(model, prompts, [[] for _ in prompts], keep,
+        free, _ = S.greedy_decode(model, prompts, [[] for _ in prompts], keep,
                                  torch.zeros(D_VOCAB, dtype=torch.bool), unembed)
         # a stop token: one that some prompt generates and some other prompt does not
         stop = next((t for g in free for t in g if any(t not in h for h in free)), None)
@@ -103,11 +104,12 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     assert stop is not None and shared_prefix_length(prompts) == shared
     stops = torch.zeros(D_VOCAB, dtype=torch.bool)
     stops[stop] = True
-    expected = E.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed)
-    assert E.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size) == expected
+    expected = S.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert S.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size) == expected
     if shared:  # the loop itself after a prefix read from a key-value cache
-        prefix = (shared, _tl.prefix_cache(model, prompts[0][None, :shared]))
-        assert E.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
+        prefix = S.SharedPrefix.of(model, prompts)
+        assert prefix.length == shared
+        assert S.greedy_decode(model, prompts, [[] for _ in prompts], keep, stops, unembed, prefix=prefix) == expected
     generated, stopped = expected
     assert any(stopped) and not all(stopped), stopped  # both endings occur
     assert all(len(g) == 6 for g, s in zip(generated, stopped) if not s)
@@ -117,7 +119,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
     n_layers = model.cfg.n_layers
     for first in sorted({2, shared + 1}):
         records = []
-        assert E.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size, record_from=first,
+        assert S.greedy_decode_cached(model, prompts, keep, stops, unembed, batch_size, record_from=first,
                                 records=records) == expected
         assert len(records) == len(prompts)
         for prompt, g, s, (pre, attn) in zip(prompts, generated, stopped, records):
@@ -129,8 +131,8 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
             want_attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] for layer in range(n_layers)])[:, first:]
             assert_close(pre, want_pre, 1e-10, f"recorded resid (from {first})")
             assert_close(attn, want_attn, 1e-10, f"recorded attn_out (from {first})")
-    with pytest.raises(ValueError, match="record_from"):
-        E.greedy_decode_cached(model, prompts, keep, stops, unembed, records=[])
+    with pytest.raises(tt.InputError, match="record_from"):
+        S.greedy_decode_cached(model, prompts, keep, stops, unembed, records=[])
 
 
 @pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
@@ -147,9 +149,8 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
     template = tt.PromptTemplate("<eos>{chunk}{query}" if prefixed else "{chunk}{query}", separator="")
     chunk = "the cat sat on the mat and"
     pairs = [(" the dog", " ran ."), (" a big red hat", " sat ."), (" the red cat", " ran on ."), (" a dog", " sat .")]
-    patch = tt.fit_thought(model, chunk, pairs, template=template, patch_prefix=not prefixed, pool="answer",
-                           vector_site="attn_out", vector_target="attention", attention_matrix=True,
-                           output_matrix=True, query_weight=0.1, ridge=0.05, progress=False)
+    config = tt.FitConfig.preset("benchmark", patch_prefix=not prefixed, ridge=0.05)
+    patch = tt.fit_thought(model, chunk, pairs, config, template=template, progress=False)
     assert patch.unpatched_positions == int(prefixed)
     examples = []
     for pair in pairs:
@@ -175,7 +176,7 @@ def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
             E.match_under(model, patch, [other] + examples, stops=stops, batch_size=3, unembed_weight=unembed)
         with pytest.raises(ValueError, match="no hooks with a prefix cache"):
             E.greedy_match(model, examples, with_chunk=False, hooks=lambda batch, with_chunk: [],
-                           prefix=(1, _tl.prefix_cache(model, examples[0].enc.reduced[None, :1])))
+                           prefix=S.SharedPrefix.first(model, examples[0].enc.reduced, 1))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -222,19 +223,17 @@ def test_mean_differences_equal_whole_runs(text_models, arch, pool):
     with pytest.raises(tt.InputError, match="no pooled position"):
         none.means()
     # the sums with the chunk read from the prompts' rows streamed once (as the protocol's queries')
-    from tl_thoughts.thoughts import full_prompt_rows
-
     if _tl.model_spec(model).post_norm:  # streamed as fit_thought streams, which does not support these blocks
         with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
-            full_prompt_rows(model, chunk, pairs, template=template, pool=pool)
+            tt.prompt_rows(model, chunk, pairs, template=template, pool=pool)
         return
-    rows = full_prompt_rows(model, chunk, pairs, template=template, pool=pool, query_weight=0.5, batch_size=3)
+    rows = tt.prompt_rows(model, chunk, pairs, template=template, pool=pool, query_weight=0.5, batch_size=3)
     read = E.difference_sums(model, examples, pool, 3, rows)
     assert_close(read.means()[0], diff / n_pos, 1e-10, "mean differences from the rows")
     assert_close(read.means()[1], task / len(examples), 1e-10, "task vectors from the rows")
     doubled = dataclasses.replace(rows, pre=2 * rows.pre)  # they are read: doubled rows, other sums
     assert (E.difference_sums(model, examples, pool, 3, doubled).diff - read.diff).abs().max() > 1e-3
-    other = full_prompt_rows(model, chunk, pairs, template=template, pool="query", batch_size=3)
+    other = tt.prompt_rows(model, chunk, pairs, template=template, pool="query", batch_size=3)
     run = E.difference_sums(model, examples, pool, 3).diff
     assert torch.equal(E.difference_sums(model, examples, pool, 3, other).diff, run)  # not read: run
 
@@ -391,8 +390,17 @@ def test_the_package_exports_its_public_names():
 def test_config_is_validated():
     # the suite's default methods are the protocol's (results.json's keys); the others on request
     assert E.EvalConfig().methods == E.DEFAULT_METHODS and set(E.DEFAULT_METHODS) == {
-        "with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch",
+        "with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch", "thought_patch_paper",
         "steering_best_layer", "steering_all_layers", "task_vector"}
+    # the thought patches' fit options: one validated FitConfig, the benchmark's and the papers' presets
+    config = E.EvalConfig(n_fit=20, ridge=0.5)
+    assert config.fit_config(500) == tt.FitConfig.preset("benchmark", ridge=0.5 * 500 / 20, batch_size=64,
+                                                         compare_steering=False)
+    assert config.paper_fit_config() == tt.FitConfig.preset("paper", ridge=0.5, batch_size=64, compare_steering=False)
+    with pytest.raises(tt.InputError, match="ridge"):  # refused when the config is made, before any run
+        E.EvalConfig(ridge=float("nan"))
+    with pytest.raises(tt.InputError, match="pool"):
+        E.EvalConfig(pool="nope")
     assert set(E.METHODS) == set(E.DEFAULT_METHODS) | set(E.ON_REQUEST) and "thought_patch_refined" in E.ON_REQUEST
     with pytest.raises(ValueError, match="unknown methods"):
         E.EvalConfig(methods=("with_chunk", "without_chunk", "magic"))
@@ -517,9 +525,8 @@ def test_the_fitted_alone_ablations_are_fits_of_their_kind(smollm2, slice_task):
     fit_rows = slice_task.fit_examples(seed.fit_indices) + [(q, slice_task.continuation(a)) for q, a in queries]
     filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
     for method, kind in (("thought_vector_fitted_alone", "vector"), ("thought_matrix_fitted_alone", "matrix")):
-        patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, template=slice_task.template, fit=kind,
-                               compare_steering=False, progress=False, batch_size=64,
-                               **config.fit_options_for(len(fit_rows)))
+        patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, config.fit_config(len(fit_rows)).replace(fit=kind),
+                               template=slice_task.template, progress=False)
         with patch.apply(smollm2):
             right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
         assert right.tolist() == seed.right[method], method
@@ -529,8 +536,8 @@ def test_the_fitted_alone_ablations_are_fits_of_their_kind(smollm2, slice_task):
 def fitted_slice(smollm2, slice_task):
     """A thought patch fitted on 8 examples of the slice, and those examples encoded."""
     fit_idx = list(range(8))
-    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(fit_idx), template=slice_task.template,
-                           compare_steering=False, progress=False, **E.EvalConfig().fit_options)
+    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(fit_idx), E.EvalConfig().fit_config(),
+                           template=slice_task.template, progress=False)
     return patch, E.encode_task_examples(smollm2, slice_task, fit_idx)
 
 
@@ -593,9 +600,8 @@ def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     fit_idx = seed.fit_indices
     queries = E.query_answers(smollm2, slice_task, N_QUERIES)
     fit_rows = slice_task.fit_examples(fit_idx) + [(q, slice_task.continuation(a)) for q, a in queries]
-    options = {**E.EvalConfig().fit_options, "ridge": E.EvalConfig().ridge * (8 + N_QUERIES) / 8}
-    patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, template=slice_task.template,
-                           compare_steering=False, progress=False, batch_size=64, **options)
+    config = E.EvalConfig().fit_config().replace(ridge=E.EvalConfig().ridge * (8 + N_QUERIES) / 8)
+    patch = tt.fit_thought(smollm2, slice_task.chunk, fit_rows, config, template=slice_task.template, progress=False)
     filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
     with patch.truncated(3).apply(smollm2):
         right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
@@ -730,9 +736,9 @@ def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smoll
     assert len({p.shape[0] for p in prompts}) > 1  # several length groups
     stops, unembed = E.stop_tokens(smollm2), smollm2.W_U.T.contiguous()
     keep = lambda i, g: len(g) <= 16  # noqa: E731
-    expected = E.greedy_decode(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
-    assert E.greedy_decode_cached(smollm2, prompts, keep, stops, unembed) == expected
-    assert E.greedy_decode_cached(smollm2, prompts, keep, stops, unembed, batch_size=3) == expected  # groups split
+    expected = S.greedy_decode(smollm2, prompts, [[] for _ in prompts], keep, stops, unembed)
+    assert S.greedy_decode_cached(smollm2, prompts, keep, stops, unembed) == expected
+    assert S.greedy_decode_cached(smollm2, prompts, keep, stops, unembed, batch_size=3) == expected  # groups split
     assert all(expected[1])  # every query's generation ends on a stop token
 
 
@@ -771,8 +777,6 @@ def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice
     of ``query_answers`` and the rows of ``query_full_rows`` (streamed), to float64 rounding, on the
     default model; a query whose run is not its prompt (another tokenization of its answer) is
     streamed; the runs' records are what is read; a config that fits nothing keeps no rows."""
-    from tl_thoughts.thoughts import full_prompt_rows
-
     model = smollm2_f64
     config = E.EvalConfig(n_fit=8, n_queries=10, batch_size=4)
     queries, rows = E.query_answers_with_rows(model, slice_task, config)
@@ -798,7 +802,7 @@ def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice
     monkeypatch.setattr(decoding, "query_answers_with_runs", tampered)
     _, read = E.query_answers_with_rows(model, slice_task, config)
     first, second = (read.rows_of(E.encode_task_example(model, slice_task, q, a).enc.full) for q, a in queries[:2])
-    alone = full_prompt_rows(model, slice_task.chunk, [(queries[0][0], slice_task.continuation(queries[0][1]))],
+    alone = tt.prompt_rows(model, slice_task.chunk, [(queries[0][0], slice_task.continuation(queries[0][1]))],
                              template=slice_task.template, pool=config.pool, query_weight=config.query_weight)
     assert_close(read.pre[:, first], alone.pre, 1e-10, "the streamed query's rows")
     assert_close(read.pre[:, second], 2 * streamed.pre[:, second], 1e-9, "the doubled record's rows")

@@ -787,7 +787,7 @@ def test_fit_config_validates_and_presets_are_the_documented_methods():
     with pytest.raises(tt.InputError, match="unknown FitConfig preset"):
         tt.FitConfig.preset("nope")
     with pytest.raises(tt.InputError):
-        tt.FitConfig.preset("paper", ridge=-1)
+        tt.FitConfig.preset("paper", ridge=-1.0)
     params = inspect.signature(tt.fit_thought).parameters
     assert len(params) <= 8 and not any(p.startswith("_") for p in params)
 

@@ -23,10 +23,11 @@ from tl_thoughts.stream import PromptRows, prompt_rows
 from tl_thoughts.thoughts import FitConfig, fit_thought, fit_thoughts
 from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
 from tl_thoughts.verify import FormReport, VerificationReport, verify
+from tl_thoughts.version import __version__
 
-from tl_thoughts.version import __version__  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ChunkError",
     "ExactWeightPatch",
     "FormReport",

@@ -140,7 +140,12 @@ def run_to_end(
 def refuse_post_norm(spec: _tl.ModelSpec, what: str) -> None:
     """Raise :class:`~tl_thoughts.errors.UnsupportedArchitectureError` for blocks with norms after
     their sublayers, which the block-by-block streams (and so ``what``) do not support: a
-    token-independent vector would have to be added after the norm, where the block has no bias."""
+    token-independent vector would have to be added after the norm, where the block has no bias.
+
+    Example:
+        >>> from tl_thoughts import _tl
+        >>> refuse_post_norm(_tl.model_spec(model), "my method")  # pre-norm blocks: nothing raised
+    """
     if spec.post_norm:
         raise UnsupportedArchitectureError(
             f"{what} streams the blocks as fit_thought does, which does not support blocks with norms after "
@@ -159,7 +164,16 @@ def finish_block(
     mlp_patched: dict[str, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``resid_post`` of block ``layer`` from its input and its (already patched) attention output,
-    the block's MLP parameters replaced for the call by ``mlp_patched`` (full values, by name)."""
+    the block's MLP parameters replaced for the call by ``mlp_patched`` (full values, by name).
+
+    Example:
+        >>> from tl_thoughts import _tl
+        >>> tokens = torch.tensor([[1, 2, 3]])
+        >>> x = _tl.embed(model, tokens)
+        >>> attn, _ = _tl.block_attention(model, 0, x)
+        >>> torch.allclose(finish_block(model, _tl.model_spec(model), 0, x, attn), run_to_end(model, tokens, stop_at_layer=1))
+        True
+    """
     if not spec.has_mlp:
         return resid_pre + attn_out
     mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
@@ -176,7 +190,16 @@ def finish_block_hidden(
     attn_out: Float[Tensor, "batch pos d_model"],
     mlp_patched: dict[str, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
-    """:func:`finish_block` and the MLP's hidden activations (``mlp.hook_post``) it computed."""
+    """:func:`finish_block` and the MLP's hidden activations (``mlp.hook_post``) it computed.
+
+    Example:
+        >>> from tl_thoughts import _tl
+        >>> x = _tl.embed(model, torch.tensor([[1, 2, 3]]))
+        >>> attn, _ = _tl.block_attention(model, 0, x)
+        >>> resid, post = finish_block_hidden(model, _tl.model_spec(model), 0, x, attn)
+        >>> tuple(post.shape)
+        (1, 3, 32)
+    """
     if not spec.has_mlp:
         raise InputError("an attention-only block has no MLP hidden activations")
     mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
@@ -414,7 +437,17 @@ def make_batches(
     prompts' lengths with, then without the chunk), those whose rows ``given`` holds
     (``given_index``, from :meth:`PromptRows.lookup`) batched apart after the others, and the
     :class:`SharedStream` of their ``shared`` first positions. Returns the batches' example
-    indices, the batches and the shared stream."""
+    indices, the batches and the shared stream.
+
+    Example:
+        >>> from tl_thoughts.templates import PromptTemplate, encode_example
+        >>> template = PromptTemplate("{chunk}{query}", separator="")
+        >>> encoded = [encode_example(model, template, "the cat sat", ex) for ex in [(" a dog", " ran"), (" the mat", " sat on")]]
+        >>> rows = [fitted_rows(e, "answer", 0.0) for e in encoded]
+        >>> groups, batches, common = make_batches(model, encoded, rows, 1, shared=shared_stream_length(encoded, rows), base=False)
+        >>> groups, common.length, tuple(batches[0].reduced.shape)
+        ([[0], [1]], 3, (1, 2, 16))
+    """
     given_index = given_index or {}
 
     def key(i: int) -> tuple[int, int]:
@@ -518,7 +551,7 @@ class SharedPrefix(NamedTuple):
 
     @classmethod
     def of(
-        cls, model: HookedTransformer, seqs: Sequence[Int[Tensor, " pos"]], upto: int | None = None
+        cls, model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], upto: int | None = None
     ) -> "SharedPrefix | None":
         """The tokens every one of ``seqs`` shares from its start (at most ``upto``, and at most
         one less than the shortest: :func:`~tl_thoughts.templates.shared_prefix_length`), run
@@ -583,7 +616,13 @@ def row_logits(
 
     ``unembed_weight`` is ``model.W_U.T.contiguous()``, made once by the caller: TransformerLens'
     ``Unembed`` computes ``F.linear(x, W_U.T.contiguous(), b_U)``, copying the matrix at every
-    call; the same product with a copy made once gives the same logits, bit for bit."""
+    call; the same product with a copy made once gives the same logits, bit for bit.
+
+    Example:
+        >>> tokens = torch.tensor([[1, 2, 3]])
+        >>> torch.allclose(row_logits(model, run_to_end(model, tokens)[0], model.W_U.T.contiguous()), model(tokens)[0])
+        True
+    """
     return torch.nn.functional.linear(_tl.final_norm(model, rows), unembed_weight, model.b_U)
 
 
@@ -599,7 +638,7 @@ def _advance(i: int, token: int, generated: list[list[int]], stopped: list[bool]
 
 def greedy_decode(
     model: HookedTransformer,
-    prompts: Sequence[Int[Tensor, " pos"]],
+    prompts: Sequence[Int[Tensor, " _pos"]],
     starts: Sequence[list[int]],
     keep: Keep,
     stops: Bool[Tensor, " d_vocab"],
@@ -616,6 +655,13 @@ def greedy_decode(
 
     Returns:
         The generated tokens (without the stop token) and whether each sequence ended on a stop token.
+
+    Example:
+        >>> stops = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+        >>> tokens, stopped = greedy_decode(model, [torch.tensor([1, 2, 3])], [[]], lambda i, g: len(g) < 4,
+        ...                                 stops, model.W_U.T.contiguous())
+        >>> len(tokens[0]), stopped
+        (4, [False])
     """
     device = _tl.model_device(model)
     k, cache = prefix if prefix is not None else (0, None)
@@ -638,7 +684,7 @@ Record = tuple[Float[Tensor, "layer1 pos d_model"], Float[Tensor, "layer pos d_m
 @torch.no_grad()
 def greedy_decode_cached(
     model: HookedTransformer,
-    prompts: Sequence[Int[Tensor, " pos"]],
+    prompts: Sequence[Int[Tensor, " _pos"]],
     keep: Keep,
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
@@ -662,7 +708,12 @@ def greedy_decode_cached(
     [n_layers, pos, d_model])``, as the run computes them.
 
     Example:
-        >>> tokens, stopped = greedy_decode_cached(model, prompts, lambda i, g: len(g) < 8, stops, model.W_U.T.contiguous())  # doctest: +SKIP
+        >>> prompts = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])]
+        >>> stops, unembed = torch.zeros(model.cfg.d_vocab, dtype=torch.bool), model.W_U.T.contiguous()
+        >>> keep = lambda i, g: len(g) < 4
+        >>> greedy_decode_cached(model, prompts, keep, stops, unembed) == greedy_decode(
+        ...     model, prompts, [[] for _ in prompts], keep, stops, unembed)
+        True
     """
     device = _tl.model_device(model)
     generated: list[list[int]] = [[] for _ in prompts]

@@ -41,9 +41,8 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # %%
 fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
 config = evaluation.EvalConfig()
-print(config.fit_options)
-patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), template=task.template,
-                       fit="both", **config.fit_options)
+print(config.fit_config())  # the "benchmark" preset of tt.FitConfig (tt.FitConfig.preset("paper"): the papers')
+patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), config.fit_config(), template=task.template)
 print(patch.summary_table())
 print("positions left unpatched:", patch.unpatched_positions)
 
@@ -111,7 +110,8 @@ with loaded.apply(model):
 # then runs every method on them (see `tl_thoughts.evaluation`). Every method is fitted on the fit
 # examples plus 480 of the task's unlabelled queries, answered by the model itself with the chunk
 # (`evaluation.query_answers`; `config.n_queries`), at the ridge scaled by the rows
-# (`config.fit_options_for`), so its thought patch is not the one above.
+# (`config.fit_config(n_rows)`), so its thought patch is not the one above. The papers' method,
+# `thought_patch_paper`, is fitted on the 20 labelled fit examples alone (`config.paper_fit_config()`).
 
 # %%
 result = evaluation.evaluate_seed(model, task, config, seed=0)

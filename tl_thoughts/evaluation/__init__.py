@@ -25,7 +25,8 @@ Protocol (:func:`evaluate_task`), per seed:
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
-   - ``thought_patch``: :func:`tl_thoughts.fit_thought` with ``fit="both"``, applied in its weight
+   - ``thought_patch``: :func:`tl_thoughts.fit_thought` with :meth:`EvalConfig.fit_config` (the
+     ``"benchmark"`` preset of :class:`tl_thoughts.FitConfig`, its ridge scaled by the rows), applied in its weight
      form, the positions it leaves unpatched (the fixed first token, at the defaults) read from a
      key-value cache of the unpatched model (:func:`match_under`: the values of
      :meth:`tl_thoughts.ThoughtPatch.apply`'s activation form); its matrices are used as fitted,
@@ -33,6 +34,10 @@ Protocol (:func:`evaluate_task`), per seed:
      low-rank approximations, :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for
      ``None``) that does best on the fit examples (or on the fit examples and the answered queries
      with ``EvalConfig.rank_on_queries``);
+   - ``thought_patch_paper``: the papers' method, :func:`tl_thoughts.fit_thought` with
+     :meth:`EvalConfig.paper_fit_config` (the ``"paper"`` preset: the mean virtual vector on
+     ``b_out``, ridge matrices on ``W_in``/``W_gate``, every position patched) on the ``n_fit``
+     labelled fit examples only (no answered query), applied in its weight form;
    - ``thought_vector``, ``thought_matrix``: that patch's thought vectors alone and its thought
      matrices alone, as fitted (:meth:`tl_thoughts.ThoughtPatch.only`; not fitted again);
    - ``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone`` (not in
@@ -65,14 +70,15 @@ right too: where the teacher-forced pass sees the model leave the answer's token
 text still fits the answer (after normalising whitespace), the example is decoded for real, under
 the same patch or hooks, and its text compared (:func:`greedy_match`).
 
-The package's modules, each using only those above it:
+Every run of prompts goes through the stream engine (:mod:`tl_thoughts.stream`: padding, batches
+by length, the shared prefix's key-value cache, runs to the last block, greedy decoding, the rows a
+fit reads). The package's modules, each using only those above it:
 
 - ``config``: :class:`EvalConfig`, the method names, :func:`fit_kinds`;
 - ``examples``: :class:`TaskExample` (a task's example tokenised with and without the chunk),
   :func:`stop_tokens`;
-- ``decoding``: runs to the last block, greedy decoding (:func:`greedy_decode`,
-  :func:`greedy_decode_cached`), the queries' answers (:func:`query_answers`,
-  :func:`query_answers_with_rows`), :func:`greedy_generate`;
+- ``decoding``: the queries' answers (:func:`query_answers`, :func:`query_answers_with_rows`),
+  :func:`greedy_generate`;
 - ``verdicts``: the teacher-forced check (:func:`teacher_forced_verdicts`, :func:`greedy_match`,
   :func:`match_under`) and the filter (:func:`chunk_filter`, :func:`example_verdicts`);
 - ``baselines``: the steering baselines' sums (:func:`difference_sums`), hooks, edits and layer
@@ -112,18 +118,12 @@ from tl_thoughts.evaluation.config import (
     fit_kinds,
 )
 from tl_thoughts.evaluation.decoding import (
-    Prefix,
     QueryRun,
-    greedy_decode,
-    greedy_decode_cached,
     greedy_generate,
     query_answers,
     query_answers_with_rows,
     query_answers_with_runs,
     query_full_rows,
-    right_pad,
-    row_logits,
-    run_to_end,
 )
 from tl_thoughts.evaluation.examples import (
     TaskExample,
@@ -171,18 +171,12 @@ __all__ = [
     "n_positions_read",
     "stop_tokens",
     # decoding
-    "Prefix",
     "QueryRun",
-    "greedy_decode",
-    "greedy_decode_cached",
     "greedy_generate",
     "query_answers",
     "query_answers_with_rows",
     "query_answers_with_runs",
     "query_full_rows",
-    "right_pad",
-    "row_logits",
-    "run_to_end",
     # verdicts
     "HookFactory",
     "chunk_filter",

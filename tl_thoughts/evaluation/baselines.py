@@ -10,17 +10,16 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError
 from tl_thoughts.evaluation.config import BASELINES, EvalConfig
-from tl_thoughts.evaluation.decoding import right_pad, run_to_end
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, n_positions_read
 from tl_thoughts.evaluation.verdicts import HookFactory, teacher_forced_verdicts
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import shared_prefix_length
-from tl_thoughts.thoughts import FullRows
+from tl_thoughts.stream import PromptRows, SharedPrefix, length_batches, pad_right, run_block_after, run_to_end
 
 
 def shared_full_length(examples: list[TaskExample], pool: str) -> int:
@@ -78,11 +77,11 @@ class DifferenceSums:
 
 @torch.no_grad()
 def difference_sums(
-    model: HookedTransformer, examples: list[TaskExample], pool: str, batch_size: int, full_rows: FullRows | None = None
+    model: HookedTransformer, examples: list[TaskExample], pool: str, batch_size: int, full_rows: PromptRows | None = None
 ) -> DifferenceSums:
     """:class:`DifferenceSums` over ``examples`` (none: zero sums). The positions every prompt with
     the chunk shares (the prefix and the chunk) run once, their keys and values read by every batch
-    from TransformerLens' key-value cache. ``full_rows``: :class:`tl_thoughts.thoughts.FullRows`
+    from TransformerLens' key-value cache. ``full_rows``: :class:`tl_thoughts.stream.PromptRows`
     holding every example's prompt with the chunk at its ``pool`` positions and its last prompt
     position (:func:`query_full_rows` of the same queries): the sums with the chunk are read from
     them instead of run (the same sums up to floating-point rounding).
@@ -101,15 +100,15 @@ def difference_sums(
     device = _tl.model_device(model)
     read = _rows_read(full_rows, examples, pool)
     shared = shared_full_length(examples, pool) if read is None else 0
-    prefix = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
+    prefix = SharedPrefix.first(model, examples[0].enc.full, shared).cache if shared else None
     if read is not None:  # the prompts with the chunk: their rows given
         pooled_rows, last_rows = (torch.cat(rows) for rows in zip(*read))
         diff += full_rows.pre[:, pooled_rows].double().sum(1)
         task += full_rows.pre[1:, last_rows].double().sum(1)
     # batches of examples of similar lengths: the fewer padded positions, the less each batch computes
-    examples = sorted(examples, key=lambda e: (e.enc.full.shape[0], e.enc.reduced.shape[0]))
-    for b in range(0, len(examples), batch_size):
-        batch = examples[b : b + batch_size]
+    for group in length_batches(lambda i: (examples[i].enc.full.shape[0], examples[i].enc.reduced.shape[0]),
+                                range(len(examples)), batch_size):
+        batch = [examples[i] for i in group]
         pooled = [e.enc.pooled(pool) for e in batch]
         in_batch = torch.cat([torch.full_like(p, i) for i, p in enumerate(pooled)])
         pooled_full = (in_batch, torch.cat(pooled) - shared)  # the full prompts run from position ``shared``
@@ -122,7 +121,7 @@ def difference_sums(
                 "reduced": [max([0] + r.tolist()) + 1 for r in reduced_pos]}
         runs = (("full", shared, (pooled_full, last_full)), ("reduced", 0, (pooled_reduced,)))
         for which, skip, rows in runs[1:] if read is not None else runs:
-            tokens = right_pad([getattr(e.enc, which)[skip:end] for e, end in zip(batch, ends[which])]).to(device)
+            tokens = pad_right([getattr(e.enc, which)[skip:end] for e, end in zip(batch, ends[which])]).to(device)
             store: dict[str, list[Tensor]] = {}
 
             def save(act, hook, store=store, rows=rows):  # the rows read, not every position
@@ -142,7 +141,7 @@ def difference_sums(
     return DifferenceSums(diff, n_pos, task, len(examples))
 
 
-def _rows_read(full_rows: FullRows | None, examples: list[TaskExample], pool: str) -> list[tuple[Tensor, Tensor]] | None:
+def _rows_read(full_rows: PromptRows | None, examples: list[TaskExample], pool: str) -> list[tuple[Tensor, Tensor]] | None:
     """Where ``full_rows`` holds every example's prompt with the chunk at its ``pool`` positions and
     its last prompt position: per example, the indices of those rows (pooled, last); else None."""
     if full_rows is None or full_rows.pool != pool:
@@ -178,7 +177,7 @@ def mean_differences(
 
 def query_difference_sums(
     model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig,
-    query_rows: FullRows | None = None,
+    query_rows: PromptRows | None = None,
 ) -> DifferenceSums | None:
     """The answered queries' part of the steering baselines' sums (:class:`DifferenceSums`).
 
@@ -393,7 +392,7 @@ def best_layers(
         def save(act, hook, store=store):
             store[hook.name] = act.detach().clone()
 
-        tokens = right_pad([s[:n_positions_read(e, s)] for e, s in zip(batch, seqs)]).to(device)
+        tokens = pad_right([s[:n_positions_read(e, s)] for e, s in zip(batch, seqs)]).to(device)
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(batch))  # filled by the run
         with _tl.hooked(model, [(name, save) for name in names]):
             model(tokens, stop_at_layer=n_layers, attention_mask=torch.ones_like(tokens), past_kv_cache=kv)
@@ -415,7 +414,7 @@ def best_layers(
                     new.append(edited[:, p:])
                 order[p] += [(name, layer) for name in family]
                 stack = torch.cat(([] if stacks[p] is None else [stacks[p]]) + new)
-                stacks[p] = _run_block_after(model, stack, layer + 1, kv, p, len(batch))
+                stacks[p] = run_block_after(model, stack, layer + 1, kv, p, len(batch))
         for p, keys in order.items():
             for i, key in enumerate(keys):
                 final = stacks[p][i * len(batch) : (i + 1) * len(batch)]
@@ -470,25 +469,3 @@ def search_groups(
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
-
-
-def _run_block_after(
-    model: HookedTransformer, stack: Tensor, layer: int, kv: TransformerLensKeyValueCache, p: int, n: int
-) -> Tensor:
-    """Block ``layer`` (none past the last) on ``stack``: candidates of ``n`` sequences each, holding
-    their positions from ``p`` on; the positions before ``p`` are read from ``kv``, the key-value
-    cache of the unedited run of the ``n`` sequences (:func:`best_layers`), the same for every
-    candidate."""
-    if layer >= model.cfg.n_layers:
-        return stack
-    if p == 0:
-        return run_to_end(model, stack, start_at_layer=layer, stop_at_layer=layer + 1)
-    copies = stack.shape[0] // n
-    entry = kv.entries[layer]
-    keys, values = (t[:, :p].repeat(copies, *[1] * (t.dim() - 1)) for t in (entry.past_keys, entry.past_values))
-    entry = TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
-    mask = torch.ones(stack.shape[0], p + stack.shape[1], dtype=torch.long, device=stack.device)
-    # only this block's entry is read (start_at_layer=layer, stop_at_layer=layer + 1)
-    cache = TransformerLensKeyValueCache([entry] * model.cfg.n_layers, mask[:, :p], frozen=True)
-    return model(stack, start_at_layer=layer, stop_at_layer=layer + 1, attention_mask=mask, past_kv_cache=cache)
-

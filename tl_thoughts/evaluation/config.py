@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from tl_thoughts.refine import check_options as check_refine_options
+from tl_thoughts.thoughts import FitConfig
 
 DEFAULT_METHODS = (  # the suite's methods
     "with_chunk",
@@ -13,6 +14,7 @@ DEFAULT_METHODS = (  # the suite's methods
     "thought_vector",
     "thought_matrix",
     "thought_patch",
+    "thought_patch_paper",
     "steering_best_layer",
     "steering_all_layers",
     "task_vector",
@@ -95,7 +97,9 @@ class EvalConfig:
             chosen rank) refined by that many full-batch Adam steps at that learning rate on the
             fit examples' answers (:func:`tl_thoughts.refine_thought`).
         batch_size: Sequences per forward pass.
-        methods: The methods run (default: :data:`DEFAULT_METHODS`, the protocol's: all of
+        methods: The methods run (default: :data:`DEFAULT_METHODS`, among them
+            ``thought_patch_paper``, the papers' method fitted on the ``n_fit`` labelled examples
+            with :meth:`paper_fit_config`; the protocol's: all of
             :data:`METHODS` but those of :data:`ON_REQUEST`, ``thought_patch_refined`` and
             ``thought_vector_fitted_alone`` / ``thought_matrix_fitted_alone``, the vector-only and
             matrix-only patches fitted on their own, ``fit_thought(fit="vector" | "matrix")``).
@@ -120,28 +124,36 @@ class EvalConfig:
     batch_size: int = 64
     methods: tuple[str, ...] = DEFAULT_METHODS
 
-    @property
-    def fit_options(self) -> dict:
-        """The keyword arguments of :func:`tl_thoughts.fit_thought` this configuration fits with.
+    def fit_config(self, n_rows: int | None = None) -> FitConfig:
+        """The :class:`tl_thoughts.FitConfig` of the ``thought_patch`` (and of the patches fitted
+        alone, with their ``fit``) for a fit on ``n_rows`` rows: the ridge scaled by
+        ``n_rows / n_fit`` (see ``ridge``; None: ``n_fit`` rows), as the protocol fits on the fit
+        examples plus the answered queries; no steering record.
 
         Example:
-            >>> EvalConfig().fit_options["vector_target"]
+            >>> EvalConfig().fit_config().vector_target
             'attention'
-        """
-        return dict(layers=self.layers, ridge=self.ridge, pool=self.pool,
-                    vector_site=self.vector_site, vector_target=self.vector_target,
-                    attention_matrix=self.attention_matrix, query_weight=self.query_weight,
-                    output_matrix=self.output_matrix, patch_prefix=self.patch_prefix)
-
-    def fit_options_for(self, n_rows: int) -> dict:
-        """:attr:`fit_options` for a fit on ``n_rows`` rows: the ridge scaled by ``n_rows / n_fit``
-        (see ``ridge``), as the protocol fits on the fit examples plus the answered queries.
-
-        Example:
-            >>> EvalConfig(n_fit=20, ridge=1.0).fit_options_for(80)["ridge"]
+            >>> EvalConfig(n_fit=20, ridge=1.0).fit_config(80).ridge
             4.0
         """
-        return {**self.fit_options, "ridge": self.ridge * n_rows / self.n_fit}
+        n_rows = self.n_fit if n_rows is None else n_rows
+        return FitConfig(layers=self.layers, ridge=self.ridge * n_rows / self.n_fit, pool=self.pool,
+                         vector_site=self.vector_site, vector_target=self.vector_target,
+                         attention_matrix=self.attention_matrix, query_weight=self.query_weight,
+                         output_matrix=self.output_matrix, patch_prefix=self.patch_prefix,
+                         batch_size=self.batch_size, compare_steering=False)
+
+    def paper_fit_config(self) -> FitConfig:
+        """The :class:`tl_thoughts.FitConfig` of ``thought_patch_paper``: the ``"paper"`` preset
+        (``FitConfig.preset("paper")``) with this configuration's ridge (on the ``n_fit`` labelled
+        examples, no query), layers and batch size; no steering record.
+
+        Example:
+            >>> EvalConfig().paper_fit_config().vector_site
+            'b_out'
+        """
+        return FitConfig.preset("paper", ridge=self.ridge, layers=self.layers, batch_size=self.batch_size,
+                                compare_steering=False)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -163,4 +175,5 @@ class EvalConfig:
         if len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"ranks must be distinct, got {self.ranks}")
         check_refine_options(self.refine_steps, self.refine_lr, prefix="refine_")
+        self.fit_config()  # the fit options, validated now (FitConfig), not after the model's runs
 

@@ -36,7 +36,8 @@ from tl_thoughts.evaluation.verdicts import HookFactory, example_verdicts, greed
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.tasks import Task
-from tl_thoughts.thoughts import FullRows, fit_thoughts
+from tl_thoughts.stream import PromptRows
+from tl_thoughts.thoughts import fit_thought, fit_thoughts
 
 
 @dataclass
@@ -153,7 +154,7 @@ class TaskInputs:
 
     verdicts: tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]]
     queries: Sequence[tuple[str, str]]
-    query_rows: FullRows | None = None
+    query_rows: PromptRows | None = None
     query_sums: DifferenceSums | None = None
 
     def __post_init__(self) -> None:
@@ -239,7 +240,7 @@ def evaluate_seed(
 
 def _evaluate_seed(
     model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
-    queries: list[tuple[str, str]], query_sums: DifferenceSums | None, query_rows: FullRows | None,
+    queries: list[tuple[str, str]], query_sums: DifferenceSums | None, query_rows: PromptRows | None,
 ) -> SeedResult:
     stops = stop_tokens(model)
     fit_idx, test_idx = split(len(task.examples), config.n_fit, seed)
@@ -281,9 +282,8 @@ def _evaluate_seed(
         parts = [name for name in PART_METHODS if name in config.methods]
         kinds = fit_kinds(config.methods)
         patches = fit_thoughts(  # the prompts with the chunk streamed once for all the fits, the queries' read
-            model, task.chunk, fit_pairs, fits=list(kinds.values()), template=task.template,
-            compare_steering=False, progress=False, batch_size=bs, _full_rows=query_rows,
-            **config.fit_options_for(len(fit_pairs)),
+            model, task.chunk, fit_pairs, config.fit_config(len(fit_pairs)), fits=list(kinds.values()),
+            template=task.template, rows=query_rows, progress=False,
         ) if kinds else {}
         for name, kind in kinds.items():
             patch = patches[kind]
@@ -303,6 +303,10 @@ def _evaluate_seed(
                     continue
                 result.ranks[name] = rank
             run(name, patch=patch)
+        if "thought_patch_paper" in config.methods:  # the papers' method: the labelled examples only
+            paper = fit_thought(model, task.chunk, labelled, config.paper_fit_config(), template=task.template,
+                                progress=False)
+            run("thought_patch_paper", patch=paper)
         if wanted:
             # the fit examples' sums, plus the queries' (the same in every seed: computed once a task)
             deltas, task_vectors = (difference_sums(model, fit_set, config.pool, bs) + query_sums).means()

@@ -56,7 +56,7 @@ def results_json(
         'tl-thoughts eval --suite'
         >>> data = results_json([evaluate_task(model, task)], EvalConfig(), "SmolLM2")  # doctest: +SKIP
     """
-    from tl_thoughts import __version__
+    from tl_thoughts.version import __version__
 
     out: dict = {}
     for method in config.methods:

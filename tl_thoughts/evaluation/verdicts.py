@@ -12,7 +12,7 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError
-from tl_thoughts.evaluation.decoding import Prefix, greedy_decode, right_pad, row_logits, run_to_end
+from tl_thoughts.stream import SharedPrefix, greedy_decode, pad_right, row_logits, run_to_end
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_examples, n_positions_read, stop_tokens
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
@@ -48,7 +48,7 @@ def teacher_forced_verdicts(
 
     Example:
         >>> seqs = [e.enc.reduced for e in examples]  # doctest: +SKIP
-        >>> final = run_to_end(model, right_pad(seqs))  # doctest: +SKIP
+        >>> final = run_to_end(model, pad_right(seqs))  # doctest: +SKIP
         >>> right, logprob, open_ = teacher_forced_verdicts(model, examples, seqs, final, stops, unembed)  # doctest: +SKIP
     """
     b_idx, p_idx, spans = [], [], []
@@ -107,7 +107,7 @@ def _decode_open(
     hooks: HookFactory | None,
     stops: Bool[Tensor, " d_vocab"],
     unembed_weight: Float[Tensor, "d_vocab d_model"],
-    prefix: "Prefix | None" = None,
+    prefix: SharedPrefix | None = None,
 ) -> list[bool]:
     """Greedy decoding for real, for a batch of examples whose greedy tokens so far are ``paths``
     (under ``hooks`` and whatever patch is applied, after ``prefix``, see :func:`greedy_decode`):
@@ -142,14 +142,14 @@ def greedy_match(
     batch_size: int = 32,
     unembed_weight: Float[Tensor, "d_vocab d_model"] | None = None,
     compare: str = "text",
-    prefix: "Prefix | None" = None,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Whether greedy decoding gives each example's answer, and its continuation's log-probability.
 
     The answer is compared as text, after normalising whitespace; the mean log-probability of the
     continuation's tokens comes from the same teacher-forced forward pass (one per batch). Where the greedy tokens leave the answer's tokens for a token whose text
     still fits the answer (another tokenization of the same text), that example is decoded for
-    real (:func:`tl_thoughts.evaluation.greedy_decode`, under the same hooks and patch) and compared as text.
+    real (:func:`tl_thoughts.stream.greedy_decode`, under the same hooks and patch) and compared as text.
     With the chunk, no ``hooks`` and no hook attached to the model, the first tokens every prompt
     shares (the prefix and the chunk) run once, read from TransformerLens' key-value cache: the
     same verdicts (``tests/test_evaluation.py``).
@@ -167,9 +167,9 @@ def greedy_match(
         compare: ``"text"`` (the protocol) or ``"tokens"``: right only when the greedy tokens are
             the tokenizer's tokens of the answer (no decoding; stricter where the model spells an
             answer with other tokens).
-        prefix: ``(k, cache)``: the first ``k`` tokens of every prompt (the same in every prompt)
-            read from ``cache`` (:func:`tl_thoughts._tl.prefix_cache`) instead of run, as
-            :func:`match_under` gives them (no ``hooks`` then).
+        prefix: :class:`tl_thoughts.stream.SharedPrefix`: the first tokens of every prompt (the
+            same in every prompt) read from its cache instead of run, as :func:`match_under`
+            gives them (no ``hooks`` then).
 
     Returns:
         ``(right [n], mean log-probability of the continuation's tokens [n])``.
@@ -191,14 +191,14 @@ def greedy_match(
     if prefix is not None and hooks is not None:
         raise ValueError("hooks count positions from each sequence's start: no hooks with a prefix cache")
     if prefix is None and with_chunk and hooks is None and examples and not _tl.hooked_points(model):
-        shared = shared_prefix_length([e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
-        kv = _tl.prefix_cache(model, examples[0].enc.full[None, :shared]) if shared else None
+        common = SharedPrefix.of(model, [e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
+        shared, kv = common if common is not None else (0, None)
     for b in range(0, len(examples), batch_size):
         batch = examples[b : b + batch_size]
         seqs = [e.enc.full if with_chunk else e.enc.reduced for e in batch]
         with _tl.hooked(model, hooks(batch, with_chunk) if hooks else []):
             # the last position (the line break's) predicts nothing the verdicts read: not run
-            final = run_to_end(model, right_pad([q[shared:n_positions_read(e, q)] for e, q in zip(batch, seqs)]).to(device),
+            final = run_to_end(model, pad_right([q[shared:n_positions_read(e, q)] for e, q in zip(batch, seqs)]).to(device),
                                prefix=kv)
             if shared:  # the shared positions' rows, never read: the verdicts' positions line up
                 final = torch.cat([final.new_zeros(len(batch), shared, final.shape[-1]), final], dim=1)
@@ -243,7 +243,7 @@ def match_under(
     if k and shared_prefix_length([e.enc.reduced for e in examples]) < k:
         raise InputError(f"the patch leaves the first {k} position(s) unpatched, but the prompts' first {k} "
                          "tokens differ: one cache cannot hold them")
-    prefix = (k, _tl.prefix_cache(model, examples[0].enc.reduced[None, :k])) if k and examples else None
+    prefix = SharedPrefix.first(model, examples[0].enc.reduced, k) if k and examples else None
     patch.check_compatible(model)
     with _tl.swapped_tensors(model, patch.parameters(model)):
         return greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size,
