@@ -1,21 +1,23 @@
-"""Benchmark: the suite's cost per seed, this version at its defaults (480 answered queries, ridge
-0.5, the thought matrices as fitted) against an earlier commit at ITS defaults, measured in one run, so that the machine's speed
-(these shared machines drift by a factor of two between runs) cancels out of the ratio.
+"""Benchmark: the suite's cost per seed, this version against an earlier commit at ITS defaults,
+measured in one run, so that the machine's speed (these shared machines drift by a factor of two
+between runs) cancels out of the ratio. This version runs twice over: B, with the earlier
+commit's default methods (the same work: what a refactoring must not slow down), and C, at its own
+defaults (its suite's cost, new methods included).
 
 The earlier commit (default ``f026f3e``: 60 queries, ridge 1, before the shared positions of the
 prompts with the chunk ran once; ``9ca5b9d``: 150 queries, ridge 0.5, the rank chosen among 1, 4, 16
 and as fitted, the ablations fitted on their own) is checked out in a temporary git worktree. For one task and seed,
-each version runs in its own process of one torch thread (as a suite worker), in the order A B B A
-(A: the earlier commit, B: this version), as the suite runs them: ``example_verdicts`` and
+each version runs in its own process of one torch thread (as a suite worker), in the order
+A B C C B A (A: the earlier commit; B, C: this version), as the suite runs them: ``example_verdicts`` and
 ``query_answers`` (once a task in the suite, so a third of their time counts per seed) and
 ``evaluate_seed`` with every method, at each version's ``EvalConfig()`` (and, in versions that
 have them, ``query_difference_sums`` and ``query_full_rows``, also once a task; in versions with
 ``query_answers_with_rows``, the answers and their rows together, as their suite computes them). Prints each run's times,
 ``thought_patch``'s accuracy (each version's own suite value for that task and seed, the same in
-both repeats), and the ratio of the medians B / A, which times the earlier suite's time estimates
-this version's suite at the same pace.
+both repeats), and the ratios of the medians B / A and C / A, which times the earlier suite's
+time estimate this version's suite at the same pace.
 
-Run: .venv/bin/python benchmarks/bench_versions.py --task plural [--seed 0] [--ref f026f3e]
+Run: .venv/bin/python benchmarks/bench_versions.py --task plural [--seed 0] [--ref 4a950f1]
 (the suite runs two worker processes: run two tasks at once, as it does).
 """
 
@@ -39,6 +41,8 @@ name, seed = sys.argv[1], int(sys.argv[2])
 model = load_default_model()
 task = load_task(next(p for p in shipped_tasks() if p.stem == name))
 config = E.EvalConfig()
+if sys.argv[3] != "defaults":  # the given methods of this version's (the earlier commit's defaults)
+    config = E.EvalConfig(methods=tuple(m for m in sys.argv[3].split(",") if m in E.METHODS))
 t0 = time.perf_counter()
 verdicts = E.example_verdicts(model, task, batch_size=config.batch_size)
 t1 = time.perf_counter()
@@ -64,8 +68,8 @@ print("RESULT", config.n_queries, config.ridge, t1 - t0, t2 - t1, t3 - t2, (t2 -
 """
 
 
-def run(tree: Path, task: str, seed: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", ONE, task, str(seed)], cwd=tempfile.gettempdir(),
+def run(tree: Path, task: str, seed: int, methods: str = "defaults") -> dict:
+    out = subprocess.run([sys.executable, "-c", ONE, task, str(seed), methods], cwd=tempfile.gettempdir(),
                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -79,16 +83,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="a shipped task's name")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ref", default="f026f3e", help="the earlier commit (A)")
+    parser.add_argument("--ref", default="4a950f1", help="the earlier commit (A)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "ref"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.ref], check=True)
         try:
-            trees = {"A": old, "B": ROOT}
-            runs: dict[str, list[dict]] = {"A": [], "B": []}
-            for which in "ABBA":
-                r = run(trees[which], args.task, args.seed)
+            ref_methods = subprocess.run(
+                [sys.executable, "-c", "from tl_thoughts import evaluation as E; print(','.join(E.EvalConfig().methods))"],
+                cwd=tempfile.gettempdir(), env={**os.environ, "PYTHONPATH": str(old)}, capture_output=True, text=True,
+                check=True).stdout.strip()
+            trees = {"A": old, "B": ROOT, "C": ROOT}
+            methods = {"A": "defaults", "B": ref_methods, "C": "defaults"}
+            runs: dict[str, list[dict]] = {"A": [], "B": [], "C": []}
+            for which in "ABCCBA":
+                r = run(trees[which], args.task, args.seed, methods[which])
                 runs[which].append(r)
                 print(f"{which} ({r['config']}): verdicts {r['verdicts']:.0f} s, queries {r['queries']:.0f} s, "
                       f"seed {r['seed']:.0f} s, per seed {r['per_seed']:.0f} s, thought_patch {r['accuracy']:.3f}",
@@ -97,10 +106,11 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
     medians = {k: statistics.median(r["per_seed"] for r in v) for k, v in runs.items()}
     print(f"\ntask {args.task}, seed {args.seed}; A: {args.ref} ({runs['A'][0]['config']}), "
-          f"B: this version ({runs['B'][0]['config']})")
+          f"B: this version at A's default methods, C: this version at its defaults")
     seconds = {k: " / ".join(f"{r['per_seed']:.0f}" for r in v) for k, v in runs.items()}
-    print(f"seconds per seed, A: {seconds['A']}, B: {seconds['B']}")
+    print(f"seconds per seed, A: {seconds['A']}, B: {seconds['B']}, C: {seconds['C']}")
     print(f"ratio B / A (medians): {medians['B'] / medians['A']:.2f}")
+    print(f"ratio C / A (medians): {medians['C'] / medians['A']:.2f}")
 
 
 if __name__ == "__main__":

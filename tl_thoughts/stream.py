@@ -155,6 +155,17 @@ def refuse_post_norm(spec: _tl.ModelSpec, what: str) -> None:
         )
 
 
+def _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden):
+    """``resid_post`` of block ``layer`` (and, with ``hidden``, the MLP's hidden activations)."""
+    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
+    with _tl.swapped_tensors(model, mlp_patched or {}):
+        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
+        if hidden:
+            mlp_out, post = _tl.block_mlp_hidden(model, layer, mlp_in)
+            return resid_pre + attn_out + mlp_out, post
+        return resid_pre + attn_out + _tl.block_mlp(model, layer, mlp_in), None
+
+
 def finish_block(
     model: HookedTransformer,
     spec: _tl.ModelSpec,
@@ -176,10 +187,7 @@ def finish_block(
     """
     if not spec.has_mlp:
         return resid_pre + attn_out
-    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
-    with _tl.swapped_tensors(model, mlp_patched or {}):
-        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
-        return resid_pre + attn_out + _tl.block_mlp(model, layer, mlp_in)
+    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=False)[0]
 
 
 def finish_block_hidden(
@@ -202,11 +210,7 @@ def finish_block_hidden(
     """
     if not spec.has_mlp:
         raise InputError("an attention-only block has no MLP hidden activations")
-    mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
-    with _tl.swapped_tensors(model, mlp_patched or {}):
-        mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
-        mlp_out, post = _tl.block_mlp_hidden(model, layer, mlp_in)
-        return resid_pre + attn_out + mlp_out, post
+    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=True)
 
 
 # --- the rows a fit reads -----------------------------------------------------------------------
