@@ -490,8 +490,11 @@ def prompt_rows(
 
     Args:
         model: The model (no hooks may be attached).
-        chunk, examples, template: As for :func:`tl_thoughts.fit_thought`.
-        pool, query_weight: The fit options whose rows are kept.
+        chunk: The chunk's text, as for :func:`tl_thoughts.fit_thought`.
+        examples: Queries or ``(query, answer)`` pairs, as for :func:`tl_thoughts.fit_thought`.
+        template: Where chunk and query go, as for :func:`tl_thoughts.fit_thought`.
+        pool: The fit's ``pool`` whose rows are kept.
+        query_weight: The fit's ``query_weight`` whose rows are kept.
         batch_size: Prompts per forward pass.
         share_prefix: False runs every prompt whole, the positions they share included (the same
             rows, to rounding; slower).
