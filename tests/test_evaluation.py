@@ -1020,3 +1020,28 @@ def test_worker_processes_give_the_same_results(smollm2, slice_task):
         assert a.right == b.right and a.ranks == b.ranks and a.layers == b.layers
     with pytest.raises(ValueError, match="jobs"):
         E.evaluate_in_processes([slice_task], config, jobs=0)
+
+
+def test_compare_results_finds_every_changed_value():
+    """``compare_results`` on the stored suite: nothing against itself, nor against itself with a
+    new method's row; a changed per-seed value, filtered example, chosen layer or a lost method is
+    named; the seconds are not values."""
+    import copy
+    import json
+    from pathlib import Path
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmark" / "results.json").read_text())
+    assert E.compare_results(stored, stored) == []
+    new = copy.deepcopy(stored)
+    new["a_new_method"] = {"accuracy": 0.5, "per_seed": {}, "n_filtered": {}}
+    new["meta"]["tasks"]["plural"]["seconds"] += 10
+    assert E.compare_results(stored, new) == []
+    new["thought_patch"]["per_seed"]["plural"][1] += 0.01
+    new["meta"]["tasks"]["antonyms"]["filtered_indices"][0] = new["meta"]["tasks"]["antonyms"]["filtered_indices"][0][1:]
+    new["meta"]["tasks"]["successor"]["layers"][2]["task_vector"] += 1
+    del new["steering_all_layers"]
+    diffs = E.compare_results(stored, new)
+    assert any(d.startswith("thought_patch.per_seed") for d in diffs)
+    assert "meta.tasks.antonyms.filtered_indices: differs" in diffs
+    assert "meta.tasks.successor.layers: differs" in diffs
+    assert "steering_all_layers: missing" in diffs and len(diffs) == 4

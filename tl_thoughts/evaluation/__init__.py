@@ -143,7 +143,14 @@ from tl_thoughts.evaluation.protocol import (
     prepare_task,
     split,
 )
-from tl_thoughts.evaluation.report import checkout_commit, markdown_table, plot_results, results_json, write_results
+from tl_thoughts.evaluation.report import (
+    checkout_commit,
+    compare_results,
+    markdown_table,
+    plot_results,
+    results_json,
+    write_results,
+)
 from tl_thoughts.evaluation.verdicts import (
     HookFactory,
     chunk_filter,
@@ -212,6 +219,7 @@ __all__ = [
     "split",
     # report
     "checkout_commit",
+    "compare_results",
     "markdown_table",
     "plot_results",
     "results_json",

@@ -1,6 +1,6 @@
 """The protocol's results as files: ``results.json`` (:func:`results_json`), a markdown table
 (:func:`markdown_table`), a bar plot (:func:`plot_results`), all three written by
-:func:`write_results`."""
+:func:`write_results`; :func:`compare_results` lists the differences between two of them."""
 
 import json
 import subprocess
@@ -91,6 +91,46 @@ def results_json(
         },
     }
     return out
+
+
+def compare_results(old: dict, new: dict) -> list[str]:
+    """The differences between two ``results.json`` contents, every value the protocol produces.
+
+    For every method of ``old``: its accuracy, per-seed values and filtered counts in ``new``
+    (a method of ``new`` that ``old`` lacks is not a difference: a new method's row); for every task
+    of ``old``: its examples, answered queries, unfiltered accuracies, chosen layers and ranks and
+    splits (``meta.tasks``; the seconds aside). What a change that must not move a value is checked
+    with, against the stored ``docs/benchmark/results.json``.
+
+    Returns:
+        One line per difference (empty: the same values).
+
+    Example:
+        >>> old = {"thought_patch": {"accuracy": 0.9, "per_seed": {}, "n_filtered": {}}, "meta": {"tasks": {}}}
+        >>> compare_results(old, old)
+        []
+        >>> compare_results(old, {**old, "thought_patch": {**old["thought_patch"], "accuracy": 0.8}})
+        ['thought_patch.accuracy: 0.9 != 0.8']
+    """
+    diffs = []
+    for method, values in old.items():
+        if method == "meta":
+            continue
+        if method not in new:
+            diffs.append(f"{method}: missing")
+            continue
+        for key in ("accuracy", "per_seed", "n_filtered"):
+            if values.get(key) != new[method].get(key):
+                diffs.append(f"{method}.{key}: {values.get(key)} != {new[method].get(key)}")
+    tasks_new = new.get("meta", {}).get("tasks", {})
+    for task, fields in old.get("meta", {}).get("tasks", {}).items():
+        if task not in tasks_new:
+            diffs.append(f"meta.tasks.{task}: missing")
+            continue
+        for key, value in fields.items():
+            if key != "seconds" and value != tasks_new[task].get(key):
+                diffs.append(f"meta.tasks.{task}.{key}: differs")
+    return diffs
 
 
 def markdown_table(results: list[TaskResult], config: EvalConfig) -> str:
