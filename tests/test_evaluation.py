@@ -438,6 +438,7 @@ def slice_task():
     return dataclasses.replace(task, examples=task.examples[:24])
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_teacher_forced_check_equals_greedy_generation(smollm2, slice_task):
     examples = E.encode_task_examples(smollm2, slice_task, range(12))
@@ -451,6 +452,7 @@ def test_teacher_forced_check_equals_greedy_generation(smollm2, slice_task):
     assert not E.greedy_match(smollm2, examples, with_chunk=False)[0].all()
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_protocol_invariants_on_a_slice(smollm2, slice_task):
     snap = param_snapshot(smollm2)
@@ -486,6 +488,7 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
     assert_model_untouched(smollm2, snap)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
     """The verdicts with and without the chunk are computed once a task (``example_verdicts``) and
@@ -511,6 +514,7 @@ def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
         E.evaluate_seed(smollm2, slice_task, config, 0, shorter)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_the_fitted_alone_ablations_are_fits_of_their_kind(smollm2, slice_task):
     """``thought_vector_fitted_alone`` and ``thought_matrix_fitted_alone`` (not in the default
@@ -541,6 +545,7 @@ def fitted_slice(smollm2, slice_task):
     return patch, E.encode_task_examples(smollm2, slice_task, fit_idx)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_the_rank_is_chosen_on_the_fit_examples(smollm2, fitted_slice):
     """``choose_rank`` returns the candidate that an independent scoring of every candidate on
@@ -567,6 +572,7 @@ def test_the_rank_is_chosen_on_the_fit_examples(smollm2, fitted_slice):
     assert r == 2 and alone.meta["truncated_rank"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_the_benchmark_patch_leaves_the_first_token_unpatched(smollm2, fitted_slice):
     """With ``EvalConfig``'s options the patch has ``W_out`` matrices and leaves the fixed first
@@ -589,6 +595,7 @@ def test_the_benchmark_patch_leaves_the_first_token_unpatched(smollm2, fitted_sl
     assert_model_untouched(smollm2, snap)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     methods = ("with_chunk", "without_chunk", "thought_vector", "thought_matrix", "thought_patch")
@@ -626,6 +633,7 @@ def test_evaluate_seed_records_the_chosen_ranks(smollm2, slice_task):
     assert right.tolist() == seed.right["thought_patch_refined"]
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_the_rank_is_chosen_on_the_fit_examples_and_the_answered_queries(smollm2, slice_task, monkeypatch):
     """``rank_on_queries=True`` chooses the rank on the labelled fit examples plus the answered
@@ -690,6 +698,7 @@ def _forcing_hooks(model, paths):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
     """Greedy decoding that spells the answer with other tokens than the tokenizer's is right (the
@@ -725,6 +734,7 @@ def test_an_answer_spelled_with_other_tokens_is_right(smollm2):
         E.greedy_match(smollm2, [example], with_chunk=False, compare="string")
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smollm2, slice_task):
     """On the default model, the key-value-cached decoding of ``query_answers`` gives the same
@@ -742,6 +752,7 @@ def test_cached_greedy_decoding_equals_the_uncached_loop_on_the_real_model(smoll
     assert all(expected[1])  # every query's generation ends on a stop token
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, slice_task):
     """``query_answers`` gives the first queries in order whose greedy generation WITH the chunk
@@ -771,6 +782,7 @@ def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, sli
                         E.TaskInputs(E.example_verdicts(smollm2, slice_task), pairs))
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice_task, monkeypatch):
     """``query_answers_with_rows`` (the rows read from the decoding's own runs) gives the queries
@@ -812,6 +824,7 @@ def test_query_rows_from_the_decoding_equal_the_streamed_ones(smollm2_f64, slice
     assert E.query_answers_with_rows(model, slice_task, vector_free) == (queries[:3], None)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_task):
     """The mean differences of the steering baselines average over the fit examples AND the
@@ -837,6 +850,7 @@ def test_the_steering_baselines_are_fitted_on_the_queries_too(smollm2, slice_tas
     assert rights["with queries"][1] != rights["without"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_any_subset_of_the_baselines_runs(smollm2, slice_task):
     """Each baseline alone (the layer search then runs for one edit, or for none)."""
@@ -935,6 +949,7 @@ def test_layer_search_groups_are_the_cheapest_cuts():
     assert len(E.search_groups(examples, edits, 7)) not in (1, 7)  # neither extreme here
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     fit_set = E.encode_task_examples(smollm2, slice_task, range(6))
@@ -955,6 +970,7 @@ def test_staggered_layer_search_equals_hooked_runs(smollm2, slice_task):
     assert len({tuple(accuracy) for _, accuracy, _ in best.values()}) == 2  # the edits were not mixed up
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_eval_command_writes_results(tmp_path, slice_task):
     from tl_thoughts.cli import main
@@ -999,6 +1015,7 @@ def test_eval_command_refuses_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_worker_processes_give_the_same_results(smollm2, slice_task):
     """``evaluate_in_processes`` (the command's ``--jobs``: one seed of one task per worker at a

@@ -7,7 +7,7 @@ import torch
 
 from tl_thoughts import models
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def test_default_model_config_and_tokenizer(smollm2):

@@ -8,7 +8,7 @@ import tl_thoughts as tt
 from tl_thoughts import cli
 from tl_thoughts.prompts import SUITE, chat_prompt
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def _snapshot(model):
