@@ -186,7 +186,8 @@ def add_upper_gram(out: Float[Tensor, "d d"], wa: Float[Tensor, "n d"], a: Float
     """Add ``wa^T a`` (symmetric: ``wa`` is ``a`` with weighted rows) to ``out`` on and above the
     block diagonal only: blocks of about :data:`GRAM_BLOCK` columns, each row block times the
     columns from its own on (with ``k`` blocks, ``(k + 1) / 2k`` of the whole ``d x d`` product's
-    work; measured at 0.74-0.86 of the whole product's time at commit ``0246a97``, ``benchmarks/bench_gram.py`` there). Read the result as its ``triu``, mirrored."""
+    work; measured at 0.74-0.86 of the whole product's time at commit ``0246a97``,
+    ``benchmarks/bench_gram.py`` there). Read the result as its ``triu``, mirrored."""
     d = a.shape[1]
     k = max(1, round(d / GRAM_BLOCK))
     edges = [round(i * d / k) for i in range(k + 1)]

@@ -427,7 +427,7 @@ def evaluate_in_processes(
     model, once; the workers take one unit at a time: a task's :func:`prepare_task`, then each of
     its seeds; the biggest tasks first). On this
     project's 2-core machine this is as fast as one process with both threads
-    (``benchmarks/bench_jobs.py``).
+    (measured at commit ``465c6f6``, ``benchmarks/bench_jobs.py`` there).
     ``on_result(result)`` is called as each task finishes. Results come back in the order of
     ``tasks``, the same as :func:`evaluate_task` gives at the same thread count
     (``tests/test_evaluation.py::test_worker_processes_give_the_same_results``); another thread
