@@ -48,7 +48,8 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32) -> Path:
     # 2. a thought patch for a few-shot task
     task = load_task(next(p for p in shipped_tasks() if p.stem == DEMO_TASK))
     fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
-    patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), evaluation.EvalConfig().fit_config(),
+    # the benchmark's options (EvalConfig's), with the steering record the comparison below reads
+    patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), tt.FitConfig.preset("benchmark"),
                            template=task.template)
     patch.save(out / f"{task.name}.safetensors")
     _say(report, f"\n## 2. A thought patch for `{task.name}`\n")

@@ -41,8 +41,9 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # %%
 fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
 config = evaluation.EvalConfig()
-print(config.fit_config())  # the "benchmark" preset of tt.FitConfig (tt.FitConfig.preset("paper"): the papers')
-patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), config.fit_config(), template=task.template)
+fit_config = tt.FitConfig.preset("benchmark")  # EvalConfig's options; tt.FitConfig.preset("paper"): the papers'
+print(fit_config)
+patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), fit_config, template=task.template)
 print(patch.summary_table())
 print("positions left unpatched:", patch.unpatched_positions)
 
