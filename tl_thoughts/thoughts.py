@@ -209,8 +209,7 @@ def solve_W_O(
         >>> fit = RidgeRegression(4, 10); fit.add(z, delta, torch.ones(10))  # doctest: +SKIP
         >>> dW_O = solve_W_O(fit, delta.mean(0), ridge=0.1, n=10, n_heads=2, d_head=2)  # doctest: +SKIP
     """
-    shift = vector if vector is not None else None
-    dW_O = regression.solve(ridge, n, shift=shift)
+    dW_O = regression.solve(ridge, n, shift=vector)
     if dW_O.shape[0] != n_heads * d_head:
         raise InputError(f"the regression's inputs ({dW_O.shape[0]}) are not n_heads * d_head ({n_heads * d_head})")
     return dW_O
