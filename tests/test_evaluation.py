@@ -516,6 +516,40 @@ def test_each_seed_filters_with_the_task_verdicts(smollm2, slice_task):
 
 @pytest.mark.slow
 @pytest.mark.real_model
+def test_the_papers_method_is_the_paper_preset_on_the_labelled_examples(smollm2, slice_task, monkeypatch):
+    """``thought_patch_paper`` is ``fit_thought`` with the ``"paper"`` preset on the seed's labelled
+    fit examples alone (no answered query): the protocol's patch equals, tensor for tensor, an
+    independent fit (vectors on ``b_out``, matrices on the MLP input only), and its verdicts are
+    those of that patch applied as hooks."""
+    from tl_thoughts.evaluation import protocol
+
+    fitted = []
+
+    def keep(*args, **kwargs):
+        fitted.append(tt.fit_thought(*args, **kwargs))
+        return fitted[-1]
+
+    monkeypatch.setattr(protocol, "fit_thought", keep)
+    methods = ("with_chunk", "without_chunk", "thought_patch_paper")
+    assert "thought_patch_paper" in E.DEFAULT_METHODS
+    config = E.EvalConfig(n_fit=8, n_queries=N_QUERIES, methods=methods)
+    seed = E.evaluate_seed(smollm2, slice_task, config, 0)
+    (used,) = fitted
+    assert set(seed.right) == set(methods) and len(seed.filtered_indices) > 0
+    patch = tt.fit_thought(smollm2, slice_task.chunk, slice_task.fit_examples(seed.fit_indices),
+                           tt.FitConfig.preset("paper", ridge=config.ridge), template=slice_task.template,
+                           progress=False)
+    assert {name.split(".", 2)[2] for name in patch.deltas} == {"mlp.b_out", "mlp.W_in", "mlp.W_gate"}
+    assert set(used.deltas) == set(patch.deltas) and all(torch.equal(used.deltas[k], patch.deltas[k]) for k in patch.deltas)
+    assert used.meta["n_examples"] == 8 and used.unpatched_positions == 0
+    filtered = E.encode_task_examples(smollm2, slice_task, seed.filtered_indices)
+    with patch.apply(smollm2):
+        right, _ = E.greedy_match(smollm2, filtered, with_chunk=False, batch_size=64)
+    assert right.tolist() == seed.right["thought_patch_paper"]
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_the_fitted_alone_ablations_are_fits_of_their_kind(smollm2, slice_task):
     """``thought_vector_fitted_alone`` and ``thought_matrix_fitted_alone`` (not in the default
     methods) give the verdicts of ``fit_thought(fit="vector" | "matrix")`` on the same rows, at the
