@@ -117,3 +117,14 @@ def test_post_norm_blocks_are_refused_by_the_streams(text_models, arch):
     model = text_models(arch)
     with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
         tt.prompt_rows(model, CHUNK, EXAMPLES, template=TEMPLATE)
+
+
+def test_unpatched_prefix_refuses_prompts_that_differ_within_it(tiny_model):
+    """``unpatched_prefix``: the first ``k`` tokens' cache when every prompt starts with them, None
+    for ``k = 0``, and a refusal (the library's ``InputError``) where the prompts differ within them."""
+    model = tiny_model("ln_gelu_learned")
+    prompts = [torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5])]
+    prefix = S.unpatched_prefix(model, prompts, 2)
+    assert prefix.length == 2 and S.unpatched_prefix(model, prompts, 0) is None
+    with pytest.raises(tt.InputError, match="first 3 tokens differ"):
+        S.unpatched_prefix(model, prompts, 3)

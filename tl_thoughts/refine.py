@@ -18,8 +18,8 @@ from transformer_lens import HookedTransformer
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError
 from tl_thoughts.patch import ThoughtPatch
-from tl_thoughts.templates import Example, PromptTemplate, encode_example, shared_prefix_length
-from tl_thoughts.stream import SharedPrefix, pad_right
+from tl_thoughts.templates import Example, PromptTemplate, encode_example
+from tl_thoughts.stream import pad_right, unpatched_prefix
 
 
 def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Example]) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -133,11 +133,8 @@ def refine_thought(
     # fused: one pass over each tensor's memory (Adam's update, rounded as torch's fused kernel does)
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     prefix = patch.unpatched_positions
-    if prefix and shared_prefix_length([r[0] for r in rows]) < prefix:
-        raise InputError(f"the patch leaves the first {prefix} position(s) unpatched, but the prompts' first "
-                         f"{prefix} tokens differ: one cache cannot hold them")
-    shared = SharedPrefix.first(model, rows[0][0], prefix).cache if prefix else None
-    caches = [None if shared is None else _tl.broadcast_cache(shared, tokens.shape[0]) for tokens, *_ in batches]
+    shared = unpatched_prefix(model, [r[0] for r in rows], prefix)
+    caches = [None if shared is None else _tl.broadcast_cache(shared.cache, tokens.shape[0]) for tokens, *_ in batches]
 
     def loss_and_grads(grad: bool = True) -> tuple[float, list[Tensor]]:
         """The mean loss over every answer position, and its gradient with respect to the deltas

@@ -69,6 +69,7 @@ __all__ = [
     "run_block_after",
     "run_to_end",
     "shared_stream_length",
+    "unpatched_prefix",
 ]
 
 
@@ -579,6 +580,26 @@ class SharedPrefix(NamedTuple):
         if not 0 < length <= tokens.shape[0]:
             raise InputError(f"a shared prefix of {length} tokens out of {tokens.shape[0]}")
         return cls(length, _tl.prefix_cache(model, tokens[None, :length]))
+
+
+def unpatched_prefix(model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], k: int) -> SharedPrefix | None:
+    """The :class:`SharedPrefix` of the first ``k`` tokens of every sequence: the positions a
+    thought patch leaves unpatched (``ThoughtPatch.unpatched_positions``), run once unpatched for
+    the patched positions to read. None for ``k = 0`` or no sequence.
+
+    Raises:
+        InputError: the sequences differ within their first ``k`` tokens (one cache cannot hold them).
+
+    Example:
+        >>> unpatched_prefix(model, [torch.tensor([1, 2, 3]), torch.tensor([1, 4, 5])], 1).length
+        1
+    """
+    if not k or not seqs:
+        return None
+    if shared_prefix_length(seqs) < k:
+        raise InputError(f"the patch leaves the first {k} position(s) unpatched, but the prompts' first {k} "
+                         "tokens differ: one cache cannot hold them")
+    return SharedPrefix.first(model, seqs[0], k)
 
 
 def run_block_after(

@@ -11,12 +11,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError
-from tl_thoughts.stream import SharedPrefix, greedy_decode, pad_right, row_logits, run_to_end
+from tl_thoughts.stream import SharedPrefix, greedy_decode, pad_right, row_logits, run_to_end, unpatched_prefix
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_examples, n_positions_read, stop_tokens
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.tasks import Task
-from tl_thoughts.templates import shared_prefix_length
 
 # hooks(batch of examples, with_chunk) -> TransformerLens forward hooks for that batch (steering, task vectors)
 HookFactory = Callable[[list[TaskExample], bool], list[tuple[str, Callable]]]
@@ -239,11 +237,7 @@ def match_under(
         >>> right, logprob = match_under(model, patch, examples, stops=stop_tokens(model), batch_size=32,
         ...                              unembed_weight=model.W_U.T.contiguous())  # doctest: +SKIP
     """
-    k = patch.unpatched_positions
-    if k and shared_prefix_length([e.enc.reduced for e in examples]) < k:
-        raise InputError(f"the patch leaves the first {k} position(s) unpatched, but the prompts' first {k} "
-                         "tokens differ: one cache cannot hold them")
-    prefix = SharedPrefix.first(model, examples[0].enc.reduced, k) if k and examples else None
+    prefix = unpatched_prefix(model, [e.enc.reduced for e in examples], patch.unpatched_positions)
     patch.check_compatible(model)
     with _tl.swapped_tensors(model, patch.parameters(model)):
         return greedy_match(model, examples, with_chunk=False, stops=stops, batch_size=batch_size,
