@@ -18,6 +18,7 @@ import tl_thoughts
 
 MODULES = [
     "tl_thoughts.chunks",
+    "tl_thoughts.fingerprint",
     "tl_thoughts.updates",
     "tl_thoughts.verify",
     "tl_thoughts.exact_weights",

@@ -18,6 +18,7 @@ SEAMS = {"_math", "_tl"}  # private modules whose public names the package's flo
 # the floors, lowest first: a module may import its own floor and those below
 FLOORS = {
     "errors": 0, "version": 0, "models": 0, "prompts": 0,
+    "fingerprint": 1,
     "_math": 1,
     "_tl": 2,
     "chunks": 3, "templates": 3, "tasks": 3,

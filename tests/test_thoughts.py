@@ -736,8 +736,9 @@ def test_load_refuses_damaged_files(fitted, tmp_path, damage):
 
 
 def test_patches_stack_and_survive_merging(text_models):
-    """A patch's identity check reads weights no patch changes: two patches can be applied
-    together, and a patch still applies to a model another patch was merged into."""
+    """A patch's identity check reads the model's own weights (under the patches applied in the
+    weight form): two patches can be applied together, and a patch still applies to a model
+    another patch was merged into since it was fitted (the same values as stacking them)."""
     model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
     first = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, progress=False)
     second = fit(model, "a big red hat and", EXAMPLES, template=TEMPLATE, progress=False)

@@ -5,6 +5,7 @@ directly; they go through the functions here. A TransformerBridge backend would 
 """
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -166,26 +167,47 @@ def identity_tensors(model: HookedTransformer) -> list[Tensor]:
     return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
 
 
+_HOOK_LEVELS = itertools.count(1_000_000)  # above any TransformerLens context level
+
+
+def attach_hooks(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Callable[[], None]:
+    """Add forward hooks and return the function that removes exactly these hooks (and no other:
+    they carry a context level of their own, so hooks attached and removed in any order, or the
+    user's own, are left alone). If adding one fails, those added are removed before the error
+    propagates."""
+    level = next(_HOOK_LEVELS)
+    touched = []
+
+    def remove() -> None:
+        for hook_point in touched:
+            hook_point.remove_hooks("fwd", including_permanent=False, level=level)
+        touched.clear()
+
+    try:
+        for name, hook in fwd_hooks:
+            if name not in model.hook_dict:
+                raise InputError(f"{name!r} is not a hook point of this model")
+            model.add_hook(name, hook, dir="fwd", level=level)
+            touched.append(model.hook_dict[name])
+    except BaseException:
+        remove()
+        raise
+    return remove
+
+
 @contextlib.contextmanager
 def hooked(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
     """Temporary forward hooks, removed on exit (also on an exception); the user's own hooks,
-    added outside this context, are left alone.
+    and hooks of other contexts (also exited in another order), are left alone.
 
-    The same as ``model.hooks(fwd_hooks=...)``, except that on exit only the hook points used
-    are cleared (TransformerLens' context resets every hook point of the model, a cost that
-    dominates short runs such as the evaluation's)."""
-    model.context_level += 1
-    level = model.context_level
-    touched = []
+    The same as ``model.hooks(fwd_hooks=...)``, except that on exit only these hooks are removed
+    (TransformerLens' context resets every hook point of the model, a cost that dominates short
+    runs such as the evaluation's)."""
+    remove = attach_hooks(model, fwd_hooks)
     try:
-        for name, hook in fwd_hooks:
-            model.add_hook(name, hook, dir="fwd", level=level)
-            touched.append(model.hook_dict[name])
         yield
     finally:
-        for hook_point in touched:
-            hook_point.remove_hooks("fwd", including_permanent=False, level=level)
-        model.context_level -= 1
+        remove()
 
 
 # --- hook names (TransformerLens vocabulary) ---

@@ -93,7 +93,8 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
         ZeroDenominatorError: a zero-norm MLP input, linearly dependent inputs, more kept tokens
             than the patched matrix's input dimension, or (Goldwaser's form) a zero coordinate of
             the normalised MLP output: no exact patch of this form exists.
-        InputError: updates computed for a subset of layers or positions.
+        InputError: updates computed for a subset of layers or positions, or on another model
+            (:meth:`ImplicitUpdates.check_model`).
 
     Example:
         >>> patch = tl_thoughts.exact_weight_patch(model, updates)
@@ -106,6 +107,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
     updates.require_complete("exact_weight_patch")
+    updates.check_model(model)
     with _tl.computing_in(model, updates.dtype):
         return _exact_weight_patch(model, updates)
 

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.errors import InputError, TLThoughtsError
+from tl_thoughts.fingerprint import fingerprint
 from tl_thoughts.version import __version__
 
-FORMAT = "tl_thoughts.ThoughtPatch/1"
+FORMAT = "tl_thoughts.ThoughtPatch/2"
+LEGACY_FORMATS = ("tl_thoughts.ThoughtPatch/1",)  # still read: see ThoughtPatch.load
 FORMS = ("weight", "activation")
 MATRICES = ("W_O", "W_gate", "W_in", "W_out")  # the thought matrices' parameters, in summary order
 PARTS = ("vectors", "matrices")  # ThoughtPatch.only
@@ -33,9 +37,10 @@ class IncompatibleModelError(TLThoughtsError, ValueError):
 
 
 def model_identity(model: HookedTransformer) -> dict:
-    """Shapes and a fingerprint of the weights (float32 bytes of a sample of W_E, W_U and the
-    first query matrix, which no patch changes), so that a patch is only ever applied to the model
-    it was fitted on, also when other patches are applied or merged.
+    """Shapes and a fingerprint of every parameter (:func:`tl_thoughts.fingerprint.fingerprint`) of
+    the model's own weights: those under any patch applied in its weight form right now (so that
+    patches can be stacked), after any :meth:`ThoughtPatch.merge_into` (a merged model is another
+    model). A patch is only ever applied to the model it was fitted on.
 
     Example:
         >>> sorted(model_identity(model))
@@ -50,9 +55,26 @@ def model_identity(model: HookedTransformer) -> dict:
         normalization_type=cfg.normalization_type, act_fn=cfg.act_fn, positional=spec.positional,
     )
     h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
-    for t in _tl.identity_tensors(model):
-        h.update(t.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
+    h.update(fingerprint(_own_parameters(model)).encode())
     return dict(model_name=cfg.model_name, shapes=shapes, fingerprint=h.hexdigest())
+
+
+def _legacy_fingerprint(model: HookedTransformer, shapes: dict) -> str:
+    """The fingerprint of format-1 patch files: float32 bytes of the first 4096 values of W_E,
+    W_U and the first query matrix."""
+    h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
+    own = _own_parameters(model)
+    for t in _tl.identity_tensors(model):
+        name = next(n for n, p in _tl.parameters(model).items() if p is t)
+        h.update(own[name].detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checksum(tensors: dict[str, Tensor], meta: dict) -> str:
+    """SHA-256 of the tensors (:func:`_tensor_digest`) and of the metadata (canonical JSON)."""
+    h = hashlib.sha256(_tensor_digest(tensors).encode())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _tensor_digest(tensors: dict[str, Tensor]) -> str:
@@ -262,7 +284,16 @@ class ThoughtPatch:
     # --- applying ---
 
     def check_compatible(self, model: HookedTransformer) -> None:
-        """Refuse a model of other shapes or another identity than the one the patch was fitted on."""
+        """Refuse a model of other shapes or another identity than the one the patch was fitted on
+        (its own weights, under any patch applied in the weight form: :func:`model_identity`). A
+        model that other patches were merged into (:meth:`merge_into`, in this process) since the
+        patch was fitted on it is accepted: the patch then applies on top of them, as when patches
+        are stacked.
+
+        Raises:
+            IncompatibleModelError: Other shapes, or other weights (the message lists the patches
+                merged into the model, if any).
+        """
         mine = self.meta.get("model", {})
         theirs = model_identity(model)
         if mine.get("shapes") != theirs["shapes"]:
@@ -271,11 +302,15 @@ class ThoughtPatch:
             raise IncompatibleModelError(
                 f"this patch was fitted on a model with other shapes (patch vs model: {diff})"
             )
-        if mine.get("fingerprint") != theirs["fingerprint"]:
+        if self.meta.get("format") in LEGACY_FORMATS:
+            theirs["fingerprint"] = _legacy_fingerprint(model, theirs["shapes"])
+        merged = _STATES[model].merged if model in _STATES else []
+        if mine.get("fingerprint") != theirs["fingerprint"] and mine.get("fingerprint") not in [fp for _, fp in merged]:
+            why = f"; patches merged into this model: {', '.join(label for label, _ in merged)}" if merged else ""
             raise IncompatibleModelError(
                 f"this patch was fitted on another model ({mine.get('model_name')!r}, weights "
                 f"fingerprint {str(mine.get('fingerprint'))[:12]}...) than this one "
-                f"({theirs['model_name']!r}, {theirs['fingerprint'][:12]}...)"
+                f"({theirs['model_name']!r}, {theirs['fingerprint'][:12]}...){why}"
             )
 
     @torch.no_grad()
@@ -288,6 +323,12 @@ class ThoughtPatch:
         """Context manager: ``model`` behaves as if the chunk were there (as far as the patch
         carries it); restored bit-identically on exit, also on an exception.
 
+        Patches can be stacked (several applied at once, in either form) and removed in any order
+        (:meth:`attach`): the parameters are always the model's own plus the deltas of the patches
+        applied in the weight form, added in the order they were applied, and the model's own
+        tensors once none is left. The same patch cannot be applied twice at once, nor after
+        :meth:`merge_into`.
+
         Args:
             model: The model the patch was fitted on.
             form: ``"weight"`` (parameters really patched) or ``"activation"`` (hooks adding the
@@ -299,42 +340,92 @@ class ThoughtPatch:
                 left-padded batch raises ``InputError``).
 
         Raises:
-            InputError: ``form="weight"`` for a patch that leaves a prefix unpatched.
+            InputError: ``form="weight"`` for a patch that leaves a prefix unpatched; this patch
+                is applied to the model already, or merged into it.
+            IncompatibleModelError: The patch was fitted on another model.
         """
-        if form is None:
-            form = "activation" if self.unpatched_positions else "weight"
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if form == "weight":
-            self._refuse_weights("which new weights cannot do: apply it with form='activation'")
-        self.check_compatible(model)
-        if form == "weight":
-            with _tl.swapped_tensors(model, self.parameters(model)):
-                yield model
-        else:
-            with _tl.hooked(model, self.hooks(model)):
-                yield model
+        remove = self._apply(model, form)
+        try:
+            yield model
+        finally:
+            remove()
 
     def attach(self, model: HookedTransformer, form: str | None = None) -> "PatchHandle":
-        """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.apply(model, form))
-        return PatchHandle(stack)
+        """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block), as
+        :meth:`apply` does; handles can be removed in any order."""
+        return PatchHandle(self._apply(model, form))
 
     def merge_into(self, model: HookedTransformer) -> None:
-        """Add the patch to the model's parameters FOR GOOD (explicit, not undone).
+        """Add the patch to the model's parameters FOR GOOD (explicit, not undone). Patches applied
+        at the time stay applied, on top of the merged weights. The model's fingerprint changes;
+        patches fitted on it before the merge still apply, on top of the merged one
+        (:meth:`check_compatible`), but the merged patch itself cannot be applied again.
 
         Raises:
             InputError: The patch leaves a prefix unpatched (:attr:`unpatched_positions`): new
-                weights would patch it too.
+                weights would patch it too; or it is applied to the model now, or merged already.
+            IncompatibleModelError: The patch was fitted on another model.
         """
         self._refuse_weights("merged into the weights it would patch them too")
+        state = _state(model)
+        key = self._refuse_twice(state)
         self.check_compatible(model)
-        new = self.parameters(model)
-        params = _tl.parameters(model)
+        before = model_identity(model)["fingerprint"]
+        own = _own_parameters(model)
         with torch.no_grad():
-            for name, value in new.items():
-                params[name].copy_(value)
+            for name, delta in self.deltas.items():
+                target = own[name]
+                target.copy_(target + delta.reshape(target.shape).to(target))
+        state.merged.append((self._label(), before))
+        state.merged_keys.append(key)
+        state.install(model)
+
+    def _apply(self, model: HookedTransformer, form: str | None) -> Callable[[], None]:
+        """Apply the patch (checked) and return the function that removes it."""
+        if form is None:
+            form = "activation" if self.unpatched_positions else "weight"
+        if form not in FORMS:
+            raise InputError(f"form must be one of {FORMS}, got {form!r}")
+        if form == "weight":
+            self._refuse_weights("which new weights cannot do: apply it with form='activation'")
+        state = _state(model)
+        key = self._refuse_twice(state)
+        self.check_compatible(model)
+        application = _Application(key=key, label=self._label(), form=form, deltas=self.deltas)
+        if form == "weight":
+            state.check_untouched(model)
+            state.active.append(application)
+            try:
+                state.install(model)
+            except BaseException:
+                state.active.remove(application)
+                state.install(model)
+                raise
+        else:
+            application.remove_hooks = _tl.attach_hooks(model, self.hooks(model))
+            state.active.append(application)
+        return lambda: state.remove(model, application)
+
+    def _label(self) -> str:
+        chunk = self.meta.get("chunk")
+        return f"the patch of chunk {chunk[:40]!r}" if isinstance(chunk, str) else "a patch"
+
+    def _refuse_twice(self, state: "_ModelState") -> str:
+        """The patch's key; raise ``InputError`` if it is applied to the model or merged into it."""
+        key = fingerprint({f"delta:{k}": v for k, v in self.deltas.items()}) + f":{self.unpatched_positions}"
+        for application in state.active:
+            if application.key == key:
+                raise InputError(
+                    f"{self._label()} is applied to this model already ({application.form} form): applying "
+                    "it again would add its deltas twice; remove the first application (handle.remove(), "
+                    "or leave its `with` block) first"
+                )
+        if key in state.merged_keys:
+            raise InputError(
+                f"{self._label()} was merged into this model's weights (merge_into): applying it again "
+                "would add its deltas twice"
+            )
+        return key
 
     def _refuse_weights(self, why: str) -> None:
         """Raise ``InputError`` (saying ``why``) if the patch leaves a prefix unpatched, which new
@@ -397,32 +488,63 @@ class ThoughtPatch:
     # --- saving and loading ---
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the patch to one safetensors file (tensors + JSON metadata), atomically."""
+        """Write the patch to one safetensors file (tensors + JSON metadata), atomically; a
+        SHA-256 checksum covers the tensors and the metadata. The file is readable by others
+        (mode 0644 under the usual umask), as files written by ``open`` are.
+
+        Raises:
+            PatchFileError: ``path`` is a folder, lies under a file, or cannot be written (the
+                message names the path and the reason); nothing is left behind.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir():
+            raise PatchFileError(f"{path}: is a folder; give the path of the file to write")
+        if self.meta.get("format") in LEGACY_FORMATS:
+            raise PatchFileError(
+                f"{path}: this patch was read from a {self.meta['format']} file without its model; load it "
+                "with ThoughtPatch.load(file, model=the model it was fitted on) to upgrade it, then save it"
+            )
         tensors = {f"delta:{k}": v.detach().contiguous().cpu() for k, v in self.deltas.items()}
         tensors.update({f"steering:{k}": v.detach().contiguous().cpu() for k, v in self.steering.items()})
-        meta = {**self.meta, "sha256": _tensor_digest(tensors)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        meta = {**self.meta, "format": FORMAT}
+        meta["sha256"] = _checksum(tensors, meta)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
             save_file(tensors, tmp, metadata={"tl_thoughts": json.dumps(meta)})
+            umask = os.umask(0)  # read it back: mkstemp's files are private (0600)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+        except OSError as e:
+            raise PatchFileError(f"{path}: cannot write the patch ({e.strerror or e})") from e
+        finally:
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: HookedTransformer | None = None) -> "ThoughtPatch":
-        """Read a patch written by :meth:`save`; refuse a truncated or corrupted file, and (when
-        ``model`` is given) a model of other shapes or another identity."""
+        """Read a patch written by :meth:`save`; refuse a truncated or corrupted file, edited
+        tensors or metadata, and (when ``model`` is given) a model of other shapes or another
+        identity. Files of the previous format (``tl_thoughts.ThoughtPatch/1``, whose checksum
+        covers the tensors only and whose fingerprint covers three weights) are read with a
+        warning; save them again to upgrade them.
+
+        Raises:
+            FileNotFoundError: No file at ``path``.
+            PatchFileError: Not a readable patch file, or its checksum does not match.
+            IncompatibleModelError: ``model`` is not the one the patch was fitted on.
+        """
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise PatchFileError(f"{path}: is a folder, not a patch file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get("tl_thoughts")
@@ -437,10 +559,25 @@ class ThoughtPatch:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError as e:
             raise PatchFileError(f"{path}: corrupted metadata") from e
-        if meta.get("format") != FORMAT:
-            raise PatchFileError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.pop("sha256", None) != _tensor_digest(tensors):
-            raise PatchFileError(f"{path}: the tensors do not match their checksum (file corrupted or edited)")
+        if not isinstance(meta, dict):
+            raise PatchFileError(f"{path}: corrupted metadata (not a JSON object)")
+        fmt = meta.get("format")
+        if fmt not in (FORMAT, *LEGACY_FORMATS):
+            raise PatchFileError(f"{path}: unknown format {fmt!r}, expected {FORMAT!r}")
+        stored = meta.pop("sha256", None)
+        if fmt == FORMAT:
+            if stored != _checksum(tensors, {**meta, "format": FORMAT}):
+                raise PatchFileError(
+                    f"{path}: the tensors or the metadata do not match their checksum (file corrupted or edited)"
+                )
+        else:
+            if stored != _tensor_digest(tensors):
+                raise PatchFileError(f"{path}: the tensors do not match their checksum (file corrupted or edited)")
+            warnings.warn(
+                f"{path} is a {fmt} file: its checksum does not cover its metadata and its model fingerprint "
+                "covers three weights only; load it with model= and save it again to write the current format",
+                stacklevel=2,
+            )
         patch = cls(
             deltas={k[len("delta:"):]: v for k, v in tensors.items() if k.startswith("delta:")},
             steering={k[len("steering:"):]: v for k, v in tensors.items() if k.startswith("steering:")},
@@ -448,26 +585,121 @@ class ThoughtPatch:
         )
         if model is not None:
             patch.check_compatible(model)
+            if fmt != FORMAT:  # checked against its model: upgraded to the current fingerprint
+                patch.meta = {**meta, "model": model_identity(model), "format": FORMAT}
         return patch
 
 
 class PatchHandle:
-    """Returned by :meth:`ThoughtPatch.attach`; ``remove()`` restores the model."""
+    """Returned by :meth:`ThoughtPatch.attach`; ``remove()`` restores the model (handles of several
+    patches can be removed in any order)."""
 
-    def __init__(self, stack: contextlib.ExitStack):
-        self._stack = stack
+    def __init__(self, remove: Callable[[], None]):
+        self._remove = remove
         self.active = True
 
     def remove(self) -> None:
         if self.active:
+            self._remove()
             self.active = False
-            self._stack.close()
 
     def __enter__(self) -> "PatchHandle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+@dataclass(eq=False)
+class _Application:
+    """One patch applied to a model: its key, a label for messages, its form, its deltas (the
+    weight form) or the function removing its hooks (the activation form)."""
+
+    key: str
+    label: str
+    form: str
+    deltas: dict[str, Tensor]
+    remove_hooks: Callable[[], None] | None = None
+
+
+@dataclass(eq=False)
+class _ModelState:
+    """The patches applied to one model right now, and those merged into it.
+
+    ``own`` holds, for each parameter a weight-form patch changes, the model's own tensor (the
+    object the parameter held before); ``installed`` the tensor put in its place (own + the deltas
+    of the weight-form patches, in the order they were applied)."""
+
+    active: list[_Application] = field(default_factory=list)
+    own: dict[str, Tensor] = field(default_factory=dict)
+    installed: dict[str, Tensor] = field(default_factory=dict)
+    merged: list[tuple[str, str]] = field(default_factory=list)  # (label, fingerprint before)
+    merged_keys: list[str] = field(default_factory=list)
+
+    def check_untouched(self, model: HookedTransformer) -> None:
+        """Raise ``InputError`` if a parameter no longer holds the tensor installed here (replaced
+        since by other code, e.g. ``tl_thoughts.computing_in`` entered after the patch)."""
+        params = _tl.parameters(model)
+        moved = [n for n, t in self.installed.items() if params[n].data.data_ptr() != t.data_ptr()
+                 or params[n].dtype != t.dtype]
+        if moved:
+            raise InputError(
+                f"{moved[0]} was replaced since the patch was applied (by code that swaps parameters, "
+                "such as tl_thoughts.computing_in entered after it): leave that context before removing "
+                "the patch; the model is left as it is"
+            )
+
+    @torch.no_grad()
+    def install(self, model: HookedTransformer) -> None:
+        """Put own + the weight-form deltas in every parameter they change; own tensors back where
+        none is left."""
+        self.check_untouched(model)
+        params = _tl.parameters(model)
+        wanted: dict[str, list[Tensor]] = {}
+        for application in self.active:
+            if application.form == "weight":
+                for name, delta in application.deltas.items():
+                    wanted.setdefault(name, []).append(delta)
+        for name in list(self.own):
+            if name not in wanted:
+                params[name].data = self.own.pop(name)
+                del self.installed[name]
+        for name, deltas in wanted.items():
+            own = self.own.setdefault(name, params[name].data)
+            value = own
+            for delta in deltas:
+                value = value + delta.reshape(own.shape).to(own)
+            params[name].data = value
+            self.installed[name] = value
+
+    def remove(self, model: HookedTransformer, application: _Application) -> None:
+        if application not in self.active:
+            return
+        if application.form == "weight":
+            self.check_untouched(model)
+            self.active.remove(application)
+            self.install(model)
+        else:
+            self.active.remove(application)
+            application.remove_hooks()
+
+
+_STATES: "weakref.WeakKeyDictionary[HookedTransformer, _ModelState]" = weakref.WeakKeyDictionary()
+
+
+def _state(model: HookedTransformer) -> _ModelState:
+    if model not in _STATES:
+        _STATES[model] = _ModelState()
+    return _STATES[model]
+
+
+def _own_parameters(model: HookedTransformer) -> dict[str, Tensor]:
+    """The model's parameters by name, with each one a weight-form patch changes now replaced by
+    the model's own tensor under it."""
+    params = {n: p.detach() for n, p in _tl.parameters(model).items()}
+    if model in _STATES:
+        params.update(_STATES[model].own)
+    return params
 
 
 def _cos(a: Tensor, b: Tensor) -> float:

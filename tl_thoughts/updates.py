@@ -17,6 +17,7 @@ from transformer_lens import FactoredMatrix, HookedTransformer
 
 from tl_thoughts import _math, _tl
 from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
+from tl_thoughts.fingerprint import model_fingerprint
 from tl_thoughts.errors import (
     ChunkError,
     InputError,
@@ -61,6 +62,9 @@ class ImplicitUpdates:
         pre_norm_vectors: ``[layer, kept, d_model]`` in blocks with a post-attention norm (Gemma 2/3
             ``ln1_post``, OLMo 2 ``ln1``): the change of the attention output BEFORE that norm (the
             sum of ``head_vectors``); ``None`` otherwise (``vectors`` is then that sum).
+        model_fingerprint: The fingerprint of the weights the updates were computed with
+            (:func:`tl_thoughts.fingerprint.model_fingerprint`): :meth:`check_model` refuses
+            another model.
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -85,6 +89,7 @@ class ImplicitUpdates:
     layers: tuple[int, ...]
     n_blocks: int
     pre_norm_vectors: Float[Tensor, "layer kept d_model"] | None = None
+    model_fingerprint: str | None = None
     _weights: dict[str, list[Tensor]] = field(repr=False, default_factory=dict)
 
     @property
@@ -121,6 +126,23 @@ class ImplicitUpdates:
                 f"{what} needs the updates of every block at every kept position; these were "
                 f"computed for layers {list(self.layers)} and {len(self.positions)} of "
                 f"{len(self.span.positions)} kept positions"
+            )
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise ``InputError`` unless ``model`` has the weights these updates were computed with
+        (the same fingerprint; a float64 copy of the model has the float32 model's): updates of
+        another model, or of this one with other weights (a patch applied or removed since, a
+        fine-tuning step), would be compared with the wrong runs.
+
+        Example:
+            >>> updates.check_model(model)  # the model they were computed on: no error
+        """
+        if self.model_fingerprint is not None and self.model_fingerprint != model_fingerprint(model):
+            raise InputError(
+                "these updates were computed on another model, or on this one with other weights (a patch "
+                "applied or removed, weights changed since): compute them again on this model "
+                f"(updates' weights fingerprint {self.model_fingerprint[:12]}..., the model's "
+                f"{model_fingerprint(model)[:12]}...)"
             )
 
     @torch.no_grad()
@@ -358,7 +380,7 @@ def updates_from_cache(
         v = _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)])
         z_red, attention = _reduced(layer, cache[_tl.pattern_name(layer)][:, queries], v, chunk_keys, job)
         stats.append(_stats_from(spec, layer, cache, queries, z_red, attention))
-    return _assemble(model, spec, job, tuple(range(spec.n_layers)), stats)
+    return _assemble(model, spec, job, tuple(range(spec.n_layers)), stats, model_fingerprint(model))
 
 
 # --- the streamed extraction ----------------------------------------------------------------------
@@ -558,7 +580,8 @@ def _extract(
             hooks.append((name, lambda a, hook, l=layer: finish(l, a, hook)))
     stop = layers[-1] + 1 if layers[-1] + 1 < spec.n_layers else None
     _tl.run(model, tokens, mask, hooks, stop_at_layer=stop)
-    return [_assemble(model, spec, job, layers, [stats[j][l] for l in layers]) for j, job in enumerate(jobs)]
+    weights = model_fingerprint(model)
+    return [_assemble(model, spec, job, layers, [stats[j][l] for l in layers], weights) for j, job in enumerate(jobs)]
 
 
 def _assemble(
@@ -567,6 +590,7 @@ def _assemble(
     job: _Job,
     layers: tuple[int, ...],
     stats: list[dict[str, Tensor]],
+    weights_fingerprint: str,
 ) -> ImplicitUpdates:
     """Per-head vectors, block vectors and MLP inputs from each block's reduced attention."""
     heads, vectors, pre_norm, mlp_in, mlp_in_c = [], [], [], [], []
@@ -603,5 +627,6 @@ def _assemble(
         layers=layers,
         n_blocks=spec.n_layers,
         pre_norm_vectors=torch.stack(pre_norm) if pre_norm else None,
+        model_fingerprint=weights_fingerprint,
         _weights=weights,
     )
