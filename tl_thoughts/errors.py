@@ -1,8 +1,14 @@
 """Errors raised by tl_thoughts.
 
-Every error is a subclass of a builtin (``ValueError`` or ``NotImplementedError``) so that code
-catching the builtin keeps working, and of :class:`TLThoughtsError` so that all of them can be
-caught at once.
+Every error is a subclass of a builtin (``ValueError``, ``TypeError``, ``NotImplementedError``,
+``ZeroDivisionError``) so that code catching the builtin keeps working, and of
+:class:`TLThoughtsError` so that all of them can be caught at once.
+
+Errors a caller can cause with an argument are the library's own, raised at the boundary and
+naming the argument: :class:`InputError` (a ``ValueError``) for a value that is not usable, and
+its subclass :class:`ArgumentTypeError` (also a ``TypeError``) for an argument of the wrong type.
+Catch ``InputError`` for both. A plain ``ValueError`` or ``TypeError`` from inside the library is a
+bug (or an internal invariant broken), never a message meant for the caller.
 """
 
 
@@ -15,7 +21,17 @@ class ChunkError(TLThoughtsError, ValueError):
 
 
 class InputError(TLThoughtsError, ValueError):
-    """The tokens or the model given are not usable (wrong shape or dtype, batch > 1, hooks left on)."""
+    """An argument is not usable: the tokens or the model (wrong shape or dtype, batch > 1, hooks
+    left on, parameters in another dtype than ``cfg.dtype``, a text longer than the context), or
+    any other argument (empty, out of range, not finite, not one of the choices). The message
+    names the argument."""
+
+
+class ArgumentTypeError(InputError, TypeError):
+    """An argument of the wrong type (an int where a list of examples is expected, an example that
+    is not a string or a ``(query, answer)`` pair of strings, ``None``). Both an
+    :class:`InputError` (a ``ValueError``, as the library raised before) and a ``TypeError``. The
+    message names the argument."""
 
 
 class UnsupportedArchitectureError(TLThoughtsError, NotImplementedError):

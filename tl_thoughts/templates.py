@@ -9,6 +9,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_thoughts import _tl
 from tl_thoughts.chunks import char_span_to_tokens, token_pieces
 from tl_thoughts.errors import ChunkError, InputError
 
@@ -138,7 +139,7 @@ def encode_example(
         raise InputError(f"an example is a string or a (query, answer) pair of strings, got {example!r}")
     prompt = template.render(query, chunk)
     text = prompt + answer
-    tokens = model.to_tokens(text)[0]
+    tokens = _tl.to_tokens(model, text, what=f"the prompt of example {query!r}")[0]  # never truncated
     pieces = token_pieces(model, tokens)
     joined = "".join(p for _, _, p in pieces)
     if not joined.endswith(text):
@@ -158,7 +159,7 @@ def encode_example(
     if stop >= tokens.shape[0]:
         raise ChunkError("nothing follows the chunk in the prompt")
     reduced = torch.cat([tokens[:start], tokens[stop:]])
-    direct = model.to_tokens(template.render(query) + answer)[0]
+    direct = _tl.to_tokens(model, template.render(query) + answer, what=f"the reduced prompt of example {query!r}")[0]
     if not torch.equal(direct.cpu(), reduced.cpu()):
         warnings.warn(
             f"for example {query!r}, tokenising the prompt without the chunk gives other tokens than "
