@@ -52,3 +52,45 @@ class ZeroDenominatorError(TLThoughtsError, ZeroDivisionError):
 class PrecisionWarning(UserWarning):
     """A half-precision model (float16, bfloat16): tl_thoughts computes its updates in float32 (or
     the dtype asked for) instead, since half precision cannot resolve the exact equivalence."""
+
+
+# --- argument checks at the boundary (every module may use them: this is the lowest floor) ---
+
+
+def check_number(value: object, name: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a float if it is a real, finite number ``>= minimum`` (``> minimum`` when
+    ``strict``); else :class:`ArgumentTypeError` (not a number: a bool, a string, None) or
+    :class:`InputError` (NaN, infinite, too small), naming the argument ``name``.
+
+    Example:
+        >>> check_number(0.5, "ridge")
+        0.5
+    """
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if value < minimum or (strict and value == minimum):
+        raise InputError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    return value
+
+
+def check_int(value: object, name: str, *, minimum: int = 0) -> int:
+    """``value`` if it is an integer (not a bool) ``>= minimum``; else :class:`ArgumentTypeError`
+    (not an integer) or :class:`InputError` (too small), naming the argument ``name``.
+
+    Example:
+        >>> check_int(16, "batch_size", minimum=1)
+        16
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
