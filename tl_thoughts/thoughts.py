@@ -526,7 +526,7 @@ def fit_thoughts(
         ['both', 'matrix', 'vector']
     """
     if isinstance(fits, str) or not isinstance(fits, Sequence):
-        raise ArgumentTypeError(f"fits must be a list of fits from {FITS}, got {fits!r}")
+        raise ArgumentTypeError(f"fits must be a list of distinct fits from {FITS}, got {fits!r}")
     if not fits or len(set(fits)) != len(fits) or any(f not in FITS for f in fits):
         raise InputError(f"fits must be distinct fits from {FITS}, not empty, got {fits!r}")
     config = FitConfig() if config is None else config
