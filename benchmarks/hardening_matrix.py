@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import tl_thoughts as tt  # noqa: E402
+from tl_thoughts import analysis  # noqa: E402
+from tl_thoughts.tasks import TaskFormatError, load_task  # noqa: E402
 from helpers import (  # noqa: E402
     ARCHITECTURES,
     D_VOCAB,
@@ -116,6 +118,18 @@ def bad_inputs() -> list[dict]:
     toks = _tokens(10, 0)[None]
     hooked = make_model("ln_gelu_learned")
     hooked.add_hook("blocks.0.hook_attn_out", lambda a, hook: None)
+    raw_hooked = make_model("ln_gelu_learned")
+    raw_handles = [raw_hooked.blocks[1].mlp.register_forward_hook(lambda mod, args, out: out * 2),
+                   raw_hooked.blocks[0].attn.register_forward_pre_hook(lambda mod, args, kwargs: None, with_kwargs=True)]
+    stale_half = make_model("ln_gelu_learned", dtype=torch.float32).half()  # cfg.dtype left float32
+    stale_double = make_model("ln_gelu_learned", dtype=torch.float32).double()
+    mixed = make_model("ln_gelu_learned", dtype=torch.float32)
+    mixed.blocks[1].half()
+    long_text = " ".join(["the cat sat on the mat ."] * 12)  # 84 tokens, n_ctx 64
+    pairs = [(" sat on", " the mat"), (" ran on", " a mat")]
+    template = tt.PromptTemplate("{chunk}{query}", separator="")
+    patch = tt.fit_thought(text, "the cat", pairs, template=template, progress=False)
+    tasks_dir = Path(tt.__file__).parent / "tasks" / "data"
     cases = {
         "empty string prompt": (text, lambda m: tt.implicit_updates(m, "", slice(0, 1)), tt.InputError),
         "text given to a model without tokenizer": (model, lambda m: tt.implicit_updates(m, "the cat", slice(0, 1)), tt.InputError),
@@ -148,6 +162,24 @@ def bad_inputs() -> list[dict]:
         "thought patch on a post-norm model": (make_model("olmo2_rms_gated_silu_rotary", tokenizer=make_word_tokenizer()), lambda m: tt.fit_thought(m, "the cat", [" sat"], progress=False), tt.UnsupportedArchitectureError),
         "more kept tokens than d_model (weight form)": (make_model("ln_gelu_learned"), lambda m: tt.verify(m, tt.implicit_updates(m, _tokens(45, 3)[None], slice(2, 4)), forms=("weight",)), tt.ZeroDenominatorError),
         "verify on a subset of layers": (model, lambda m: tt.verify(m, tt.implicit_updates(m, toks, slice(2, 4), layers=[0])), tt.InputError),
+        # issue 33: nothing silently wrong
+        "text prompt longer than n_ctx (was cut silently)": (text, lambda m: tt.implicit_updates(m, long_text, slice(2, 4)), tt.InputError),
+        "fit example longer than n_ctx": (text, lambda m: tt.fit_thought(m, "the cat", [(" sat", " " + long_text)], template=template, progress=False), tt.InputError),
+        "raw torch forward hook and pre-hook": (raw_hooked, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
+        "model.half() with a stale cfg.dtype": (stale_half, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
+        "model.double() with a stale cfg.dtype": (stale_double, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
+        "parameters of mixed dtypes": (mixed, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
+        "ints as examples": (text, lambda m: tt.fit_thought(m, "the cat", [1, 2], progress=False), tt.ArgumentTypeError),
+        "an int as the examples": (text, lambda m: tt.fit_thought(m, "the cat", 5, progress=False), tt.ArgumentTypeError),
+        "an example that is not a pair": (text, lambda m: tt.fit_thought(m, "the cat", [(" sat",)], progress=False), tt.ArgumentTypeError),
+        "ridge=nan": (text, lambda m: tt.fit_thought(m, "the cat", pairs, tt.FitConfig(ridge=float("nan")), progress=False), tt.InputError),
+        "ridge=inf": (text, lambda m: tt.fit_thought(m, "the cat", pairs, tt.FitConfig(ridge=float("inf")), progress=False), tt.InputError),
+        "refine with lr=inf (NaN deltas before)": (text, lambda m: tt.refine_thought(m, patch, pairs, lr=float("inf"), progress=False), tt.InputError),
+        "refine with steps=-1": (text, lambda m: tt.refine_thought(m, patch, pairs, steps=-1, progress=False), tt.InputError),
+        "FitConfig(layers=5)": (model, lambda m: tt.FitConfig(layers=5), tt.ArgumentTypeError),
+        "analysis on updates=None": (model, lambda m: analysis.layer_recovery(m, None, (3, 4)), tt.ArgumentTypeError),
+        "template without placeholders": (model, lambda m: tt.PromptTemplate("no placeholders"), tt.InputError),
+        "task path is a directory": (model, lambda m: load_task(tasks_dir), TaskFormatError),
     }
     rows = []
     for name, (m, call, error) in cases.items():
@@ -164,6 +196,9 @@ def bad_inputs() -> list[dict]:
             status = f"FAILED: {type(e).__name__}: {e}"[:100]
         if had_hooks:
             m.reset_hooks(including_permanent=True)
+        if m is raw_hooked:  # the user's raw hooks stay on after the refusal; removed here
+            for handle in raw_handles:
+                handle.remove()
         try:
             assert_model_untouched(m, snapshot)
         except AssertionError as e:

@@ -8,6 +8,7 @@ low-rank patch of each MLP's input matrix (the virtual weight matrix). See ``doc
 from tl_thoughts._tl import computing_in
 from tl_thoughts.chunks import Span
 from tl_thoughts.errors import (
+    ArgumentTypeError,
     ChunkError,
     InputError,
     PrecisionWarning,
@@ -28,6 +29,7 @@ from tl_thoughts.version import __version__
 
 __all__ = [
     "__version__",
+    "ArgumentTypeError",
     "ChunkError",
     "ExactWeightPatch",
     "FormReport",

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tl_thoughts.errors import ZeroDenominatorError
+from tl_thoughts.errors import ZeroDenominatorError, check_number
 
 
 def reduced_attention(
@@ -167,8 +167,7 @@ def ridge_solve(
         >>> bool((M - torch.linalg.lstsq(A, U).solution).abs().max() < 1e-10)
         True
     """
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    check_number(ridge, "ridge")  # finite, >= 0 (an infinite ridge would give NaN silently)
     if ridge == 0:
         return torch.linalg.pinv(AtA, hermitian=True) @ AtU
     lam = ridge * torch.trace(AtA) / n
@@ -232,8 +231,7 @@ class RidgeRegression:
         add_upper_gram(self.AtA, wa, a)
 
     def solve(self, ridge: float, n: float, shift: Tensor | None = None) -> Tensor:
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        check_number(ridge, "ridge")
         if not self.dual:
             AtU = self.AtU if shift is None else self.AtU - torch.outer(self.Asum, shift)
             upper = self.AtA.triu()

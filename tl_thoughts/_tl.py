@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
-from tl_thoughts.errors import InputError, UnsupportedArchitectureError
+from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
     """Check that the exact construction applies to ``model`` and read its shapes.
 
     Raises:
-        InputError: ``model`` is not a HookedTransformer.
+        ArgumentTypeError: ``model`` is not a HookedTransformer.
+        InputError: the parameters' dtypes disagree with each other or with ``model.cfg.dtype``
+            (:func:`check_dtypes`).
         UnsupportedArchitectureError: a config feature breaks exactness; the message says which.
     """
     if not isinstance(model, HookedTransformer):
-        raise InputError(
-            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
+        raise ArgumentTypeError(
+            f"model: expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
         )
     cfg = model.cfg
     problems = []
@@ -93,6 +95,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         raise UnsupportedArchitectureError(
             "tl_thoughts cannot compute exact implicit updates for this model: " + "; ".join(problems)
         )
+    check_dtypes(model)  # after the architecture: a refused feature may hold other dtypes (MoE routers)
     n_kv = cfg.n_key_value_heads
     if n_kv is None or cfg.ungroup_grouped_query_attention:
         n_kv = cfg.n_heads
@@ -110,6 +113,41 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         dtype=cfg.dtype,
         **_norm_names(cfg),
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_dtypes(model: HookedTransformer) -> None:
+    """Refuse a model whose floating parameters have several dtypes, or another dtype than
+    ``model.cfg.dtype`` (``model.half()``, ``.float()``, ``.double()``, ``.bfloat16()`` convert the
+    parameters and leave the config as it was; TransformerLens casts some activations to
+    ``cfg.dtype``, so such a model fails inside torch or computes in a dtype nobody asked for).
+
+    Raises:
+        InputError: what was found and how to fix it.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if len(dtypes) > 1:
+        first = {}
+        for name, p in model.named_parameters():
+            if p.dtype.is_floating_point:
+                first.setdefault(p.dtype, name)
+        shown = ", ".join(f"{_dtype_name(d)} (e.g. {n})" for d, n in first.items())
+        raise InputError(
+            f"the model's parameters have mixed dtypes: {shown}; model.cfg.dtype is "
+            f"{_dtype_name(model.cfg.dtype)}. Convert the whole model to one dtype (model.to(dtype) also "
+            "sets model.cfg.dtype), or compute in one dtype under tl_thoughts.computing_in(model, dtype)"
+        )
+    if dtypes and (found := dtypes.pop()) != model.cfg.dtype:
+        raise InputError(
+            f"the model's parameters are {_dtype_name(found)} but model.cfg.dtype is "
+            f"{_dtype_name(model.cfg.dtype)} (model.half(), .float(), .double() and .bfloat16() change the "
+            "parameters and not the config; model.to(dtype) changes both): set model.cfg.dtype = "
+            f"torch.{_dtype_name(found)}, or load the model in the dtype wanted (from_pretrained(..., "
+            "dtype=...)); to compute in another dtype, use tl_thoughts.computing_in(model, dtype)"
+        )
 
 
 def _norm_names(cfg) -> dict[str, str | None]:
@@ -132,15 +170,85 @@ def hooked_points(model: HookedTransformer) -> list[str]:
     return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
 
 
+def raw_torch_hooks(model: HookedTransformer) -> list[str]:
+    """The forward hooks and forward pre-hooks that torch would run in a forward pass of ``model``
+    and that TransformerLens' hook points do not manage (``register_forward_hook``,
+    ``register_forward_pre_hook``, with or without kwargs, on any submodule; global module
+    hooks), each as ``"<module> (<kind>)"``. A hook point's own torch hooks (how ``add_hook``
+    works) are not listed here: :func:`hooked_points` lists those. Backward hooks change no forward
+    value and are not listed."""
+    from torch.nn.modules import module as torch_module
+    from transformer_lens.hook_points import HookPoint
+
+    found = []
+    for name, module in model.named_modules():
+        managed = {h.hook.id for h in module.fwd_hooks} if isinstance(module, HookPoint) else set()
+        where = name or "the model itself"
+        if any(key not in managed for key in module._forward_hooks):
+            found.append(f"{where} (forward hook)")
+        if module._forward_pre_hooks:
+            found.append(f"{where} (forward pre-hook)")
+    if torch_module._global_forward_hooks:
+        found.append("every module (global forward hook, register_module_forward_hook)")
+    if torch_module._global_forward_pre_hooks:
+        found.append("every module (global forward pre-hook, register_module_forward_pre_hook)")
+    return found
+
+
 def check_no_hooks(model: HookedTransformer) -> None:
-    """Refuse a model with hooks attached: they would change the runs the equivalence compares."""
+    """Refuse a model with hooks attached: they would change the runs the equivalence compares.
+    Both TransformerLens hooks (on hook points) and raw torch forward hooks or pre-hooks (on any
+    submodule, or global) are refused, each kind with how to remove it."""
+    problems = []
     hooked = hooked_points(model)
     if hooked:
         shown = ", ".join(hooked[:5]) + (" ..." if len(hooked) > 5 else "")
-        raise InputError(
-            f"the model has hooks attached at {shown}; they would change the runs compared here. "
-            "Remove them first (model.reset_hooks(including_permanent=True))."
+        problems.append(
+            f"TransformerLens hooks attached at {shown} (remove them with "
+            "model.reset_hooks(including_permanent=True))"
         )
+    raw = raw_torch_hooks(model)
+    if raw:
+        shown = ", ".join(raw[:5]) + (" ..." if len(raw) > 5 else "")
+        problems.append(
+            f"raw torch hooks on {shown} (model.reset_hooks() does not remove these: call .remove() on "
+            "the handle that register_forward_hook / register_forward_pre_hook / "
+            "register_module_forward_hook returned)"
+        )
+    if problems:
+        raise InputError(
+            "the model has " + "; and ".join(problems) + ". They would change the runs compared here: "
+            "remove them first."
+        )
+
+
+def to_tokens(
+    model: HookedTransformer, text: str, what: str = "the prompt", prepend_bos: bool | None = None
+) -> Int[Tensor, "1 pos"]:
+    """``text`` tokenized with the model's own settings (``model.to_tokens``), never truncated:
+    every text the library tokenizes goes through here. TransformerLens cuts a text longer than
+    ``n_ctx`` to its first ``n_ctx`` tokens by default, silently; here it is refused.
+
+    Args:
+        what: How the error messages name the text (``"the prompt"``, ``"example 3"``).
+        prepend_bos: Overrides ``model.cfg.default_prepend_bos`` (None: the model's setting).
+
+    Raises:
+        ArgumentTypeError: ``text`` is not a string.
+        InputError: no tokenizer, or more than ``n_ctx`` tokens (the message gives both numbers).
+    """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"{what} must be a string, got {type(text).__name__}")
+    if model.tokenizer is None:
+        raise InputError(f"{what} is text: tokenizing it needs a model with a tokenizer; pass token ids instead")
+    options = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    tokens = model.to_tokens(text, truncate=False, **options)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise InputError(
+            f"{what} has {tokens.shape[1]} tokens, more than the model's context (n_ctx={model.cfg.n_ctx}); "
+            "it is refused rather than cut to its first n_ctx tokens (which TransformerLens does by default)"
+        )
+    return tokens
 
 
 def model_device(model: HookedTransformer) -> torch.device:
@@ -641,7 +749,9 @@ def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]
     """Run ``model`` in ``dtype`` for the duration of the context: every floating parameter and
     buffer is replaced by a converted copy and ``cfg.dtype`` is set (TransformerLens casts some
     activations to it); the original tensor objects and config are put back on exit, also on an
-    exception, so the model is bit-identical afterwards. No-op when ``dtype`` is the model's.
+    exception, so the model is bit-identical afterwards. No-op when ``dtype`` is the model's and
+    every parameter's (a model whose parameters disagree with ``cfg.dtype``, e.g. after
+    ``model.half()``, is converted too: inside, it is consistent).
 
     Example:
         >>> with tl_thoughts.computing_in(model, torch.float64):  # a float32 model, run in float64
@@ -650,11 +760,11 @@ def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]
         >>> report.dtype, model.cfg.dtype
         (torch.float64, torch.float32)
     """
-    if dtype == model.cfg.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if dtype == model.cfg.dtype and all(p.dtype == dtype for p in model.parameters() if p.dtype.is_floating_point):
         yield
         return
-    if not dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating dtype, got {dtype}")
     new = {
         name: t.detach().to(dtype)
         for name, t in [*model.named_parameters(), *model.named_buffers()]

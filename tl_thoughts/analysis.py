@@ -16,13 +16,39 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError, UnsupportedArchitectureError, ZeroDenominatorError
+from tl_thoughts.errors import (
+    ArgumentTypeError,
+    InputError,
+    UnsupportedArchitectureError,
+    ZeroDenominatorError,
+    check_int,
+)
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.updates import ImplicitUpdates
 
 METRICS = ("norm", "chunk_attention", "direct_effect")
 AnswerTokens = int | tuple[int, int] | Int[Tensor, " kept"] | Int[Tensor, "kept 2"]
 PosSlice = int | slice | Sequence[int] | None
+
+
+def check_updates(updates: object) -> None:
+    """Refuse anything but :class:`tl_thoughts.ImplicitUpdates` as ``updates``.
+
+    Example:
+        >>> check_updates(updates)  # from tl_thoughts.implicit_updates: nothing raised
+    """
+    if not isinstance(updates, ImplicitUpdates):
+        raise ArgumentTypeError(f"updates must come from tl_thoughts.implicit_updates, got {type(updates).__name__}")
+
+
+def check_patch(patch: object) -> None:
+    """Refuse anything but a :class:`tl_thoughts.ThoughtPatch` as ``patch``.
+
+    Example:
+        >>> check_patch(patch)  # from tl_thoughts.fit_thought: nothing raised
+    """
+    if not isinstance(patch, ThoughtPatch):
+        raise ArgumentTypeError(f"patch must be a tl_thoughts.ThoughtPatch, got {type(patch).__name__}")
 
 
 def head_labels(n_layers: int, n_heads: int) -> list[str]:
@@ -38,7 +64,7 @@ def head_labels(n_layers: int, n_heads: int) -> list[str]:
 def _answer_ids(answer_tokens: AnswerTokens, n_kept: int, d_vocab: int) -> Int[Tensor, "kept k"]:
     """``answer_tokens`` as ``[kept, 1]`` (a logit) or ``[kept, 2]`` (a logit difference) ids."""
     if isinstance(answer_tokens, bool):
-        raise InputError("answer_tokens: a token id, not a bool")
+        raise ArgumentTypeError("answer_tokens: a token id, not a bool")
     if isinstance(answer_tokens, int):
         ids = torch.tensor([[answer_tokens]]).expand(n_kept, 1)
     elif isinstance(answer_tokens, tuple):
@@ -57,7 +83,7 @@ def _answer_ids(answer_tokens: AnswerTokens, n_kept: int, d_vocab: int) -> Int[T
                 f"{tuple(answer_tokens.shape)}"
             )
     else:
-        raise InputError(
+        raise ArgumentTypeError(
             "answer_tokens: a token id, a (correct, incorrect) pair, or a [kept] / [kept, 2] tensor; "
             f"got {type(answer_tokens).__name__}"
         )
@@ -80,7 +106,9 @@ def _answer_directions(
 
 def _kept_index(position: int, n_kept: int) -> int:
     """``position`` (an index into the kept positions, negative from the end) made non-negative."""
-    if isinstance(position, bool) or not isinstance(position, int) or not -n_kept <= position < n_kept:
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ArgumentTypeError(f"position must be an integer (an index into the kept positions), got {position!r}")
+    if not -n_kept <= position < n_kept:
         raise InputError(f"position {position!r} out of range for {n_kept} kept positions")
     return position % n_kept
 
@@ -91,8 +119,12 @@ def _positions(pos_slice: PosSlice, n_kept: int) -> Int[Tensor, " n"]:
         return torch.arange(n_kept)
     if isinstance(pos_slice, slice):
         return torch.arange(n_kept)[pos_slice]
-    index = torch.as_tensor(pos_slice if not isinstance(pos_slice, int) else [pos_slice])
-    if index.dtype.is_floating_point or index.ndim != 1:
+    items = [pos_slice] if isinstance(pos_slice, int) else pos_slice
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) \
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise ArgumentTypeError(f"pos_slice must be an int, a slice or a list of ints, got {pos_slice!r}")
+    index = torch.as_tensor(items, dtype=torch.long)
+    if index.ndim != 1:
         raise InputError(f"pos_slice must be an int, a slice or a list of ints, got {pos_slice!r}")
     if len(index) and (int(index.max()) >= n_kept or int(index.min()) < -n_kept):
         raise InputError(f"pos_slice {pos_slice!r} out of range for {n_kept} kept positions")
@@ -147,15 +179,14 @@ def head_attribution(
         (torch.Size([8, 1]), ['L0H0', 'L0H1', 'L0H2'])
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if not isinstance(updates, ImplicitUpdates):
-        raise InputError(f"updates must come from tl_thoughts.implicit_updates, got {type(updates).__name__}")
+        raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_updates(updates)
     heads = updates.head_vectors  # [layer, kept, head, d_model]
     n_layers, n_kept, n_heads, _ = heads.shape
     index = _positions(pos_slice, n_kept)
     if metric == "chunk_attention":
         if not per_head:
-            raise ValueError("chunk_attention is a per-head quantity (per_head=True)")
+            raise InputError("metric='chunk_attention' is a per-head quantity (per_head=True)")
         values = updates.chunk_attention.permute(0, 2, 1)  # [layer, head, kept]
     else:
         source = heads if per_head else updates.vectors[:, :, None]  # [layer, kept, h, d]
@@ -252,8 +283,9 @@ class _ReducedRunner:
 
     def __init__(self, model: HookedTransformer, updates: ImplicitUpdates, answer_tokens, position: int):
         if isinstance(answer_tokens, Tensor) or not isinstance(answer_tokens, (int, tuple)):
-            raise InputError("the causal checks measure one logit or one logit difference: "
-                             "answer_tokens is a token id or a (correct, incorrect) pair")
+            raise ArgumentTypeError("the causal checks measure one logit or one logit difference: "
+                                    "answer_tokens is a token id or a (correct, incorrect) pair")
+        check_updates(updates)
         self.spec = _tl.model_spec(model)
         _tl.check_no_hooks(model)
         updates.require_complete("a causal check")
@@ -416,12 +448,16 @@ def top_k_recovery(
         1.0
     """
     if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+        raise InputError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    check_updates(updates)
     spec = _tl.model_spec(model)
     n_total = spec.n_layers * spec.n_heads
+    if ks is not None and (isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence)
+                           or any(isinstance(k, bool) or not isinstance(k, int) for k in ks)):
+        raise ArgumentTypeError(f"ks must be a list of integers (numbers of heads), got {ks!r}")
     ks = list(range(n_total + 1)) if ks is None else [int(k) for k in ks]
     if not ks or any(k < 0 or k > n_total for k in ks):
-        raise InputError(f"ks must be a non-empty list of numbers in 0..{n_total}")
+        raise InputError(f"ks must be a non-empty list of numbers in 0..{n_total}, got {ks}")
     index = _kept_index(position, updates.vectors.shape[1])
     # scores first: they need the model with its own position tables (the runner swaps them)
     if ranking == "ablation":
@@ -463,6 +499,7 @@ def layer_recovery(
         >>> curve.ks.tolist(), round(float(curve.recovered[-1]), 6)
         ([0, 1, 2], 1.0)
     """
+    check_updates(updates)
     index = _kept_index(position, updates.vectors.shape[1])
     scores = direct_effect(model, updates, answer_tokens)[:, index]  # before the runner swaps tables
     with _ReducedRunner(model, updates, answer_tokens, position) as runner:
@@ -531,6 +568,7 @@ def steering_comparison(patch: ThoughtPatch) -> SteeringComparison:
         >>> cmp.layers == patch.layers, cmp.cos_vector_steering.shape
         (True, torch.Size([2]))
     """
+    check_patch(patch)
     layers = [layer for layer in patch.layers if patch.vector(layer) is not None]
     if not layers:
         raise InputError("the patch has no thought vector (fitted with fit='matrix')")
@@ -579,7 +617,9 @@ def token_patch_spectrum(
         >>> token_patch_spectrum(updates, layer=1).shape  # 5 kept tokens: rank <= 5
         torch.Size([5])
     """
-    if not 0 <= layer < updates.n_layers:
+    check_updates(updates)
+    check_int(layer, "layer")
+    if not layer < updates.n_layers:
         raise InputError(f"layer {layer} out of range for {updates.n_layers} layers")
     keys, values = updates.matrix_factors(name)
     index = _positions(pos_slice, keys.shape[1])
@@ -601,6 +641,8 @@ def thought_matrix_spectrum(patch: ThoughtPatch, layer: int, name: str = "W_in")
         >>> thought_matrix_spectrum(patch, layer=0).shape  # [min(d_model, d_mlp)]
         torch.Size([16])
     """
+    check_patch(patch)
+    check_int(layer, "layer")
     m = patch.matrix(layer, name)
     if m is None:
         raise InputError(f"the patch has no thought matrix {name!r} at layer {layer} (layers {patch.layers})")

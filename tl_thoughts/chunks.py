@@ -8,7 +8,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import ChunkError, InputError
+from tl_thoughts.errors import ArgumentTypeError, ChunkError, InputError
 
 Interval = slice | range | str
 ChunkSpec = Interval | list[Interval] | list[int] | Bool[Tensor, " pos"]
@@ -119,7 +119,9 @@ def resolve_tokens(
 
     Raises:
         InputError: a string without a tokenizer, an empty prompt, a batch > 1, non-integer tokens,
-            or token ids outside the vocabulary.
+            token ids outside the vocabulary, or more tokens than ``n_ctx`` (a text prompt is
+            never cut to fit).
+        ArgumentTypeError: ``tokens`` neither a string nor a tensor.
 
     Example:
         >>> resolve_tokens(model, torch.arange(4, dtype=torch.int32)).tolist()
@@ -130,9 +132,9 @@ def resolve_tokens(
             raise InputError("a text prompt needs a model with a tokenizer; pass token ids instead")
         if tokens == "":
             raise InputError("the prompt is empty")
-        tokens = model.to_tokens(tokens)
+        tokens = _tl.to_tokens(model, tokens)  # never truncated: longer than n_ctx is refused
     if not isinstance(tokens, Tensor):
-        raise InputError(f"tokens must be a string or an integer tensor, got {type(tokens).__name__}")
+        raise ArgumentTypeError(f"tokens must be a string or an integer tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     if tokens.ndim == 1:

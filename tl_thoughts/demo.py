@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import tl_thoughts as tt
-from tl_thoughts import analysis, evaluation, plots
+from tl_thoughts import _tl, analysis, evaluation, plots
 from tl_thoughts.models import load_default_model
 from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -84,7 +84,7 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32) -> Path:
     few_shot = tt.implicit_updates(model, prompt, task.chunk)
     tokens = model.to_str_tokens(few_shot.tokens[0])
     wrong = int(tt.verify(model, few_shot, forms=("activation",)).forms["unpatched"].logits[-1].argmax())
-    right = int(model.to_tokens(task.answer_prefix + answer, prepend_bos=False)[0, 0])
+    right = int(_tl.to_tokens(model, task.answer_prefix + answer, what="the answer", prepend_bos=False)[0, 0])
     pair = (right, wrong)
     _say(report, f"\n## 3. Which heads carry the demonstrations' effect on `{query} ->`\n")
     _say(report, f"Metric: logit difference {model.to_single_str_token(right)!r} - "

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from transformer_lens import HookedTransformer
 
+from tl_thoughts.errors import InputError
+
 
 @dataclass(frozen=True)
 class PromptCase:
@@ -95,7 +97,7 @@ def chat_prompt(model: HookedTransformer, case: PromptCase) -> str:
         The prompt text; ``case.chunk`` occurs in it exactly once.
     """
     if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
-        raise ValueError("chat_prompt needs a model whose tokenizer has a chat template")
+        raise InputError("chat_prompt needs a model whose tokenizer has a chat template")
     return model.tokenizer.apply_chat_template(
         [{"role": "user", "content": case.user_message}],
         tokenize=False,

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError
+from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
 from tl_thoughts.patch import ThoughtPatch
-from tl_thoughts.templates import Example, PromptTemplate, encode_example
+from tl_thoughts.templates import Example, PromptTemplate, check_examples, encode_example
 from tl_thoughts.stream import pad_right, unpatched_prefix
 
 
@@ -31,8 +31,6 @@ def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Exam
         raise InputError(f"the patch's meta has no {e}: refine a patch made by fit_thought") from None
     out = []
     for ex in examples:
-        if isinstance(ex, str):
-            raise InputError(f"refining needs (query, answer) pairs, got the query {ex!r} alone")
         enc = encode_example(model, template, chunk, ex)
         pos = enc.to_reduced(enc.pooled("answer"))
         # the prompt up to the last position read (the line break's own position predicts nothing)
@@ -47,12 +45,11 @@ def _like(layout: Tensor, values: Tensor) -> Tensor:
 
 
 def check_options(steps: int, lr: float, prefix: str = "") -> None:
-    """Raise ``ValueError`` unless ``steps`` is an integer >= 0 and ``lr`` > 0 (``prefix``: how
-    the caller names them, e.g. ``"refine_"`` for ``EvalConfig``)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{prefix}steps must be an integer >= 0, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr must be > 0, got {lr}")
+    """Raise :class:`InputError` (a ``ValueError``; :class:`ArgumentTypeError` for a wrong type)
+    unless ``steps`` is an integer >= 0 and ``lr`` a finite number > 0 (``prefix``: how the caller
+    names them, e.g. ``"refine_"`` for ``EvalConfig``)."""
+    check_int(steps, f"{prefix}steps", minimum=0)
+    check_number(lr, f"{prefix}lr", strict=True)  # finite: lr=inf gave NaN deltas silently
 
 
 def refine_thought(
@@ -93,9 +90,12 @@ def refine_thought(
         examples and of answer positions, and the mean loss before and after.
 
     Raises:
-        ValueError: ``steps`` not an integer >= 0, ``lr`` not > 0, ``batch_size`` < 1.
-        InputError: no examples, a query without an answer, hooks on the model, or a patch
-            without the chunk and template in its meta.
+        InputError: ``steps`` not an integer >= 0, ``lr`` not a finite number > 0, ``batch_size``
+            < 1, no examples, a query without an answer, hooks on the model, or a patch without the
+            chunk and template in its meta.
+        ArgumentTypeError: an argument of the wrong type (examples that are not a list of
+            (query, answer) pairs of strings, a patch that is not a ThoughtPatch, a float
+            ``steps``).
         IncompatibleModelError: a patch fitted on another model.
 
     Example:
@@ -103,10 +103,10 @@ def refine_thought(
         >>> refined = tl_thoughts.refine_thought(model, patch, pairs, steps=10)  # doctest: +SKIP
     """
     check_options(steps, lr)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if len(examples) == 0:
-        raise InputError("at least one example is needed")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_examples(examples, pairs=True)
+    if not isinstance(patch, ThoughtPatch):
+        raise ArgumentTypeError(f"patch must be a ThoughtPatch (from fit_thought), got {type(patch).__name__}")
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
     patch.check_compatible(model)

@@ -38,12 +38,13 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError, UnsupportedArchitectureError
+from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError, check_int, check_number
 from tl_thoughts.templates import (
     POOLS,
     EncodedExample,
     Example,
     PromptTemplate,
+    check_examples,
     default_template,
     encode_example,
     shared_prefix_length,
@@ -513,10 +514,13 @@ def prompt_rows(
     refuse_post_norm(spec, "prompt_rows")
     if pool not in POOLS:
         raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
-    if not query_weight >= 0:
-        raise InputError(f"query_weight must be >= 0, got {query_weight}")
-    if len(examples) == 0:
-        raise InputError("at least one example is needed")
+    check_number(query_weight, "query_weight")  # finite, >= 0
+    check_int(batch_size, "batch_size", minimum=1)
+    if not isinstance(chunk, str) or not chunk:
+        raise ArgumentTypeError(f"chunk must be a non-empty string, got {chunk!r}")
+    check_examples(examples)
+    if template is not None and not isinstance(template, PromptTemplate):
+        raise ArgumentTypeError(f"template must be a PromptTemplate or None, got {type(template).__name__}")
     template = template or default_template(model)
     encoded = [encode_example(model, template, chunk, ex) for ex in examples]
     rows = [fitted_rows(e, pool, query_weight) for e in encoded]

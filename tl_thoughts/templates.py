@@ -9,8 +9,9 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_thoughts import _tl
 from tl_thoughts.chunks import char_span_to_tokens, token_pieces
-from tl_thoughts.errors import ChunkError, InputError
+from tl_thoughts.errors import ArgumentTypeError, ChunkError, InputError
 
 Example = str | tuple[str, str]
 POOLS = ("query", "answer", "kept", "all")
@@ -36,10 +37,13 @@ class PromptTemplate:
     separator: str = "\n"
 
     def __post_init__(self) -> None:
+        for name in ("text", "separator"):
+            if not isinstance(getattr(self, name), str):
+                raise ArgumentTypeError(f"PromptTemplate.{name} must be a string, got {getattr(self, name)!r}")
         if self.text.count("{chunk}") != 1 or self.text.count("{query}") != 1:
-            raise ValueError("a template holds '{chunk}' and '{query}' exactly once each")
+            raise InputError(f"PromptTemplate.text holds '{{chunk}}' and '{{query}}' exactly once each, got {self.text!r}")
         if self.text.index("{chunk}") > self.text.index("{query}"):
-            raise ValueError("the chunk must come before the query in the template")
+            raise InputError("PromptTemplate.text: the chunk must come before the query in the template")
 
     def render(self, query: str, chunk: str | None = None) -> str:
         """The prompt for ``query``, with ``chunk`` (and the separator) or without it."""
@@ -63,6 +67,36 @@ class PromptTemplate:
             add_generation_prompt=True,
         )
         return cls(text=text, separator=separator)
+
+
+def check_examples(examples: object, what: str = "examples", pairs: bool = False) -> None:
+    """Refuse anything but a non-empty sequence of queries (strings) or ``(query, answer)`` pairs of
+    strings (only pairs with ``pairs``), naming the argument (``what``) and the bad example.
+
+    Raises:
+        ArgumentTypeError: not a sequence (an int, None, one string), or an example that is
+            neither a string nor a pair of strings.
+        InputError: no example, or a query alone where ``pairs`` are needed.
+
+    Example:
+        >>> check_examples([("cat", "chat"), "dog"])  # queries and pairs: nothing raised
+    """
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+        raise ArgumentTypeError(
+            f"{what} must be a list of queries (strings) or (query, answer) pairs of strings, got "
+            f"{type(examples).__name__} {examples!r}"[:200]
+        )
+    if len(examples) == 0:
+        raise InputError(f"{what}: at least one example is needed (a non-empty list)")
+    for i, example in enumerate(examples):
+        if isinstance(example, str):
+            if pairs:
+                raise InputError(f"{what}[{i}]: (query, answer) pairs are needed, got the query {example!r} alone")
+            continue
+        if not isinstance(example, (tuple, list)) or len(example) != 2 or not all(isinstance(x, str) for x in example):
+            raise ArgumentTypeError(
+                f"{what}[{i}] must be a query (a string) or a (query, answer) pair of strings, got {example!r}"[:200]
+            )
 
 
 def default_template(model: HookedTransformer) -> PromptTemplate:
@@ -110,7 +144,7 @@ class EncodedExample:
             return torch.arange(self.stop, n)
         if pool == "all":
             return torch.cat([torch.arange(0, self.start), torch.arange(self.stop, n)])
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
 
     def to_reduced(self, positions: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
         """Map kept positions of ``full`` to their index in ``reduced``."""
@@ -133,12 +167,15 @@ def encode_example(
     """
     if model.tokenizer is None:
         raise InputError("fitting from text needs a model with a tokenizer")
+    if not isinstance(template, PromptTemplate):
+        raise ArgumentTypeError(f"template must be a PromptTemplate, got {type(template).__name__}")
+    if not isinstance(chunk, str):
+        raise ArgumentTypeError(f"chunk must be a string, got {type(chunk).__name__}")
+    check_examples([example], what="example")
     query, answer = (example, "") if isinstance(example, str) else example
-    if not isinstance(query, str) or not isinstance(answer, str):
-        raise InputError(f"an example is a string or a (query, answer) pair of strings, got {example!r}")
     prompt = template.render(query, chunk)
     text = prompt + answer
-    tokens = model.to_tokens(text)[0]
+    tokens = _tl.to_tokens(model, text, what=f"the prompt of example {query!r}")[0]  # never truncated
     pieces = token_pieces(model, tokens)
     joined = "".join(p for _, _, p in pieces)
     if not joined.endswith(text):
@@ -158,7 +195,7 @@ def encode_example(
     if stop >= tokens.shape[0]:
         raise ChunkError("nothing follows the chunk in the prompt")
     reduced = torch.cat([tokens[:start], tokens[stop:]])
-    direct = model.to_tokens(template.render(query) + answer)[0]
+    direct = _tl.to_tokens(model, template.render(query) + answer, what=f"the reduced prompt of example {query!r}")[0]
     if not torch.equal(direct.cpu(), reduced.cpu()):
         warnings.warn(
             f"for example {query!r}, tokenising the prompt without the chunk gives other tokens than "

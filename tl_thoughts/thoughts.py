@@ -17,8 +17,7 @@ than inputs). Options travel as one validated :class:`FitConfig`, with named pre
 """
 
 import dataclasses
-import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts._math import RidgeRegression, ridge_solve
-from tl_thoughts.errors import InputError
+from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.stream import (
     PromptRows,
@@ -40,7 +39,15 @@ from tl_thoughts.stream import (
     refuse_post_norm,
     shared_stream_length,
 )
-from tl_thoughts.templates import POOLS, EncodedExample, Example, PromptTemplate, default_template, encode_example
+from tl_thoughts.templates import (
+    POOLS,
+    EncodedExample,
+    Example,
+    PromptTemplate,
+    check_examples,
+    default_template,
+    encode_example,
+)
 
 __all__ = [
     "FITS",
@@ -124,12 +131,11 @@ class FitConfig:
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"FitConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("ridge", "query_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InputError(f"FitConfig.{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"FitConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
+            check_number(getattr(self, name), f"FitConfig.{name}")  # finite, >= 0
+        check_int(self.batch_size, "FitConfig.batch_size", minimum=1)
         if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Iterable):
+                raise ArgumentTypeError(f"FitConfig.layers must be None or a set of block indices, got {self.layers!r}")
             layers = tuple(self.layers)
             if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
                 raise InputError(f"FitConfig.layers must be None or a non-empty set of block indices, got {self.layers!r}")
@@ -156,12 +162,16 @@ class FitConfig:
             >>> FitConfig.preset("benchmark", ridge=1.0).ridge
             1.0
         """
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise InputError(f"unknown FitConfig preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **changes)
+        return PRESETS[name].replace(**changes)
 
     def replace(self, **changes) -> "FitConfig":
-        """A copy with ``changes`` (validated)."""
+        """A copy with ``changes`` (validated; an unknown option is refused, naming it)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ArgumentTypeError(f"unknown FitConfig options {unknown}; the options are "
+                                    f"{[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
     def options(self) -> dict:
@@ -369,13 +379,14 @@ def _check_fit(spec: _tl.ModelSpec, config: FitConfig, chunk: str, examples: Seq
     """The blocks to fit; raises for what the model or the inputs cannot give."""
     refuse_post_norm(spec, "fit_thought")
     if not isinstance(config, FitConfig):
-        raise InputError(f"config must be a FitConfig (e.g. FitConfig.preset('paper')), got {type(config).__name__}")
+        raise ArgumentTypeError(f"config must be a FitConfig (e.g. FitConfig.preset('paper')), got {type(config).__name__}")
     if config.fit != "vector" and not spec.has_mlp:
         raise InputError("attention-only model: only fit='vector' is possible (no MLP matrix)")
-    if not isinstance(chunk, str) or not chunk:
+    if not isinstance(chunk, str):
+        raise ArgumentTypeError(f"chunk must be a non-empty string, got {type(chunk).__name__}")
+    if not chunk:
         raise InputError("the chunk must be a non-empty string")
-    if isinstance(examples, str) or len(examples) == 0:
-        raise InputError("examples must be a non-empty sequence of queries or (query, answer) pairs")
+    check_examples(examples)
     layers = list(range(spec.n_layers)) if config.layers is None else list(config.layers)
     if layers[-1] >= spec.n_layers:
         raise InputError(f"FitConfig.layers must be a subset of 0..{spec.n_layers - 1}, got {config.layers}")
@@ -442,6 +453,10 @@ def _fit(model, chunk, examples, config, template, rows, progress, memo) -> Thou
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
     layers = _check_fit(spec, config, chunk, examples)
+    if template is not None and not isinstance(template, PromptTemplate):
+        raise ArgumentTypeError(f"template must be a PromptTemplate or None, got {type(template).__name__}")
+    if rows is not None and not isinstance(rows, PromptRows):
+        raise ArgumentTypeError(f"rows must be PromptRows (tl_thoughts.prompt_rows) or None, got {type(rows).__name__}")
     template = template or default_template(model)
     encoded = [encode_example(model, template, chunk, ex) for ex in examples]
     prefix = _unpatched_prefix(encoded, config)
@@ -510,11 +525,13 @@ def fit_thoughts(
         >>> sorted(patches)  # doctest: +SKIP
         ['both', 'matrix', 'vector']
     """
-    if isinstance(fits, str) or not fits or len(set(fits)) != len(fits):
-        raise InputError(f"fits must be distinct and not empty, got {fits!r}")
+    if isinstance(fits, str) or not isinstance(fits, Sequence):
+        raise ArgumentTypeError(f"fits must be a list of distinct fits from {FITS}, got {fits!r}")
+    if not fits or len(set(fits)) != len(fits) or any(f not in FITS for f in fits):
+        raise InputError(f"fits must be distinct fits from {FITS}, not empty, got {fits!r}")
     config = FitConfig() if config is None else config
     if not isinstance(config, FitConfig):
-        raise InputError(f"config must be a FitConfig, got {type(config).__name__}")
+        raise ArgumentTypeError(f"config must be a FitConfig, got {type(config).__name__}")
     memo: dict = {}
     return {kind: _fit(model, chunk, examples, config.replace(fit=kind), template, rows, progress, memo)
             for kind in fits}

@@ -19,6 +19,7 @@ from tl_thoughts import _math, _tl
 from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
 from tl_thoughts.fingerprint import model_fingerprint
 from tl_thoughts.errors import (
+    ArgumentTypeError,
     ChunkError,
     InputError,
     PrecisionWarning,
@@ -176,7 +177,7 @@ class ImplicitUpdates:
                 "matrix to patch"
             )
         if name not in self.mlp_input_matrices:
-            raise ValueError(f"name must be one of {self.mlp_input_matrices}, got {name!r}")
+            raise InputError(f"name must be one of {self.mlp_input_matrices}, got {name!r}")
         assert self.mlp_in is not None and self.mlp_in_with_chunk is not None
         sq_norms = (self.mlp_in**2).sum(-1, keepdim=True)
         if bool((sq_norms == 0).any()):
@@ -215,7 +216,7 @@ def compute_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.
     """
     if dtype is not None:
         if dtype not in COMPUTE_DTYPES:
-            raise InputError(f"updates are computed in float32 or float64, not {dtype}")
+            raise InputError(f"dtype: updates are computed in float32 or float64, not {dtype!r}")
         return dtype
     if model_dtype in HALF:
         warnings.warn(
@@ -461,7 +462,10 @@ def _pad_batch(
         return prompts.to(device).long(), mask.to(device).long(), rows
     if attention_mask is not None:
         raise InputError("attention_mask goes with a padded [batch, pos] tensor of tokens")
-    if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence) or not len(prompts):
+    if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
+        raise ArgumentTypeError("prompts must be a non-empty list of strings or 1-D token tensors, or a [batch, pos] "
+                                f"tensor, got {type(prompts).__name__}")
+    if not len(prompts):
         raise InputError("prompts must be a non-empty list of strings or 1-D token tensors, or a [batch, pos] tensor")
     seqs = []
     for i, p in enumerate(prompts):
@@ -470,7 +474,7 @@ def _pad_batch(
         try:
             seqs.append(resolve_tokens(model, p)[0])
         except InputError as e:
-            raise InputError(f"prompt {i}: {e}") from None
+            raise type(e)(f"prompt {i}: {e}") from None
     n = max(len(s) for s in seqs)
     padded = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
     mask = torch.zeros_like(padded)

@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_thoughts.errors import InputError
+from tl_thoughts.errors import ArgumentTypeError, InputError, check_int
 from tl_thoughts.templates import PromptTemplate
 
 DATA = Path(__file__).parent / "data"
@@ -136,6 +136,7 @@ def task_from_dict(data: dict, where: str = "task", min_examples: int = MIN_EXAM
         >>> task.prompt("q0", with_chunk=True), task.continuation("a0")
         ('a -> b\\nq0 ->', ' a0\\n')
     """
+    check_int(min_examples, "min_examples")
     if not isinstance(data, dict):
         raise TaskFormatError(f"{where}: a task is a JSON object")
     missing = [k for k in REQUIRED if k not in data]
@@ -193,18 +194,27 @@ def load_task(path: str | Path, min_examples: int = MIN_EXAMPLES) -> Task:
     """Load and validate one task file.
 
     Raises:
-        TaskFormatError: Unreadable JSON or a file that breaks the format (the message says where).
+        TaskFormatError: No such file, a directory, an unreadable file, invalid JSON or a file that
+            breaks the format (the message names the path and says where).
+        ArgumentTypeError: ``path`` not a string or a path, ``min_examples`` not an integer.
 
     Example:
         >>> task = load_task(shipped_tasks()[0])
         >>> len(task.examples) >= 60
         True
     """
+    if not isinstance(path, (str, Path)):
+        raise ArgumentTypeError(f"path must be a str or a pathlib.Path, got {type(path).__name__}")
+    check_int(min_examples, "min_examples")
     path = Path(path)
+    if path.is_dir():
+        raise TaskFormatError(f"{path}: a directory, not a task file (its task files: {path}/*.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskFormatError(f"{path}: no such task file") from None
+    except OSError as e:
+        raise TaskFormatError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TaskFormatError(f"{path}: not valid JSON ({e})") from None
     return task_from_dict(data, where=str(path), min_examples=min_examples)
