@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tl_thoughts as tt
+from tl_thoughts.analysis import direct_effect, top_k_recovery
 from tl_thoughts.fingerprint import fingerprint, model_fingerprint
 from tl_thoughts.patch import IncompatibleModelError, PatchFileError
 
@@ -298,7 +299,8 @@ def test_updates_refuse_a_model_other_than_their_own():
     tokens = torch.arange(10)[None]
     updates = tt.implicit_updates(other, tokens, slice(2, 5))
     updates.check_model(other)
-    for call in (lambda: tt.verify(model, updates), lambda: tt.exact_weight_patch(model, updates)):
+    for call in (lambda: tt.verify(model, updates), lambda: tt.exact_weight_patch(model, updates),
+                 lambda: direct_effect(model, updates, (7, 3)), lambda: top_k_recovery(model, updates, (7, 3))):
         with pytest.raises(tt.InputError, match="another model"):
             call()
     # the same model with other weights since: a patch applied after the updates were computed

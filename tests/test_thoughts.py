@@ -657,14 +657,14 @@ def test_truncations_share_one_decomposition_and_equal_truncated(fitted):
         assert all(torch.equal(p.deltas[k], one.deltas[k]) for k in one.deltas), rank
     with pytest.raises(ValueError, match="at least one rank"):
         patch.truncations([])
-    with pytest.raises(ValueError, match="rank must be >= 1"):
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
         patch.truncations([2, 0])
 
 
 def test_truncated_refuses_bad_ranks_and_vector_only_patches(fitted):
     model, patch = fitted
     for bad in (0, -1):
-        with pytest.raises(ValueError, match="rank must be >= 1"):
+        with pytest.raises(ValueError, match="rank must be an integer >= 1"):
             patch.truncated(bad)
     for bad in (1.5, True, "2"):
         with pytest.raises(TypeError):  # TypeCheckError under the suite's runtime checks, ours without

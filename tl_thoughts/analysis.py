@@ -31,14 +31,18 @@ AnswerTokens = int | tuple[int, int] | Int[Tensor, " kept"] | Int[Tensor, "kept 
 PosSlice = int | slice | Sequence[int] | None
 
 
-def check_updates(updates: object) -> None:
-    """Refuse anything but :class:`tl_thoughts.ImplicitUpdates` as ``updates``.
+def check_updates(updates: object, model: HookedTransformer | None = None) -> None:
+    """Refuse anything but :class:`tl_thoughts.ImplicitUpdates` as ``updates``, and (when ``model``
+    is given) updates computed on another model or with other weights
+    (:meth:`tl_thoughts.ImplicitUpdates.check_model`).
 
     Example:
-        >>> check_updates(updates)  # from tl_thoughts.implicit_updates: nothing raised
+        >>> check_updates(updates, model)  # from tl_thoughts.implicit_updates on model: nothing raised
     """
     if not isinstance(updates, ImplicitUpdates):
         raise ArgumentTypeError(f"updates must come from tl_thoughts.implicit_updates, got {type(updates).__name__}")
+    if model is not None:
+        updates.check_model(model)
 
 
 def check_patch(patch: object) -> None:
@@ -180,7 +184,7 @@ def head_attribution(
     """
     if metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
-    check_updates(updates)
+    check_updates(updates, model)
     heads = updates.head_vectors  # [layer, kept, head, d_model]
     n_layers, n_kept, n_heads, _ = heads.shape
     index = _positions(pos_slice, n_kept)
@@ -285,7 +289,7 @@ class _ReducedRunner:
         if isinstance(answer_tokens, Tensor) or not isinstance(answer_tokens, (int, tuple)):
             raise ArgumentTypeError("the causal checks measure one logit or one logit difference: "
                                     "answer_tokens is a token id or a (correct, incorrect) pair")
-        check_updates(updates)
+        check_updates(updates, model)
         self.spec = _tl.model_spec(model)
         _tl.check_no_hooks(model)
         updates.require_complete("a causal check")
@@ -449,7 +453,7 @@ def top_k_recovery(
     """
     if ranking not in RANKINGS:
         raise InputError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
-    check_updates(updates)
+    check_updates(updates, model)
     spec = _tl.model_spec(model)
     n_total = spec.n_layers * spec.n_heads
     if ks is not None and (isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence)
@@ -499,7 +503,7 @@ def layer_recovery(
         >>> curve.ks.tolist(), round(float(curve.recovered[-1]), 6)
         ([0, 1, 2], 1.0)
     """
-    check_updates(updates)
+    check_updates(updates, model)
     index = _kept_index(position, updates.vectors.shape[1])
     scores = direct_effect(model, updates, answer_tokens)[:, index]  # before the runner swaps tables
     with _ReducedRunner(model, updates, answer_tokens, position) as runner:

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
-from tl_thoughts.errors import InputError, TLThoughtsError
+from tl_thoughts.errors import InputError, TLThoughtsError, check_int
 from tl_thoughts.fingerprint import fingerprint
 from tl_thoughts.version import __version__
 
@@ -197,8 +197,8 @@ class ThoughtPatch:
         ``meta["truncated_rank"]`` records the rank.
 
         Raises:
-            TypeError: ``rank`` is not an integer.
-            ValueError: ``rank < 1``.
+            ArgumentTypeError: ``rank`` is not an integer.
+            InputError: ``rank < 1``.
             InputError: The patch has no thought matrix.
 
         Example:
@@ -214,8 +214,8 @@ class ThoughtPatch:
         matrix (the same copies as separate calls, at the cost of one).
 
         Raises:
-            TypeError: A rank is not an integer.
-            ValueError: A rank is < 1, or no rank is given.
+            ArgumentTypeError: A rank is not an integer.
+            InputError: A rank is < 1, or no rank is given.
             InputError: The patch has no thought matrix.
 
         Example:
@@ -224,12 +224,9 @@ class ThoughtPatch:
         """
         ranks = list(ranks)
         if not ranks:
-            raise ValueError("at least one rank is needed")
+            raise InputError("ranks: at least one rank is needed")
         for rank in ranks:
-            if isinstance(rank, bool) or not isinstance(rank, int):
-                raise TypeError(f"rank must be an integer, got {rank!r}")
-            if rank < 1:
-                raise ValueError(f"rank must be >= 1, got {rank}")
+            check_int(rank, "rank", minimum=1)
         matrices = [k for k in self.deltas if k.rsplit(".", 1)[-1] in MATRICES]
         if not matrices:
             raise InputError("the patch has no thought matrix to truncate (a vector-only patch)")
@@ -258,7 +255,7 @@ class ThoughtPatch:
         the metadata are copied; ``meta["part"]`` records the part.
 
         Raises:
-            ValueError: ``part`` is neither ``"vectors"`` nor ``"matrices"``.
+            InputError: ``part`` is neither ``"vectors"`` nor ``"matrices"``.
             InputError: The patch has no delta of that part.
 
         Example:
@@ -266,7 +263,7 @@ class ThoughtPatch:
             ['b_out']
         """
         if part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+            raise InputError(f"part must be one of {PARTS}, got {part!r}")
         keep = {name: d for name, d in self.deltas.items() if (name.rsplit(".", 1)[-1] in MATRICES) == (part == "matrices")}
         if not keep:
             raise InputError(f"the patch has no {'thought matrix' if part == 'matrices' else 'thought vector'} to keep")

@@ -10,6 +10,7 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.chunks import Span
+from tl_thoughts.errors import InputError
 from tl_thoughts.exact_weights import exact_weight_patch
 from tl_thoughts.updates import ImplicitUpdates
 
@@ -182,7 +183,7 @@ def verify(
         The report (print it for a table; ``.max_abs_logit_error``, ``.argmax_agreement``).
 
     Raises:
-        ValueError: an unknown form.
+        InputError: an unknown form.
         InputError: updates computed for a subset of layers or positions, or on another model
             (or on this one with other weights: :meth:`ImplicitUpdates.check_model`).
         ZeroDenominatorError: the weight form has no exact solution (see ``exact_weight_patch``).
@@ -194,7 +195,7 @@ def verify(
     """
     unknown = set(forms) - set(FORMS[1:])
     if unknown or not forms:
-        raise ValueError(f"forms must be a non-empty subset of {FORMS[1:]}, got {tuple(forms)}")
+        raise InputError(f"forms must be a non-empty subset of {FORMS[1:]}, got {tuple(forms)}")
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
     updates.require_complete("verify")
