@@ -10,7 +10,11 @@ and the worst error seen per dtype.
    anything raises other than a documented ZeroDenominatorError of the weight form, which is
    counted apart.
 2. Bad inputs: each must raise its documented error and leave the model bit-identical, hook-free.
-3. Damaged patch files: each must be refused on load.
+3. Damaged patch files, foreign models and bad save paths: each must be refused.
+4. Patch applications: random sequences of attach (weight or activation form), remove (any handle)
+   and merge_into of three patches, checked after every step (tests/helpers.run_patch_sequence):
+   the model's own parameters plus the weight-form deltas still applied, a second application
+   refused, the model's own tensors at the end.
 
 Run: .venv/bin/python benchmarks/hardening_matrix.py [--out docs/hardening_table.md]
 """
@@ -37,6 +41,7 @@ from helpers import (  # noqa: E402
     make_model,
     make_word_tokenizer,
     param_snapshot,
+    run_patch_sequence,
     runtime_checks_off,
 )
 
@@ -180,6 +185,10 @@ def bad_inputs() -> list[dict]:
         "analysis on updates=None": (model, lambda m: analysis.layer_recovery(m, None, (3, 4)), tt.ArgumentTypeError),
         "template without placeholders": (model, lambda m: tt.PromptTemplate("no placeholders"), tt.InputError),
         "task path is a directory": (model, lambda m: load_task(tasks_dir), TaskFormatError),
+        "verify with another model's updates": (model, lambda m: tt.verify(m, tt.implicit_updates(make_model("ln_gelu_learned", seed=1), toks, slice(2, 4))), tt.InputError),
+        "verify after the weights changed since": (text, lambda m: _verify_after_patch(m, patch), tt.InputError),
+        "the same patch applied twice (nested)": (text, lambda m: _nested(m, patch, patch), tt.InputError),
+        "a loaded copy applied with the patch": (text, lambda m: _nested(m, patch, _copy(patch)), tt.InputError),
     }
     rows = []
     for name, (m, call, error) in cases.items():
@@ -205,6 +214,47 @@ def bad_inputs() -> list[dict]:
             status = f"FAILED: model changed ({e})"[:100]
         rows.append(dict(case=name, expected=error.__name__, status=status))
     return rows
+
+
+def _verify_after_patch(model, patch):
+    updates = tt.implicit_updates(model, model.to_tokens("the cat sat on the mat"), "cat")
+    with patch.apply(model):
+        tt.verify(model, updates)
+
+
+def _nested(model, patch, again):
+    with patch.apply(model), again.apply(model, "activation"):
+        pass
+
+
+def _copy(patch):
+    with tempfile.TemporaryDirectory() as tmp:
+        return tt.ThoughtPatch.load(patch.save(Path(tmp) / "p.safetensors"))
+
+
+def patch_applications(n: int = 300, seed: int = 0) -> dict:
+    """``n`` random sequences of up to 10 attach / remove / merge steps on three patches."""
+    import random
+
+    rng = random.Random(seed)
+    make = lambda: make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())  # noqa: E731
+    model = make()
+    template = tt.PromptTemplate("{chunk}{query}", separator="")
+    pairs = [(" the dog", " ran"), (" a big red hat", " sat")]
+    first = tt.fit_thought(model, "the cat sat on the mat and", pairs, template=template, progress=False)
+    second = tt.fit_thought(model, "a big red hat and", pairs, template=template, progress=False)
+    patches = [first, second, first.only("vectors")]
+    counts = dict(sequences=n, steps=0, merges=0, problems=[])
+    for _ in range(n):
+        ops = []
+        for _ in range(rng.randint(1, 10)):
+            op = rng.choice(["attach", "attach", "remove", "remove", "merge"])
+            ops.append((op, rng.randrange(6 if op == "remove" else 3), rng.choice(["weight", "activation"])))
+        finish = rng.sample(range(10), 10)
+        counts["steps"] += len(ops)
+        counts["merges"] += sum(op == "merge" for op, _, _ in ops)
+        counts["problems"] += run_patch_sequence(make(), patches, ops, finish)
+    return counts
 
 
 def damaged_files() -> list[dict]:
@@ -236,6 +286,9 @@ def damaged_files() -> list[dict]:
             "garbage": (b"\x00" * 100, None, tt.PatchFileError),
             "loaded for another model (same shapes)": (good, other, tt.IncompatibleModelError),
             "loaded for another model (other shapes)": (good, make_model("ln_gelu_learned"), tt.IncompatibleModelError),
+            "metadata edited (the chunk)": (edit_meta(lambda m: m.update(chunk="another chunk")), None, tt.PatchFileError),
+            "metadata edited (unpatched positions)": (edit_meta(lambda m: m.update(unpatched_positions=3)), None, tt.PatchFileError),
+            "loaded for the model changed in its last block": (good, _changed_last_block(model), tt.IncompatibleModelError),
         }
         for name, (data, target, error) in damages.items():
             path.write_bytes(data)
@@ -247,10 +300,28 @@ def damaged_files() -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 status = f"FAILED: {type(e).__name__}: {e}"[:100]
             rows.append(dict(case=name, expected=error.__name__, status=status))
+        (Path(tmp) / "a_file").write_text("x")
+        for name, target in (("saved to a folder", Path(tmp)), ("saved under a file", Path(tmp) / "a_file" / "p"),
+                             ("saved into a place that cannot be written", Path("/proc/tl_thoughts/p.safetensors"))):
+            try:
+                patch.save(target)
+                status = "FAILED: saved"
+            except tt.PatchFileError:
+                status = "refused as documented"
+            except Exception as e:  # noqa: BLE001
+                status = f"FAILED: {type(e).__name__}: {e}"[:100]
+            rows.append(dict(case=name, expected="PatchFileError", status=status))
     return rows
 
 
-def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], seconds: float) -> str:
+def _changed_last_block(model):
+    changed = make_model("rms_gated_silu_rotary_gqa", tokenizer=make_word_tokenizer())
+    with torch.no_grad():
+        changed.blocks[-1].mlp.W_out.data[0, 0] += 1e-4
+    return changed
+
+
+def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], applied: dict, seconds: float) -> str:
     n_fail = sum(r["status"] == "FAILED" for r in rows)
     n_refused = sum(r["status"] == "weight form refused" for r in rows)
     lines = [
@@ -283,10 +354,17 @@ def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], s
     if failed:
         lines += ["", "Failures:", ""] + [f"- {r['arch']}, {r['mode']}, {r['layout']}, {r['n_after']} after, "
                                           f"{r['batch']}: {r['detail']}" for r in failed]
-    for title, items in (("Bad inputs", bad), ("Damaged or foreign patch files", damaged)):
+    lines += ["", f"**Patch applications.** {applied['sequences']} random sequences of {applied['steps']} steps "
+              f"(attach in either form, remove any handle, merge_into; {applied['merges']} merges asked for), "
+              "each step checked (the model's own parameters plus the weight-form deltas still applied, "
+              "in order; a second application refused; the model's own tensors, bit-identical, at the end): "
+              f"**{len(applied['problems'])} problems, 0 allowed**; models left modified: "
+              f"{sum('after removing every handle' in p for p in applied['problems'])}."]
+    lines += [f"- {p}" for p in applied["problems"][:10]]
+    for title, items in (("Bad inputs", bad), ("Damaged or foreign patch files, bad save paths", damaged)):
         n_bad_fail = sum(r["status"] != "refused as documented" for r in items)
         rule = ("each must raise its documented error and leave the model bit-identical with no "
-                "hook attached" if items is bad else "each must be refused on load")
+                "hook attached" if items is bad else "each must be refused")
         lines += ["", f"**{title}.** {len(items)} cases, {n_bad_fail} failures ({rule}).", "",
                   "| case | expected error | outcome |", "|---|---|---|"]
         lines += [f"| {r['case']} | `{r['expected']}` | {r['status']} |" for r in items]
@@ -302,7 +380,8 @@ def main() -> None:
     rows, worst = exactness()
     bad = bad_inputs()
     damaged = damaged_files()
-    text = table(rows, worst, bad, damaged, time.perf_counter() - t0)
+    applied = patch_applications()
+    text = table(rows, worst, bad, damaged, applied, time.perf_counter() - t0)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -368,3 +368,83 @@ def fit_all(model, chunk, examples, fits, **options):
     call = {k: options.pop(k) for k in FIT_CALL_ARGS if k in options}
     call.setdefault("progress", False)
     return tt.fit_thoughts(model, chunk, examples, tt.FitConfig(**options), fits=fits, **call)
+
+
+# --- patches applied, removed and merged in any order ----------------------------------------------
+
+
+def parameters_copy(model: HookedTransformer) -> dict[str, torch.Tensor]:
+    """Clones of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def expected_parameters(own: dict[str, torch.Tensor], weight_patches: list) -> dict[str, torch.Tensor]:
+    """The model's own parameters plus the deltas of ``weight_patches``, added in that order (the
+    same arithmetic as applying them one after the other)."""
+    out = dict(own)
+    for patch in weight_patches:
+        for name, delta in patch.deltas.items():
+            out[name] = out[name] + delta.reshape(out[name].shape).to(out[name])
+    return out
+
+
+def parameters_differ(model: HookedTransformer, expected: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the parameters that are not bit-identical (value and dtype) to ``expected``."""
+    return [n for n, p in model.named_parameters()
+            if p.dtype != expected[n].dtype or not torch.equal(p.detach(), expected[n])]
+
+
+def run_patch_sequence(model: HookedTransformer, patches: list, ops: list[tuple], finish: list[int]) -> list[str]:
+    """Apply, remove and merge ``patches`` on ``model`` as ``ops`` say, then remove what is left in
+    the order ``finish`` gives; return every discrepancy seen (empty when all went as documented).
+
+    ``ops`` items: ``("attach", i, form)``, ``("remove", k, "")`` (the ``k % n``-th handle still
+    attached), ``("merge", i, "")``. A second application of a patch applied or merged must be
+    refused with ``InputError`` and leave the model as it was. After every step the parameters must
+    be bit-identical to the model's own (with the merged deltas) plus the deltas of the weight-form
+    patches still applied, in order, and the hooked points those of the activation-form patches; at
+    the end, the model's own parameters (the very tensor objects if nothing was merged) and no hook.
+    """
+    import tl_thoughts as tt
+
+    problems: list[str] = []
+    snapshot = param_snapshot(model)
+    own = parameters_copy(model)
+    active: list[tuple] = []  # (handle, patch index, form), in the order applied
+    merged: set[int] = set()
+    for step, (op, i, form) in enumerate(ops):
+        before = parameters_copy(model)
+        twice = i in merged or any(j == i for _, j, _ in active)
+        if op in ("attach", "merge") and twice:
+            try:
+                patches[i].attach(model, form) if op == "attach" else patches[i].merge_into(model)
+                problems.append(f"step {step}: a second {op} of patch {i} was accepted")
+            except tt.InputError:
+                pass
+            if parameters_differ(model, before):
+                problems.append(f"step {step}: a refused {op} changed the model")
+            continue
+        if op == "attach":
+            active.append((patches[i].attach(model, form), i, form))
+        elif op == "remove" and active:
+            active.pop(i % len(active))[0].remove()
+        elif op == "merge":
+            patches[i].merge_into(model)
+            merged.add(i)
+            own = expected_parameters(own, [patches[i]])
+        wrong = parameters_differ(model, expected_parameters(own, [patches[j] for _, j, f in active if f == "weight"]))
+        if wrong:
+            problems.append(f"step {step} ({op}): parameters {wrong[:3]} differ")
+        hooked = {name for _, j, f in active if f == "activation" for name, _ in patches[j].hooks(model)}
+        if set(hooks_attached(model)) != hooked:
+            problems.append(f"step {step} ({op}): hooks {sorted(hooks_attached(model))} != {sorted(hooked)}")
+    for k in [k for k in finish if k < len(active)]:
+        active[k][0].remove()
+    if parameters_differ(model, own) or hooks_attached(model):
+        problems.append("after removing every handle: the model is not its own (or merged) weights, hook-free")
+    if not merged:
+        try:
+            assert_model_untouched(model, snapshot)
+        except AssertionError as e:
+            problems.append(f"after removing every handle: {e}")
+    return problems

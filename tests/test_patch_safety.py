@@ -9,10 +9,12 @@
   bad place is a ``PatchFileError``; updates refuse a model other than their own.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -24,6 +26,9 @@ from helpers import (
     make_model,
     make_word_tokenizer,
     param_snapshot,
+    parameters_copy,
+    parameters_differ,
+    run_patch_sequence,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tl_thoughts as tt
+from tl_thoughts import _tl
 from tl_thoughts.analysis import direct_effect, top_k_recovery
 from tl_thoughts.fingerprint import fingerprint, model_fingerprint
 from tl_thoughts.patch import IncompatibleModelError, PatchFileError
@@ -54,21 +60,11 @@ def _patches() -> tuple:
 
 
 def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _expected(own: dict[str, torch.Tensor], weight_patches: list) -> dict[str, torch.Tensor]:
-    """The model's own parameters plus the deltas of the weight-form patches, added in order."""
-    out = dict(own)
-    for patch in weight_patches:
-        for name, delta in patch.deltas.items():
-            out[name] = out[name] + delta.reshape(out[name].shape).to(out[name])
-    return out
+    return parameters_copy(model)
 
 
 def _assert_params(model, expected: dict[str, torch.Tensor], what: str) -> None:
-    for name, p in model.named_parameters():
-        assert p.dtype == expected[name].dtype and torch.equal(p.detach(), expected[name]), f"{what}: {name}"
+    assert not parameters_differ(model, expected), what
 
 
 OPS = st.lists(
@@ -84,42 +80,37 @@ OPS = st.lists(
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=OPS, finish=st.permutations(range(8)))
 def test_any_sequence_of_applications_removals_and_merges_restores_the_model(ops, finish):
-    patches = _patches()
-    model = _model()
-    snapshot = param_snapshot(model)
-    own = _params(model)
-    active: list[tuple] = []  # (handle, patch index, form), in the order applied
-    merged: set[int] = set()
-    for op, i, form in ops:
-        before = _params(model)
-        if op == "attach":
-            if i in merged or any(j == i for _, j, _ in active):
-                with pytest.raises(tt.InputError, match="merged into|applied to this model already"):
-                    patches[i].attach(model, form)
-                _assert_params(model, before, "a refused application changed the model")
-            else:
-                active.append((patches[i].attach(model, form), i, form))
-        elif op == "remove" and active:
-            handle, _, _ = active.pop(i % len(active))
-            handle.remove()
-        elif op == "merge":
-            if i in merged or any(j == i for _, j, _ in active):
-                with pytest.raises(tt.InputError, match="merged into|applied to this model already"):
-                    patches[i].merge_into(model)
-                _assert_params(model, before, "a refused merge changed the model")
-            else:
-                patches[i].merge_into(model)
-                merged.add(i)
-                own = _expected(own, [patches[i]])
-        _assert_params(model, _expected(own, [patches[j] for _, j, f in active if f == "weight"]), f"after {op}")
-        hooked = {name for _, j, f in active if f == "activation" for name, _ in patches[j].hooks(model)}
-        assert set(hooks_attached(model)) == hooked
-    for k in [k for k in finish if k < len(active)]:
-        active[k][0].remove()
-    _assert_params(model, own, "after removing every handle")
-    assert not hooks_attached(model)
-    if not merged:
-        assert_model_untouched(model, snapshot)  # the very tensors, bit-identical, no hook left
+    """After every step, exactly the model's own (merged) parameters plus the weight-form deltas
+    still applied, in order; a second application refused; at the end the model's own tensors
+    (``helpers.run_patch_sequence``)."""
+    assert run_patch_sequence(_model(), list(_patches()), ops, finish) == []
+
+
+class _SaveAndRestore:
+    """A patch applied as before issue 33: each application saves the tensors it finds and puts
+    them back on removal (wrong when removed out of order)."""
+
+    def __init__(self, patch):
+        self.patch, self.deltas = patch, patch.deltas
+
+    def attach(self, model, form):
+        stack = contextlib.ExitStack()
+        stack.enter_context(_tl.swapped_tensors(model, self.patch.parameters(model)))
+        return types.SimpleNamespace(remove=stack.close)
+
+    def hooks(self, model):
+        return self.patch.hooks(model)
+
+
+def test_the_sequence_check_can_fail():
+    """``run_patch_sequence`` reports the bug of issue 33 (two weight-form handles, the first removed
+    first, leave the first patch in the weights) in the old way of applying patches."""
+    first, second, _ = _patches()
+    old = [_SaveAndRestore(first), _SaveAndRestore(second)]
+    ops = [("attach", 0, "weight"), ("attach", 1, "weight"), ("remove", 0, "")]
+    problems = run_patch_sequence(_model(), old, ops, [0])
+    assert any("after removing every handle" in p for p in problems), problems
+    assert run_patch_sequence(_model(), [first, second], ops, [0]) == []
 
 
 def test_handles_removed_out_of_order_restore_the_model_bit_identically():
