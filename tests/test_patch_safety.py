@@ -221,7 +221,7 @@ def test_the_checksum_covers_the_metadata(tmp_path):
     path = first.save(tmp_path / "p.safetensors")
     tt.ThoughtPatch.load(path)  # intact: read
     for key, value in (("chunk", "something else"), ("unpatched_positions", 3), ("version", "9.9")):
-        edited = _rewrite(path, edit_meta=lambda m: m.__setitem__(key, value), out=tmp_path / f"{key}.safetensors")
+        edited = _rewrite(path, edit_meta=lambda m, k=key, v=value: m.__setitem__(k, v), out=tmp_path / f"{key}.safetensors")
         with pytest.raises(PatchFileError, match="checksum"):
             tt.ThoughtPatch.load(edited)
     edited = _rewrite(path, edit_tensors=lambda t: t[next(iter(t))].add_(1e-3), out=tmp_path / "t.safetensors")
