@@ -270,8 +270,8 @@ def patched_values(model: HookedTransformer, deltas: Mapping[str, Tensor]) -> di
 
 
 def identity_tensors(model: HookedTransformer) -> list[Tensor]:
-    """Weights that identify a checkpoint and that no tl_thoughts patch ever changes (so that
-    patches can be stacked or merged): the embedding, the unembedding, the first query matrix."""
+    """The three weights the fingerprint of format-1 patch files read (the embedding, the
+    unembedding, the first query matrix), to check those files against their model."""
     return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
 
 
