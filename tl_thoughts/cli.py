@@ -20,9 +20,12 @@ from tl_thoughts.errors import TLThoughtsError
 from tl_thoughts.version import __version__
 
 DTYPES = ("float32", "float64")
-# verify's verdict: the largest max |logit difference| (over the kept positions) a patched form may
-# show against the run with the chunk, per dtype; the top token must agree at every kept position
+"""The dtypes the commands load the model in (``--dtype``)."""
+
 VERIFY_TOLERANCES: Mapping[str, float] = MappingProxyType({"float32": 1e-2, "float64": 1e-8})
+"""``verify``'s verdict, per dtype: the largest max |logit difference| (over the kept positions) a
+patched form may show against the run with the chunk; the top token must also agree at every kept
+position (:func:`verdict_lines`). The command exits with status 1 when a form fails."""
 
 DESCRIPTION = """\
 Exact implicit weight updates of prompt chunks on the default model (SmolLM2-135M-Instruct):
