@@ -197,7 +197,77 @@ if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API do
         write_results,
     )
 
-__all__ = [name for names in _MODULES.values() for name in names]
+__all__ = [
+    # config
+    "BASELINES",
+    "DEFAULT_METHODS",
+    "FIT_METHODS",
+    "FITTED_ALONE",
+    "METHODS",
+    "ON_REQUEST",
+    "PART_METHODS",
+    "EvalConfig",
+    "EvalOptionError",
+    "check_tasks",
+    "fit_kinds",
+    # examples
+    "TaskExample",
+    "encode_task_example",
+    "encode_task_examples",
+    "n_positions_read",
+    "stop_tokens",
+    # decoding
+    "QueryRun",
+    "greedy_generate",
+    "query_answers",
+    "query_answers_with_rows",
+    "query_answers_with_runs",
+    "query_full_rows",
+    # verdicts
+    "HookFactory",
+    "chunk_filter",
+    "example_verdicts",
+    "greedy_match",
+    "match_under",
+    "teacher_forced_verdicts",
+    # baselines
+    "SEARCH_GROUP_COST",
+    "DifferenceSums",
+    "ResidEdit",
+    "all_layer_steering_hooks",
+    "best_layers",
+    "difference_sums",
+    "mean_differences",
+    "query_difference_sums",
+    "region_start",
+    "search_groups",
+    "shared_full_length",
+    "steering_edit",
+    "steering_hooks",
+    "task_vector_edit",
+    "task_vector_hooks",
+    # protocol
+    "SeedResult",
+    "TaskInputs",
+    "TaskResult",
+    "choose_rank",
+    "evaluate_in_processes",
+    "evaluate_seed",
+    "evaluate_task",
+    "prepare_task",
+    "split",
+    # report
+    "checkout_commit",
+    "compare_results",
+    "markdown_table",
+    "plot_results",
+    "results_json",
+    "write_results",
+    "run_options",
+    "task_result_path",
+    "save_task_result",
+    "stored_task_results",
+]
 
 
 def __getattr__(name: str):
