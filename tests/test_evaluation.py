@@ -1016,12 +1016,18 @@ def test_eval_command_writes_results(tmp_path, slice_task):
     assert main(["eval", "--task", str(path), "--out", str(tmp_path / "out")]) == 2
     full = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
     path.write_text(json.dumps(full.to_json()))
-    code = main(["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
-                 "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector",
-                 "--also", "thought_patch_refined",
-                 "--refine-steps", "2", "--rank-on-queries", "--ridge", "0.25", "--quiet"])
+    argv = ["eval", "--task", str(path), "--out", str(tmp_path / "out"), "--seeds", "0",
+            "--n-fit", "8", "--queries", "3", "--methods", "with_chunk", "without_chunk", "thought_vector",
+            "--also", "thought_patch_refined",
+            "--refine-steps", "2", "--rank-on-queries", "--ridge", "0.25", "--quiet"]
+    code = main(argv)
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # the same command again: the task's stored result read back (no model), the same files
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    assert (tmp_path / "out" / "results.md").read_text() == md
     assert {"with_chunk", "without_chunk", "thought_vector", "thought_patch_refined", "meta"} == set(results)
     assert results["meta"]["command"].startswith(f"tl-thoughts eval --task {path} --out ")
     assert results["meta"]["config"]["refine_steps"] == 2

@@ -121,6 +121,8 @@ def test_cli_verify_prints_report_and_top5(capsys):
     for label in ("with the chunk", "without it", "without, patched (activation)",
                   "without, patched (weight)"):
         assert label in out
+    for form in ("activation", "weight"):  # the verdict, at the float32 tolerance
+        assert f"\nverdict: PASS ({form}: max |dlogit| " in out and " <= 1e-02, argmax 100%)" in out
 
 
 # --- hardening on the real model: batches, several chunks, unicode, half precision, long prompts ---

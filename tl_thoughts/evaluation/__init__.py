@@ -74,7 +74,8 @@ Every run of prompts goes through the stream engine (:mod:`tl_thoughts.stream`: 
 by length, the shared prefix's key-value cache, runs to the last block, greedy decoding, the rows a
 fit reads). The package's modules, each using only those above it:
 
-- ``config``: :class:`EvalConfig`, the method names, :func:`fit_kinds`;
+- ``config``: :class:`EvalConfig`, :func:`check_tasks`, :class:`EvalOptionError`, the method
+  names, :func:`fit_kinds`;
 - ``examples``: :class:`TaskExample` (a task's example tokenised with and without the chunk),
   :func:`stop_tokens`;
 - ``decoding``: the queries' answers (:func:`query_answers`, :func:`query_answers_with_rows`),
@@ -86,79 +87,115 @@ fit reads). The package's modules, each using only those above it:
 - ``protocol``: :func:`split`, :func:`choose_rank`, :class:`TaskInputs` / :func:`prepare_task`,
   :func:`evaluate_seed`, :func:`evaluate_task`, :func:`evaluate_in_processes`;
 - ``report``: ``results.json`` (:func:`results_json`), :func:`markdown_table`,
-  :func:`plot_results`, :func:`write_results`.
+  :func:`plot_results`, :func:`write_results`; each task's result stored as it finishes and read
+  back by a rerun (:func:`run_options`, :func:`save_task_result`, :func:`stored_task_results`).
+
+The names are imported on first use (reading ``tl_thoughts.evaluation.EvalConfig`` imports the
+``config`` module), so that the command line's parser reads the options' defaults from ``config``
+without importing torch or TransformerLens.
 """
 
-from tl_thoughts.evaluation.baselines import (
-    SEARCH_GROUP_COST,
-    DifferenceSums,
-    ResidEdit,
-    all_layer_steering_hooks,
-    best_layers,
-    difference_sums,
-    mean_differences,
-    query_difference_sums,
-    region_start,
-    search_groups,
-    shared_full_length,
-    steering_edit,
-    steering_hooks,
-    task_vector_edit,
-    task_vector_hooks,
-)
-from tl_thoughts.evaluation.config import (
-    BASELINES,
-    DEFAULT_METHODS,
-    FIT_METHODS,
-    FITTED_ALONE,
-    METHODS,
-    ON_REQUEST,
-    PART_METHODS,
-    EvalConfig,
-    fit_kinds,
-)
-from tl_thoughts.evaluation.decoding import (
-    QueryRun,
-    greedy_generate,
-    query_answers,
-    query_answers_with_rows,
-    query_answers_with_runs,
-    query_full_rows,
-)
-from tl_thoughts.evaluation.examples import (
-    TaskExample,
-    encode_task_example,
-    encode_task_examples,
-    n_positions_read,
-    stop_tokens,
-)
-from tl_thoughts.evaluation.protocol import (
-    SeedResult,
-    TaskInputs,
-    TaskResult,
-    choose_rank,
-    evaluate_in_processes,
-    evaluate_seed,
-    evaluate_task,
-    prepare_task,
-    split,
-)
-from tl_thoughts.evaluation.report import (
-    checkout_commit,
-    compare_results,
-    markdown_table,
-    plot_results,
-    results_json,
-    write_results,
-)
-from tl_thoughts.evaluation.verdicts import (
-    HookFactory,
-    chunk_filter,
-    example_verdicts,
-    greedy_match,
-    match_under,
-    teacher_forced_verdicts,
-)
+import importlib
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+# module -> the public names it defines (imported when one of them is first read)
+_MODULES = MappingProxyType({
+    "config": ("BASELINES", "DEFAULT_METHODS", "FIT_METHODS", "FITTED_ALONE", "METHODS", "ON_REQUEST",
+        "PART_METHODS", "EvalConfig", "EvalOptionError", "check_tasks", "fit_kinds"),
+    "examples": ("TaskExample", "encode_task_example", "encode_task_examples", "n_positions_read",
+        "stop_tokens"),
+    "decoding": ("QueryRun", "greedy_generate", "query_answers", "query_answers_with_rows",
+        "query_answers_with_runs", "query_full_rows"),
+    "verdicts": ("HookFactory", "chunk_filter", "example_verdicts", "greedy_match", "match_under",
+        "teacher_forced_verdicts"),
+    "baselines": ("SEARCH_GROUP_COST", "DifferenceSums", "ResidEdit", "all_layer_steering_hooks",
+        "best_layers", "difference_sums", "mean_differences", "query_difference_sums", "region_start",
+        "search_groups", "shared_full_length", "steering_edit", "steering_hooks", "task_vector_edit",
+        "task_vector_hooks"),
+    "protocol": ("SeedResult", "TaskInputs", "TaskResult", "choose_rank", "evaluate_in_processes",
+        "evaluate_seed", "evaluate_task", "prepare_task", "split"),
+    "report": ("checkout_commit", "compare_results", "markdown_table", "plot_results", "results_json",
+        "write_results", "run_options", "task_result_path", "save_task_result", "stored_task_results"),
+})
+
+if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API docs)
+    from tl_thoughts.evaluation.config import (
+        BASELINES,
+        DEFAULT_METHODS,
+        EvalConfig,
+        EvalOptionError,
+        FITTED_ALONE,
+        FIT_METHODS,
+        METHODS,
+        ON_REQUEST,
+        PART_METHODS,
+        check_tasks,
+        fit_kinds,
+    )
+    from tl_thoughts.evaluation.examples import (
+        TaskExample,
+        encode_task_example,
+        encode_task_examples,
+        n_positions_read,
+        stop_tokens,
+    )
+    from tl_thoughts.evaluation.decoding import (
+        QueryRun,
+        greedy_generate,
+        query_answers,
+        query_answers_with_rows,
+        query_answers_with_runs,
+        query_full_rows,
+    )
+    from tl_thoughts.evaluation.verdicts import (
+        HookFactory,
+        chunk_filter,
+        example_verdicts,
+        greedy_match,
+        match_under,
+        teacher_forced_verdicts,
+    )
+    from tl_thoughts.evaluation.baselines import (
+        DifferenceSums,
+        ResidEdit,
+        SEARCH_GROUP_COST,
+        all_layer_steering_hooks,
+        best_layers,
+        difference_sums,
+        mean_differences,
+        query_difference_sums,
+        region_start,
+        search_groups,
+        shared_full_length,
+        steering_edit,
+        steering_hooks,
+        task_vector_edit,
+        task_vector_hooks,
+    )
+    from tl_thoughts.evaluation.protocol import (
+        SeedResult,
+        TaskInputs,
+        TaskResult,
+        choose_rank,
+        evaluate_in_processes,
+        evaluate_seed,
+        evaluate_task,
+        prepare_task,
+        split,
+    )
+    from tl_thoughts.evaluation.report import (
+        checkout_commit,
+        compare_results,
+        markdown_table,
+        plot_results,
+        results_json,
+        run_options,
+        save_task_result,
+        stored_task_results,
+        task_result_path,
+        write_results,
+    )
 
 __all__ = [
     # config
@@ -170,6 +207,8 @@ __all__ = [
     "ON_REQUEST",
     "PART_METHODS",
     "EvalConfig",
+    "EvalOptionError",
+    "check_tasks",
     "fit_kinds",
     # examples
     "TaskExample",
@@ -224,4 +263,20 @@ __all__ = [
     "plot_results",
     "results_json",
     "write_results",
+    "run_options",
+    "task_result_path",
+    "save_task_result",
+    "stored_task_results",
 ]
+
+
+def __getattr__(name: str):
+    """A public name, from its module (imported now)."""
+    for module, names in _MODULES.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,12 +1,26 @@
-"""The protocol's options (:class:`EvalConfig`), its method names, and which least-squares fits a
-set of methods needs (:func:`fit_kinds`)."""
+"""The protocol's options (:class:`EvalConfig`, validated when made; :func:`check_tasks` for the
+tasks), its method names, and which least-squares fits a set of methods needs (:func:`fit_kinds`).
 
+This module imports neither torch nor TransformerLens (the command line's parser reads it)."""
+
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from tl_thoughts.refine import check_options as check_refine_options
-from tl_thoughts.thoughts import FitConfig
+from tl_thoughts.errors import InputError
+
+if TYPE_CHECKING:  # imported where used: this module needs neither torch nor TransformerLens
+    from tl_thoughts.tasks import Task
+    from tl_thoughts.thoughts import FitConfig
+
+
+class EvalOptionError(InputError):
+    """An option of the behavioural benchmark cannot be used: an :class:`EvalConfig` field, the
+    tasks for a configuration (:func:`check_tasks`), the worker processes, or the output folder of
+    ``tl-thoughts eval``; the message names it. Raised before any model runs."""
+
 
 DEFAULT_METHODS = (  # the suite's methods
     "with_chunk",
@@ -124,7 +138,7 @@ class EvalConfig:
     batch_size: int = 64
     methods: tuple[str, ...] = DEFAULT_METHODS
 
-    def fit_config(self, n_rows: int | None = None) -> FitConfig:
+    def fit_config(self, n_rows: int | None = None) -> "FitConfig":
         """The :class:`tl_thoughts.FitConfig` of the ``thought_patch`` (and of the patches fitted
         alone, with their ``fit``) for a fit on ``n_rows`` rows: the ridge scaled by
         ``n_rows / n_fit`` (see ``ridge``; None: ``n_fit`` rows), as the protocol fits on the fit
@@ -136,6 +150,8 @@ class EvalConfig:
             >>> EvalConfig(n_fit=20, ridge=1.0).fit_config(80).ridge
             4.0
         """
+        from tl_thoughts.thoughts import FitConfig
+
         n_rows = self.n_fit if n_rows is None else n_rows
         return FitConfig(layers=self.layers, ridge=self.ridge * n_rows / self.n_fit, pool=self.pool,
                          vector_site=self.vector_site, vector_target=self.vector_target,
@@ -143,7 +159,7 @@ class EvalConfig:
                          output_matrix=self.output_matrix, patch_prefix=self.patch_prefix,
                          batch_size=self.batch_size, compare_steering=False)
 
-    def paper_fit_config(self) -> FitConfig:
+    def paper_fit_config(self) -> "FitConfig":
         """The :class:`tl_thoughts.FitConfig` of ``thought_patch_paper``: the ``"paper"`` preset
         (``FitConfig.preset("paper")``) with this configuration's ridge (on the ``n_fit`` labelled
         examples, no query), layers and batch size; no steering record.
@@ -152,28 +168,101 @@ class EvalConfig:
             >>> EvalConfig().paper_fit_config().vector_site
             'b_out'
         """
+        from tl_thoughts.thoughts import FitConfig
+
         return FitConfig.preset("paper", ridge=self.ridge, layers=self.layers, batch_size=self.batch_size,
                                 compare_steering=False)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        methods = self.methods
+        if not isinstance(methods, tuple) or not all(isinstance(m, str) for m in methods):
+            raise EvalOptionError(f"methods must be a tuple of method names, got {methods!r}")
+        unknown = [m for m in methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
-        if "with_chunk" not in self.methods or "without_chunk" not in self.methods:
-            raise ValueError("the protocol filters on 'with_chunk' and 'without_chunk': keep both")
-        if self.n_fit < 1:
-            raise ValueError("n_fit must be >= 1")
-        if isinstance(self.n_queries, bool) or not isinstance(self.n_queries, int) or self.n_queries < 0:
-            raise ValueError(f"n_queries must be an integer >= 0, got {self.n_queries!r}")
-        if not self.seeds:
-            raise ValueError("at least one seed is needed")
-        if not self.ranks:
-            raise ValueError("at least one candidate rank is needed (None: the matrices as fitted)")
+            raise EvalOptionError(f"unknown methods {unknown}; choose from {METHODS}")
+        if len(set(methods)) != len(methods):
+            raise EvalOptionError(f"methods must be distinct, got {methods}")
+        if "with_chunk" not in methods or "without_chunk" not in methods:
+            raise EvalOptionError("the protocol filters on 'with_chunk' and 'without_chunk': keep both")
+        if len(methods) == 2:
+            raise EvalOptionError("methods: 'with_chunk' and 'without_chunk' are the filter; name at least one "
+                                  f"method to evaluate (of {METHODS[2:]})")
+        if not _is_int(self.n_fit) or self.n_fit < 1:
+            raise EvalOptionError(f"n_fit must be an integer >= 1, got {self.n_fit!r}")
+        if not _is_int(self.n_queries) or self.n_queries < 0:
+            raise EvalOptionError(f"n_queries must be an integer >= 0, got {self.n_queries!r}")
+        if not isinstance(self.seeds, tuple) or not self.seeds:
+            raise EvalOptionError(f"seeds must be a non-empty tuple of integers, got {self.seeds!r}")
+        if any(not _is_int(s) or s < 0 for s in self.seeds):
+            raise EvalOptionError(f"seeds must be integers >= 0, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise EvalOptionError(f"seeds must be distinct (each is one split), got {self.seeds}")
+        if not isinstance(self.ranks, tuple) or not self.ranks:
+            raise EvalOptionError("at least one candidate rank is needed (None: the matrices as fitted)")
         for rank in self.ranks:
-            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-                raise ValueError(f"ranks must be None or integers >= 1, got {rank!r}")
+            if rank is not None and (not _is_int(rank) or rank < 1):
+                raise EvalOptionError(f"ranks must be None or integers >= 1, got {rank!r}")
         if len(set(self.ranks)) != len(self.ranks):
-            raise ValueError(f"ranks must be distinct, got {self.ranks}")
-        check_refine_options(self.refine_steps, self.refine_lr, prefix="refine_")
-        self.fit_config()  # the fit options, validated now (FitConfig), not after the model's runs
+            raise EvalOptionError(f"ranks must be distinct, got {self.ranks}")
+        if not isinstance(self.rank_on_queries, bool):
+            raise EvalOptionError(f"rank_on_queries must be True or False, got {self.rank_on_queries!r}")
+        for name in ("ridge", "query_weight"):  # FitConfig's rule, named as EvalConfig names them
+            if not _is_finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise EvalOptionError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not _is_int(self.refine_steps) or self.refine_steps < 0:
+            raise EvalOptionError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if not _is_finite(self.refine_lr) or self.refine_lr <= 0:
+            raise EvalOptionError(f"refine_lr must be a finite number > 0, got {self.refine_lr!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise EvalOptionError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        # the fit options (layers, pool, sites, matrices), validated now by FitConfig, not after the model's runs
+        self.fit_config()
+        self.paper_fit_config()
 
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_tasks(tasks: Sequence["Task"], config: EvalConfig) -> None:
+    """Check, before any model runs, that ``config`` can run on ``tasks``.
+
+    :func:`tl_thoughts.evaluation.evaluate_task` and
+    :func:`tl_thoughts.evaluation.evaluate_in_processes` call it first, and so does
+    ``tl-thoughts eval`` before loading the model.
+
+    Raises:
+        EvalOptionError: No task, two tasks of one name (the results are keyed by name), a task
+            with no more than ``config.n_fit`` examples (no test example would remain), or a task
+            with fewer unlabelled queries than ``config.n_queries``.
+
+    Example:
+        >>> from tl_thoughts.tasks import task_from_dict
+        >>> task = task_from_dict({"name": "t", "chunk": "a -> b\\n",
+        ...     "examples": [{"query": f"q{i}", "answer": f"a{i}"} for i in range(60)]})
+        >>> check_tasks([task], EvalConfig(n_queries=0))
+        >>> check_tasks([task], EvalConfig(n_fit=60, n_queries=0))
+        Traceback (most recent call last):
+        ...
+        tl_thoughts.evaluation.config.EvalOptionError: n_fit=60 leaves no test example: these tasks have no more examples: t (60)
+    """
+    if not tasks:
+        raise EvalOptionError("no task given")
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise EvalOptionError(f"tasks are named twice: {', '.join(twice)} (results are kept by task name)")
+    few = [f"{t.name} ({len(t.examples)})" for t in tasks if len(t.examples) <= config.n_fit]
+    if few:
+        raise EvalOptionError(f"n_fit={config.n_fit} leaves no test example: these tasks have no more examples: "
+                              f"{', '.join(few)}")
+    short = [f"{t.name} ({len(t.queries)})" for t in tasks if len(t.queries) < config.n_queries]
+    if short:
+        raise EvalOptionError(
+            f"n_queries={config.n_queries} needs at least that many unlabelled queries a task; these tasks have "
+            f"fewer: {', '.join(short)} (add a 'queries' list to the task file, see docs/benchmark.md, or ask "
+            "for fewer queries)")

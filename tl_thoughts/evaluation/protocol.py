@@ -6,7 +6,7 @@
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from tl_thoughts.evaluation.baselines import (
     task_vector_edit,
     task_vector_hooks,
 )
-from tl_thoughts.evaluation.config import BASELINES, PART_METHODS, EvalConfig, fit_kinds
+from tl_thoughts.evaluation.config import BASELINES, PART_METHODS, EvalConfig, EvalOptionError, check_tasks, fit_kinds
 from tl_thoughts.evaluation.decoding import query_answers_with_rows
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, encode_task_examples, stop_tokens
 from tl_thoughts.evaluation.verdicts import HookFactory, example_verdicts, greedy_match, match_under
@@ -69,6 +69,20 @@ class SeedResult:
     layers: dict[str, int] = field(default_factory=dict)  # layer chosen on fit data
     ranks: dict[str, int | None] = field(default_factory=dict)  # thought matrices' rank chosen on fit data
     seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        """The seed's result as a JSON object (:meth:`from_json` gives it back, every value the same;
+        ``json.dumps`` writes NaN accuracies as ``NaN``, which ``json.loads`` reads back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SeedResult":
+        """The seed's result from :meth:`to_json`'s object.
+
+        Raises:
+            InputError: Missing or unknown keys.
+        """
+        return cls(**_fields_of(cls, data))
 
 
 @torch.no_grad()
@@ -362,6 +376,42 @@ class TaskResult:
             "n_filtered": [len(s.filtered_indices) for s in self.seeds],
         }
 
+    def to_json(self) -> dict:
+        """The task's result as a JSON object: what ``tl-thoughts eval`` stores as each task finishes
+        (:meth:`from_json` gives it back, every value the same).
+
+        Example:
+            >>> import json
+            >>> seed = SeedResult(0, [0], [1, 2], [2], 1.0, 0.5, {"thought_patch": float("nan")})
+            >>> result = TaskResult("t", 3, [seed], [("q", "a")])
+            >>> back = TaskResult.from_json(json.loads(json.dumps(result.to_json())))
+            >>> back.queries, back.seeds[0].accuracy
+            ([('q', 'a')], {'thought_patch': nan})
+        """
+        return {"task": self.task, "n_examples": self.n_examples, "seeds": [s.to_json() for s in self.seeds],
+                "queries": [list(pair) for pair in self.queries]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TaskResult":
+        """The task's result from :meth:`to_json`'s object (the queries as tuples).
+
+        Raises:
+            InputError: Missing or unknown keys.
+        """
+        data = _fields_of(cls, data)
+        return cls(task=data["task"], n_examples=data["n_examples"],
+                   seeds=[SeedResult.from_json(s) for s in data["seeds"]],
+                   queries=[tuple(pair) for pair in data["queries"]])
+
+
+def _fields_of(cls: type, data: dict) -> dict:
+    """``data`` if it holds exactly the fields of the dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or set(data) != names:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"a stored {cls.__name__} has the keys {sorted(names)}, got {got}")
+    return data
+
 
 def evaluate_task(
     model: HookedTransformer, task: Task, config: EvalConfig = EvalConfig(), progress: bool = True  # noqa: B008 (frozen)
@@ -372,11 +422,15 @@ def evaluate_task(
     (:func:`evaluate_seed`). The model is left untouched (every patch and hook is removed on exit,
     also on an exception).
 
+    Raises:
+        EvalOptionError: ``config`` cannot run on ``task`` (:func:`check_tasks`), before any run.
+
     Example:
         >>> from tl_thoughts.tasks import load_task, shipped_tasks
         >>> result = evaluate_task(load_default_model(), load_task(shipped_tasks()[0]))  # doctest: +SKIP
         >>> result.summary("thought_patch")["accuracy"]  # doctest: +SKIP
     """
+    check_tasks([task], config)
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
     inputs = prepare_task(model, task, config)  # once for every seed
@@ -433,6 +487,10 @@ def evaluate_in_processes(
     (``tests/test_evaluation.py::test_worker_processes_give_the_same_results``); another thread
     count may change the order of floating-point sums inside torch's kernels.
 
+    Raises:
+        EvalOptionError: ``jobs`` or ``threads`` below 1, or ``config`` cannot run on ``tasks``
+            (:func:`check_tasks`), before any process starts.
+
     Example:
         >>> from tl_thoughts.tasks import load_task, shipped_tasks
         >>> results = evaluate_in_processes([load_task(p) for p in shipped_tasks()], jobs=2)  # doctest: +SKIP
@@ -440,8 +498,10 @@ def evaluate_in_processes(
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    if jobs < 1 or threads < 1:
-        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or isinstance(threads, bool) or not isinstance(threads, int) \
+            or jobs < 1 or threads < 1:
+        raise EvalOptionError(f"jobs and threads must be integers >= 1, got {jobs!r} and {threads!r}")
+    check_tasks(tasks, config)
     order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i].examples))  # the biggest tasks first
     seeds: dict[int, dict[int, SeedResult]] = {i: {} for i in range(len(tasks))}
     queries: dict[int, list[tuple[str, str]]] = {}

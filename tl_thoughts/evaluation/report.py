@@ -1,16 +1,23 @@
 """The protocol's results as files: ``results.json`` (:func:`results_json`), a markdown table
 (:func:`markdown_table`), a bar plot (:func:`plot_results`), all three written by
-:func:`write_results`; :func:`compare_results` lists the differences between two of them."""
+:func:`write_results`; :func:`compare_results` lists the differences between two of them. Each
+task's result stored as it finishes and read back by a later run with the same options
+(:func:`run_options`, :func:`save_task_result`, :func:`stored_task_results`)."""
 
 import json
+import os
 import subprocess
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
-from tl_thoughts.evaluation.config import EvalConfig
+from tl_thoughts.evaluation.config import EvalConfig, EvalOptionError
 from tl_thoughts.evaluation.protocol import TaskResult
+from tl_thoughts.tasks import Task
 
 
 def checkout_commit() -> str | None:
@@ -74,7 +81,7 @@ def results_json(
         "version": __version__,
         "commit": checkout_commit(),
         "command": command,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "config": _config_json(config),
         "tasks": {
             r.task: {
                 "n_examples": r.n_examples,
@@ -213,3 +220,100 @@ def write_results(
     plot_results(results, config, save=out / "results.png")
     return out
 
+
+
+def _config_json(config: EvalConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def run_options(config: EvalConfig, model_name: str, dtype: str) -> dict:
+    """What a task's stored result depends on besides the task: the model and its dtype, the
+    package's version and git commit (:func:`checkout_commit`; a checkout with uncommitted changes
+    is ``+dirty``, whatever the changes), and the configuration (as in ``results.json``).
+
+    Example:
+        >>> sorted(run_options(EvalConfig(), "SmolLM2", "float32"))
+        ['commit', 'config', 'dtype', 'model', 'version']
+    """
+    from tl_thoughts.version import __version__
+
+    return {"model": model_name, "dtype": dtype, "version": __version__, "commit": checkout_commit(),
+            "config": _config_json(config)}
+
+
+def task_result_path(out: str | Path, task_name: str) -> Path:
+    """Where :func:`save_task_result` stores a task's result: ``out/tasks/<task name>.json`` (the
+    name percent-encoded where it is not a plain file name).
+
+    Example:
+        >>> task_result_path("out", "past_tense").as_posix(), task_result_path("out", "a/b").name
+        ('out/tasks/past_tense.json', 'a%2Fb.json')
+    """
+    return Path(out) / "tasks" / (quote(task_name, safe="") + ".json")
+
+
+def save_task_result(result: TaskResult, task: Task, options: dict, out: str | Path) -> Path:
+    """Store a finished task's result in ``out/tasks`` (:func:`task_result_path`), with the task
+    (its file's content) and the ``options`` it was computed with (:func:`run_options`).
+
+    Written to a temporary file then renamed over the path, so that the file is whole or absent
+    even if the run is killed while writing.
+
+    Example:
+        >>> save_task_result(evaluate_task(model, task, config), task, run_options(config, "SmolLM2", "float32"), "out")  # doctest: +SKIP
+    """
+    path = task_result_path(out, result.task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"options": options, "task": task.to_json(), "result": result.to_json()}
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False,
+                                     encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.replace(f.name, path)
+    return path
+
+
+def _differences(stored, given, where: str) -> list[str]:
+    if isinstance(stored, dict) and isinstance(given, dict):
+        return [d for key in sorted(set(stored) | set(given), key=str)
+                for d in _differences(stored.get(key), given.get(key), f"{where}.{key}" if where else key)]
+    return [] if stored == given else [f"{where} (stored {stored!r}, now {given!r})"]
+
+
+def stored_task_results(tasks: Sequence[Task], options: dict, out: str | Path) -> dict[str, TaskResult]:
+    """The results stored in ``out/tasks`` by an earlier run (:func:`save_task_result`) for
+    ``tasks``, by task name, after checking that every stored result in the folder was computed
+    with the same ``options`` (:func:`run_options`), and each of ``tasks`` stored from the same task.
+
+    Raises:
+        EvalOptionError: A stored result computed with other options (the message names each
+            differing option), for another content of a task of that name, or unreadable; the
+            message says how to proceed (another output folder, or delete ``out/tasks``).
+
+    Example:
+        >>> stored_task_results([task], run_options(EvalConfig(), "SmolLM2", "float32"), "out")  # doctest: +SKIP
+        {}
+    """
+    folder = Path(out) / "tasks"
+    how = f"use another --out, or delete {folder} (the stored results) to start again"
+    found = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            result = TaskResult.from_json(data["result"])
+            stored_options, stored_task = data["options"], data["task"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EvalOptionError(f"{path} is not a stored task result ({e}): {how}") from None
+        diffs = _differences(stored_options, options, "")
+        if diffs:
+            raise EvalOptionError(f"{folder} holds results computed with other options than this run's: "
+                                  f"{'; '.join(diffs)}; {how}")
+        found[result.task] = (result, stored_task)
+    results = {}
+    for task in tasks:
+        if task.name in found:
+            result, stored_task = found[task.name]
+            if stored_task != task.to_json():
+                raise EvalOptionError(f"the stored result of task {task.name!r} in {folder} is of another version "
+                                      f"of the task (its file changed): {how}")
+            results[task.name] = result
+    return results
