@@ -82,14 +82,12 @@ def test_text_of_exactly_n_ctx_tokens_is_accepted(text_model):
 
 def test_the_library_tokenizes_text_in_one_place():
     """Every tokenization of text in the library goes through ``_tl.to_tokens`` (never truncated):
-    no other module calls ``.to_tokens(`` or a tokenizer directly. ``cli.py`` and
-    ``evaluation/decoding.py`` still call ``model.to_tokens`` (other workers' files, issue 33)."""
+    no other module calls ``.to_tokens(`` or a tokenizer directly."""
     package = Path(tt.__file__).parent
-    not_yet = {"cli.py", "evaluation/decoding.py"}
     offenders = []
     for path in sorted(package.rglob("*.py")):
         rel = str(path.relative_to(package))
-        if rel == "_tl.py" or rel in not_yet:
+        if rel == "_tl.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -281,3 +279,23 @@ def test_mixed_parameter_dtypes_are_refused(text_model):
     stale_text = make_model("ln_gelu_learned", dtype=torch.float32, tokenizer=make_word_tokenizer()).half()
     with pytest.raises(tt.InputError, match="model.cfg.dtype is float32"):
         tt.fit_thought(stale_text, "the cat", [(" sat", " on")], template=TEMPLATE, progress=False)
+
+
+def test_generation_under_raw_torch_hooks_runs_whole_sequences():
+    """``greedy_generate`` decodes through a key-value cache (one new position a step) unless hooks
+    are attached; a raw torch hook counts as one, so it sees the whole sequence at every step, as
+    it would in a plain forward pass."""
+    from tl_thoughts.evaluation import greedy_generate
+
+    model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    seen: list[int] = []
+    handle = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    try:
+        greedy_generate(model, "the cat sat on", max_new_tokens=3, stop_at_newline=False)
+    finally:
+        handle.remove()
+    n = len(_tl.to_tokens(model, "the cat sat on")[0])
+    assert seen == [n, n + 1, n + 2]
+    seen.clear()
+    greedy_generate(model, "the cat sat on", max_new_tokens=3, stop_at_newline=False)
+    assert seen == []  # removed: no hook, the cached path (and nothing recorded)

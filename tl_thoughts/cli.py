@@ -98,6 +98,7 @@ def verdict_lines(report, tolerance: float) -> tuple[bool, list[str]]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     import tl_thoughts as tt
+    from tl_thoughts import _tl
     from tl_thoughts.models import load_default_model
     from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 
@@ -111,7 +112,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         prompt, chunk = args.prompt, args.chunk
     else:
         prompt, chunk = chat_prompt(model, DEFAULT_CASE), DEFAULT_CASE.chunk
-    tokens = model.to_tokens(prompt)
+    tokens = _tl.to_tokens(model, prompt)
     updates = tt.implicit_updates(model, tokens, chunk)
     print(f"\nprompt ({tokens.shape[1]} tokens), chunk removed: {chunk!r}")
     print(repr(prompt))

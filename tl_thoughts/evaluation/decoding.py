@@ -69,9 +69,9 @@ def query_answers_with_runs(
         >>> example, tokens, (pre, attn), first = runs[0]  # doctest: +SKIP
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}")
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+        raise InputError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     if n == 0:
         return [], []
     stops = stop_tokens(model)
@@ -212,13 +212,13 @@ def greedy_generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = stop_tokens(model) if stop_at_newline else torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
-    tokens = model.to_tokens(prompt)[0].cpu()
+    tokens = _tl.to_tokens(model, prompt)[0].cpu()
     unembed_weight = model.W_U.T.contiguous()
 
     def keep(i: int, generated: list[int]) -> bool:
         return len(generated) < max_new_tokens
 
-    if _tl.hooked_points(model):
+    if _tl.hooked_points(model) or _tl.raw_torch_hooks(model):  # hooks see whole sequences
         generated, _ = greedy_decode(model, [tokens], [[]], keep, stops, unembed_weight)
     else:
         generated, _ = greedy_decode_cached(model, [tokens], keep, stops, unembed_weight)

@@ -11,6 +11,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts.errors import InputError
 from tl_thoughts.stream import SharedPrefix, greedy_decode, pad_right, row_logits, run_to_end, unpatched_prefix
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_examples, n_positions_read, stop_tokens
 from tl_thoughts.patch import ThoughtPatch
@@ -177,7 +178,7 @@ def greedy_match(
         >>> right, logprob = greedy_match(model, examples, with_chunk=True)  # doctest: +SKIP
     """
     if compare not in ("text", "tokens"):
-        raise ValueError(f"compare must be 'text' or 'tokens', got {compare!r}")
+        raise InputError(f"compare must be 'text' or 'tokens', got {compare!r}")
     stops = stop_tokens(model) if stops is None else stops
     right, logprob = [], []
     device = _tl.model_device(model)
@@ -187,8 +188,8 @@ def greedy_match(
     # verdicts read positions after them
     shared, kv = prefix if prefix is not None else (0, None)
     if prefix is not None and hooks is not None:
-        raise ValueError("hooks count positions from each sequence's start: no hooks with a prefix cache")
-    if prefix is None and with_chunk and hooks is None and examples and not _tl.hooked_points(model):
+        raise InputError("hooks count positions from each sequence's start: no hooks with a prefix cache")
+    if prefix is None and with_chunk and hooks is None and examples and not (_tl.hooked_points(model) or _tl.raw_torch_hooks(model)):
         common = SharedPrefix.of(model, [e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
         shared, kv = common if common is not None else (0, None)
     for b in range(0, len(examples), batch_size):
