@@ -11,7 +11,10 @@ and the worst error seen per dtype.
    counted apart.
 2. Bad inputs: each must raise its documented error and leave the model bit-identical, hook-free.
 3. Damaged patch files, foreign models and bad save paths: each must be refused.
-4. Patch applications: random sequences of attach (weight or activation form), remove (any handle)
+4. The command line: each bad option of `tl-thoughts eval` (tests/test_cli.BAD_OPTIONS, a missing
+   task file, a task path that is a folder) must print one `error:` line and exit 2 before any
+   model is loaded.
+5. Patch applications: random sequences of attach (weight or activation form), remove (any handle)
    and merge_into of three patches, checked after every step (tests/helpers.run_patch_sequence):
    the model's own parameters plus the weight-form deltas still applied, a second application
    refused, the model's own tensors at the end.
@@ -257,6 +260,48 @@ def patch_applications(n: int = 300, seed: int = 0) -> dict:
     return counts
 
 
+def command_line() -> list[dict]:
+    """``tl-thoughts eval`` with each bad option, the model loader and the evaluation replaced by a
+    function that records a call: refused in one line, exit status 2, nothing loaded."""
+    import contextlib
+    import io
+
+    from test_cli import BAD_OPTIONS
+
+    from tl_thoughts import cli, models
+    from tl_thoughts.evaluation import protocol
+
+    loaded = []
+    saved = (models.load_default_model, protocol.evaluate_task, protocol.evaluate_in_processes)
+    models.load_default_model = protocol.evaluate_task = protocol.evaluate_in_processes = \
+        lambda *a, **k: loaded.append(1)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            data = {"name": "a", "chunk": "a -> b\n", "queries": ["q0", "q1"],
+                    "examples": [{"query": f"a{i}", "answer": f"x{i}"} for i in range(60)]}
+            (tmp / "a.json").write_text(json.dumps(data))
+            (tmp / "FILE").write_text("not a folder")
+            cases = [(" ".join(options), ["--task", str(tmp / "a.json"), "--queries", "0",
+                                          *[str(tmp / "FILE") if o == "FILE" else o for o in options]])
+                     for options, _ in BAD_OPTIONS]
+            cases += [("--task naming a missing file", ["--task", str(tmp / "missing.json")]),
+                      ("--task naming a folder", ["--task", str(tmp)])]
+            for name, argv in cases:
+                loaded.clear()
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    code = cli.main(["eval", "--out", str(tmp / "out"), *argv])
+                text = err.getvalue()
+                ok = code == 2 and text.startswith("error: ") and text.count("\n") == 1 and not loaded
+                rows.append(dict(case=f"eval {name}", expected="one `error:` line, exit 2",
+                                 status="refused as documented" if ok else f"FAILED: exit {code}, {text[:80]!r}"))
+    finally:
+        models.load_default_model, protocol.evaluate_task, protocol.evaluate_in_processes = saved
+    return rows
+
+
 def damaged_files() -> list[dict]:
     model = make_model("rms_gated_silu_rotary_gqa", tokenizer=make_word_tokenizer())
     patch = tt.fit_thought(model, "the cat sat on the mat and", [(" the dog", " ran")],
@@ -321,7 +366,8 @@ def _changed_last_block(model):
     return changed
 
 
-def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], applied: dict, seconds: float) -> str:
+def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], cli_rows: list[dict], applied: dict,
+          seconds: float) -> str:
     n_fail = sum(r["status"] == "FAILED" for r in rows)
     n_refused = sum(r["status"] == "weight form refused" for r in rows)
     lines = [
@@ -361,10 +407,13 @@ def table(rows: list[dict], worst: dict, bad: list[dict], damaged: list[dict], a
               f"**{len(applied['problems'])} problems, 0 allowed**; models left modified: "
               f"{sum('after removing every handle' in p for p in applied['problems'])}."]
     lines += [f"- {p}" for p in applied["problems"][:10]]
-    for title, items in (("Bad inputs", bad), ("Damaged or foreign patch files, bad save paths", damaged)):
+    rules = {"Bad inputs": "each must raise its documented error and leave the model bit-identical with no "
+                           "hook attached",
+             "Damaged or foreign patch files, bad save paths": "each must be refused",
+             "The command line": "each must print one `error:` line and exit 2 before any model is loaded"}
+    for title, items in zip(rules, (bad, damaged, cli_rows)):
         n_bad_fail = sum(r["status"] != "refused as documented" for r in items)
-        rule = ("each must raise its documented error and leave the model bit-identical with no "
-                "hook attached" if items is bad else "each must be refused")
+        rule = rules[title]
         lines += ["", f"**{title}.** {len(items)} cases, {n_bad_fail} failures ({rule}).", "",
                   "| case | expected error | outcome |", "|---|---|---|"]
         lines += [f"| {r['case']} | `{r['expected']}` | {r['status']} |" for r in items]
@@ -380,8 +429,9 @@ def main() -> None:
     rows, worst = exactness()
     bad = bad_inputs()
     damaged = damaged_files()
+    cli_rows = command_line()
     applied = patch_applications()
-    text = table(rows, worst, bad, damaged, applied, time.perf_counter() - t0)
+    text = table(rows, worst, bad, damaged, cli_rows, applied, time.perf_counter() - t0)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
