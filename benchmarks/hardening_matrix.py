@@ -213,12 +213,18 @@ def bad_inputs() -> list[dict]:
         if m is raw_hooked:  # the user's raw hooks stay on after the refusal; removed here
             for handle in raw_handles:
                 handle.remove()
+        rows.append(dict(case=name, expected=error.__name__, status=_untouched(status, [(m, snapshot)])))
+    return rows
+
+
+def _untouched(status: str, snapshots: list) -> str:
+    """``status``, or a failure if a model differs from its snapshot (values, objects, hooks)."""
+    for m, snapshot in snapshots:
         try:
             assert_model_untouched(m, snapshot)
         except AssertionError as e:
-            status = f"FAILED: model changed ({e})"[:100]
-        rows.append(dict(case=name, expected=error.__name__, status=status))
-    return rows
+            return f"FAILED: model changed ({e})"[:100]
+    return status
 
 
 def _verify_after_patch(model, patch):
@@ -280,12 +286,7 @@ def bad_arguments() -> list[dict]:
                 else f"FAILED: message without {word!r}"
         except Exception as e:  # noqa: BLE001
             status = f"FAILED: {type(e).__name__}: {e}"[:100]
-        for m, snapshot in snapshots:
-            try:
-                assert_model_untouched(m, snapshot)
-            except AssertionError as e:
-                status = f"FAILED: model changed ({e})"[:100]
-        rows.append(dict(case=name, expected=error.__name__, status=status))
+        rows.append(dict(case=name, expected=error.__name__, status=_untouched(status, snapshots)))
     return rows
 
 
