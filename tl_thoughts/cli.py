@@ -16,8 +16,13 @@ from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
 
+from typing import TYPE_CHECKING
+
 from tl_thoughts.errors import TLThoughtsError
 from tl_thoughts.version import __version__
+
+if TYPE_CHECKING:  # for the annotations only: the command line imports torch when a command runs
+    from tl_thoughts.verify import VerificationReport
 
 DTYPES = ("float32", "float64")
 """The dtypes the commands load the model in (``--dtype``)."""
@@ -59,7 +64,7 @@ def _top_k(model, logits, k: int) -> str:
     return "  ".join(f"{model.to_single_str_token(int(i))!r} {float(p):.3f}" for p, i in zip(values, ids))
 
 
-def verdict_lines(report, tolerance: float) -> tuple[bool, list[str]]:
+def verdict_lines(report: "VerificationReport", tolerance: float) -> tuple[bool, list[str]]:
     """``verify``'s verdict: one line per verified (patched) form of ``report``.
 
     A form passes when its max |logit difference| against the run with the chunk (over the kept
