@@ -20,7 +20,7 @@ MODULES = [
     "tl_thoughts.chunks",
     "tl_thoughts.fingerprint",
     "tl_thoughts.updates",
-    "tl_thoughts.verify",
+    "tl_thoughts.verification",
     "tl_thoughts.exact_weights",
     "tl_thoughts.analysis",
     "tl_thoughts.plots",

@@ -24,7 +24,7 @@ FLOORS = {
     "chunks": 3, "templates": 3, "tasks": 3,
     "stream": 4,
     "updates": 5, "patch": 5,
-    "exact_weights": 6, "verify": 6, "thoughts": 6, "refine": 6, "analysis": 6,
+    "exact_weights": 6, "verification": 6, "thoughts": 6, "refine": 6, "analysis": 6,
     "plots": 7,
     "evaluation": 8,
     "__init__": 9, "demo": 10, "cli": 11,

@@ -10,8 +10,7 @@ neither torch nor TransformerLens; the errors and ``__version__`` are imported a
 """
 
 import importlib
-import sys
-from types import MappingProxyType, ModuleType
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from tl_thoughts.errors import (
@@ -45,10 +44,15 @@ _LAZY = MappingProxyType({
     "ImplicitUpdates": "tl_thoughts.updates",
     "implicit_updates": "tl_thoughts.updates",
     "implicit_updates_batch": "tl_thoughts.updates",
-    "FormReport": "tl_thoughts.verify",
-    "VerificationReport": "tl_thoughts.verify",
-    "verify": "tl_thoughts.verify",
+    "FormReport": "tl_thoughts.verification",
+    "VerificationReport": "tl_thoughts.verification",
+    "verify": "tl_thoughts.verification",
 })
+
+# the submodules and subpackages a user reads names from (``tl_thoughts.analysis.top_k_recovery``),
+# listed by ``dir(tl_thoughts)``; every other module is imported as needed (``tl_thoughts.updates``
+# still works) but is not advertised
+_NAMESPACES = ("analysis", "evaluation", "models", "plots", "stream", "tasks")
 
 if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API docs)
     from tl_thoughts._tl import computing_in
@@ -60,7 +64,7 @@ if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API do
     from tl_thoughts.templates import PromptTemplate
     from tl_thoughts.thoughts import FitConfig, fit_thought, fit_thoughts
     from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
-    from tl_thoughts.verify import FormReport, VerificationReport, verify
+    from tl_thoughts.verification import FormReport, VerificationReport, verify
 
 
 __all__ = [
@@ -110,18 +114,6 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(ModuleType):
-    """The package's module type: when a submodule is imported, Python binds it as an attribute of
-    the package; where a public name has the submodule's name (``verify``, the function of
-    ``tl_thoughts.verify``), the name is bound instead, as the eager imports did."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, ModuleType) and name in _LAZY and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    """The public API (``__all__``) and the public namespaces (:data:`_NAMESPACES`); not the
+    helpers of this file, nor the internal modules Python binds here as they are imported."""
+    return sorted(set(__all__) | set(_NAMESPACES))

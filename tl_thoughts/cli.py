@@ -22,7 +22,7 @@ from tl_thoughts.errors import TLThoughtsError
 from tl_thoughts.version import __version__
 
 if TYPE_CHECKING:  # for the annotations only: the command line imports torch when a command runs
-    from tl_thoughts.verify import VerificationReport
+    from tl_thoughts.verification import VerificationReport
 
 DTYPES = ("float32", "float64")
 """The dtypes the commands load the model in (``--dtype``)."""

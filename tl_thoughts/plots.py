@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from tl_thoughts.analysis import RecoveryCurve, SteeringComparison
-    from tl_thoughts.verify import VerificationReport
+    from tl_thoughts.verification import VerificationReport
 
 
 def _figure(width: float, height: float) -> "Figure":
