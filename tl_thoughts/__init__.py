@@ -47,6 +47,9 @@ _LAZY = MappingProxyType({
     "FormReport": "tl_thoughts.verification",
     "VerificationReport": "tl_thoughts.verification",
     "verify": "tl_thoughts.verification",
+    "reduced_positions": "tl_thoughts.verification",
+    "run_reduced": "tl_thoughts.verification",
+    "updates_from_cache": "tl_thoughts.updates",
 })
 
 # the submodules and subpackages a user reads names from (``tl_thoughts.analysis.top_k_recovery``),
@@ -63,8 +66,8 @@ if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API do
     from tl_thoughts.stream import PromptRows, prompt_rows
     from tl_thoughts.templates import PromptTemplate
     from tl_thoughts.thoughts import FitConfig, fit_thought, fit_thoughts
-    from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch
-    from tl_thoughts.verification import FormReport, VerificationReport, verify
+    from tl_thoughts.updates import ImplicitUpdates, implicit_updates, implicit_updates_batch, updates_from_cache
+    from tl_thoughts.verification import FormReport, VerificationReport, reduced_positions, run_reduced, verify
 
 
 __all__ = [
@@ -96,6 +99,9 @@ __all__ = [
     "computing_in",
     "implicit_updates",
     "implicit_updates_batch",
+    "reduced_positions",
+    "run_reduced",
+    "updates_from_cache",
     "verify",
 ]
 

@@ -449,11 +449,11 @@ def add_at_rows_hook(
     rows: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]
 ) -> Callable[[Tensor, object], Tensor]:
     """A forward hook that adds ``vectors[i]`` to position ``rows[i]`` of a ``[batch pos d_model]``
-    activation (batch 1)."""
+    activation, in every sequence of the batch."""
 
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()
-        act[0, rows] += vectors.to(act.dtype)
+        act[:, rows.to(act.device)] += vectors.to(act)
         return act
 
     return hook

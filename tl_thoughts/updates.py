@@ -7,13 +7,13 @@ memory grows with the kept positions, not with the square of the prompt length. 
 """
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import FactoredMatrix, HookedTransformer
+from transformer_lens import ActivationCache, FactoredMatrix, HookedTransformer
 
 from tl_thoughts import _math, _tl
 from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
@@ -112,6 +112,68 @@ class ImplicitUpdates:
     def dtype(self) -> torch.dtype:
         """The dtype the updates were computed in."""
         return self.vectors.dtype
+
+    @property
+    def reduced_tokens(self) -> Int[Tensor, "1 T"]:
+        """``[1, T]`` the prompt without the chunk(s): ``tokens[:, span.kept_positions]``. Run it
+        under :func:`tl_thoughts.reduced_positions` (or :func:`tl_thoughts.run_reduced`) so that
+        its tokens keep their original positions.
+
+        Example:
+            >>> updates.reduced_tokens.tolist()
+            [[0, 1, 5, 6, 7, 8, 9]]
+        """
+        return self.tokens[:, self.span.kept_positions.to(self.tokens.device)]
+
+    @property
+    def reduced_rows(self) -> Int[Tensor, " kept"]:
+        """``[kept]`` the rows of :attr:`reduced_tokens` that hold ``positions`` (the ``kept`` axis):
+        where :meth:`hooks` add the vectors.
+
+        Example:
+            >>> updates.reduced_rows.tolist()
+            [2, 3, 4, 5, 6]
+        """
+        return torch.searchsorted(self.span.kept_positions, self.positions.cpu())
+
+    def hooks(self) -> list[tuple[str, Callable[[Tensor, object], Tensor]]]:
+        """TransformerLens forward hooks ``(hook_name, fn)``, one per block of ``layers``: each adds
+        the block's virtual weight vectors at ``blocks.{l}.hook_attn_out`` to the rows of the
+        REDUCED prompt (:attr:`reduced_tokens`) that hold the kept positions after the chunk
+        (:attr:`reduced_rows`), in every sequence of a batch. Pass them as ``fwd_hooks`` to
+        ``model.run_with_hooks`` or ``model.hooks``.
+
+        The reduced prompt must run with its tokens at their ORIGINAL positions, as in the full
+        prompt: inside :func:`tl_thoughts.reduced_positions`, or through
+        :func:`tl_thoughts.run_reduced`. Run plainly, its tokens after the chunk move up by the
+        chunk's length, and the run differs from the full one by more than the vectors carry.
+
+        Example:
+            >>> [name for name, fn in updates.hooks()]
+            ['blocks.0.hook_attn_out', 'blocks.1.hook_attn_out']
+            >>> with tl_thoughts.reduced_positions(model, updates) as reduced:
+            ...     logits = model.run_with_hooks(reduced, fwd_hooks=updates.hooks())
+            >>> full = model(updates.tokens)[0, updates.span.kept_positions]
+            >>> bool((logits[0] - full).abs().max() < 1e-10)
+            True
+        """
+        rows = self.reduced_rows.to(self.vectors.device)
+        return [
+            (_tl.attn_out_name(layer), _tl.add_at_rows_hook(rows, self.vectors[i]))
+            for i, layer in enumerate(self.layers)
+        ]
+
+    def __repr__(self) -> str:
+        what = "chunk" if self.span.n_chunks == 1 else f"{self.span.n_chunks} chunks"
+        layers = (f"{self.n_blocks} layers" if self.layers == tuple(range(self.n_blocks))
+                  else f"layers {list(self.layers)} of {self.n_blocks}")
+        mlp = ", ".join(self.mlp_input_matrices) if self.mlp_input_matrices else "none (attention-only)"
+        return (
+            f"ImplicitUpdates({what} {self.span.describe()} of {self.span.n_pos} tokens; "
+            f"{len(self.positions)} of {len(self.span.positions)} kept positions after it; {layers}; "
+            f"d_model {self.vectors.shape[-1]}, {self.head_vectors.shape[2]} heads; "
+            f"MLP matrices: {mlp}; {str(self.dtype).replace('torch.', '')})"
+        )
 
     @property
     def is_complete(self) -> bool:
@@ -355,33 +417,100 @@ def implicit_updates_batch(
 
 @torch.no_grad()
 def updates_from_cache(
-    model: HookedTransformer, tokens: Int[Tensor, "1 pos"], span: Span, cache: dict[str, Tensor]
+    model: HookedTransformer,
+    tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str,
+    chunk: ChunkSpec | Span,
+    cache: ActivationCache | Mapping[str, Tensor],
 ) -> ImplicitUpdates:
-    """The arithmetic of :func:`implicit_updates` on an existing full-run cache (batch dim removed).
+    """The arithmetic of :func:`implicit_updates` on the cache of a run of the full prompt that
+    you already have: ``logits, cache = model.run_with_cache(tokens)``.
 
-    The cache must hold, for every layer, ``attn.hook_pattern``, ``attn.hook_v``, ``attn.hook_z``
-    and (MLP models) ``hook_resid_mid`` (``hook_resid_pre`` for parallel blocks), and, in blocks
-    with a post-attention norm, ``hook_attn_out``.
+    Args:
+        model: The model the cache was computed with (no hooks on that run; its weights unchanged
+            since).
+        tokens: The prompt of that run, as in :func:`implicit_updates` (``[1, pos]``, ``[pos]`` or
+            a string).
+        chunk: As in :func:`implicit_updates` (a slice, a range, a substring, several chunks), or
+            a :class:`Span`.
+        cache: A TransformerLens ``ActivationCache`` of a batch of one (as ``run_with_cache``
+            returns it, or after ``cache.remove_batch_dim()``), or a dict of the same tensors.
+            It must hold, for every layer, ``attn.hook_pattern``, ``attn.hook_v``,
+            ``attn.hook_z`` and (MLP models) ``hook_resid_mid`` (``hook_resid_pre`` for parallel
+            blocks), and, in blocks with a post-attention norm, ``hook_attn_out``: a
+            ``names_filter`` that keeps those is enough.
+
+    Returns:
+        The updates of every block at every kept position after the chunk, in the cache's dtype:
+        the same as :func:`implicit_updates` up to rounding.
+
+    Raises:
+        InputError: the cache lacks a name, holds a batch of several prompts, or another length
+            than ``tokens``.
+        ChunkError, ZeroDenominatorError: as in :func:`implicit_updates`.
 
     Example:
-        >>> from tl_thoughts.chunks import Span
         >>> tokens = torch.arange(10)[None]
-        >>> _, cache = model.run_with_cache(tokens)
-        >>> cache = {name: act[0] for name, act in cache.items()}
-        >>> again = updates_from_cache(model, tokens, Span(2, 5, 10), cache)
+        >>> logits, cache = model.run_with_cache(tokens)
+        >>> again = tl_thoughts.updates_from_cache(model, tokens, slice(2, 5), cache)
         >>> bool((again.vectors - updates.vectors).abs().max() < 1e-12)
         True
     """
     spec = _tl.model_spec(model)
+    tokens = resolve_tokens(model, tokens)
+    if isinstance(chunk, Span):
+        span = chunk
+        if span.n_pos != tokens.shape[1]:
+            raise InputError(f"chunk: a Span of a {span.n_pos}-token prompt, but tokens has {tokens.shape[1]} tokens")
+    else:
+        span = resolve_chunk(model, tokens, chunk)
+    acts = _cache_rows(spec, cache, tokens.shape[1])
     job = _Job(row=0, idx=torch.arange(span.n_pos), tokens=tokens, span=span, positions=span.positions)
     queries = job.positions.to(tokens.device)
     chunk_keys = span.chunk_mask.to(tokens.device)
     stats = []
     for layer in range(spec.n_layers):
-        v = _tl.expand_kv_heads(spec, cache[_tl.v_name(layer)])
-        z_red, attention = _reduced(layer, cache[_tl.pattern_name(layer)][:, queries], v, chunk_keys, job)
-        stats.append(_stats_from(spec, layer, cache, queries, z_red, attention))
+        v = _tl.expand_kv_heads(spec, acts[_tl.v_name(layer)])
+        pattern = acts[_tl.pattern_name(layer)]
+        z_red, attention = _reduced(layer, pattern[:, queries.to(pattern.device)], v, chunk_keys.to(v.device), job)
+        stats.append(_stats_from(spec, layer, acts, queries.to(v.device), z_red, attention))
     return _assemble(model, spec, job, tuple(range(spec.n_layers)), stats, model_fingerprint(model))
+
+
+def _cache_rows(spec: _tl.ModelSpec, cache: ActivationCache | Mapping[str, Tensor], n_pos: int) -> dict[str, Tensor]:
+    """The activations :func:`updates_from_cache` reads, without a batch axis, checked."""
+    if not hasattr(cache, "keys") or not hasattr(cache, "__getitem__"):
+        raise ArgumentTypeError(
+            f"cache: expected an ActivationCache (model.run_with_cache) or a dict, got {type(cache).__name__}"
+        )
+    names = []
+    for layer in range(spec.n_layers):
+        names += [_tl.pattern_name(layer), _tl.v_name(layer), _tl.z_name(layer)]
+        if spec.has_mlp:
+            names.append(_tl.mlp_input_resid_name(spec, layer))
+        if spec.attn_post_norm is not None:
+            names.append(_tl.attn_out_name(layer))
+    present = set(cache.keys())
+    missing = [n for n in dict.fromkeys(names) if n not in present]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" ... ({len(missing)} names)" if len(missing) > 4 else "")
+        raise InputError(f"cache lacks {shown}: run model.run_with_cache(tokens) without a names_filter, or with "
+                         "one that keeps these")
+    batched = cache[_tl.pattern_name(0)].ndim == 4  # [batch, head, query, key] or [head, query, key]
+    acts = {}
+    for name in dict.fromkeys(names):
+        act = cache[name]
+        if batched:
+            if act.shape[0] != 1:
+                raise InputError(
+                    f"cache holds a batch of {act.shape[0]} prompts: updates_from_cache reads one (run_with_cache "
+                    "on that prompt alone; implicit_updates_batch computes a batch)"
+                )
+            act = act[0]
+        length = act.shape[1] if name.endswith("hook_pattern") else act.shape[0]
+        if length != n_pos:
+            raise InputError(f"cache is of a {length}-token run ({name}), but tokens has {n_pos} tokens")
+        acts[name] = act.detach()
+    return acts
 
 
 # --- the streamed extraction ----------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Numerical verification: the reduced prompt under the patch reproduces the full prompt."""
+"""Numerical verification: the reduced prompt under the patch reproduces the full prompt; and the
+reduced prompt run with its tokens at their original positions (:func:`reduced_positions`,
+:func:`run_reduced`), for a user's own hooks."""
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +13,7 @@ from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts.chunks import Span
-from tl_thoughts.errors import InputError
+from tl_thoughts.errors import ArgumentTypeError, InputError
 from tl_thoughts.exact_weights import exact_weight_patch
 from tl_thoughts.updates import ImplicitUpdates
 
@@ -69,6 +72,13 @@ class FormReport:
     @property
     def max_resid_rel_error(self) -> float:
         return float(self.resid_rel_errors.max())
+
+    def __repr__(self) -> str:
+        return (
+            f"FormReport({self.form!r}: {len(self.logit_errors)} kept positions, {len(self.resid_errors)} layers; "
+            f"max |dlogit| {self.max_abs_logit_error:.2e}, max KL {self.max_kl:.2e}, "
+            f"argmax {100 * self.argmax_agreement:.1f}%, max |resid error| {self.max_resid_error:.2e})"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,6 +169,17 @@ class VerificationReport:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        what = "chunk" if self.span.n_chunks == 1 else f"{self.span.n_chunks} chunks"
+        forms = "; ".join(
+            f"{name}: max |dlogit| {r.max_abs_logit_error:.2e}, argmax {100 * r.argmax_agreement:.1f}%"
+            for name, r in self.forms.items()
+        )
+        return (
+            f"VerificationReport({what} {self.span.describe()} removed of {self.span.n_pos} tokens, "
+            f"{len(self.kept_positions)} kept positions, {str(self.dtype).replace('torch.', '')}; {forms})"
+        )
+
 
 def verify(
     model: HookedTransformer,
@@ -209,7 +230,6 @@ def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[
     span = updates.span
     kept = span.kept_positions.to(updates.tokens.device)
     reduced = updates.tokens[:, kept]
-    after_rows = torch.arange(span.start, kept.shape[0], device=kept.device)
     resid_names = [_tl.resid_post_name(layer) for layer in range(spec.n_layers)]
     full_logits, full_cache = _tl.forward(model, updates.tokens, cache_names=resid_names)
     reference = (full_logits[0, kept], [full_cache[n][kept] for n in resid_names])
@@ -220,11 +240,7 @@ def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[
         logits, cache = _tl.forward(model, reduced, cache_names=resid_names)
         runs["unpatched"] = (logits[0], [cache[n] for n in resid_names])
         if "activation" in forms:
-            hooks = [
-                (_tl.attn_out_name(layer), _tl.add_at_rows_hook(after_rows, updates.vectors[layer]))
-                for layer in range(spec.n_layers)
-            ]
-            logits, cache = _tl.forward(model, reduced, fwd_hooks=hooks, cache_names=resid_names)
+            logits, cache = _tl.forward(model, reduced, fwd_hooks=updates.hooks(), cache_names=resid_names)
             runs["activation"] = (logits[0], [cache[n] for n in resid_names])
     weight_form = None
     if "weight" in forms:
@@ -243,6 +259,102 @@ def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[
         dtype=spec.dtype,
         weight_form=weight_form,
     )
+
+
+@contextlib.contextmanager
+def reduced_positions(model: HookedTransformer, updates: ImplicitUpdates | Span) -> Iterator[Int[Tensor, "1 T"]]:
+    """Inside, a run of the REDUCED prompt (the prompt without the chunk) puts each of its tokens
+    at its ORIGINAL position, as in the full prompt (THEORY 1); yields the reduced prompt
+    (``updates.reduced_tokens``).
+
+    The model's position tables are replaced for the duration of the context: row ``i`` of the
+    learned ``W_pos``, or of every block's rotary ``sin``/``cos`` tables, holds the original
+    position of the reduced prompt's token ``i``; the original tensors are put back on exit, also
+    on an exception, so the model is bit-identical afterwards. Any run inside sees them:
+    ``model(reduced)``, ``model.run_with_hooks(reduced, fwd_hooks=updates.hooks())``,
+    ``model.run_with_cache(reduced)``, with a batch of copies of the reduced prompt too.
+
+    Only the first ``T`` rows move: run the reduced prompt itself, from position 0, without
+    padding and without a key-value cache (not ``model.generate``). Without this context, the
+    tokens after the chunk sit ``len(chunk)`` positions earlier than in the full prompt, and
+    ``updates.hooks()`` (which reproduce the chunk's effect at the original positions) miss the
+    full run's logits (see ``docs/your_model.md``).
+
+    Args:
+        model: The model the updates were computed on.
+        updates: From :func:`tl_thoughts.implicit_updates` (or just its ``span``; the reduced prompt
+            is then not known and ``None`` is yielded).
+
+    Raises:
+        ArgumentTypeError: ``updates`` is neither ImplicitUpdates nor a Span.
+        InputError: ``model`` is not the updates' (:meth:`ImplicitUpdates.check_model`), or a
+            kept position lies beyond the model's position tables.
+
+    Example:
+        >>> with tl_thoughts.reduced_positions(model, updates) as reduced:
+        ...     logits = model.run_with_hooks(reduced, fwd_hooks=updates.hooks())
+        >>> full = model(updates.tokens)[0, updates.span.kept_positions]
+        >>> bool((logits[0] - full).abs().max() < 1e-10)
+        True
+    """
+    if isinstance(updates, ImplicitUpdates):
+        updates.check_model(model)
+        span, reduced = updates.span, updates.reduced_tokens
+    elif isinstance(updates, Span):
+        span, reduced = updates, None
+    else:
+        raise ArgumentTypeError(
+            f"updates: expected ImplicitUpdates (or a Span), got {type(updates).__name__}"
+        )
+    spec = _tl.model_spec(model)
+    tables = _tl.position_tables(model, spec, span.kept_positions.to(_tl.model_device(model)))
+    with _tl.swapped_tensors(model, tables):
+        yield reduced
+
+
+def run_reduced(
+    model: HookedTransformer,
+    updates: ImplicitUpdates,
+    fwd_hooks: Sequence[tuple[str, Callable]] = (),
+    *,
+    patched: bool = True,
+    **kwargs,
+):
+    """Run the reduced prompt with its tokens at their original positions
+    (:func:`reduced_positions`), in the dtype the updates were computed in, through
+    ``model.run_with_hooks``: with the updates' hooks (:meth:`ImplicitUpdates.hooks`, unless
+    ``patched=False``) and then the user's ``fwd_hooks``. The result is the full prompt's run at
+    the kept positions (``updates.span.kept_positions``), up to rounding.
+
+    Args:
+        model: The model the updates were computed on.
+        updates: From :func:`tl_thoughts.implicit_updates`.
+        fwd_hooks: Your own TransformerLens forward hooks ``(hook_name, fn)``, run after the
+            updates' own at the same hook point (they see the patched activation).
+        patched: Add the updates' vectors (default); ``False`` runs the reduced prompt alone (the
+            chunk's effect is then missing).
+        **kwargs: Passed to ``model.run_with_hooks`` (``return_type``, ``stop_at_layer``...). The
+            attention mask is all ones unless given.
+
+    Returns:
+        What ``model.run_with_hooks`` returns (logits ``[1, T, d_vocab]`` by default).
+
+    Example:
+        >>> seen = {}
+        >>> def read(resid, hook):
+        ...     seen[hook.name] = resid
+        >>> logits = tl_thoughts.run_reduced(model, updates, [("blocks.1.hook_resid_post", read)])
+        >>> full = model(updates.tokens)[0, updates.span.kept_positions]
+        >>> bool((logits[0] - full).abs().max() < 1e-10), tuple(seen["blocks.1.hook_resid_post"].shape)
+        (True, (1, 7, 16))
+    """
+    if not isinstance(updates, ImplicitUpdates):
+        raise ArgumentTypeError(f"updates: expected ImplicitUpdates, got {type(updates).__name__}")
+    hooks = (updates.hooks() if patched else []) + list(fwd_hooks)
+    with _tl.computing_in(model, updates.dtype), reduced_positions(model, updates) as reduced:
+        kwargs.setdefault("attention_mask", torch.ones_like(reduced))
+        with torch.no_grad():
+            return model.run_with_hooks(reduced, fwd_hooks=hooks, **kwargs)
 
 
 def _compare(
