@@ -149,7 +149,8 @@ class ImplicitUpdates:
         chunk's length, and the run differs from the full one by more than the vectors carry.
 
         Example:
-            >>> [name for name, fn in updates.hooks()]
+            >>> names = [name for name, fn in updates.hooks()]
+            >>> names
             ['blocks.0.hook_attn_out', 'blocks.1.hook_attn_out']
             >>> with tl_thoughts.reduced_positions(model, updates) as reduced:
             ...     logits = model.run_with_hooks(reduced, fwd_hooks=updates.hooks())

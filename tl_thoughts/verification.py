@@ -5,6 +5,7 @@ reduced prompt run with its tokens at their original positions (:func:`reduced_p
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -318,8 +319,8 @@ def run_reduced(
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
     *,
     patched: bool = True,
-    **kwargs,
-):
+    **kwargs: Any,
+) -> Any:
     """Run the reduced prompt with its tokens at their original positions
     (:func:`reduced_positions`), in the dtype the updates were computed in, through
     ``model.run_with_hooks``: with the updates' hooks (:meth:`ImplicitUpdates.hooks`, unless
