@@ -454,9 +454,9 @@ class ThoughtPatch:
             layer  vector norm  cos steering  cos residual
                 0        1.234         0.912         0.876
             <BLANKLINE>
-                   W_in                  W_gate
-            layer       norm  rank    eff       norm  rank    eff
-                0      4.567    12   3.41      2.345    12   3.02
+                  W_gate                 W_in
+            layer      norm  rank    eff      norm  rank    eff
+                0     2.345    12   3.02     4.567    12   3.41
         """
         rows = self.summary()
         if not rows:
@@ -473,11 +473,11 @@ class ThoughtPatch:
         if names:
             if lines:
                 lines.append("")
-            lines.append("     " + "".join(f"  {n:<20}" for n in names).rstrip())
-            lines.append("layer" + "       norm  rank    eff" * len(names))
+            lines.append("     " + "".join(f"   {n:<20}" for n in names).rstrip())
+            lines.append("layer" + "      norm  rank    eff" * len(names))
             for row in rows:
                 lines.append(f"{row['layer']:>5}" + "".join(
-                    _cell(row.get(f"{n}_norm"), 11, ".4g") + _cell(row.get(f"{n}_rank"), 6, "d")
+                    _cell(row.get(f"{n}_norm"), 10, ".4g") + _cell(row.get(f"{n}_rank"), 6, "d")
                     + _cell(row.get(f"{n}_effective_rank"), 7, ".2f") for n in names))
         return "\n".join(lines)
 

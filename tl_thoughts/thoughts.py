@@ -266,13 +266,15 @@ def solve_W_out(regression: RidgeRegression, ridge: float, n: float) -> Float[Te
 
 def _solution(regression: RidgeRegression, ridge: float, n: float, shift: Tensor | None = None):
     """The ridge solution: exact factors ``(Q, R @ Y)`` (``Q`` ``[d_in, rows]`` with orthonormal
-    columns, ``G^T = Q R``) of its row-space form ``G^T @ Y`` when the regression holds fewer rows
-    than inputs, else the dense matrix (float64)."""
+    columns, ``G^T = Q R``, the rows of weight 0 left out) of its row-space form ``G^T @ Y`` when
+    the regression holds fewer rows than inputs, else the dense matrix (float64)."""
     parts = regression.solve_factors(ridge, n, shift)
     if parts is None:
         return regression.solve(ridge, n, shift=shift)
-    q, r = torch.linalg.qr(parts[0])
-    return q, r @ parts[1]
+    left, right = parts
+    used = left.abs().sum(0) > 0  # rows of weight 0 add nothing: left out of the factors
+    q, r = torch.linalg.qr(left[:, used])
+    return q, r @ right[used]
 
 
 def _times(solution, W: Tensor):
