@@ -205,7 +205,8 @@ class RidgeRegression:
     rows against an MLP's ``d_mlp``) it keeps the weighted rows themselves and solves in the row
     space, ``M = G^T (G G^T + lam I)^-1 F`` with ``G = W^1/2 A``, ``F = W^1/2 U``: the same
     solution (``tests/test_thoughts.py``) at ``n x n`` instead of ``d x d`` cost.
-    ``solve(shift=s)`` fits the targets ``u_i - s``."""
+    ``solve(shift=s)`` fits the targets ``u_i - s``; ``solve_factors`` gives the row-space solution
+    as its two factors (rank at most the number of rows)."""
 
     def __init__(self, d_in: int, n_rows: int) -> None:
         self.dual = n_rows < d_in
@@ -236,15 +237,24 @@ class RidgeRegression:
             AtU = self.AtU if shift is None else self.AtU - torch.outer(self.Asum, shift)
             upper = self.AtA.triu()
             return ridge_solve(upper + upper.triu(1).T, AtU, ridge, n)
+        left, right = self.solve_factors(ridge, n, shift)
+        return left @ right
+
+    def solve_factors(self, ridge: float, n: float, shift: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """The solution in its row-space form ``(G^T, Y)``, ``M = G^T @ Y`` (``G^T``: ``[d_in, rows]``,
+        ``Y``: ``[rows, m]``), when the regression holds fewer rows than inputs; None otherwise."""
+        check_number(ridge, "ridge")
+        if not self.dual:
+            return None
         sw, G, F = (torch.cat(t) for t in zip(*self.parts))
         if shift is not None:
             F = F - sw[:, None] * shift[None]
         K = G @ G.T
         if ridge == 0:
-            return G.T @ (torch.linalg.pinv(K, hermitian=True) @ F)
+            return G.T, torch.linalg.pinv(K, hermitian=True) @ F
         lam = ridge * torch.trace(K) / n  # trace(G G^T) = trace(A^T W A)
         K.diagonal().add_(lam)
         factor, info = torch.linalg.cholesky_ex(K)
         if int(info) != 0:
-            return G.T @ torch.linalg.solve(K, F)
-        return G.T @ torch.cholesky_solve(F, factor)
+            return G.T, torch.linalg.solve(K, F)
+        return G.T, torch.cholesky_solve(F, factor)

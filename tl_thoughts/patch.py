@@ -8,7 +8,7 @@ import os
 import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +88,132 @@ def _tensor_digest(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass(eq=False)
+def factor_product(left: Tensor, right: Tensor) -> Tensor:
+    """The delta a thought matrix stored as factors stands for: ``left @ right``, shaped
+    ``left.shape[:-1] + right.shape[1:]`` (``left``: ``[..., r]``, the parameter's leading
+    dimensions; ``right``: ``[r, out]``), in the factors' dtype, on their device. The one function
+    that materialises factored deltas, in a fitted patch and a loaded one alike: the same factors
+    give the same bits (on the same device).
+
+    Example:
+        >>> factor_product(torch.ones(2, 3, 1), torch.ones(1, 4)).shape
+        torch.Size([2, 3, 4])
+    """
+    r = left.shape[-1]
+    return (left.reshape(-1, r) @ right).reshape(*left.shape[:-1], right.shape[-1])
+
+
+class PatchDeltas(Mapping):
+    """A patch's deltas by parameter name (``ThoughtPatch.deltas``): each one held either as a
+    dense tensor or, for a thought matrix of low rank, as exact factors ``(left, right)``
+    (:attr:`factors`), materialised by :func:`factor_product` on each access and not kept (a
+    fitted patch holds the factors only). A read-only mapping for its users; ``put`` and
+    ``put_factors`` fill it."""
+
+    def __init__(self, deltas: Mapping[str, Tensor] | None = None,
+                 factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
+        self._entries: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
+        if isinstance(deltas, PatchDeltas):
+            self._entries.update(deltas._entries)
+        elif deltas is not None:
+            for name, d in deltas.items():
+                self.put(name, d)
+        for name, pair in (factors or {}).items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InputError(f"factors[{name!r}] must be a pair (left, right) of tensors")
+            if name in self._entries and not isinstance(self._entries[name], tuple):
+                raise InputError(f"{name!r} is given both as a dense delta and as factors")
+            self.put_factors(name, *pair)
+
+    def put(self, name: str, delta: Tensor) -> None:
+        """Hold ``delta`` (dense) for ``name``, the tensor itself."""
+        if not isinstance(delta, Tensor):
+            raise InputError(f"delta {name!r} must be a tensor, got {type(delta).__name__}")
+        self._entries[name] = delta
+
+    def put_factors(self, name: str, left: Tensor, right: Tensor) -> None:
+        """Hold ``name``'s delta as ``factor_product(left, right)``."""
+        if not (isinstance(left, Tensor) and isinstance(right, Tensor)) or left.dim() < 2 or right.dim() != 2 \
+                or left.shape[-1] != right.shape[0] or left.dtype != right.dtype or left.device != right.device:
+            raise InputError(f"factors of {name!r}: left [..., r] and right [r, out] tensors of one dtype and device")
+        self._entries[name] = (left, right)
+
+    def __getitem__(self, name: str) -> Tensor:
+        entry = self._entries[name]
+        return factor_product(*entry) if isinstance(entry, tuple) else entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"PatchDeltas({len(self)} deltas, {len(self.factors)} as factors)"
+
+    @property
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``name -> (left, right)`` for the deltas held as factors (a new dict, the same tensors)."""
+        return {n: e for n, e in self._entries.items() if isinstance(e, tuple)}
+
+    def subset(self, names: Sequence[str]) -> "PatchDeltas":
+        """A new mapping holding ``names``' entries (the same tensors, dense or factors)."""
+        out = PatchDeltas()
+        out._entries = {n: self._entries[n] for n in names}
+        return out
+
+    def stored(self, name: str) -> Tensor | tuple[Tensor, Tensor]:
+        """What is held for ``name``: the dense tensor or the ``(left, right)`` factors."""
+        return self._entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        entry = self._entries[name]
+        return (*entry[0].shape[:-1], entry[1].shape[1]) if isinstance(entry, tuple) else tuple(entry.shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self._entries[name]
+        return entry[0].dtype if isinstance(entry, tuple) else entry.dtype
+
+    def nbytes(self) -> int:
+        """Bytes held (factors counted as the factors, not their product)."""
+        tensors = [t for e in self._entries.values() for t in (e if isinstance(e, tuple) else (e,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def svdvals_of(entry: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """Singular values (float64, descending) of a thought matrix, ``W_O`` with its heads stacked:
+    of the dense matrix, or of ``left @ right`` from its factors (QR of each factor, the SVD of the
+    small ``r x r`` core ``R_left @ R_right^T``; only its ``r`` values, the others being 0).
+
+    Example:
+        >>> left, right = torch.randn(50, 2, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+        >>> bool(torch.allclose(svdvals_of((left, right)), torch.linalg.svdvals(left @ right)[:2]))
+        True
+    """
+    if not isinstance(entry, tuple):
+        m = entry.flatten(0, 1) if entry.dim() == 3 else entry
+        return torch.linalg.svdvals(m.double())
+    return torch.linalg.svdvals(_core(*entry)[1])
+
+
+def _core(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Q_l, C, Q_r)`` with ``left @ right = Q_l @ C @ Q_r^T`` (float64; ``left`` flattened to
+    ``[rows, r]``): ``Q_l R_l = left``, ``Q_r R_r = right^T``, ``C = R_l @ R_r^T`` (``r x r``)."""
+    q_l, r_l = torch.linalg.qr(left.reshape(-1, left.shape[-1]).double())
+    q_r, r_r = torch.linalg.qr(right.double().T)
+    return q_l, r_l @ r_r.T, q_r
+
+
 class ThoughtPatch:
     """Token-independent weight deltas fitted from a chunk, per block (THEORY 4).
 
+    ``ThoughtPatch(deltas, steering=None, meta=None, factors=None)``: ``deltas`` dense tensors by
+    parameter name, ``factors`` thought matrices as ``(left, right)`` pairs (see :attr:`factors`).
+
     Attributes:
-        deltas: TransformerLens parameter name -> the delta, same shape as the parameter:
+        deltas: TransformerLens parameter name -> the delta, same shape as the parameter (a
+            read-only mapping, :class:`PatchDeltas`; a delta held as factors is materialised by
+            :func:`factor_product` on each access):
             ``blocks.{l}.mlp.b_out`` or ``blocks.{l}.attn.b_O`` ``[d_model]`` (the thought vector,
             at its site), ``blocks.{l}.mlp.W_in`` / ``W_gate`` ``[d_model, d_mlp]`` (the thought
             matrices of the MLP input), ``blocks.{l}.attn.W_O`` ``[head, d_head, d_model]`` (the
@@ -108,23 +228,52 @@ class ThoughtPatch:
             the template, how many examples and tokens it was fitted on, the library version;
             ``"unpatched_positions"`` when fitted with ``patch_prefix=False`` (see
             :attr:`unpatched_positions`).
+        factors: The thought matrices held as exact factors, ``name -> (left, right)``: a
+            ridge solution lies in the span of its fitted rows, so ``fit_thought`` stores each
+            matrix of rank ``r`` (at most the number of fitted rows) as ``left`` ``[..., r]``
+            (orthonormal columns, the parameter's leading dimensions) and ``right`` ``[r, out]``
+            when that is smaller than the dense matrix; its delta is ``factor_product(left,
+            right)``, in a fitted patch and a loaded one alike (bit-identical). Empty for a patch
+            of dense deltas.
     """
 
-    deltas: dict[str, Tensor]
-    steering: dict[str, Tensor] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
+    def __init__(self, deltas: Mapping[str, Tensor] | None = None, steering: dict[str, Tensor] | None = None,
+                 meta: dict | None = None, factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
+        self.deltas = PatchDeltas(deltas, factors)
+        self.steering = {} if steering is None else steering
+        self.meta = {} if meta is None else meta
+
+    @property
+    def deltas(self) -> PatchDeltas:
+        return self._deltas
+
+    @deltas.setter
+    def deltas(self, value: Mapping[str, Tensor]) -> None:
+        self._deltas = value if isinstance(value, PatchDeltas) else PatchDeltas(value)
+
+    @property
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return self.deltas.factors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the deltas as held (factors, not their products) and of the steering vectors."""
+        return self.deltas.nbytes() + sum(t.numel() * t.element_size() for t in self.steering.values())
 
     @classmethod
     @torch.no_grad()
     def create(
-        cls, model: HookedTransformer, deltas: dict[str, Tensor], steering: dict[str, Tensor], meta: dict
+        cls, model: HookedTransformer, deltas: Mapping[str, Tensor], steering: dict[str, Tensor], meta: dict
     ) -> "ThoughtPatch":
+        """A patch of ``model`` (``deltas``: dense tensors, or a :class:`PatchDeltas` holding
+        factors), its identity, the library version and the format recorded in ``meta``."""
         params = _tl.parameters(model)
-        for name, d in deltas.items():
-            if name not in params or params[name].shape != d.shape:
+        deltas = PatchDeltas(deltas)
+        for name in deltas:
+            if name not in params or params[name].shape != deltas.shape(name):
                 raise InputError(f"delta {name!r} does not match a parameter of the model")
         meta = {**meta, "model": model_identity(model), "version": __version__, "format": FORMAT}
-        return cls(deltas=dict(deltas), steering=dict(steering), meta=meta)
+        return cls(deltas=deltas, steering=dict(steering), meta=meta)
 
     # --- inspection ---
 
@@ -158,7 +307,9 @@ class ThoughtPatch:
         """Per fitted layer: the vector's norm, each matrix's norm (``W_O``, ``W_gate``, ``W_in``, ``W_out``),
         numerical rank and effective rank (exp of the entropy of its normalised singular values),
         and the cosine between the thought vector and the plain mean-difference steering vector at
-        the same layer."""
+        the same layer. The singular values of a matrix held as factors come from its factors
+        (:func:`svdvals_of`: QR of each, the SVD of an ``r x r`` core), in float64; of a dense one,
+        from its SVD in float64."""
         rows = []
         for layer in self.layers:
             row: dict = {"layer": layer}
@@ -172,12 +323,14 @@ class ThoughtPatch:
                 if r is not None:
                     row["cos_residual"] = _cos(v, r)
             for name in MATRICES:
-                m = self.matrix(layer, name)
-                if m is None:
+                key = _tl.param_name(layer, name)
+                if key not in self.deltas:
                     continue
-                sv = torch.linalg.svdvals(m.double())
+                sv = svdvals_of(self.deltas.stored(key))
+                shape = self.deltas.shape(key)
+                size = max(math.prod(shape[:-1]), shape[-1])
                 row[f"{name}_norm"] = float(sv.norm())
-                row[f"{name}_rank"] = int((sv > sv.max() * max(m.shape) * torch.finfo(m.dtype).eps).sum())
+                row[f"{name}_rank"] = int((sv > sv.max() * size * torch.finfo(self.deltas.dtype(key)).eps).sum())
                 p = sv / sv.sum() if float(sv.sum()) > 0 else sv
                 nz = p[p > 0]
                 row[f"{name}_effective_rank"] = float(torch.exp(-(nz * nz.log()).sum())) if len(nz) else 0.0
@@ -193,8 +346,11 @@ class ThoughtPatch:
         at least). The thought vectors and steering vectors are copied as they are. ``W_O`` is
         truncated with its heads stacked, ``[head * d_head, d_model]``, as :meth:`matrix` returns
         it. A matrix whose smaller dimension is at most ``rank`` is copied unchanged. ``rank=1``
-        gives rank-1 edits, the form of ROME's. The original patch is not changed;
-        ``meta["truncated_rank"]`` records the rank.
+        gives rank-1 edits, the form of ROME's. A matrix held as factors (:attr:`factors`) is
+        truncated from them (float64: QR of each factor, the SVD of the ``r x r`` core) and copied
+        unchanged when ``rank`` is at least its ``r``. The truncated matrices are held as factors
+        (``[..., rank]`` and ``[rank, out]``) when these are smaller. The original patch is not
+        changed; ``meta["truncated_rank"]`` records the rank.
 
         Raises:
             ArgumentTypeError: ``rank`` is not an integer.
@@ -230,9 +386,22 @@ class ThoughtPatch:
         matrices = [k for k in self.deltas if k.rsplit(".", 1)[-1] in MATRICES]
         if not matrices:
             raise InputError("the patch has no thought matrix to truncate (a vector-only patch)")
-        out = [dict(self.deltas) for _ in ranks]
+        out = [PatchDeltas(self.deltas) for _ in ranks]
         for name in matrices:
-            d = self.deltas[name]
+            entry, shape = self.deltas.stored(name), self.deltas.shape(name)
+            lead, p, q = shape[:-1], math.prod(shape[:-1]), shape[-1]
+            if isinstance(entry, tuple):  # from the factors: float64, the SVD of the r x r core
+                wanted = [i for i, rank in enumerate(ranks) if rank < min(entry[0].shape[-1], p, q)]
+                if not wanted:
+                    continue
+                q_l, core, q_r = _core(*entry)
+                u, sv, vh = torch.linalg.svd(core)
+                for i in wanted:
+                    k = ranks[i]
+                    out[i].put_factors(name, (q_l @ (u[:, :k] * sv[:k])).reshape(*lead, k).to(entry[0].dtype),
+                                       (vh[:k] @ q_r.T).to(entry[0].dtype))
+                continue
+            d = entry
             m = (d.flatten(0, 1) if name.endswith("W_O") else d).to(torch.promote_types(d.dtype, torch.float32))
             wanted = [i for i, rank in enumerate(ranks) if rank < min(m.shape)]
             if not wanted:
@@ -240,9 +409,13 @@ class ThoughtPatch:
             wide = m.shape[0] <= m.shape[1]
             vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m).eigenvectors  # ascending eigenvalues
             for i in wanted:
-                top = vecs[:, -ranks[i]:]
-                low = top @ (top.T @ m) if wide else (m @ top) @ top.T
-                out[i][name] = low.reshape(d.shape).to(d.dtype)
+                k = ranks[i]
+                top = vecs[:, -k:]
+                left, right = (top, top.T @ m) if wide else (m @ top, top.T)
+                if m.dtype == d.dtype and k * (p + q) < p * q:  # the factors are smaller: kept as such
+                    out[i].put_factors(name, left.reshape(*lead, k), right)
+                else:
+                    out[i].put(name, (left @ right).reshape(d.shape).to(d.dtype))
         return [ThoughtPatch(deltas=deltas, steering=dict(self.steering), meta={**self.meta, "truncated_rank": rank})
                 for deltas, rank in zip(out, ranks)]
 
@@ -250,7 +423,7 @@ class ThoughtPatch:
         """A copy with one part of the patch: ``"vectors"`` keeps the thought vectors (the bias
         deltas ``b_O`` / ``b_out``) and drops the thought matrices, ``"matrices"`` keeps the thought
         matrices (``W_O``, ``W_gate``, ``W_in``, ``W_out``) and drops the vectors. The kept deltas
-        are the same tensors, not fitted again (an ablation of this patch; to fit a vector-only or
+        are the same tensors (dense, or the same factors), not fitted again (an ablation of this patch; to fit a vector-only or
         matrix-only patch, use ``fit_thought(fit="vector" | "matrix")``). The steering vectors and
         the metadata are copied; ``meta["part"]`` records the part.
 
@@ -264,19 +437,77 @@ class ThoughtPatch:
         """
         if part not in PARTS:
             raise InputError(f"part must be one of {PARTS}, got {part!r}")
-        keep = {name: d for name, d in self.deltas.items() if (name.rsplit(".", 1)[-1] in MATRICES) == (part == "matrices")}
+        keep = self.deltas.subset([name for name in self.deltas
+                                   if (name.rsplit(".", 1)[-1] in MATRICES) == (part == "matrices")])
         if not keep:
             raise InputError(f"the patch has no {'thought matrix' if part == 'matrices' else 'thought vector'} to keep")
         return ThoughtPatch(deltas=keep, steering=dict(self.steering), meta={**self.meta, "part": part})
 
     def summary_table(self) -> str:
-        """``summary()`` as a fixed-width text table."""
+        """:meth:`summary` as text, every line at most 100 characters, one row per layer: a table
+        of the thought vectors (norm, cosine with the steering vector and with the residual
+        difference), then one of the thought matrices, a column group per parameter (``norm``,
+        numerical ``rank``, effective rank ``eff``); ``-`` where a layer has no such value.
+
+        Example:
+            >>> print(patch.summary_table())  # doctest: +SKIP
+            layer  vector norm  cos steering  cos residual
+                0        1.234         0.912         0.876
+            <BLANKLINE>
+                  W_gate                 W_in
+            layer      norm  rank    eff      norm  rank    eff
+                0     2.345    12   3.02     4.567    12   3.41
+        """
         rows = self.summary()
-        keys = [k for k in rows[0] if k != "layer"] if rows else []
-        lines = ["layer " + "".join(f"{k:>20}" for k in keys)]
-        for row in rows:
-            lines.append(f"{row['layer']:>5} " + "".join(f"{row.get(k, float('nan')):>20.4g}" for k in keys))
+        if not rows:
+            return "(a patch without deltas)"
+        lines: list[str] = []
+        if any("vector_norm" in row for row in rows):
+            lines.append("layer  vector norm  cos steering  cos residual")
+            for row in rows:
+                lines.append(f"{row['layer']:>5}" + "".join(
+                    _cell(row.get(key), width, spec)
+                    for key, width, spec in (("vector_norm", 13, ".4g"), ("cos_steering", 14, ".3f"),
+                                             ("cos_residual", 14, ".3f"))))
+        names = [n for n in MATRICES if any(f"{n}_norm" in row for row in rows)]
+        if names:
+            if lines:
+                lines.append("")
+            lines.append("     " + "".join(f"   {n:<20}" for n in names).rstrip())
+            lines.append("layer" + "      norm  rank    eff" * len(names))
+            for row in rows:
+                lines.append(f"{row['layer']:>5}" + "".join(
+                    _cell(row.get(f"{n}_norm"), 10, ".4g") + _cell(row.get(f"{n}_rank"), 6, "d")
+                    + _cell(row.get(f"{n}_effective_rank"), 7, ".2f") for n in names))
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        """A short description: the chunk (truncated), the layers, the vectors' parameter, each
+        matrix parameter with its rank (held as factors) or ``dense``, the dtype, the bytes held;
+        never a tensor's values."""
+        kinds: dict[str, list[int | None]] = {}
+        for name in self.deltas:
+            entry = self.deltas.stored(name)
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(entry[0].shape[-1] if isinstance(entry, tuple) else None)
+        parts = []
+        for kind, ranks in kinds.items():
+            if kind not in MATRICES:
+                parts.append(kind)
+            elif all(r is None for r in ranks):
+                parts.append(f"{kind} dense")
+            else:
+                known = [r for r in ranks if r is not None]
+                parts.append(f"{kind} rank<={max(known)}" + (" (some dense)" if len(known) < len(ranks) else ""))
+        layers = self.layers
+        where = (f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
+                 else ",".join(map(str, layers))) if layers else "none"
+        dtypes = sorted({str(self.deltas.dtype(n)).removeprefix("torch.") for n in self.deltas})
+        chunk = self.meta.get("chunk")
+        text = f"chunk={chunk[:24]!r}{'...' if len(chunk) > 24 else ''}, " if isinstance(chunk, str) else ""
+        if len(where) > 40:
+            where = where[:37] + "..."
+        return (f"ThoughtPatch({text}layers={where} ({len(layers)}), {', '.join(parts)}, "
+                f"{'/'.join(dtypes) or 'no dtype'}, {_size(self.nbytes)})")
 
     # --- applying ---
 
@@ -486,7 +717,10 @@ class ThoughtPatch:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the patch to one safetensors file (tensors + JSON metadata), atomically; a
-        SHA-256 checksum covers the tensors and the metadata. The file is readable by others
+        SHA-256 checksum covers the tensors and the metadata. Each delta is stored as it is held:
+        ``delta:{name}`` (dense), or ``left:{name}`` and ``right:{name}`` (a thought matrix held as
+        factors, :attr:`factors`: rank times the sum of its dimensions instead of their product);
+        steering vectors as ``steering:{name}``. The file is readable by others
         (mode 0644 under the usual umask), as files written by ``open`` are.
 
         Raises:
@@ -503,7 +737,13 @@ class ThoughtPatch:
                 f"{path}: this patch was read from a {self.meta['format']} file without its model; load it "
                 "with ThoughtPatch.load(file, model=the model it was fitted on) to upgrade it, then save it"
             )
-        tensors = {f"delta:{k}": v.detach().contiguous().cpu() for k, v in self.deltas.items()}
+        tensors = {}
+        for k in self.deltas:
+            entry = self.deltas.stored(k)
+            if isinstance(entry, tuple):  # a thought matrix held as factors: the factors
+                tensors[f"left:{k}"], tensors[f"right:{k}"] = (t.detach().contiguous().cpu() for t in entry)
+            else:
+                tensors[f"delta:{k}"] = entry.detach().contiguous().cpu()
         tensors.update({f"steering:{k}": v.detach().contiguous().cpu() for k, v in self.steering.items()})
         meta = {**self.meta, "format": FORMAT}
         meta["sha256"] = _checksum(tensors, meta)
@@ -528,7 +768,8 @@ class ThoughtPatch:
     def load(cls, path: str | os.PathLike, model: HookedTransformer | None = None) -> "ThoughtPatch":
         """Read a patch written by :meth:`save`; refuse a truncated or corrupted file, edited
         tensors or metadata, and (when ``model`` is given) a model of other shapes or another
-        identity. Files of the previous format (``tl_thoughts.ThoughtPatch/1``, whose checksum
+        identity. Thought matrices stored as factors are held as factors again (the same
+        values, bit for bit, as the patch saved: :func:`factor_product`). Files of the previous format (``tl_thoughts.ThoughtPatch/1``, whose checksum
         covers the tensors only and whose fingerprint covers three weights) are read with a
         warning; save them again to upgrade them.
 
@@ -575,11 +816,19 @@ class ThoughtPatch:
                 "covers three weights only; load it with model= and save it again to write the current format",
                 stacklevel=2,
             )
-        patch = cls(
-            deltas={k[len("delta:"):]: v for k, v in tensors.items() if k.startswith("delta:")},
-            steering={k[len("steering:"):]: v for k, v in tensors.items() if k.startswith("steering:")},
-            meta=meta,
-        )
+        lefts = {k[len("left:"):]: v for k, v in tensors.items() if k.startswith("left:")}
+        rights = {k[len("right:"):]: v for k, v in tensors.items() if k.startswith("right:")}
+        if set(lefts) != set(rights):
+            raise PatchFileError(f"{path}: factors without their pair ({sorted(set(lefts) ^ set(rights))})")
+        try:
+            patch = cls(
+                deltas={k[len("delta:"):]: v for k, v in tensors.items() if k.startswith("delta:")},
+                steering={k[len("steering:"):]: v for k, v in tensors.items() if k.startswith("steering:")},
+                meta=meta,
+                factors={k: (lefts[k], rights[k]) for k in lefts},
+            )
+        except InputError as e:
+            raise PatchFileError(f"{path}: inconsistent deltas ({e})") from e
         if model is not None:
             patch.check_compatible(model)
             if fmt != FORMAT:  # checked against its model: upgraded to the current fingerprint
@@ -615,7 +864,7 @@ class _Application:
     key: str
     label: str
     form: str
-    deltas: dict[str, Tensor]
+    deltas: Mapping[str, Tensor]
     remove_hooks: Callable[[], None] | None = None
 
 
@@ -754,3 +1003,17 @@ def _matmul_hook(store: dict, matrix: Tensor, where: _Positions):
         return _added_from(act, store["x"] @ matrix.to(act), where.start())
 
     return hook
+
+
+def _cell(value, width: int, spec: str) -> str:
+    """``value`` formatted by ``spec``, right-aligned in ``width``; ``-`` for a missing or NaN one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-".rjust(width)
+    return format(value, spec).rjust(width)
+
+
+def _size(n: int) -> str:
+    """``n`` bytes, in B, kB or MB."""
+    if n < 1000:
+        return f"{n} B"
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"

@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer
 from tl_thoughts import _tl
 from tl_thoughts._math import RidgeRegression, ridge_solve
 from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
-from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.patch import PatchDeltas, ThoughtPatch, factor_product
 from tl_thoughts.stream import (
     PromptRows,
     finish_block,
@@ -219,10 +219,15 @@ def solve_W_O(
         >>> fit = RidgeRegression(4, 10); fit.add(z, delta, torch.ones(10))  # doctest: +SKIP
         >>> dW_O = solve_W_O(fit, delta.mean(0), ridge=0.1, n=10, n_heads=2, d_head=2)  # doctest: +SKIP
     """
-    dW_O = regression.solve(ridge, n, shift=vector)
-    if dW_O.shape[0] != n_heads * d_head:
-        raise InputError(f"the regression's inputs ({dW_O.shape[0]}) are not n_heads * d_head ({n_heads * d_head})")
-    return dW_O
+    return _dense(_W_O_solution(regression, vector, ridge, n, n_heads, d_head))
+
+
+def _W_O_solution(regression, vector, ridge, n, n_heads, d_head):
+    solution = _solution(regression, ridge, n, shift=vector)
+    rows = solution[0].shape[0] if isinstance(solution, tuple) else solution.shape[0]
+    if rows != n_heads * d_head:
+        raise InputError(f"the regression's inputs ({rows}) are not n_heads * d_head ({n_heads * d_head})")
+    return solution
 
 
 def solve_mlp_inputs(
@@ -238,9 +243,13 @@ def solve_mlp_inputs(
         >>> sorted(deltas)  # doctest: +SKIP
         ['blocks.0.mlp.W_in']
     """
+    return {name: _dense(solution) for name, solution in _mlp_input_solutions(model, layer, regression, ridge, n).items()}
+
+
+def _mlp_input_solutions(model, layer, regression, ridge, n):
     spec = _tl.model_spec(model)
-    solved = regression.solve(ridge, n)  # [d_model, d_model]
-    return {_tl.param_name(layer, name): solved @ _tl.mlp_matrix(model, layer, name).double()
+    solved = _solution(regression, ridge, n)  # [d_model, d_model], or its factors
+    return {_tl.param_name(layer, name): _times(solved, _tl.mlp_matrix(model, layer, name).double())
             for name in spec.mlp_input_matrices}
 
 
@@ -252,7 +261,29 @@ def solve_W_out(regression: RidgeRegression, ridge: float, n: float) -> Float[Te
     Example:
         >>> dW_out = solve_W_out(fit, ridge=0.1, n=10)  # doctest: +SKIP
     """
-    return regression.solve(ridge, n)
+    return _dense(_solution(regression, ridge, n))
+
+
+def _solution(regression: RidgeRegression, ridge: float, n: float, shift: Tensor | None = None):
+    """The ridge solution: exact factors ``(Q, R @ Y)`` (``Q`` ``[d_in, rows]`` with orthonormal
+    columns, ``G^T = Q R``, the rows of weight 0 left out) of its row-space form ``G^T @ Y`` when
+    the regression holds fewer rows than inputs, else the dense matrix (float64)."""
+    parts = regression.solve_factors(ridge, n, shift)
+    if parts is None:
+        return regression.solve(ridge, n, shift=shift)
+    left, right = parts
+    used = left.abs().sum(0) > 0  # rows of weight 0 add nothing: left out of the factors
+    q, r = torch.linalg.qr(left[:, used])
+    return q, r @ right[used]
+
+
+def _times(solution, W: Tensor):
+    """``solution @ W``, factored as ``solution`` is."""
+    return (solution[0], solution[1] @ W) if isinstance(solution, tuple) else solution @ W
+
+
+def _dense(solution) -> Tensor:
+    return solution[0] @ solution[1] if isinstance(solution, tuple) else solution
 
 
 # --- the fit ------------------------------------------------------------------------------------
@@ -264,7 +295,7 @@ class _Fitter:
     def __init__(self, model, spec, config, batches, common, n_tokens, prefix, memo) -> None:
         self.model, self.spec, self.config = model, spec, config
         self.batches, self.common, self.n_tokens, self.prefix, self.memo = batches, common, n_tokens, prefix, memo
-        self.deltas: dict[str, Tensor] = {}
+        self.deltas = PatchDeltas()
         self.steering: dict[str, Tensor] = {}
         self.scratch = [dict() for _ in batches]
         self.n_weight = float(sum(float(b.weights.sum()) for b in batches))  # rows of the matrices' fits
@@ -314,6 +345,22 @@ class _Fitter:
             self.steering[f"residual.{layer}"] = (sum_resid / self.n_tokens).to(spec.dtype)
         return sum_delta, z_fit
 
+    def store(self, name: str, solution, shape: tuple[int, ...]) -> Tensor:
+        """Hold a thought matrix's solution in the patch, in the model's dtype: as its factors when
+        they are smaller than the matrix, else dense; return the delta the patch holds (the
+        factors' product, :func:`tl_thoughts.patch.factor_product`), under which the fit goes on."""
+        dtype = self.spec.dtype
+        if isinstance(solution, tuple):
+            left, right = solution
+            (p, r), q = left.shape, right.shape[1]
+            if r * (p + q) < p * q:
+                left, right = left.reshape(*shape[:-1], r).to(dtype), right.to(dtype)
+                self.deltas.put_factors(name, left, right)
+                return factor_product(left, right)
+        delta = _dense(solution).reshape(shape).to(dtype)
+        self.deltas.put(name, delta)
+        return delta
+
     def patch_attention(self, vector: Tensor | None, dW_O: Tensor | None) -> None:
         """The reduced stream's attention output under this block's attention-side patches."""
         for c in self.scratch:
@@ -341,7 +388,7 @@ class _Fitter:
         """Every stream through the block's MLP half (the reduced one under this block's MLP
         patches); with ``fit_out``, the ``W_out`` regression's rows."""
         model, spec = self.model, self.spec
-        new = _tl.patched_values(model, {n: d for n, d in self.deltas.items() if n.startswith(f"blocks.{layer}.mlp.")})
+        new = _tl.patched_values(model, {n: self.deltas[n] for n in self.deltas if n.startswith(f"blocks.{layer}.mlp.")})
         h_fit = RidgeRegression(spec.d_mlp, self.n_rows) if fit_out else None
         for j, (b, c) in enumerate(zip(self.batches, self.scratch)):
             if b.given is not None:
@@ -477,22 +524,24 @@ def _fit(model, chunk, examples, config, template, rows, progress, memo) -> Thou
         sum_delta, z_fit = f.attention(layer, fitting)
         vector = solve_vector(sum_delta, n_tokens)  # float64
         if fitting and f.want_vector:
-            f.deltas[_tl.param_name(layer, f.bias)] = vector.to(spec.dtype)
+            f.deltas.put(_tl.param_name(layer, f.bias), vector.to(spec.dtype))
         dW_O = None
         if fitting and f.want_matrix and config.attention_matrix:
-            dW_O = solve_W_O(z_fit, vector if f.want_vector else torch.zeros_like(vector), f.config.ridge,
-                             f.n_weight, spec.n_heads, spec.d_head)
-            f.deltas[_tl.param_name(layer, "W_O")] = dW_O.reshape(spec.n_heads, spec.d_head, -1).to(spec.dtype)
+            solution = _W_O_solution(z_fit, vector if f.want_vector else torch.zeros_like(vector), f.config.ridge,
+                                     f.n_weight, spec.n_heads, spec.d_head)
+            dW_O = f.store(_tl.param_name(layer, "W_O"), solution, (spec.n_heads, spec.d_head, spec.d_model))
+            dW_O = dW_O.flatten(0, 1)
         f.patch_attention(vector if fitting and f.want_vector else None, dW_O)
         if fitting and f.want_matrix and spec.has_mlp:
-            for name, M in solve_mlp_inputs(model, layer, f.mlp_regression(layer), config.ridge, f.n_weight).items():
-                f.deltas[name] = M.to(spec.dtype)
+            for name, solution in _mlp_input_solutions(model, layer, f.mlp_regression(layer), config.ridge,
+                                                        f.n_weight).items():
+                f.store(name, solution, (spec.d_model, spec.d_mlp))
         fit_out = fitting and f.want_matrix and config.output_matrix
         h_fit = f.finish(layer, fit_out)
         dW_out = None
-        if fit_out:
-            dW_out = solve_W_out(h_fit, config.ridge, f.n_weight)  # [d_mlp, d_model]
-            f.deltas[_tl.param_name(layer, "W_out")] = dW_out.to(spec.dtype)
+        if fit_out:  # [d_mlp, d_model]
+            dW_out = f.store(_tl.param_name(layer, "W_out"), _solution(h_fit, config.ridge, f.n_weight),
+                             (spec.d_mlp, spec.d_model))
         f.close(dW_out)
     meta = dict(chunk=chunk, template=dict(text=template.text, separator=template.separator), layers=layers,
                 options=config.options(), n_examples=len(examples), n_tokens=n_tokens)
