@@ -120,6 +120,6 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    """The public API (``__all__``) and the public namespaces (:data:`_NAMESPACES`); not the
+    """The public API (``__all__``) and the public namespaces ([`_NAMESPACES`][]); not the
     helpers of this file, nor the internal modules Python binds here as they are imported."""
     return sorted(set(__all__) | set(_NAMESPACES))

@@ -75,8 +75,8 @@ def head_updates(
     Float[Tensor, "*layer query head d_head"],
 ]:
     """Per-head virtual weight vectors of one block (or a stack of blocks, leading ``layer``
-    axis), at the given query positions (THEORY 2): :func:`reduced_attention` then
-    :func:`head_vectors`.
+    axis), at the given query positions (THEORY 2): [`reduced_attention`][] then
+    [`head_vectors`][].
 
     Args:
         pattern: Full-run attention pattern of the chosen queries (kept positions after the chunk).
@@ -183,7 +183,7 @@ GRAM_BLOCK = 384  # columns per block of add_upper_gram
 
 def add_upper_gram(out: Float[Tensor, "d d"], wa: Float[Tensor, "n d"], a: Float[Tensor, "n d"]) -> None:
     """Add ``wa^T a`` (symmetric: ``wa`` is ``a`` with weighted rows) to ``out`` on and above the
-    block diagonal only: blocks of about :data:`GRAM_BLOCK` columns, each row block times the
+    block diagonal only: blocks of about [`GRAM_BLOCK`][] columns, each row block times the
     columns from its own on (with ``k`` blocks, ``(k + 1) / 2k`` of the whole ``d x d`` product's
     work; measured at 0.74-0.86 of the whole product's time at commit ``0246a97``,
     ``benchmarks/bench_gram.py`` there). Read the result as its ``triu``, mirrored."""
@@ -196,11 +196,11 @@ def add_upper_gram(out: Float[Tensor, "d d"], wa: Float[Tensor, "n d"], a: Float
 
 class RidgeRegression:
     """A weighted ridge regression ``argmin_M sum_i w_i ||a_i @ M - u_i||^2 + lam ||M||^2`` whose
-    rows arrive in parts (``fit_thought`` streams batches), solved as :func:`ridge_solve` does
+    rows arrive in parts (``fit_thought`` streams batches), solved as [`ridge_solve`][] does
     (``lam = ridge * sum_i w_i ||a_i||^2 / n``; ``ridge = 0``: minimum-norm least squares).
 
     With at least as many rows as input dimensions it keeps the sufficient statistics ``A^T W A``
-    (on and above its block diagonal, :func:`add_upper_gram`) and ``A^T W U`` (``d x d``,
+    (on and above its block diagonal, [`add_upper_gram`][]) and ``A^T W U`` (``d x d``,
     whatever the rows); with fewer (``n_rows < d``, e.g. a few hundred
     rows against an MLP's ``d_mlp``) it keeps the weighted rows themselves and solves in the row
     space, ``M = G^T (G G^T + lam I)^-1 F`` with ``G = W^1/2 A``, ``F = W^1/2 U``: the same

@@ -57,7 +57,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
     Raises:
         ArgumentTypeError: ``model`` is not a HookedTransformer.
         InputError: the parameters' dtypes disagree with each other or with ``model.cfg.dtype``
-            (:func:`check_dtypes`).
+            ([`check_dtypes`][]).
         UnsupportedArchitectureError: a config feature breaks exactness; the message says which.
     """
     if not isinstance(model, HookedTransformer):
@@ -151,7 +151,7 @@ def check_dtypes(model: HookedTransformer) -> None:
 
 
 def _norm_names(cfg) -> dict[str, str | None]:
-    """The block's norm modules by role (see :class:`ModelSpec`), from the config."""
+    """The block's norm modules by role (see [`ModelSpec`][]), from the config."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     post_only = cfg.original_architecture in POST_NORM_ARCHITECTURES  # OLMo 2/3: norms after only
@@ -175,7 +175,7 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     and that TransformerLens' hook points do not manage (``register_forward_hook``,
     ``register_forward_pre_hook``, with or without kwargs, on any submodule; global module
     hooks), each as ``"<module> (<kind>)"``. A hook point's own torch hooks (how ``add_hook``
-    works) are not listed here: :func:`hooked_points` lists those. Backward hooks change no forward
+    works) are not listed here: [`hooked_points`][] lists those. Backward hooks change no forward
     value and are not listed."""
     from torch.nn.modules import module as torch_module
     from transformer_lens.hook_points import HookPoint
@@ -571,7 +571,7 @@ def block_attention(
 def prefix_cache(model: HookedTransformer, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
     """TransformerLens' key-value cache of ``tokens`` (as the model is now: no hook, no patch
     should be attached), frozen: their keys and values at every block, read by the tokens that
-    follow them (``model(rest, past_kv_cache=cache)``, or :func:`broadcast_cache` for one
+    follow them (``model(rest, past_kv_cache=cache)``, or [`broadcast_cache`][] for one
     sequence read by a batch)."""
     device = model_device(model)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
@@ -583,7 +583,7 @@ def prefix_cache(model: HookedTransformer, tokens: Int[Tensor, "batch prefix"]) 
 
 
 def broadcast_cache(cache: TransformerLensKeyValueCache, n: int, frozen: bool = True) -> TransformerLensKeyValueCache:
-    """A one-sequence cache (:func:`prefix_cache`) read by a batch of ``n`` sequences (views, no
+    """A one-sequence cache ([`prefix_cache`][]) read by a batch of ``n`` sequences (views, no
     copy). Frozen: every forward pass reads the prefix alone; not frozen: it grows with each pass
     (decoding)."""
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(n, -1, -1, -1), e.past_values.expand(n, -1, -1, -1),
@@ -601,7 +601,7 @@ def block_attention_kv(
     resid_pre: Float[Tensor, "batch pos d_model"],
     prefix: KeysValues | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"], AllKeysValues]:
-    """:func:`block_attention` after a shared prefix: ``resid_pre`` holds the positions that follow
+    """[`block_attention`][] after a shared prefix: ``resid_pre`` holds the positions that follow
     ``prefix``, the keys and values (as TransformerLens caches them, before rotary) of the prefix's
     positions at this block, the same for every sequence of the batch (one sequence, broadcast).
     The positions are offset by the prefix's length (rotary), and every position attends to the

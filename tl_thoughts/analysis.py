@@ -32,9 +32,9 @@ PosSlice = int | slice | Sequence[int] | None
 
 
 def check_updates(updates: object, model: HookedTransformer | None = None) -> None:
-    """Refuse anything but :class:`tl_thoughts.ImplicitUpdates` as ``updates``, and (when ``model``
+    """Refuse anything but [`tl_thoughts.ImplicitUpdates`][] as ``updates``, and (when ``model``
     is given) updates computed on another model or with other weights
-    (:meth:`tl_thoughts.ImplicitUpdates.check_model`).
+    ([`tl_thoughts.ImplicitUpdates.check_model`][]).
 
     Example:
         >>> check_updates(updates, model)  # from tl_thoughts.implicit_updates on model: nothing raised
@@ -46,7 +46,7 @@ def check_updates(updates: object, model: HookedTransformer | None = None) -> No
 
 
 def check_patch(patch: object) -> None:
-    """Refuse anything but a :class:`tl_thoughts.ThoughtPatch` as ``patch``.
+    """Refuse anything but a [`tl_thoughts.ThoughtPatch`][] as ``patch``.
 
     Example:
         >>> check_patch(patch)  # from tl_thoughts.fit_thought: nothing raised
@@ -150,7 +150,7 @@ def head_attribution(
 
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates`.
+        updates: From [`tl_thoughts.implicit_updates`][].
         metric: ``"norm"`` (norm of each head's vector), ``"chunk_attention"`` (attention mass the
             head puts on the chunk) or ``"direct_effect"`` (the head's vector straight to the
             unembedding, through the final norm with its scale frozen at the full run's value as
@@ -230,7 +230,7 @@ def direct_effect(
     model: HookedTransformer, updates: ImplicitUpdates, answer_tokens: AnswerTokens
 ) -> Float[Tensor, "layer kept"]:
     """Direct effect of each block's virtual weight vector on a logit or logit difference:
-    :func:`head_attribution` with ``metric="direct_effect", per_head=False``.
+    [`head_attribution`][] with ``metric="direct_effect", per_head=False``.
 
     Example:
         >>> import torch, tl_thoughts
@@ -380,7 +380,7 @@ def ablation_scores(
     forward pass of the reduced prompt per head (``n_layers * n_heads``).
 
     Returns:
-        ``[layer * head]`` (layer-major, labels :func:`head_labels`).
+        ``[layer * head]`` (layer-major, labels [`head_labels`][]).
 
     Example:
         >>> scores = ablation_scores(model, updates, answer_tokens=(7, 3))
@@ -419,22 +419,22 @@ def top_k_recovery(
     at ``position``, for each k.
 
     The reduced prompt keeps its original positions, as in the exact construction, so at k = all
-    heads this is the activation form of :func:`tl_thoughts.verify`: the full run's value up to
+    heads this is the activation form of [`tl_thoughts.verify`][]: the full run's value up to
     rounding; at k = 0 it is the reduced run's.
 
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates`.
+        updates: From [`tl_thoughts.implicit_updates`][].
         answer_tokens: A token id or a ``(correct, incorrect)`` pair.
         ranking: ``"direct_effect"`` (by ``|direct effect|``), ``"norm"``, ``"chunk_attention"``,
-            or ``"ablation"`` (by the signed leave-one-out score of :func:`ablation_scores`,
+            or ``"ablation"`` (by the signed leave-one-out score of [`ablation_scores`][],
             largest first; one extra forward pass per head).
         position: Kept position measured and ranked on (index into ``updates.positions``).
         ks: Numbers of heads to try (default: 0, 1, ..., all).
         progress: A progress bar over the leave-one-out runs of the ``"ablation"`` ranking.
 
     Returns:
-        A :class:`RecoveryCurve`.
+        A [`RecoveryCurve`][].
 
     Raises:
         ZeroDenominatorError: The chunk does not change the metric (full == reduced), so the
@@ -495,7 +495,7 @@ def layer_recovery(
     depth, the chunk's effect on the metric is built. At k = n_layers it is the full run's value.
 
     Returns:
-        A :class:`RecoveryCurve` whose ``order`` is ``["L0", "L1", ...]`` and whose ``scores`` are
+        A [`RecoveryCurve`][] whose ``order`` is ``["L0", "L1", ...]`` and whose ``scores`` are
         the per-block direct effects at ``position``.
 
     Example:

@@ -325,7 +325,7 @@ def token_pieces(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> list[
 
 def char_span_to_tokens(pieces: list[Piece], lo: int, hi: int, what: str = "chunk") -> tuple[int, int]:
     """Token positions ``[start, stop)`` covering characters ``[lo, hi)`` of the joined pieces
-    (:func:`token_pieces`).
+    ([`token_pieces`][]).
 
     A piece straddling a boundary is accepted only if its part outside the span is whitespace.
 

@@ -1,7 +1,7 @@
 """The ``tl-thoughts`` console command.
 
 Its parser needs neither torch nor TransformerLens (``tl-thoughts --help`` answers at once): a
-command imports them when it runs. Every error a caller can cause (:class:`tl_thoughts.TLThoughtsError`)
+command imports them when it runs. Every error a caller can cause ([`tl_thoughts.TLThoughtsError`][])
 and a missing package print one line, ``error: ...``, and exit with status 2.
 """
 
@@ -30,7 +30,7 @@ DTYPES = ("float32", "float64")
 VERIFY_TOLERANCES: Mapping[str, float] = MappingProxyType({"float32": 1e-2, "float64": 1e-8})
 """``verify``'s verdict, per dtype: the largest max |logit difference| (over the kept positions) a
 patched form may show against the run with the chunk; the top token must also agree at every kept
-position (:func:`verdict_lines`). The command exits with status 1 when a form fails."""
+position ([`verdict_lines`][]). The command exits with status 1 when a form fails."""
 
 DESCRIPTION = """\
 Exact implicit weight updates of prompt chunks on the default model (SmolLM2-135M-Instruct):
@@ -68,11 +68,11 @@ def verdict_lines(report: "VerificationReport", tolerance: float) -> tuple[bool,
     """``verify``'s verdict: one line per verified (patched) form of ``report``.
 
     A form passes when its max |logit difference| against the run with the chunk (over the kept
-    positions) is at most ``tolerance`` (:data:`VERIFY_TOLERANCES` by dtype; NaN fails) and its top
+    positions) is at most ``tolerance`` ([`VERIFY_TOLERANCES`][] by dtype; NaN fails) and its top
     token agrees at every kept position (argmax agreement 100%).
 
     Args:
-        report: A :class:`tl_thoughts.VerificationReport` (or an object with ``forms``: name ->
+        report: A [`tl_thoughts.VerificationReport`][] (or an object with ``forms``: name ->
             an object with ``max_abs_logit_error`` and ``argmax_agreement``; ``"unpatched"`` is
             skipped).
         tolerance: The largest max |logit difference| that passes.
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: 0, 1 when ``verify`` finds a form out of tolerance, 2 on an error the
-        caller can fix (a :class:`tl_thoughts.TLThoughtsError` or a missing package: one line
+        caller can fix (a [`tl_thoughts.TLThoughtsError`][] or a missing package: one line
         ``error: ...`` on stderr, no traceback; argparse's usage errors exit with 2 too).
 
     Example:

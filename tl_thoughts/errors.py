@@ -2,11 +2,11 @@
 
 Every error is a subclass of a builtin (``ValueError``, ``TypeError``, ``NotImplementedError``,
 ``ZeroDivisionError``) so that code catching the builtin keeps working, and of
-:class:`TLThoughtsError` so that all of them can be caught at once.
+[`TLThoughtsError`][] so that all of them can be caught at once.
 
 Errors a caller can cause with an argument are the library's own, raised at the boundary and
-naming the argument: :class:`InputError` (a ``ValueError``) for a value that is not usable, and
-its subclass :class:`ArgumentTypeError` (also a ``TypeError``) for an argument of the wrong type.
+naming the argument: [`InputError`][] (a ``ValueError``) for a value that is not usable, and
+its subclass [`ArgumentTypeError`][] (also a ``TypeError``) for an argument of the wrong type.
 Catch ``InputError`` for both. A plain ``ValueError`` or ``TypeError`` from inside the library is a
 bug (or an internal invariant broken), never a message meant for the caller.
 """
@@ -30,7 +30,7 @@ class InputError(TLThoughtsError, ValueError):
 class ArgumentTypeError(InputError, TypeError):
     """An argument of the wrong type (an int where a list of examples is expected, an example that
     is not a string or a ``(query, answer)`` pair of strings, ``None``). Both an
-    :class:`InputError` (a ``ValueError``, as the library raised before) and a ``TypeError``. The
+    [`InputError`][] (a ``ValueError``, as the library raised before) and a ``TypeError``. The
     message names the argument."""
 
 
@@ -59,8 +59,8 @@ class PrecisionWarning(UserWarning):
 
 def check_number(value: object, name: str, *, minimum: float = 0.0, strict: bool = False) -> float:
     """``value`` as a float if it is a real, finite number ``>= minimum`` (``> minimum`` when
-    ``strict``); else :class:`ArgumentTypeError` (not a number: a bool, a string, None) or
-    :class:`InputError` (NaN, infinite, too small), naming the argument ``name``.
+    ``strict``); else [`ArgumentTypeError`][] (not a number: a bool, a string, None) or
+    [`InputError`][] (NaN, infinite, too small), naming the argument ``name``.
 
     Example:
         >>> check_number(0.5, "ridge")
@@ -80,8 +80,8 @@ def check_number(value: object, name: str, *, minimum: float = 0.0, strict: bool
 
 
 def check_int(value: object, name: str, *, minimum: int = 0) -> int:
-    """``value`` if it is an integer (not a bool) ``>= minimum``; else :class:`ArgumentTypeError`
-    (not an integer) or :class:`InputError` (too small), naming the argument ``name``.
+    """``value`` if it is an integer (not a bool) ``>= minimum``; else [`ArgumentTypeError`][]
+    (not an integer) or [`InputError`][] (too small), naming the argument ``name``.
 
     Example:
         >>> check_int(16, "batch_size", minimum=1)

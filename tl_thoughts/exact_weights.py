@@ -6,7 +6,7 @@ With T kept tokens (a prefix, several query tokens): the minimum-norm rank <= T 
 input matrices (prefix rows with a zero target) and of ``W_out`` (carrying the vectors).
 Attention-only models carry the vectors on ``b_O`` (one token) or ``W_O`` (T tokens). Blocks with
 norms after their sublayers (Gemma 2/3, OLMo 2): Goldwaser et al.'s output-side scale patch with
-one token, the ``W_O`` form with several (see :func:`exact_weight_patch`).
+one token, the ``W_O`` form with several (see [`exact_weight_patch`][]).
 """
 
 import contextlib
@@ -37,7 +37,7 @@ class ExactWeightPatch:
         description: a short human-readable summary of the form used.
         scales: parameter name of a post-MLP norm's scale (``"blocks.3.ln2_post.w"``) -> its delta
             ``[d_model]`` (Goldwaser et al.'s output-side patch; post-norm blocks, one token).
-        dtype: the dtype the patch was computed in; :meth:`applied` runs the model in it.
+        dtype: the dtype the patch was computed in; [`applied`][] runs the model in it.
     """
 
     matrices: dict[str, FactoredMatrix]
@@ -84,7 +84,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
 
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates`, every block and kept position.
+        updates: From [`tl_thoughts.implicit_updates`][], every block and kept position.
 
     Returns:
         The patch; apply it with ``patch.applied(model)`` to the reduced prompt.
@@ -94,7 +94,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
             than the patched matrix's input dimension, or (Goldwaser's form) a zero coordinate of
             the normalised MLP output: no exact patch of this form exists.
         InputError: updates computed for a subset of layers or positions, or on another model
-            (:meth:`ImplicitUpdates.check_model`).
+            ([`ImplicitUpdates.check_model`][]).
 
     Example:
         >>> patch = tl_thoughts.exact_weight_patch(model, updates)

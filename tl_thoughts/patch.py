@@ -37,9 +37,9 @@ class IncompatibleModelError(TLThoughtsError, ValueError):
 
 
 def model_identity(model: HookedTransformer) -> dict:
-    """Shapes and a fingerprint of every parameter (:func:`tl_thoughts.fingerprint.fingerprint`) of
+    """Shapes and a fingerprint of every parameter ([`tl_thoughts.fingerprint.fingerprint`][]) of
     the model's own weights: those under any patch applied in its weight form right now (so that
-    patches can be stacked), after any :meth:`ThoughtPatch.merge_into` (a merged model is another
+    patches can be stacked), after any [`ThoughtPatch.merge_into`][] (a merged model is another
     model). A patch is only ever applied to the model it was fitted on.
 
     Example:
@@ -71,7 +71,7 @@ def _legacy_fingerprint(model: HookedTransformer, shapes: dict) -> str:
 
 
 def _checksum(tensors: dict[str, Tensor], meta: dict) -> str:
-    """SHA-256 of the tensors (:func:`_tensor_digest`) and of the metadata (canonical JSON)."""
+    """SHA-256 of the tensors ([`_tensor_digest`][]) and of the metadata (canonical JSON)."""
     h = hashlib.sha256(_tensor_digest(tensors).encode())
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
@@ -106,7 +106,7 @@ def factor_product(left: Tensor, right: Tensor) -> Tensor:
 class PatchDeltas(Mapping):
     """A patch's deltas by parameter name (``ThoughtPatch.deltas``): each one held either as a
     dense tensor or, for a thought matrix of low rank, as exact factors ``(left, right)``
-    (:attr:`factors`), materialised by :func:`factor_product` on each access and not kept (a
+    (`factors`), materialised by [`factor_product`][] on each access and not kept (a
     fitted patch holds the factors only). A read-only mapping for its users; ``put`` and
     ``put_factors`` fill it."""
 
@@ -208,12 +208,12 @@ class ThoughtPatch:
     """Token-independent weight deltas fitted from a chunk, per block (THEORY 4).
 
     ``ThoughtPatch(deltas, steering=None, meta=None, factors=None)``: ``deltas`` dense tensors by
-    parameter name, ``factors`` thought matrices as ``(left, right)`` pairs (see :attr:`factors`).
+    parameter name, ``factors`` thought matrices as ``(left, right)`` pairs (see `factors`).
 
     Attributes:
         deltas: TransformerLens parameter name -> the delta, same shape as the parameter (a
-            read-only mapping, :class:`PatchDeltas`; a delta held as factors is materialised by
-            :func:`factor_product` on each access):
+            read-only mapping, [`PatchDeltas`][]; a delta held as factors is materialised by
+            [`factor_product`][] on each access):
             ``blocks.{l}.mlp.b_out`` or ``blocks.{l}.attn.b_O`` ``[d_model]`` (the thought vector,
             at its site), ``blocks.{l}.mlp.W_in`` / ``W_gate`` ``[d_model, d_mlp]`` (the thought
             matrices of the MLP input), ``blocks.{l}.attn.W_O`` ``[head, d_head, d_model]`` (the
@@ -227,7 +227,7 @@ class ThoughtPatch:
         meta: JSON metadata: the model's identity and shapes, layers, options, the chunk's text,
             the template, how many examples and tokens it was fitted on, the library version;
             ``"unpatched_positions"`` when fitted with ``patch_prefix=False`` (see
-            :attr:`unpatched_positions`).
+            [`unpatched_positions`][]).
         factors: The thought matrices held as exact factors, ``name -> (left, right)``: a
             ridge solution lies in the span of its fitted rows, so ``fit_thought`` stores each
             matrix of rank ``r`` (at most the number of fitted rows) as ``left`` ``[..., r]``
@@ -265,7 +265,7 @@ class ThoughtPatch:
     def create(
         cls, model: HookedTransformer, deltas: Mapping[str, Tensor], steering: dict[str, Tensor], meta: dict
     ) -> "ThoughtPatch":
-        """A patch of ``model`` (``deltas``: dense tensors, or a :class:`PatchDeltas` holding
+        """A patch of ``model`` (``deltas``: dense tensors, or a [`PatchDeltas`][] holding
         factors), its identity, the library version and the format recorded in ``meta``."""
         params = _tl.parameters(model)
         deltas = PatchDeltas(deltas)
@@ -308,7 +308,7 @@ class ThoughtPatch:
         numerical rank and effective rank (exp of the entropy of its normalised singular values),
         and the cosine between the thought vector and the plain mean-difference steering vector at
         the same layer. The singular values of a matrix held as factors come from its factors
-        (:func:`svdvals_of`: QR of each, the SVD of an ``r x r`` core), in float64; of a dense one,
+        ([`svdvals_of`][]: QR of each, the SVD of an ``r x r`` core), in float64; of a dense one,
         from its SVD in float64."""
         rows = []
         for layer in self.layers:
@@ -344,9 +344,9 @@ class ThoughtPatch:
         Frobenius and spectral norm (Eckart-Young; the directions are the top eigenvectors of the
         smaller Gram matrix ``m @ m.T`` or ``m.T @ m``, computed in the delta's precision, float32
         at least). The thought vectors and steering vectors are copied as they are. ``W_O`` is
-        truncated with its heads stacked, ``[head * d_head, d_model]``, as :meth:`matrix` returns
+        truncated with its heads stacked, ``[head * d_head, d_model]``, as [`matrix`][] returns
         it. A matrix whose smaller dimension is at most ``rank`` is copied unchanged. ``rank=1``
-        gives rank-1 edits, the form of ROME's. A matrix held as factors (:attr:`factors`) is
+        gives rank-1 edits, the form of ROME's. A matrix held as factors (`factors`) is
         truncated from them (float64: QR of each factor, the SVD of the ``r x r`` core) and copied
         unchanged when ``rank`` is at least its ``r``. The truncated matrices are held as factors
         (``[..., rank]`` and ``[rank, out]``) when these are smaller. The original patch is not
@@ -366,7 +366,7 @@ class ThoughtPatch:
 
     @torch.no_grad()
     def truncations(self, ranks: Sequence[int]) -> list["ThoughtPatch"]:
-        """:meth:`truncated` at each of ``ranks``, in that order, from ONE eigendecomposition per
+        """[`truncated`][] at each of ``ranks``, in that order, from ONE eigendecomposition per
         matrix (the same copies as separate calls, at the cost of one).
 
         Raises:
@@ -444,7 +444,7 @@ class ThoughtPatch:
         return ThoughtPatch(deltas=keep, steering=dict(self.steering), meta={**self.meta, "part": part})
 
     def summary_table(self) -> str:
-        """:meth:`summary` as text, every line at most 100 characters, one row per layer: a table
+        """[`summary`][] as text, every line at most 100 characters, one row per layer: a table
         of the thought vectors (norm, cosine with the steering vector and with the residual
         difference), then one of the thought matrices, a column group per parameter (``norm``,
         numerical ``rank``, effective rank ``eff``); ``-`` where a layer has no such value.
@@ -513,8 +513,8 @@ class ThoughtPatch:
 
     def check_compatible(self, model: HookedTransformer) -> None:
         """Refuse a model of other shapes or another identity than the one the patch was fitted on
-        (its own weights, under any patch applied in the weight form: :func:`model_identity`). A
-        model that other patches were merged into (:meth:`merge_into`, in this process) since the
+        (its own weights, under any patch applied in the weight form: [`model_identity`][]). A
+        model that other patches were merged into ([`merge_into`][], in this process) since the
         patch was fitted on it is accepted: the patch then applies on top of them, as when patches
         are stacked.
 
@@ -552,16 +552,16 @@ class ThoughtPatch:
         carries it); restored bit-identically on exit, also on an exception.
 
         Patches can be stacked (several applied at once, in either form) and removed in any order
-        (:meth:`attach`): the parameters are always the model's own plus the deltas of the patches
+        ([`attach`][]): the parameters are always the model's own plus the deltas of the patches
         applied in the weight form, added in the order they were applied, and the model's own
         tensors once none is left. The same patch cannot be applied twice at once, nor after
-        :meth:`merge_into`.
+        [`merge_into`][].
 
         Args:
             model: The model the patch was fitted on.
             form: ``"weight"`` (parameters really patched) or ``"activation"`` (hooks adding the
                 same changes to the activations). Default: ``"weight"``, or ``"activation"`` for a
-                patch that leaves a prefix unpatched (:attr:`unpatched_positions`), which new
+                patch that leaves a prefix unpatched ([`unpatched_positions`][]), which new
                 weights cannot do. Its hooks count positions from the first of each sequence,
                 also through TransformerLens' key-value cache in ``generate``; with left padding
                 the prefix is not at the first positions: pad on the right (a forward pass on a
@@ -580,17 +580,17 @@ class ThoughtPatch:
 
     def attach(self, model: HookedTransformer, form: str | None = None) -> "PatchHandle":
         """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block), as
-        :meth:`apply` does; handles can be removed in any order."""
+        [`apply`][] does; handles can be removed in any order."""
         return PatchHandle(self._apply(model, form))
 
     def merge_into(self, model: HookedTransformer) -> None:
         """Add the patch to the model's parameters FOR GOOD (explicit, not undone). Patches applied
         at the time stay applied, on top of the merged weights. The model's fingerprint changes;
         patches fitted on it before the merge still apply, on top of the merged one
-        (:meth:`check_compatible`), but the merged patch itself cannot be applied again.
+        ([`check_compatible`][]), but the merged patch itself cannot be applied again.
 
         Raises:
-            InputError: The patch leaves a prefix unpatched (:attr:`unpatched_positions`): new
+            InputError: The patch leaves a prefix unpatched ([`unpatched_positions`][]): new
                 weights would patch it too; or it is applied to the model now, or merged already.
             IncompatibleModelError: The patch was fitted on another model.
         """
@@ -666,7 +666,7 @@ class ThoughtPatch:
 
     def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
         """TransformerLens forward hooks that add the patch's effect to the activations (from
-        position :attr:`unpatched_positions` on; each patched block's ``attn.hook_pattern`` then
+        position [`unpatched_positions`][] on; each patched block's ``attn.hook_pattern`` then
         reads how many positions a key-value cache holds already, and raises ``InputError`` on a
         left-padded batch)."""
         spec = _tl.model_spec(model)
@@ -719,7 +719,7 @@ class ThoughtPatch:
         """Write the patch to one safetensors file (tensors + JSON metadata), atomically; a
         SHA-256 checksum covers the tensors and the metadata. Each delta is stored as it is held:
         ``delta:{name}`` (dense), or ``left:{name}`` and ``right:{name}`` (a thought matrix held as
-        factors, :attr:`factors`: rank times the sum of its dimensions instead of their product);
+        factors, `factors`: rank times the sum of its dimensions instead of their product);
         steering vectors as ``steering:{name}``. The file is readable by others
         (mode 0644 under the usual umask), as files written by ``open`` are.
 
@@ -766,10 +766,10 @@ class ThoughtPatch:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: HookedTransformer | None = None) -> "ThoughtPatch":
-        """Read a patch written by :meth:`save`; refuse a truncated or corrupted file, edited
+        """Read a patch written by [`save`][]; refuse a truncated or corrupted file, edited
         tensors or metadata, and (when ``model`` is given) a model of other shapes or another
         identity. Thought matrices stored as factors are held as factors again (the same
-        values, bit for bit, as the patch saved: :func:`factor_product`). Files of the previous format (``tl_thoughts.ThoughtPatch/1``, whose checksum
+        values, bit for bit, as the patch saved: [`factor_product`][]). Files of the previous format (``tl_thoughts.ThoughtPatch/1``, whose checksum
         covers the tensors only and whose fingerprint covers three weights) are read with a
         warning; save them again to upgrade them.
 
@@ -837,7 +837,7 @@ class ThoughtPatch:
 
 
 class PatchHandle:
-    """Returned by :meth:`ThoughtPatch.attach`; ``remove()`` restores the model (handles of several
+    """Returned by [`ThoughtPatch.attach`][]; ``remove()`` restores the model (handles of several
     patches can be removed in any order)."""
 
     def __init__(self, remove: Callable[[], None]):

@@ -2,7 +2,7 @@
 numbers (its vectors and matrices, nothing else) trained by Adam on the cross-entropy of the
 examples' answers WITHOUT the chunk. The model's own weights are never changed.
 
-The least-squares fit (:func:`tl_thoughts.fit_thought`) matches the run with the chunk block by
+The least-squares fit ([`tl_thoughts.fit_thought`][]) matches the run with the chunk block by
 block; what the patch is for is the behaviour at the output. A few full-batch steps on the same
 examples close part of that gap (``docs/benchmark.md``, "Refining the thought patch").
 """
@@ -45,7 +45,7 @@ def _like(layout: Tensor, values: Tensor) -> Tensor:
 
 
 def check_options(steps: int, lr: float, prefix: str = "") -> None:
-    """Raise :class:`InputError` (a ``ValueError``; :class:`ArgumentTypeError` for a wrong type)
+    """Raise [`InputError`][] (a ``ValueError``; [`ArgumentTypeError`][] for a wrong type)
     unless ``steps`` is an integer >= 0 and ``lr`` a finite number > 0 (``prefix``: how the caller
     names them, e.g. ``"refine_"`` for ``EvalConfig``)."""
     check_int(steps, f"{prefix}steps", minimum=0)
@@ -65,7 +65,7 @@ def refine_thought(
     """Train a thought patch's deltas by full-batch Adam on the answers' cross-entropy without the chunk.
 
     The loss is the mean, over every position that predicts an answer token (the ``"answer"``
-    pool of :func:`tl_thoughts.fit_thought`) of every example, of ``-log p(answer token)``, the
+    pool of [`tl_thoughts.fit_thought`][]) of every example, of ``-log p(answer token)``, the
     model run on the prompt WITHOUT the chunk under the patch, in its weight form (each delta added
     to its parameter for the call, ``torch.func.functional_call``: one product per matrix, where
     the activation form's hooks compute two). A prefix the patch leaves unpatched runs first,
@@ -76,7 +76,7 @@ def refine_thought(
 
     Args:
         model: The model the patch was fitted on (not modified; no hooks may be attached).
-        patch: A patch from :func:`tl_thoughts.fit_thought` (its chunk and template are read from
+        patch: A patch from [`tl_thoughts.fit_thought`][] (its chunk and template are read from
             its meta), for example the least-squares fit on the same examples.
         examples: ``(query, answer)`` pairs; the answers are the labels.
         steps: Adam steps (0 returns the same deltas).

@@ -1,28 +1,28 @@
 """The stream engine: how prompts run through the model, written once for every method above the exact core.
 
-Fitting (:func:`tl_thoughts.fit_thought`), refining (:func:`tl_thoughts.refine_thought`) and the
-behavioural benchmark (:mod:`tl_thoughts.evaluation`: verdicts, query answers, steering baselines,
+Fitting ([`tl_thoughts.fit_thought`][]), refining ([`tl_thoughts.refine_thought`][]) and the
+behavioural benchmark ([`tl_thoughts.evaluation`][]: verdicts, query answers, steering baselines,
 layer search) all run their prompts through the pieces here; none re-implements them:
 
-- :func:`pad_right` and :func:`length_batches`: right padding (exact under causal attention: a
+- [`pad_right`][] and [`length_batches`][]: right padding (exact under causal attention: a
   real position never sees a pad) and batches of similar lengths (the fewer pads, the less a batch
   computes);
-- :func:`shared_stream_length` and :class:`SharedStream`: the first positions every prompt with the
+- [`shared_stream_length`][] and [`SharedStream`][]: the first positions every prompt with the
   chunk shares (the template's prefix and the chunk), run once as one sequence whose keys and
   values every batch's attention reads (TransformerLens' key-value cache entries);
-- :class:`StreamBatch`: a batch of examples streamed block by block, side by side: the prompts
+- [`StreamBatch`][]: a batch of examples streamed block by block, side by side: the prompts
   WITH the chunk, the reduced prompts (without it, under the patches fitted so far) and, for the
-  steering record, the reduced prompts unpatched; :func:`finish_block` and
-  :func:`finish_block_hidden` run a block's MLP half;
-- :func:`fitted_rows`, :class:`PromptRows` and :func:`prompt_rows`: the positions a fit reads,
+  steering record, the reduced prompts unpatched; [`finish_block`][] and
+  [`finish_block_hidden`][] run a block's MLP half;
+- [`fitted_rows`][], [`PromptRows`][] and [`prompt_rows`][]: the positions a fit reads,
   and the prompts with the chunk recorded there at every block (they depend on no patch, so they
   are computed once and read by several fits);
-- :class:`SharedPrefix`, :func:`run_to_end` and :func:`run_block_after`: forward passes to the
+- [`SharedPrefix`][], [`run_to_end`][] and [`run_block_after`][]: forward passes to the
   residual stream after the last block (or one block), after a cached prefix that every prompt
   shares or after the cached positions of an earlier run;
-- :func:`greedy_decode_cached` (TransformerLens' key-value cache, optionally recording the residual
-  stream it ran through) and :func:`greedy_decode` (position-dependent hooks allowed), with
-  :func:`row_logits`.
+- [`greedy_decode_cached`][] (TransformerLens' key-value cache, optionally recording the residual
+  stream it ran through) and [`greedy_decode`][] (position-dependent hooks allowed), with
+  [`row_logits`][].
 
 Shapes: ``pos`` positions, ``rows`` recorded rows, ``layer1 = n_layers + 1`` (``resid_pre`` of
 every block, then the residual after the last one).
@@ -124,7 +124,7 @@ def run_to_end(
     """The residual stream after the last block (or before block ``stop_at_layer``) of right-padded
     tokens, or of a residual entering block ``start_at_layer``, as the model is (apply patches or
     hooks around the call). ``prefix``: a frozen one-sequence key-value cache
-    (:func:`tl_thoughts._tl.prefix_cache`) of tokens that come before every sequence of the batch,
+    (`tl_thoughts._tl.prefix_cache`) of tokens that come before every sequence of the batch,
     read and not run again.
 
     Example:
@@ -140,7 +140,7 @@ def run_to_end(
 
 
 def refuse_post_norm(spec: _tl.ModelSpec, what: str) -> None:
-    """Raise :class:`~tl_thoughts.errors.UnsupportedArchitectureError` for blocks with norms after
+    """Raise [`UnsupportedArchitectureError`][tl_thoughts.errors.UnsupportedArchitectureError] for blocks with norms after
     their sublayers, which the block-by-block streams (and so ``what``) do not support: a
     token-independent vector would have to be added after the norm, where the block has no bias.
 
@@ -200,7 +200,7 @@ def finish_block_hidden(
     attn_out: Float[Tensor, "batch pos d_model"],
     mlp_patched: dict[str, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
-    """:func:`finish_block` and the MLP's hidden activations (``mlp.hook_post``) it computed.
+    """[`finish_block`][] and the MLP's hidden activations (``mlp.hook_post``) it computed.
 
     Example:
         >>> from tl_thoughts import _tl
@@ -229,7 +229,7 @@ class FittedRows(NamedTuple):
 
 
 def fitted_rows(example: EncodedExample, pool: str, query_weight: float) -> FittedRows:
-    """The :class:`FittedRows` of ``example`` for ``pool`` (see ``EncodedExample.pooled``) and
+    """The [`FittedRows`][] of ``example`` for ``pool`` (see ``EncodedExample.pooled``) and
     ``query_weight`` (0: no query row beyond the pool).
 
     Example:
@@ -248,7 +248,7 @@ def fitted_rows(example: EncodedExample, pool: str, query_weight: float) -> Fitt
 
 def shared_stream_length(encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], prefix: int = 0) -> int:
     """How many first positions every prompt with the chunk shares, token for token (the
-    template's prefix and the chunk), that a stream computes once for all (:class:`SharedStream`):
+    template's prefix and the chunk), that a stream computes once for all ([`SharedStream`][]):
     up to every example's first fitted row, and none unless it covers the ``prefix`` first positions
     (an unpatched prefix, whose residuals the reduced stream copies from it).
 
@@ -263,7 +263,7 @@ def shared_stream_length(encoded: Sequence[EncodedExample], rows: Sequence[Fitte
 @dataclass
 class PromptRows:
     """The prompts WITH the chunk of some examples, streamed through every block, kept at the rows a
-    fit reads (:func:`fitted_rows` for ``pool`` and ``query_weight``).
+    fit reads ([`fitted_rows`][] for ``pool`` and ``query_weight``).
 
     They depend on no patch: fits of these examples plus others (the benchmark's seeds, whose fit
     rows share the answered queries) read them (``fit_thought(..., rows=...)``) instead of
@@ -305,7 +305,7 @@ class PromptRows:
         cls, pool: str, query_weight: float, encoded: Sequence[EncodedExample], positions: Sequence[Tensor],
         parts: Sequence[tuple[Tensor, Tensor]],
     ) -> "PromptRows":
-        """:class:`PromptRows` from each example's rows, in the examples' order: ``parts[i]`` holds
+        """[`PromptRows`][] from each example's rows, in the examples' order: ``parts[i]`` holds
         ``encoded[i]``'s prompt with the chunk at its fitted positions ``positions[i]``
         (``resid_pre`` of every block then the residual after the last one, ``[n_layers + 1,
         rows, d_model]``, and every block's attention output, ``[n_layers, rows, d_model]``).
@@ -361,7 +361,7 @@ class PromptRows:
 class SharedStream:
     """The ``length`` first positions every prompt with the chunk shares, streamed block by block as
     one sequence (``[1, length, d_model]``): each block's keys and values of these positions are
-    read by every batch's attention (:func:`tl_thoughts._tl.block_attention_kv`), so that they run
+    read by every batch's attention (`tl_thoughts._tl.block_attention_kv`), so that they run
     once instead of once a prompt (the same values, to rounding)."""
 
     def __init__(self, resid: Float[Tensor, "1 shared d_model"]) -> None:
@@ -383,7 +383,7 @@ class SharedStream:
 
 @dataclass
 class StreamBatch:
-    """Examples padded on the right, streamed block by block side by side (:func:`make_batches`).
+    """Examples padded on the right, streamed block by block side by side ([`make_batches`][]).
 
     Attributes:
         full: ``[batch, pos - shared, d_model]`` the prompts WITH the chunk from position ``shared``
@@ -393,7 +393,7 @@ class StreamBatch:
         base: ``[batch, T, d_model]`` the same, unpatched (the steering record), or None.
         rows_full, rows_reduced: (batch index, position) of the fitted rows in ``full`` and ``reduced``.
         in_pool: ``[n]`` which fitted rows are pooled; weights: ``[n]`` their weights (float64).
-        given: the rows of ``full`` given (:class:`PromptRows`): ``resid_pre`` ``[n_layers + 1, n,
+        given: the rows of ``full`` given ([`PromptRows`][]): ``resid_pre`` ``[n_layers + 1, n,
             d_model]`` and ``attn_out`` ``[n_layers, n, d_model]``, or None.
     """
 
@@ -412,7 +412,7 @@ class StreamBatch:
         base: bool,
     ) -> tuple["StreamBatch", Float[Tensor, "1 shared d_model"]]:
         """The batch, its prompts with the chunk from position ``shared`` on
-        (:func:`shared_stream_length`), each prompt up to its last fitted row (the later positions
+        ([`shared_stream_length`][]), each prompt up to its last fitted row (the later positions
         change no fitted row: causal attention), and the residual entering block 0 of the
         ``shared`` first positions, ``[1, shared, d_model]``."""
         bf, pf, pr, w, inside = [], [], [], [], []
@@ -439,10 +439,10 @@ def make_batches(
     model: HookedTransformer, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], batch_size: int,
     *, shared: int, base: bool, given: "PromptRows | None" = None, given_index: dict[int, Tensor] | None = None,
 ) -> tuple[list[list[int]], list[StreamBatch], SharedStream]:
-    """The examples in :class:`StreamBatch` es of similar lengths (:func:`length_batches` on the
+    """The examples in [`StreamBatch`][] es of similar lengths ([`length_batches`][] on the
     prompts' lengths with, then without the chunk), those whose rows ``given`` holds
-    (``given_index``, from :meth:`PromptRows.lookup`) batched apart after the others, and the
-    :class:`SharedStream` of their ``shared`` first positions. Returns the batches' example
+    (``given_index``, from [`PromptRows.lookup`][]) batched apart after the others, and the
+    [`SharedStream`][] of their ``shared`` first positions. Returns the batches' example
     indices, the batches and the shared stream.
 
     Example:
@@ -484,17 +484,17 @@ def prompt_rows(
     batch_size: int = 16,
     share_prefix: bool = True,
 ) -> PromptRows:
-    """:class:`PromptRows` of ``examples``: their prompts with the chunk streamed block by block as
-    :func:`tl_thoughts.fit_thought` streams them (the positions every prompt shares run once, each
+    """[`PromptRows`][] of ``examples``: their prompts with the chunk streamed block by block as
+    [`tl_thoughts.fit_thought`][] streams them (the positions every prompt shares run once, each
     prompt up to its last fitted row, batches of similar lengths), kept at the rows a fit with this
     ``pool`` and ``query_weight`` reads. A fit given them gives the patch it gives streaming those
     prompts itself, to floating-point rounding (``tests/test_thoughts.py``).
 
     Args:
         model: The model (no hooks may be attached).
-        chunk: The chunk's text, as for :func:`tl_thoughts.fit_thought`.
-        examples: Queries or ``(query, answer)`` pairs, as for :func:`tl_thoughts.fit_thought`.
-        template: Where chunk and query go, as for :func:`tl_thoughts.fit_thought`.
+        chunk: The chunk's text, as for [`tl_thoughts.fit_thought`][].
+        examples: Queries or ``(query, answer)`` pairs, as for [`tl_thoughts.fit_thought`][].
+        template: Where chunk and query go, as for [`tl_thoughts.fit_thought`][].
         pool: The fit's ``pool`` whose rows are kept.
         query_weight: The fit's ``query_weight`` whose rows are kept.
         batch_size: Prompts per forward pass.
@@ -554,8 +554,8 @@ def prompt_rows(
 class SharedPrefix(NamedTuple):
     """The first ``length`` tokens of every prompt of a batch (the same tokens in each), and their
     frozen key-value cache (TransformerLens' ``TransformerLensKeyValueCache``, one sequence): the
-    positions after them run alone and read their keys and values (:func:`run_to_end`,
-    :func:`greedy_decode`), so they run once instead of once a prompt (the same values, to
+    positions after them run alone and read their keys and values ([`run_to_end`][],
+    [`greedy_decode`][]), so they run once instead of once a prompt (the same values, to
     rounding). Unpacks as ``(length, cache)``."""
 
     length: int
@@ -566,7 +566,7 @@ class SharedPrefix(NamedTuple):
         cls, model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], upto: int | None = None
     ) -> "SharedPrefix | None":
         """The tokens every one of ``seqs`` shares from its start (at most ``upto``, and at most
-        one less than the shortest: :func:`~tl_thoughts.templates.shared_prefix_length`), run
+        one less than the shortest: [`shared_prefix_length`][tl_thoughts.templates.shared_prefix_length]), run
         through the model as it is now (no hook or patch should be attached); None when they
         share nothing.
 
@@ -587,7 +587,7 @@ class SharedPrefix(NamedTuple):
 
 
 def unpatched_prefix(model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], k: int) -> SharedPrefix | None:
-    """The :class:`SharedPrefix` of the first ``k`` tokens of every sequence: the positions a
+    """The [`SharedPrefix`][] of the first ``k`` tokens of every sequence: the positions a
     thought patch leaves unpatched (``ThoughtPatch.unpatched_positions``), run once unpatched for
     the patched positions to read. None for ``k = 0`` or no sequence.
 
@@ -683,7 +683,7 @@ def greedy_decode(
     ``i`` continued from the tokens ``starts[i]``: one token at a time, while no stop token comes
     and ``keep(i, tokens so far)`` holds. ``hooks(active indices)`` gives forward hooks for a step.
     ``prefix``: the prompts' first tokens (the same in every prompt) are not run, their keys and
-    values read from its cache. Without hooks, :func:`greedy_decode_cached` is the faster path.
+    values read from its cache. Without hooks, [`greedy_decode_cached`][] is the faster path.
 
     Returns:
         The generated tokens (without the stop token) and whether each sequence ended on a stop token.
@@ -725,11 +725,11 @@ def greedy_decode_cached(
     records: list[Record] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Greedy decoding with TransformerLens' key-value cache (``TransformerLensKeyValueCache``; no
-    hooks): the first tokens every prompt shares run once (:class:`SharedPrefix`; a task's prompts
+    hooks): the first tokens every prompt shares run once ([`SharedPrefix`][]; a task's prompts
     with the chunk: the prefix and the chunk), then the prompts of one length run as one batch (no
     padding; at most ``batch_size`` sequences, a larger length group split evenly) from there, each
     prompt once, then one new token per step for the sequences still going: a finished sequence
-    leaves the batch and its rows of the cache. The same decoding as :func:`greedy_decode` up to
+    leaves the batch and its rows of the cache. The same decoding as [`greedy_decode`][] up to
     floating-point rounding (the cached step multiplies other shapes): a near tie between two
     tokens may break the other way (``tests/test_evaluation.py``).
 

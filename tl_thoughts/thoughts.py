@@ -1,19 +1,19 @@
 """Thought vectors and thought matrices: token-independent patches fitted from a chunk (THEORY 4).
 
-:func:`fit_thought` streams the examples through the model block by block (the stream engine,
-:mod:`tl_thoughts.stream`), side by side: the prompts WITH the chunk and the reduced prompts
+[`fit_thought`][] streams the examples through the model block by block (the stream engine,
+[`tl_thoughts.stream`][]), side by side: the prompts WITH the chunk and the reduced prompts
 (without it, natural positions, as at inference) under the patches already fitted for the blocks
 below (the papers' Algorithm 1). Each block costs one attention and one MLP call per stream, so the
 whole fit costs about one full and one reduced forward pass, plus a third reduced pass without
 patches when ``FitConfig.compare_steering`` (the mean-difference steering record). The positions
-every prompt with the chunk shares run once (:class:`tl_thoughts.stream.SharedStream`).
+every prompt with the chunk shares run once ([`tl_thoughts.stream.SharedStream`][]).
 
-Each block's solves are small functions of their own: :func:`solve_vector` (the mean virtual
-vector), :func:`solve_W_O`, :func:`solve_mlp_inputs` (``W_in``/``W_gate``) and :func:`solve_W_out`,
-each a ridge regression whose rows arrive in batches (:class:`tl_thoughts._math.RidgeRegression`:
+Each block's solves are small functions of their own: [`solve_vector`][] (the mean virtual
+vector), [`solve_W_O`][], [`solve_mlp_inputs`][] (``W_in``/``W_gate``) and [`solve_W_out`][],
+each a ridge regression whose rows arrive in batches ([`tl_thoughts._math.RidgeRegression`][]:
 sufficient statistics ``A^T W A`` and ``A^T W U``, or the rows themselves when there are fewer rows
-than inputs). Options travel as one validated :class:`FitConfig`, with named presets
-(:meth:`FitConfig.preset`: ``"default"``, ``"paper"``, ``"benchmark"``).
+than inputs). Options travel as one validated [`FitConfig`][], with named presets
+([`FitConfig.preset`][]: ``"default"``, ``"paper"``, ``"benchmark"``).
 """
 
 import dataclasses
@@ -70,7 +70,7 @@ TARGETS = ("residual", "attention")
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Options of :func:`fit_thought`, validated when made. Presets: :meth:`preset`.
+    """Options of [`fit_thought`][], validated when made. Presets: [`preset`][].
 
     Attributes:
         fit: ``"vector"``, ``"matrix"`` or ``"both"``.
@@ -147,7 +147,7 @@ class FitConfig:
     def preset(cls, name: str, **changes) -> "FitConfig":
         """A named configuration, with ``changes`` on top:
 
-        - ``"default"``: :class:`FitConfig`'s defaults.
+        - ``"default"``: [`FitConfig`][]'s defaults.
         - ``"paper"``: the papers' method (THEORY section 4; Mazzawi et al.'s Algorithm 1): the mean
           virtual vector (the attention-output difference) on the MLP output bias ``b_out``, ridge
           thought matrices on the MLP input ``W_in``/``W_gate``, fitted block by block under the
@@ -348,7 +348,7 @@ class _Fitter:
     def store(self, name: str, solution, shape: tuple[int, ...]) -> Tensor:
         """Hold a thought matrix's solution in the patch, in the model's dtype: as its factors when
         they are smaller than the matrix, else dense; return the delta the patch holds (the
-        factors' product, :func:`tl_thoughts.patch.factor_product`), under which the fit goes on."""
+        factors' product, [`tl_thoughts.patch.factor_product`][]), under which the fit goes on."""
         dtype = self.spec.dtype
         if isinstance(solution, tuple):
             left, right = solution
@@ -468,19 +468,19 @@ def fit_thought(
         model: The model (not modified; no hooks may be attached).
         chunk: The chunk's text (an instruction, demonstrations, knowledge).
         examples: Queries (strings) or ``(query, answer)`` pairs; answers are teacher-forced.
-        config: The options (:class:`FitConfig`; default ``FitConfig()``; presets
+        config: The options ([`FitConfig`][]; default ``FitConfig()``; presets
             ``FitConfig.preset("paper")`` and ``FitConfig.preset("benchmark")``).
         template: Where chunk and query go (default: the model's chat template, chunk and query in
             one user turn, or ``"{chunk}\\n{query}"`` without a chat template).
-        rows: :class:`tl_thoughts.stream.PromptRows` of some of the examples
-            (:func:`tl_thoughts.stream.prompt_rows` with this pool and query weight): their prompts
+        rows: [`tl_thoughts.stream.PromptRows`][] of some of the examples
+            ([`tl_thoughts.stream.prompt_rows`][] with this pool and query weight): their prompts
             with the chunk are read from them instead of streamed (batched apart from the
             others; the same patch to rounding). Not used where an unpatched prefix cannot be read
             from the shared positions.
         progress: Show a progress bar over blocks.
 
     Returns:
-        The fitted :class:`ThoughtPatch`.
+        The fitted [`ThoughtPatch`][].
 
     Raises:
         InputError: an empty chunk or no examples, hooks on the model, nothing to pool, a matrix
@@ -562,12 +562,12 @@ def fit_thoughts(
     rows: PromptRows | None = None,
     progress: bool = True,
 ) -> dict[str, ThoughtPatch]:
-    """:func:`fit_thought` once for each of ``fits`` (``"vector"``, ``"matrix"``, ``"both"``: the
+    """[`fit_thought`][] once for each of ``fits`` (``"vector"``, ``"matrix"``, ``"both"``: the
     ``fit`` of ``config`` replaced), streaming the prompts WITH the chunk only once: their
     activations do not depend on any patch, so the fits after the first reuse them (each then costs
     about one reduced pass instead of one full and one reduced pass; the price is memory: two
     tensors of the full prompts' residual size per block, kept until the last fit). The patches are
-    bit for bit those of separate :func:`fit_thought` calls (``tests/test_thoughts.py``).
+    bit for bit those of separate [`fit_thought`][] calls (``tests/test_thoughts.py``).
 
     Example:
         >>> patches = tl_thoughts.fit_thoughts(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP

@@ -64,7 +64,7 @@ class ImplicitUpdates:
             ``ln1_post``, OLMo 2 ``ln1``): the change of the attention output BEFORE that norm (the
             sum of ``head_vectors``); ``None`` otherwise (``vectors`` is then that sum).
         model_fingerprint: The fingerprint of the weights the updates were computed with
-            (:func:`tl_thoughts.fingerprint.model_fingerprint`): :meth:`check_model` refuses
+            ([`tl_thoughts.fingerprint.model_fingerprint`][]): [`check_model`][] refuses
             another model.
 
     Example:
@@ -116,7 +116,7 @@ class ImplicitUpdates:
     @property
     def reduced_tokens(self) -> Int[Tensor, "1 T"]:
         """``[1, T]`` the prompt without the chunk(s): ``tokens[:, span.kept_positions]``. Run it
-        under :func:`tl_thoughts.reduced_positions` (or :func:`tl_thoughts.run_reduced`) so that
+        under [`tl_thoughts.reduced_positions`][] (or [`tl_thoughts.run_reduced`][]) so that
         its tokens keep their original positions.
 
         Example:
@@ -127,8 +127,8 @@ class ImplicitUpdates:
 
     @property
     def reduced_rows(self) -> Int[Tensor, " kept"]:
-        """``[kept]`` the rows of :attr:`reduced_tokens` that hold ``positions`` (the ``kept`` axis):
-        where :meth:`hooks` add the vectors.
+        """``[kept]`` the rows of [`reduced_tokens`][] that hold ``positions`` (the ``kept`` axis):
+        where [`hooks`][] add the vectors.
 
         Example:
             >>> updates.reduced_rows.tolist()
@@ -139,13 +139,13 @@ class ImplicitUpdates:
     def hooks(self) -> list[tuple[str, Callable[[Tensor, object], Tensor]]]:
         """TransformerLens forward hooks ``(hook_name, fn)``, one per block of ``layers``: each adds
         the block's virtual weight vectors at ``blocks.{l}.hook_attn_out`` to the rows of the
-        REDUCED prompt (:attr:`reduced_tokens`) that hold the kept positions after the chunk
-        (:attr:`reduced_rows`), in every sequence of a batch. Pass them as ``fwd_hooks`` to
+        REDUCED prompt ([`reduced_tokens`][]) that hold the kept positions after the chunk
+        ([`reduced_rows`][]), in every sequence of a batch. Pass them as ``fwd_hooks`` to
         ``model.run_with_hooks`` or ``model.hooks``.
 
         The reduced prompt must run with its tokens at their ORIGINAL positions, as in the full
-        prompt: inside :func:`tl_thoughts.reduced_positions`, or through
-        :func:`tl_thoughts.run_reduced`. Run plainly, its tokens after the chunk move up by the
+        prompt: inside [`tl_thoughts.reduced_positions`][], or through
+        [`tl_thoughts.run_reduced`][]. Run plainly, its tokens after the chunk move up by the
         chunk's length, and the run differs from the full one by more than the vectors carry.
 
         Example:
@@ -259,7 +259,7 @@ class ImplicitUpdates:
         """The virtual weight matrices of ``name`` as a TransformerLens ``FactoredMatrix`` of shape
         ``[layer, kept, d_model, d_mlp]`` and rank 1 (never materialised densely).
 
-        See :meth:`matrix_factors` for the definition and the errors raised.
+        See [`matrix_factors`][] for the definition and the errors raised.
 
         Example:
             >>> updates.matrices("W_in").shape
@@ -271,7 +271,7 @@ class ImplicitUpdates:
 
 def compute_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype updates are computed in: ``dtype`` if given (float32 or float64), else the
-    model's, except for half-precision models, which get float32 and a :class:`PrecisionWarning`.
+    model's, except for half-precision models, which get float32 and a [`PrecisionWarning`][].
 
     Example:
         >>> compute_dtype(torch.float32, None), compute_dtype(torch.float32, torch.float64)
@@ -306,7 +306,7 @@ def implicit_updates(
     """Exact implicit updates of every block for removing ``chunk`` from the prompt.
 
     One run of the full prompt, streamed (no re-run per layer, no attention pattern kept). See
-    :class:`ImplicitUpdates`.
+    [`ImplicitUpdates`][].
 
     Args:
         model: A HookedTransformer (not modified; it must have no hooks attached).
@@ -324,7 +324,7 @@ def implicit_updates(
     Raises:
         ChunkError: empty chunk, out of range, nothing after it, overlapping chunks, substring not
             found or ambiguous.
-        InputError: a batch (use :func:`implicit_updates_batch`), bad token ids, text without a
+        InputError: a batch (use [`implicit_updates_batch`][]), bad token ids, text without a
             tokenizer, hooks on the model, bad ``layers``/``positions``/``dtype``.
         UnsupportedArchitectureError: a config feature without an exact construction.
         ZeroDenominatorError: a head attends only to the chunk at some position.
@@ -359,7 +359,7 @@ def implicit_updates_batch(
     layers: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
 ) -> list[ImplicitUpdates]:
-    """:func:`implicit_updates` for a batch of prompts of different lengths, in one padded run.
+    """[`implicit_updates`][] for a batch of prompts of different lengths, in one padded run.
 
     Each result is that of its prompt run alone (same tokens, positions counted in the prompt
     itself, not in the padded batch), up to floating-point rounding of the batched products.
@@ -374,16 +374,16 @@ def implicit_updates_batch(
         attention_mask: ``[batch, pos]`` 1 on real tokens, 0 on padding, for a padded tensor.
         padding_side: ``"right"`` or ``"left"``, when the prompts are padded here.
         layers: Only these blocks (default: all).
-        dtype: As in :func:`implicit_updates`.
+        dtype: As in [`implicit_updates`][].
 
     Returns:
-        One :class:`ImplicitUpdates` per prompt, in order.
+        One [`ImplicitUpdates`][] per prompt, in order.
 
     Raises:
         InputError: an empty batch, a mask of the wrong shape or that is not left or right
             padding, a chunk list of another length than the batch, bad token ids.
         ChunkError, UnsupportedArchitectureError, ZeroDenominatorError: as in
-            :func:`implicit_updates`, naming the prompt.
+            [`implicit_updates`][], naming the prompt.
 
     Example:
         >>> batch = tl_thoughts.implicit_updates_batch(
@@ -423,16 +423,16 @@ def updates_from_cache(
     chunk: ChunkSpec | Span,
     cache: ActivationCache | Mapping[str, Tensor],
 ) -> ImplicitUpdates:
-    """The arithmetic of :func:`implicit_updates` on the cache of a run of the full prompt that
+    """The arithmetic of [`implicit_updates`][] on the cache of a run of the full prompt that
     you already have: ``logits, cache = model.run_with_cache(tokens)``.
 
     Args:
         model: The model the cache was computed with (no hooks on that run; its weights unchanged
             since).
-        tokens: The prompt of that run, as in :func:`implicit_updates` (``[1, pos]``, ``[pos]`` or
+        tokens: The prompt of that run, as in [`implicit_updates`][] (``[1, pos]``, ``[pos]`` or
             a string).
-        chunk: As in :func:`implicit_updates` (a slice, a range, a substring, several chunks), or
-            a :class:`Span`.
+        chunk: As in [`implicit_updates`][] (a slice, a range, a substring, several chunks), or
+            a [`Span`][].
         cache: A TransformerLens ``ActivationCache`` of a batch of one (as ``run_with_cache``
             returns it, or after ``cache.remove_batch_dim()``), or a dict of the same tensors.
             It must hold, for every layer, ``attn.hook_pattern``, ``attn.hook_v``,
@@ -442,12 +442,12 @@ def updates_from_cache(
 
     Returns:
         The updates of every block at every kept position after the chunk, in the cache's dtype:
-        the same as :func:`implicit_updates` up to rounding.
+        the same as [`implicit_updates`][] up to rounding.
 
     Raises:
         InputError: the cache lacks a name, holds a batch of several prompts, or another length
             than ``tokens``.
-        ChunkError, ZeroDenominatorError: as in :func:`implicit_updates`.
+        ChunkError, ZeroDenominatorError: as in [`implicit_updates`][].
 
     Example:
         >>> tokens = torch.arange(10)[None]
@@ -478,7 +478,7 @@ def updates_from_cache(
 
 
 def _cache_rows(spec: _tl.ModelSpec, cache: ActivationCache | Mapping[str, Tensor], n_pos: int) -> dict[str, Tensor]:
-    """The activations :func:`updates_from_cache` reads, without a batch axis, checked."""
+    """The activations [`updates_from_cache`][] reads, without a batch axis, checked."""
     if not hasattr(cache, "keys") or not hasattr(cache, "__getitem__"):
         raise ArgumentTypeError(
             f"cache: expected an ActivationCache (model.run_with_cache) or a dict, got {type(cache).__name__}"
@@ -630,7 +630,7 @@ def _row_tokens(model: HookedTransformer, padded: Tensor, rows: list[Tensor]) ->
 def _reduced(
     layer: int, pattern: Tensor, v: Tensor, chunk_keys: Tensor, job: _Job
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_math.reduced_attention` with the layer and prompt position in its error."""
+    """[`_math.reduced_attention`][] with the layer and prompt position in its error."""
     try:
         return _math.reduced_attention(pattern, v, chunk_keys)
     except ZeroDenominatorError:

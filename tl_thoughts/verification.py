@@ -1,6 +1,6 @@
 """Numerical verification: the reduced prompt under the patch reproduces the full prompt; and the
-reduced prompt run with its tokens at their original positions (:func:`reduced_positions`,
-:func:`run_reduced`), for a user's own hooks."""
+reduced prompt run with its tokens at their original positions ([`reduced_positions`][],
+[`run_reduced`][]), for a user's own hooks."""
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
@@ -84,10 +84,10 @@ class FormReport:
 
 @dataclass(frozen=True, eq=False)
 class VerificationReport:
-    """The verification of :func:`verify`, layer by layer and at the output.
+    """The verification of [`verify`][], layer by layer and at the output.
 
     Attributes:
-        forms: form name -> :class:`FormReport`; always has ``"unpatched"`` as the baseline.
+        forms: form name -> [`FormReport`][]; always has ``"unpatched"`` as the baseline.
         kept_positions: ``[T]`` positions of the reduced prompt in the full prompt.
         full_logits: ``[T, d_vocab]`` the full run's logits at the kept positions (the reference).
         span: the removed positions (one chunk or several).
@@ -131,7 +131,7 @@ class VerificationReport:
 
     @property
     def max_resid_rel_error(self) -> float:
-        """Worst relative residual error (:attr:`FormReport.resid_rel_errors`) over the verified forms."""
+        """Worst relative residual error (`FormReport.resid_rel_errors`) over the verified forms."""
         return max(r.max_resid_rel_error for r in self.patched)
 
     def __getitem__(self, form: str) -> FormReport:
@@ -192,13 +192,13 @@ def verify(
     Kept tokens keep their original positions in every reduced run (THEORY 1). The forms:
     ``"activation"`` adds ``updates.vectors`` at ``blocks.{l}.hook_attn_out`` through temporary
     hooks; ``"weight"`` runs the reduced prompt through the model with really patched parameters
-    and no hooks (see :func:`tl_thoughts.exact_weight_patch`). The unpatched reduced run is always
+    and no hooks (see [`tl_thoughts.exact_weight_patch`][]). The unpatched reduced run is always
     reported as the baseline. Every run is in the dtype the updates were computed in
     (``report.dtype``). The model is restored afterwards, also if an error is raised.
 
     Args:
         model: The model the updates were computed on (no hooks attached).
-        updates: From :func:`tl_thoughts.implicit_updates`.
+        updates: From [`tl_thoughts.implicit_updates`][].
         forms: Which patched forms to verify.
 
     Returns:
@@ -207,7 +207,7 @@ def verify(
     Raises:
         InputError: an unknown form.
         InputError: updates computed for a subset of layers or positions, or on another model
-            (or on this one with other weights: :meth:`ImplicitUpdates.check_model`).
+            (or on this one with other weights: [`ImplicitUpdates.check_model`][]).
         ZeroDenominatorError: the weight form has no exact solution (see ``exact_weight_patch``).
 
     Example:
@@ -283,12 +283,12 @@ def reduced_positions(model: HookedTransformer, updates: ImplicitUpdates | Span)
 
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates` (or just its ``span``; the reduced prompt
+        updates: From [`tl_thoughts.implicit_updates`][] (or just its ``span``; the reduced prompt
             is then not known and ``None`` is yielded).
 
     Raises:
         ArgumentTypeError: ``updates`` is neither ImplicitUpdates nor a Span.
-        InputError: ``model`` is not the updates' (:meth:`ImplicitUpdates.check_model`), or a
+        InputError: ``model`` is not the updates' ([`ImplicitUpdates.check_model`][]), or a
             kept position lies beyond the model's position tables.
 
     Example:
@@ -322,14 +322,14 @@ def run_reduced(
     **kwargs: Any,
 ) -> Any:
     """Run the reduced prompt with its tokens at their original positions
-    (:func:`reduced_positions`), in the dtype the updates were computed in, through
-    ``model.run_with_hooks``: with the updates' hooks (:meth:`ImplicitUpdates.hooks`, unless
+    ([`reduced_positions`][]), in the dtype the updates were computed in, through
+    ``model.run_with_hooks``: with the updates' hooks ([`ImplicitUpdates.hooks`][], unless
     ``patched=False``) and then the user's ``fwd_hooks``. The result is the full prompt's run at
     the kept positions (``updates.span.kept_positions``), up to rounding.
 
     Args:
         model: The model the updates were computed on.
-        updates: From :func:`tl_thoughts.implicit_updates`.
+        updates: From [`tl_thoughts.implicit_updates`][].
         fwd_hooks: Your own TransformerLens forward hooks ``(hook_name, fn)``, run after the
             updates' own at the same hook point (they see the patched activation).
         patched: Add the updates' vectors (default); ``False`` runs the reduced prompt alone (the

@@ -1,7 +1,7 @@
 """The behavioural benchmark (THEORY 5): does a patch fitted from a chunk make the model, run
 WITHOUT the chunk, do what the chunk asked? Compared with the heuristics the theory explains.
 
-Protocol (:func:`evaluate_task`), per seed:
+Protocol ([`evaluate_task`][]), per seed:
 
 1. the task's examples are shuffled with the seed and split into ``n_fit`` fit examples and the
    rest, the test examples (disjoint);
@@ -13,40 +13,40 @@ Protocol (:func:`evaluate_task`), per seed:
    answer iff the argmax at every answer position is the next answer token (checked against real
    generation in the test suite);
 3. the test examples are filtered to those right WITH the chunk and wrong WITHOUT it (their number
-   is reported; an example's verdicts do not depend on the split: :func:`example_verdicts`
+   is reported; an example's verdicts do not depend on the split: [`example_verdicts`][]
    computes them once a task);
 4. every method runs on the same filtered examples, without the chunk, after being fitted on the
    same fit rows: the fit examples plus the first ``EvalConfig.n_queries`` of the task's
    unlabelled queries that the model answers WITH the chunk, with those answers
-   (:func:`query_answers`; the same queries for every seed, none of them an example, their
+   ([`query_answers`][]; the same queries for every seed, none of them an example, their
    prompts with the chunk run once a task for every seed's fit: their rows are read from the
-   decoding's own runs, :func:`query_answers_with_rows`, the rows :func:`query_full_rows`
+   decoding's own runs, [`query_answers_with_rows`][], the rows [`query_full_rows`][]
    streams; the refined patch's gradient steps use the labelled fit examples only):
 
    - ``with_chunk`` / ``without_chunk``: the prompt with / without the chunk, no patch (1 and 0 on
      the filtered set by construction; their unfiltered accuracies are reported too);
-   - ``thought_patch``: :func:`tl_thoughts.fit_thought` with :meth:`EvalConfig.fit_config` (the
-     ``"benchmark"`` preset of :class:`tl_thoughts.FitConfig`, its ridge scaled by the rows), applied in its weight
+   - ``thought_patch``: [`tl_thoughts.fit_thought`][] with [`EvalConfig.fit_config`][] (the
+     ``"benchmark"`` preset of [`tl_thoughts.FitConfig`][], its ridge scaled by the rows), applied in its weight
      form, the positions it leaves unpatched (the fixed first token, at the defaults) read from a
-     key-value cache of the unpatched model (:func:`match_under`: the values of
-     :meth:`tl_thoughts.ThoughtPatch.apply`'s activation form); its matrices are used as fitted,
+     key-value cache of the unpatched model ([`match_under`][]: the values of
+     [`tl_thoughts.ThoughtPatch.apply`][]'s activation form); its matrices are used as fitted,
      or, with several candidates in ``EvalConfig.ranks``, at the candidate rank (their best
-     low-rank approximations, :meth:`tl_thoughts.ThoughtPatch.truncations`, or as fitted for
+     low-rank approximations, [`tl_thoughts.ThoughtPatch.truncations`][], or as fitted for
      ``None``) that does best on the fit examples (or on the fit examples and the answered queries
      with ``EvalConfig.rank_on_queries``);
-   - ``thought_patch_paper``: the papers' method, :func:`tl_thoughts.fit_thought` with
-     :meth:`EvalConfig.paper_fit_config` (the ``"paper"`` preset: the mean virtual vector on
+   - ``thought_patch_paper``: the papers' method, [`tl_thoughts.fit_thought`][] with
+     [`EvalConfig.paper_fit_config`][] (the ``"paper"`` preset: the mean virtual vector on
      ``b_out``, ridge matrices on ``W_in``/``W_gate``, every position patched) on the ``n_fit``
      labelled fit examples only (no answered query), applied in its weight form;
    - ``thought_vector``, ``thought_matrix``: that patch's thought vectors alone and its thought
-     matrices alone, as fitted (:meth:`tl_thoughts.ThoughtPatch.only`; not fitted again);
+     matrices alone, as fitted ([`tl_thoughts.ThoughtPatch.only`][]; not fitted again);
    - ``thought_vector_fitted_alone``, ``thought_matrix_fitted_alone`` (not in
-     :data:`DEFAULT_METHODS`): ``fit_thought(fit="vector" | "matrix")``, patches fitted on their
-     own (in one :func:`tl_thoughts.fit_thoughts` call with the thought patch), as fitted;
-   - ``thought_patch_refined`` (not in :data:`DEFAULT_METHODS`: on request, :data:`ON_REQUEST`):
+     [`DEFAULT_METHODS`][]): ``fit_thought(fit="vector" | "matrix")``, patches fitted on their
+     own (in one [`tl_thoughts.fit_thoughts`][] call with the thought patch), as fitted;
+   - ``thought_patch_refined`` (not in [`DEFAULT_METHODS`][]: on request, [`ON_REQUEST`][]):
      that thought patch (at its chosen rank) refined by
      ``EvalConfig.refine_steps`` full-batch Adam steps on the fit examples' answers, without the
-     chunk (:func:`tl_thoughts.refine_thought`): the same numbers, trained on the behaviour;
+     chunk ([`tl_thoughts.refine_thought`][]): the same numbers, trained on the behaviour;
    - ``steering_best_layer``: the mean-difference steering vector (residual stream after block
      ``l``, with the chunk minus without, averaged over the fit rows' pooled positions) added
      at ``blocks.{l}.hook_resid_post`` at every position after the chunk's place, ``l`` chosen on
@@ -68,27 +68,27 @@ An example is right when greedy decoding gives the answer's TEXT, so a greedy co
 spells the answer with other tokens than the tokenizer's (``" F" "ARMER"`` for ``" FARMER"``) is
 right too: where the teacher-forced pass sees the model leave the answer's tokens for a token whose
 text still fits the answer (after normalising whitespace), the example is decoded for real, under
-the same patch or hooks, and its text compared (:func:`greedy_match`).
+the same patch or hooks, and its text compared ([`greedy_match`][]).
 
-Every run of prompts goes through the stream engine (:mod:`tl_thoughts.stream`: padding, batches
+Every run of prompts goes through the stream engine ([`tl_thoughts.stream`][]: padding, batches
 by length, the shared prefix's key-value cache, runs to the last block, greedy decoding, the rows a
 fit reads). The package's modules, each using only those above it:
 
-- ``config``: :class:`EvalConfig`, :func:`check_tasks`, :class:`EvalOptionError`, the method
-  names, :func:`fit_kinds`;
-- ``examples``: :class:`TaskExample` (a task's example tokenised with and without the chunk),
-  :func:`stop_tokens`;
-- ``decoding``: the queries' answers (:func:`query_answers`, :func:`query_answers_with_rows`),
-  :func:`greedy_generate`;
-- ``verdicts``: the teacher-forced check (:func:`teacher_forced_verdicts`, :func:`greedy_match`,
-  :func:`match_under`) and the filter (:func:`chunk_filter`, :func:`example_verdicts`);
-- ``baselines``: the steering baselines' sums (:func:`difference_sums`), hooks, edits and layer
-  search (:func:`best_layers`);
-- ``protocol``: :func:`split`, :func:`choose_rank`, :class:`TaskInputs` / :func:`prepare_task`,
-  :func:`evaluate_seed`, :func:`evaluate_task`, :func:`evaluate_in_processes`;
-- ``report``: ``results.json`` (:func:`results_json`), :func:`markdown_table`,
-  :func:`plot_results`, :func:`write_results`; each task's result stored as it finishes and read
-  back by a rerun (:func:`run_options`, :func:`save_task_result`, :func:`stored_task_results`).
+- ``config``: [`EvalConfig`][], [`check_tasks`][], [`EvalOptionError`][], the method
+  names, [`fit_kinds`][];
+- ``examples``: [`TaskExample`][] (a task's example tokenised with and without the chunk),
+  [`stop_tokens`][];
+- ``decoding``: the queries' answers ([`query_answers`][], [`query_answers_with_rows`][]),
+  [`greedy_generate`][];
+- ``verdicts``: the teacher-forced check ([`teacher_forced_verdicts`][], [`greedy_match`][],
+  [`match_under`][]) and the filter ([`chunk_filter`][], [`example_verdicts`][]);
+- ``baselines``: the steering baselines' sums ([`difference_sums`][]), hooks, edits and layer
+  search ([`best_layers`][]);
+- ``protocol``: [`split`][], [`choose_rank`][], [`TaskInputs`][] / [`prepare_task`][],
+  [`evaluate_seed`][], [`evaluate_task`][], [`evaluate_in_processes`][];
+- ``report``: ``results.json`` ([`results_json`][]), [`markdown_table`][],
+  [`plot_results`][], [`write_results`][]; each task's result stored as it finishes and read
+  back by a rerun ([`run_options`][], [`save_task_result`][], [`stored_task_results`][]).
 
 The names are imported on first use (reading ``tl_thoughts.evaluation.EvalConfig`` imports the
 ``config`` module), so that the command line's parser reads the options' defaults from ``config``

@@ -1,7 +1,7 @@
 """The steering baselines (THEORY 5): the mean residual differences and task vectors they are
-fitted from (:class:`DifferenceSums`, :func:`difference_sums`), their hooks and residual edits,
-and the layer search that places them (:func:`best_layers`, its example groups
-:func:`search_groups`)."""
+fitted from ([`DifferenceSums`][], [`difference_sums`][]), their hooks and residual edits,
+and the layer search that places them ([`best_layers`][], its example groups
+[`search_groups`][])."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +25,8 @@ from tl_thoughts.stream import PromptRows, SharedPrefix, length_batches, pad_rig
 def shared_full_length(examples: list[TaskExample], pool: str) -> int:
     """How many first positions the examples' prompts with the chunk share, up to the first one read.
 
-    :func:`~tl_thoughts.templates.shared_prefix_length` of the prompts with the chunk, up to the
-    first position :func:`difference_sums` reads (pooled or last prompt position): the positions
+    [`shared_prefix_length`][tl_thoughts.templates.shared_prefix_length] of the prompts with the chunk, up to the
+    first position [`difference_sums`][] reads (pooled or last prompt position): the positions
     it runs once, into a key-value cache.
 
     Example:
@@ -39,14 +39,14 @@ def shared_full_length(examples: list[TaskExample], pool: str) -> int:
 
 @dataclass
 class DifferenceSums:
-    """The steering baselines' sums over some examples (:func:`difference_sums`).
+    """The steering baselines' sums over some examples ([`difference_sums`][]).
 
     Of ``resid(full) - resid(reduced)`` over their pooled positions at ``blocks.0.hook_resid_pre``
     then every ``blocks.{l}.hook_resid_post`` (``diff``, ``[n_layers + 1, d_model]``, over
     ``n_positions``), and of the full run's ``resid_post`` at the last prompt position (``task``,
     ``[n_layers, d_model]``, over ``n_examples``), float64. Sums over disjoint sets of examples add
     up (``+``) to the sums over their union: the answered queries' part, the same in every seed, is
-    computed once a task (:func:`query_difference_sums`).
+    computed once a task ([`query_difference_sums`][]).
 
     Attributes:
         diff: ``[n_layers + 1, d_model]``: the sum of the differences over the pooled positions.
@@ -69,7 +69,7 @@ class DifferenceSums:
                               self.task + other.task, self.n_examples + other.n_examples)
 
     def means(self) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
-        """The mean differences and the task vectors (:func:`mean_differences`)."""
+        """The mean differences and the task vectors ([`mean_differences`][])."""
         if self.n_positions == 0 or self.n_examples == 0:
             raise InputError("no pooled position to average the steering baselines over")
         return self.diff / self.n_positions, self.task / self.n_examples
@@ -79,11 +79,11 @@ class DifferenceSums:
 def difference_sums(
     model: HookedTransformer, examples: list[TaskExample], pool: str, batch_size: int, full_rows: PromptRows | None = None
 ) -> DifferenceSums:
-    """:class:`DifferenceSums` over ``examples`` (none: zero sums). The positions every prompt with
+    """[`DifferenceSums`][] over ``examples`` (none: zero sums). The positions every prompt with
     the chunk shares (the prefix and the chunk) run once, their keys and values read by every batch
-    from TransformerLens' key-value cache. ``full_rows``: :class:`tl_thoughts.stream.PromptRows`
+    from TransformerLens' key-value cache. ``full_rows``: [`tl_thoughts.stream.PromptRows`][]
     holding every example's prompt with the chunk at its ``pool`` positions and its last prompt
-    position (:func:`query_full_rows` of the same queries): the sums with the chunk are read from
+    position ([`query_full_rows`][] of the same queries): the sums with the chunk are read from
     them instead of run (the same sums up to floating-point rounding).
 
     Example:
@@ -167,7 +167,7 @@ def mean_differences(
     The mean over the examples' pooled positions of ``resid(full) - resid(reduced)`` at
     ``blocks.0.hook_resid_pre`` then every ``blocks.{l}.hook_resid_post`` (``[n_layers + 1, d]``),
     and the task vectors: mean full-run ``resid_post`` at the last prompt position
-    (``[n_layers, d]``) (:func:`difference_sums`, :meth:`DifferenceSums.means`).
+    (``[n_layers, d]``) ([`difference_sums`][], [`DifferenceSums.means`][]).
 
     Example:
         >>> deltas, task_vectors = mean_differences(model, fit_examples, "answer", 64)  # doctest: +SKIP
@@ -179,12 +179,12 @@ def query_difference_sums(
     model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig,
     query_rows: PromptRows | None = None,
 ) -> DifferenceSums | None:
-    """The answered queries' part of the steering baselines' sums (:class:`DifferenceSums`).
+    """The answered queries' part of the steering baselines' sums ([`DifferenceSums`][]).
 
     The same in every seed (the seeds differ in their fit examples only): the ``query_sums`` of
-    :class:`tl_thoughts.evaluation.TaskInputs`. None where ``config`` runs no steering baseline.
-    ``query_rows``: the queries' :func:`tl_thoughts.evaluation.query_full_rows`, if computed: the
-    sums with the chunk are read from them (:func:`difference_sums`).
+    [`tl_thoughts.evaluation.TaskInputs`][]. None where ``config`` runs no steering baseline.
+    ``query_rows``: the queries' [`tl_thoughts.evaluation.query_full_rows`][], if computed: the
+    sums with the chunk are read from them ([`difference_sums`][]).
 
     Example:
         >>> queries = query_answers(model, task, config.n_queries)  # doctest: +SKIP
@@ -295,7 +295,7 @@ def task_vector_hooks(vectors: Float[Tensor, "layer d_model"], layer: int) -> Ho
 
 @dataclass(frozen=True)
 class ResidEdit:
-    """A residual edit of :func:`best_layers`.
+    """A residual edit of [`best_layers`][].
 
     Attributes:
         apply: ``apply(layer, resid_after_block_layer [batch, pos, d_model], batch)`` returns the
@@ -317,7 +317,7 @@ SEARCH_GROUP_COST = 48
 
 
 def steering_edit(deltas: Tensor, start: int) -> ResidEdit:
-    """The residual edit of :func:`steering_hooks` for the layer search.
+    """The residual edit of [`steering_hooks`][] for the layer search.
 
     After block ``layer``, ``deltas[layer + 1]`` is added at every position from ``start`` on.
 
@@ -335,7 +335,7 @@ def steering_edit(deltas: Tensor, start: int) -> ResidEdit:
 
 
 def task_vector_edit(vectors: Tensor) -> ResidEdit:
-    """The residual edit of :func:`task_vector_hooks` for the layer search.
+    """The residual edit of [`task_vector_hooks`][] for the layer search.
 
     After block ``layer``, ``vectors[layer]`` replaces the residual at each prompt's last position.
 
@@ -365,10 +365,10 @@ def best_layers(
     Every candidate runs from the cached residual after its block, not from the start, and the
     candidates run together, staggered: block ``k`` runs once on the stack of every candidate
     edited below it (the same products as one run per candidate, in ``n_layers`` calls instead of
-    ``n_layers^2 / 2``). The positions before an edit's first one (:class:`ResidEdit`), which no
+    ``n_layers^2 / 2``). The positions before an edit's first one ([`ResidEdit`][]), which no
     edit changes (causal attention), do not run again: a candidate's block reads their keys and
     values from the unedited run, as TransformerLens' key-value cache holds them. The fit examples
-    run in groups of similar lengths (:func:`search_groups`, at ``group_cost``); the means are
+    run in groups of similar lengths ([`search_groups`][], at ``group_cost``); the means are
     taken in the examples' order, whatever the groups.
 
     Returns:
@@ -436,11 +436,11 @@ def best_layers(
 def search_groups(
     examples: list[TaskExample], edits: dict[str, ResidEdit], most: int, *, group_cost: int = SEARCH_GROUP_COST
 ) -> list[list[int]]:
-    """The examples of :func:`best_layers` (their indices) in groups of similar lengths.
+    """The examples of [`best_layers`][] (their indices) in groups of similar lengths.
 
     Groups of at most ``most``, sorted by the positions the verdicts read, cut where the positions
     each edit's candidates run (padding included: every sequence runs to its group's longest) plus
-    ``group_cost`` a group (default :data:`SEARCH_GROUP_COST`) are fewest (dynamic programming
+    ``group_cost`` a group (default [`SEARCH_GROUP_COST`][]) are fewest (dynamic programming
     over the cuts).
 
     Example:

@@ -1,5 +1,5 @@
-"""The protocol's options (:class:`EvalConfig`, validated when made; :func:`check_tasks` for the
-tasks), its method names, and which least-squares fits a set of methods needs (:func:`fit_kinds`).
+"""The protocol's options ([`EvalConfig`][], validated when made; [`check_tasks`][] for the
+tasks), its method names, and which least-squares fits a set of methods needs ([`fit_kinds`][]).
 
 This module imports neither torch nor TransformerLens (the command line's parser reads it)."""
 
@@ -17,8 +17,8 @@ if TYPE_CHECKING:  # imported where used: this module needs neither torch nor Tr
 
 
 class EvalOptionError(InputError):
-    """An option of the behavioural benchmark cannot be used: an :class:`EvalConfig` field, the
-    tasks for a configuration (:func:`check_tasks`), the worker processes, or the output folder of
+    """An option of the behavioural benchmark cannot be used: an [`EvalConfig`][] field, the
+    tasks for a configuration ([`check_tasks`][]), the worker processes, or the output folder of
     ``tl-thoughts eval``; the message names it. Raised before any model runs."""
 
 
@@ -47,16 +47,16 @@ BASELINES = ("steering_best_layer", "steering_all_layers", "task_vector")  # fit
 def fit_kinds(methods: Sequence[str]) -> dict[str, str]:
     """The least-squares fits a set of methods needs.
 
-    Each method of :data:`FIT_METHODS` in ``methods`` needs its own fit; the thought patch's fit is
-    also needed wherever its parts (:data:`PART_METHODS`) or its refinement are run. One rule for
-    :func:`tl_thoughts.evaluation.evaluate_seed` and
-    :func:`tl_thoughts.evaluation.query_answers_with_rows`.
+    Each method of [`FIT_METHODS`][] in ``methods`` needs its own fit; the thought patch's fit is
+    also needed wherever its parts ([`PART_METHODS`][]) or its refinement are run. One rule for
+    [`tl_thoughts.evaluation.evaluate_seed`][] and
+    [`tl_thoughts.evaluation.query_answers_with_rows`][].
 
     Args:
-        methods: Method names (of :data:`METHODS`).
+        methods: Method names (of [`METHODS`][]).
 
     Returns:
-        ``{method: fit_thought's fit}``, in the order of :data:`FIT_METHODS`.
+        ``{method: fit_thought's fit}``, in the order of [`FIT_METHODS`][].
 
     Example:
         >>> fit_kinds(("with_chunk", "without_chunk", "thought_vector"))
@@ -76,7 +76,7 @@ class EvalConfig:
     Attributes:
         n_fit: Fit examples per seed (the rest are test examples).
         n_queries: Unlabelled queries of the task (its ``queries``) answered by the model itself
-            WITH the chunk (:func:`query_answers`: the first ``n_queries`` it answers) and added to
+            WITH the chunk ([`query_answers`][]: the first ``n_queries`` it answers) and added to
             every seed's fit examples for every method's fit (the thought patches, the steering
             vectors, the task vectors). They are none of the task's examples, so the test
             examples stay unseen. Choices on fit data (ranks, layers) and the refined patch's
@@ -86,35 +86,35 @@ class EvalConfig:
         layers: Blocks the thought patches are fitted on (None: all).
         ridge: Ridge strength of the thought matrices, relative to the mean squared MLP input of
             ``n_fit`` rows: the fit's ridge is ``ridge * (n_fit + n_queries) / n_fit``
-            (:func:`tl_thoughts.fit_thought` divides by the mean over rows, so the queries would
+            ([`tl_thoughts.fit_thought`][] divides by the mean over rows, so the queries would
             otherwise weaken the ridge relative to the sum of squares).
         pool: Positions pooled by the thought patches and the steering vectors (see
-            :func:`tl_thoughts.fit_thought`).
+            [`tl_thoughts.fit_thought`][]).
         vector_site, vector_target: Where the thought vector goes and what it restores.
-        attention_matrix: Also fit a thought matrix on ``W_O`` (see :func:`tl_thoughts.fit_thought`).
+        attention_matrix: Also fit a thought matrix on ``W_O`` (see [`tl_thoughts.fit_thought`][]).
         query_weight: Weight of the query positions in the matrices' fits.
-        output_matrix: Also fit a thought matrix on ``W_out`` (see :func:`tl_thoughts.fit_thought`).
+        output_matrix: Also fit a thought matrix on ``W_out`` (see [`tl_thoughts.fit_thought`][]).
         patch_prefix: False leaves the positions before the chunk's place (the template's prefix)
-            unpatched, in the fit and when applied (see :func:`tl_thoughts.fit_thought`).
+            unpatched, in the fit and when applied (see [`tl_thoughts.fit_thought`][]).
         ranks: Candidate ranks of the ``thought_patch`` method's thought matrices: an integer
             ``k`` replaces every thought matrix by its best rank-``k`` approximation
-            (:meth:`tl_thoughts.ThoughtPatch.truncations`), None keeps the matrices as fitted. With
+            ([`tl_thoughts.ThoughtPatch.truncations`][]), None keeps the matrices as fitted. With
             several candidates, the one doing best on the fit examples is used (per seed; recorded
             in ``SeedResult.ranks``). Default: as fitted, no choice (``docs/benchmark.md``, "480
             queries"). The ``thought_vector`` and ``thought_matrix`` ablations are the patch's
-            vectors alone and matrices alone as fitted (:meth:`tl_thoughts.ThoughtPatch.only`).
+            vectors alone and matrices alone as fitted ([`tl_thoughts.ThoughtPatch.only`][]).
         rank_on_queries: Choose the rank on the labelled fit examples plus the answered queries
             (each scored against the model's own answer with the chunk) instead of on the
             labelled fit examples alone (``docs/benchmark.md``, "More queries, a smaller ridge,
             the rank chosen on the queries").
         refine_steps, refine_lr: The ``thought_patch_refined`` method: the ``thought_patch`` (at its
             chosen rank) refined by that many full-batch Adam steps at that learning rate on the
-            fit examples' answers (:func:`tl_thoughts.refine_thought`).
+            fit examples' answers ([`tl_thoughts.refine_thought`][]).
         batch_size: Sequences per forward pass.
-        methods: The methods run (default: :data:`DEFAULT_METHODS`, among them
+        methods: The methods run (default: [`DEFAULT_METHODS`][], among them
             ``thought_patch_paper``, the papers' method fitted on the ``n_fit`` labelled examples
-            with :meth:`paper_fit_config`; the protocol's: all of
-            :data:`METHODS` but those of :data:`ON_REQUEST`, ``thought_patch_refined`` and
+            with [`paper_fit_config`][]; the protocol's: all of
+            [`METHODS`][] but those of [`ON_REQUEST`][], ``thought_patch_refined`` and
             ``thought_vector_fitted_alone`` / ``thought_matrix_fitted_alone``, the vector-only and
             matrix-only patches fitted on their own, ``fit_thought(fit="vector" | "matrix")``).
     """
@@ -139,7 +139,7 @@ class EvalConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
 
     def fit_config(self, n_rows: int | None = None) -> "FitConfig":
-        """The :class:`tl_thoughts.FitConfig` of the ``thought_patch`` (and of the patches fitted
+        """The [`tl_thoughts.FitConfig`][] of the ``thought_patch`` (and of the patches fitted
         alone, with their ``fit``) for a fit on ``n_rows`` rows: the ridge scaled by
         ``n_rows / n_fit`` (see ``ridge``; None: ``n_fit`` rows), as the protocol fits on the fit
         examples plus the answered queries; no steering record.
@@ -160,7 +160,7 @@ class EvalConfig:
                          batch_size=self.batch_size, compare_steering=False)
 
     def paper_fit_config(self) -> "FitConfig":
-        """The :class:`tl_thoughts.FitConfig` of ``thought_patch_paper``: the ``"paper"`` preset
+        """The [`tl_thoughts.FitConfig`][] of ``thought_patch_paper``: the ``"paper"`` preset
         (``FitConfig.preset("paper")``) with this configuration's ridge (on the ``n_fit`` labelled
         examples, no query), layers and batch size; no steering record.
 
@@ -231,8 +231,8 @@ def _is_finite(value) -> bool:
 def check_tasks(tasks: Sequence["Task"], config: EvalConfig) -> None:
     """Check, before any model runs, that ``config`` can run on ``tasks``.
 
-    :func:`tl_thoughts.evaluation.evaluate_task` and
-    :func:`tl_thoughts.evaluation.evaluate_in_processes` call it first, and so does
+    [`tl_thoughts.evaluation.evaluate_task`][] and
+    [`tl_thoughts.evaluation.evaluate_in_processes`][] call it first, and so does
     ``tl-thoughts eval`` before loading the model.
 
     Raises:

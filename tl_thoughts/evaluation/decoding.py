@@ -1,7 +1,7 @@
-"""The answers of a task's unlabelled queries with the chunk (:func:`query_answers`,
-:func:`query_answers_with_rows`: greedy decoding through the stream engine's
-:func:`tl_thoughts.stream.greedy_decode_cached`, which also records the rows a fit reads), and
-:func:`greedy_generate`."""
+"""The answers of a task's unlabelled queries with the chunk ([`query_answers`][],
+[`query_answers_with_rows`][]: greedy decoding through the stream engine's
+[`tl_thoughts.stream.greedy_decode_cached`][], which also records the rows a fit reads), and
+[`greedy_generate`][]."""
 
 from collections.abc import Sequence
 
@@ -30,14 +30,14 @@ def query_answers(
     """The first ``n`` of the task's unlabelled queries that the model answers with the chunk.
 
     With their answers: greedy decoding of the prompt with the chunk (the protocol's tokens) up to
-    a stop token (:func:`stop_tokens`), through TransformerLens' key-value cache (the queries still
+    a stop token ([`stop_tokens`][]), through TransformerLens' key-value cache (the queries still
     wanted, at least ``batch_size`` of them, decoded together: the prompts of one length in
     batches of at most ``batch_size``; the same tokens as decoding every step from the start,
     ``tests/test_evaluation.py``). A query is skipped (and the next one taken) where the
     generation does not stop within ``max_new_tokens`` tokens, does not start with the task's
     ``answer_prefix``, leaves an empty answer or one with surrounding whitespace or an incomplete
     character, or where the answer's continuation does not tokenise as answer tokens then a
-    line-break token (as :func:`tl_thoughts.evaluation.encode_task_examples` requires). A query
+    line-break token (as [`tl_thoughts.evaluation.encode_task_examples`][] requires). A query
     is also skipped where its answer and itself are an example's query and answer the other way
     round (``late -> early`` for the example ``early -> late``): such a row would hand the fit a
     test example's pair.
@@ -55,14 +55,14 @@ def query_answers(
 def query_answers_with_runs(
     model: HookedTransformer, task: Task, n: int, batch_size: int, max_new_tokens: int, keep_runs: bool
 ) -> tuple[list[tuple[str, str]], list[QueryRun]]:
-    """:func:`query_answers`, and each answered query's run.
+    """[`query_answers`][], and each answered query's run.
 
     Returns:
         ``(answered queries, runs)``: ``runs`` (empty unless ``keep_runs``) holds, per answered
-        query, ``(its example (:func:`tl_thoughts.evaluation.encode_task_example`), the tokens
+        query, ``(its example ([`tl_thoughts.evaluation.encode_task_example`][]), the tokens
         run (the prompt then the generated tokens but the last), their residual stream from the
-        first position after the chunk on (:func:`greedy_decode_cached`'s records), that
-        position)``: what :func:`query_answers_with_rows` reads its rows from.
+        first position after the chunk on ([`greedy_decode_cached`][]'s records), that
+        position)``: what [`query_answers_with_rows`][] reads its rows from.
 
     Example:
         >>> queries, runs = query_answers_with_runs(model, task, 2, 32, 16, keep_runs=True)  # doctest: +SKIP
@@ -122,7 +122,7 @@ def query_full_rows(
     """The answered queries' prompts with the chunk, streamed once, at the rows the fits read.
 
     Streamed through every block once, at the rows the fits read
-    (:func:`tl_thoughts.stream.prompt_rows`): the same in every seed (the seeds' fit rows
+    ([`tl_thoughts.stream.prompt_rows`][]): the same in every seed (the seeds' fit rows
     differ in their labelled examples only), so that each seed's fit streams the labelled
     examples' prompts with the chunk only. None where ``config`` fits no patch or
     has no query.
@@ -141,20 +141,20 @@ def query_full_rows(
 def query_answers_with_rows(
     model: HookedTransformer, task: Task, config: EvalConfig, *, max_new_tokens: int = 16
 ) -> tuple[list[tuple[str, str]], PromptRows | None]:
-    """:func:`query_answers` of ``config.n_queries`` queries and their :func:`query_full_rows`.
+    """[`query_answers`][] of ``config.n_queries`` queries and their [`query_full_rows`][].
 
     The rows are read from the decoding's own runs: greedy decoding runs each answered query's
     prompt with the chunk, then its answer's tokens, through every block, which is the prompt a fit reads
-    up to its last fitted row. The same queries as :func:`query_answers`, and the rows of
-    :func:`query_full_rows` up to floating-point rounding (the decoding runs other shapes;
+    up to its last fitted row. The same queries as [`query_answers`][], and the rows of
+    [`query_full_rows`][] up to floating-point rounding (the decoding runs other shapes;
     ``tests/test_evaluation.py::test_query_rows_from_the_decoding_equal_the_streamed_ones``).
     A query whose answer the decoding spelt with other tokens than its continuation's tokenization
-    (then the prompt differs from the run) is streamed as :func:`query_full_rows` streams it.
+    (then the prompt differs from the run) is streamed as [`query_full_rows`][] streams it.
 
     Raises:
         InputError: Fewer than ``config.n_queries`` usable queries.
         UnsupportedArchitectureError: rows wanted on a model with norms after its sublayers (as
-            :func:`tl_thoughts.stream.prompt_rows`).
+            [`tl_thoughts.stream.prompt_rows`][]).
 
     Example:
         >>> queries, rows = query_answers_with_rows(model, task, config)  # doctest: +SKIP
@@ -198,9 +198,9 @@ def greedy_generate(
     """Greedy continuation of a prompt's text, as the model is (apply a patch around the call), cut
     at the first line break or special token when ``stop_at_newline``.
 
-    One decoding path for the library (:mod:`tl_thoughts.stream`): through TransformerLens'
-    key-value cache (:func:`tl_thoughts.stream.greedy_decode_cached`) when no hook is attached,
-    else every step from the start under the model's hooks (:func:`tl_thoughts.stream.greedy_decode`:
+    One decoding path for the library ([`tl_thoughts.stream`][]): through TransformerLens'
+    key-value cache ([`tl_thoughts.stream.greedy_decode_cached`][]) when no hook is attached,
+    else every step from the start under the model's hooks ([`tl_thoughts.stream.greedy_decode`][]:
     hooks that count positions, such as a patch's activation form, see whole sequences).
 
     Example:

@@ -1,5 +1,5 @@
 """A task's examples as the protocol runs them: tokenised with and without the chunk
-(:class:`TaskExample`), and the tokens that end an answer (:func:`stop_tokens`)."""
+([`TaskExample`][]), and the tokens that end an answer ([`stop_tokens`][])."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ class TaskExample:
     Attributes:
         enc: The prompt with the chunk then the continuation (``enc.full [pos_full]``) and without
             the chunk (``enc.reduced [pos_reduced]``), positions aligned
-            (:func:`tl_thoughts.templates.encode_example`).
+            ([`tl_thoughts.templates.encode_example`][]).
         n_cont: Continuation tokens: the answer's tokens then the stop token (the line break).
 
     Example:
@@ -46,7 +46,7 @@ class TaskExample:
 
 def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence[int]) -> list[TaskExample]:
     """Tokenise examples with and without the chunk (aligned positions, see
-    :func:`tl_thoughts.templates.encode_example`), checking that the continuation ends with a token
+    [`tl_thoughts.templates.encode_example`][]), checking that the continuation ends with a token
     of its own holding the line break.
 
     Example:
@@ -59,7 +59,7 @@ def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence
 
 def encode_task_example(model: HookedTransformer, task: Task, query: str, answer: str) -> TaskExample:
     """Tokenise one ``(query, answer)`` pair of ``task`` (an example or an answered query), as
-    :func:`encode_task_examples` does.
+    [`encode_task_examples`][] does.
 
     Raises:
         ChunkError: The continuation does not tokenise as the answer's tokens then a token of its
@@ -105,7 +105,7 @@ def n_positions_read(e: TaskExample, seq: Tensor) -> int:
     """How many first positions of a prompt the teacher-forced verdicts read.
 
     ``seq`` is ``e``'s prompt with or without the chunk (``e.enc.full`` or ``e.enc.reduced``).
-    :func:`tl_thoughts.evaluation.teacher_forced_verdicts` reads all its positions but the last,
+    [`tl_thoughts.evaluation.teacher_forced_verdicts`][] reads all its positions but the last,
     whose token (the line break) is the last target, where the example has a continuation
     (causal attention: the later position changes none read).
 

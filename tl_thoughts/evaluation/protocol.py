@@ -1,7 +1,7 @@
-"""The protocol (see :mod:`tl_thoughts.evaluation`): a seed's split, fits and verdicts
-(:func:`evaluate_seed`), the inputs computed once a task (:class:`TaskInputs`,
-:func:`prepare_task`), every seed of a task (:func:`evaluate_task`), and tasks in worker processes
-(:func:`evaluate_in_processes`)."""
+"""The protocol (see [`tl_thoughts.evaluation`][]): a seed's split, fits and verdicts
+([`evaluate_seed`][]), the inputs computed once a task ([`TaskInputs`][],
+[`prepare_task`][]), every seed of a task ([`evaluate_task`][]), and tasks in worker processes
+([`evaluate_in_processes`][])."""
 
 import functools
 import time
@@ -71,13 +71,13 @@ class SeedResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        """The seed's result as a JSON object (:meth:`from_json` gives it back, every value the same;
+        """The seed's result as a JSON object ([`from_json`][] gives it back, every value the same;
         ``json.dumps`` writes NaN accuracies as ``NaN``, which ``json.loads`` reads back)."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "SeedResult":
-        """The seed's result from :meth:`to_json`'s object.
+        """The seed's result from [`to_json`][]'s object.
 
         Raises:
             InputError: Missing or unknown keys.
@@ -142,20 +142,20 @@ def split(n_examples: int, n_fit: int, seed: int) -> tuple[list[int], list[int]]
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """What the protocol computes once a task, the same for every seed (:func:`prepare_task`).
+    """What the protocol computes once a task, the same for every seed ([`prepare_task`][]).
 
     Attributes:
         verdicts: ``(right with the chunk [n_examples], right without it [n_examples])``: every
-            example's verdicts, by example index (:func:`tl_thoughts.evaluation.example_verdicts`);
+            example's verdicts, by example index ([`tl_thoughts.evaluation.example_verdicts`][]);
             each seed filters its test examples with them.
         queries: The answered unlabelled queries, ``(query, answer)`` pairs (a tuple), the answers
-            the model's own with the chunk (:func:`tl_thoughts.evaluation.query_answers`).
+            the model's own with the chunk ([`tl_thoughts.evaluation.query_answers`][]).
         query_rows: The queries' prompts with the chunk at the rows the fits read, which the fits
             read instead of streaming them again
-            (:func:`tl_thoughts.evaluation.query_answers_with_rows`); None where no patch is
+            ([`tl_thoughts.evaluation.query_answers_with_rows`][]); None where no patch is
             fitted or there is no query (then a fit streams whatever queries it has).
         query_sums: The queries' part of the steering baselines' sums
-            (:func:`tl_thoughts.evaluation.query_difference_sums`); None where no baseline runs.
+            ([`tl_thoughts.evaluation.query_difference_sums`][]); None where no baseline runs.
 
     Raises:
         InputError: The two verdicts differ in length, or ``query_sums`` are sums over another
@@ -203,10 +203,10 @@ class TaskInputs:
 def prepare_task(model: HookedTransformer, task: Task, config: EvalConfig) -> TaskInputs:
     """What the protocol computes once a task for every seed.
 
-    The task's :func:`tl_thoughts.evaluation.example_verdicts`, its answered queries and their rows
-    (:func:`tl_thoughts.evaluation.query_answers_with_rows`), and the queries' part of the steering
-    baselines' sums (:func:`tl_thoughts.evaluation.query_difference_sums`), in that order, as
-    :func:`evaluate_task` computes them.
+    The task's [`tl_thoughts.evaluation.example_verdicts`][], its answered queries and their rows
+    ([`tl_thoughts.evaluation.query_answers_with_rows`][]), and the queries' part of the steering
+    baselines' sums ([`tl_thoughts.evaluation.query_difference_sums`][]), in that order, as
+    [`evaluate_task`][] computes them.
 
     Example:
         >>> inputs = prepare_task(load_default_model(), task, EvalConfig())  # doctest: +SKIP
@@ -227,15 +227,15 @@ def evaluate_seed(
     seed: int,
     inputs: TaskInputs | None = None,
 ) -> SeedResult:
-    """The protocol on one seed (see :mod:`tl_thoughts.evaluation`).
+    """The protocol on one seed (see [`tl_thoughts.evaluation`][]).
 
-    ``inputs``: the task's :class:`TaskInputs` if the caller has them (:func:`prepare_task`, the
+    ``inputs``: the task's [`TaskInputs`][] if the caller has them ([`prepare_task`][], the
     same for every seed), computed here otherwise (the same either way). The model is left as it
     was (its gated MLP weights are stored transposed in memory during the runs,
-    :func:`tl_thoughts._tl.linear_layout`).
+    `tl_thoughts._tl.linear_layout`).
 
     Raises:
-        InputError: ``inputs`` that do not fit ``task`` and ``config`` (:meth:`TaskInputs.check`).
+        InputError: ``inputs`` that do not fit ``task`` and ``config`` ([`TaskInputs.check`][]).
 
     Example:
         >>> seed = evaluate_seed(load_default_model(), task, EvalConfig(), seed=0)  # doctest: +SKIP
@@ -351,7 +351,7 @@ class TaskResult:
     Attributes:
         task: The task's name.
         n_examples: The task's examples.
-        seeds: One :class:`SeedResult` per seed, in the order of ``EvalConfig.seeds``.
+        seeds: One [`SeedResult`][] per seed, in the order of ``EvalConfig.seeds``.
         queries: The answered unlabelled queries ``(query, answer)``, the same in every seed.
     """
 
@@ -378,7 +378,7 @@ class TaskResult:
 
     def to_json(self) -> dict:
         """The task's result as a JSON object: what ``tl-thoughts eval`` stores as each task finishes
-        (:meth:`from_json` gives it back, every value the same).
+        ([`from_json`][] gives it back, every value the same).
 
         Example:
             >>> import json
@@ -393,7 +393,7 @@ class TaskResult:
 
     @classmethod
     def from_json(cls, data: dict) -> "TaskResult":
-        """The task's result from :meth:`to_json`'s object (the queries as tuples).
+        """The task's result from [`to_json`][]'s object (the queries as tuples).
 
         Raises:
             InputError: Missing or unknown keys.
@@ -418,12 +418,12 @@ def evaluate_task(
 ) -> TaskResult:
     """Run the protocol on a task for every seed of ``config``.
 
-    The task's :class:`TaskInputs` are computed once (:func:`prepare_task`), then each seed
-    (:func:`evaluate_seed`). The model is left untouched (every patch and hook is removed on exit,
+    The task's [`TaskInputs`][] are computed once ([`prepare_task`][]), then each seed
+    ([`evaluate_seed`][]). The model is left untouched (every patch and hook is removed on exit,
     also on an exception).
 
     Raises:
-        EvalOptionError: ``config`` cannot run on ``task`` (:func:`check_tasks`), before any run.
+        EvalOptionError: ``config`` cannot run on ``task`` ([`check_tasks`][]), before any run.
 
     Example:
         >>> from tl_thoughts.tasks import load_task, shipped_tasks
@@ -443,7 +443,7 @@ def evaluate_task(
 
 @functools.lru_cache(maxsize=1)
 def _worker_model(dtype: torch.dtype, threads: int) -> HookedTransformer:
-    """A worker process's own copy of the default model (:func:`evaluate_in_processes`), loaded
+    """A worker process's own copy of the default model ([`evaluate_in_processes`][]), loaded
     once per process, after setting its torch threads."""
     from tl_thoughts.models import load_default_model
 
@@ -452,7 +452,7 @@ def _worker_model(dtype: torch.dtype, threads: int) -> HookedTransformer:
 
 
 def _worker_prepare(task: Task, config: EvalConfig, dtype: torch.dtype, threads: int) -> TaskInputs:
-    """A task's :func:`prepare_task`, in a worker process."""
+    """A task's [`prepare_task`][], in a worker process."""
     model = _worker_model(dtype, threads)
     _tl.check_no_hooks(model)
     return prepare_task(model, task, config)
@@ -460,7 +460,7 @@ def _worker_prepare(task: Task, config: EvalConfig, dtype: torch.dtype, threads:
 
 def _worker_seed(task: Task, config: EvalConfig, seed: int, inputs: TaskInputs, dtype: torch.dtype,
                  threads: int) -> SeedResult:
-    """A seed's :func:`evaluate_seed`, in a worker process."""
+    """A seed's [`evaluate_seed`][], in a worker process."""
     model = _worker_model(dtype, threads)
     _tl.check_no_hooks(model)
     return evaluate_seed(model, task, config, seed, inputs)
@@ -475,21 +475,21 @@ def evaluate_in_processes(
     threads: int = 1,
     on_result: Callable[[TaskResult], None] | None = None,
 ) -> list[TaskResult]:
-    """:func:`evaluate_task` for every task on the default model, in worker processes.
+    """[`evaluate_task`][] for every task on the default model, in worker processes.
 
     ``jobs`` worker processes of ``threads`` torch threads each (each loads its own copy of the
-    model, once; the workers take one unit at a time: a task's :func:`prepare_task`, then each of
+    model, once; the workers take one unit at a time: a task's [`prepare_task`][], then each of
     its seeds; the biggest tasks first). On this
     project's 2-core machine this is as fast as one process with both threads
     (measured at commit ``465c6f6``, ``benchmarks/bench_jobs.py`` there).
     ``on_result(result)`` is called as each task finishes. Results come back in the order of
-    ``tasks``, the same as :func:`evaluate_task` gives at the same thread count
+    ``tasks``, the same as [`evaluate_task`][] gives at the same thread count
     (``tests/test_evaluation.py::test_worker_processes_give_the_same_results``); another thread
     count may change the order of floating-point sums inside torch's kernels.
 
     Raises:
         EvalOptionError: ``jobs`` or ``threads`` below 1, or ``config`` cannot run on ``tasks``
-            (:func:`check_tasks`), before any process starts.
+            ([`check_tasks`][]), before any process starts.
 
     Example:
         >>> from tl_thoughts.tasks import load_task, shipped_tasks

@@ -1,8 +1,8 @@
-"""The protocol's results as files: ``results.json`` (:func:`results_json`), a markdown table
-(:func:`markdown_table`), a bar plot (:func:`plot_results`), all three written by
-:func:`write_results`; :func:`compare_results` lists the differences between two of them. Each
+"""The protocol's results as files: ``results.json`` ([`results_json`][]), a markdown table
+([`markdown_table`][]), a bar plot ([`plot_results`][]), all three written by
+[`write_results`][]; [`compare_results`][] lists the differences between two of them. Each
 task's result stored as it finishes and read back by a later run with the same options
-(:func:`run_options`, :func:`save_task_result`, :func:`stored_task_results`)."""
+([`run_options`][], [`save_task_result`][], [`stored_task_results`][])."""
 
 import json
 import os
@@ -53,7 +53,7 @@ def results_json(
 
     One top-level key per method (accuracy averaged over tasks, each task's mean over seeds,
     spread, per-seed values and filtered counts), plus ``meta``: the model, the package's version
-    and git commit (:func:`checkout_commit`), the ``command`` that produced the results (as given;
+    and git commit ([`checkout_commit`][]), the ``command`` that produced the results (as given;
     the ``tl-thoughts eval`` command line), the configuration, and per task its examples, answered
     queries, unfiltered accuracies, chosen layers and ranks, splits and seconds.
 
@@ -207,7 +207,7 @@ def write_results(
 ) -> Path:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``out`` (created).
 
-    ``command``: recorded in ``results.json``'s ``meta`` (:func:`results_json`).
+    ``command``: recorded in ``results.json``'s ``meta`` ([`results_json`][]).
 
     Example:
         >>> write_results([evaluate_task(model, task)], EvalConfig(), "SmolLM2", "out")  # doctest: +SKIP
@@ -228,7 +228,7 @@ def _config_json(config: EvalConfig) -> dict:
 
 def run_options(config: EvalConfig, model_name: str, dtype: str) -> dict:
     """What a task's stored result depends on besides the task: the model and its dtype, the
-    package's version and git commit (:func:`checkout_commit`; a checkout with uncommitted changes
+    package's version and git commit ([`checkout_commit`][]; a checkout with uncommitted changes
     is ``+dirty``, whatever the changes), and the configuration (as in ``results.json``).
 
     Example:
@@ -242,7 +242,7 @@ def run_options(config: EvalConfig, model_name: str, dtype: str) -> dict:
 
 
 def task_result_path(out: str | Path, task_name: str) -> Path:
-    """Where :func:`save_task_result` stores a task's result: ``out/tasks/<task name>.json`` (the
+    """Where [`save_task_result`][] stores a task's result: ``out/tasks/<task name>.json`` (the
     name percent-encoded where it is not a plain file name).
 
     Example:
@@ -253,8 +253,8 @@ def task_result_path(out: str | Path, task_name: str) -> Path:
 
 
 def save_task_result(result: TaskResult, task: Task, options: dict, out: str | Path) -> Path:
-    """Store a finished task's result in ``out/tasks`` (:func:`task_result_path`), with the task
-    (its file's content) and the ``options`` it was computed with (:func:`run_options`).
+    """Store a finished task's result in ``out/tasks`` ([`task_result_path`][]), with the task
+    (its file's content) and the ``options`` it was computed with ([`run_options`][]).
 
     Written to a temporary file then renamed over the path, so that the file is whole or absent
     even if the run is killed while writing.
@@ -280,9 +280,9 @@ def _differences(stored, given, where: str) -> list[str]:
 
 
 def stored_task_results(tasks: Sequence[Task], options: dict, out: str | Path) -> dict[str, TaskResult]:
-    """The results stored in ``out/tasks`` by an earlier run (:func:`save_task_result`) for
+    """The results stored in ``out/tasks`` by an earlier run ([`save_task_result`][]) for
     ``tasks``, by task name, after checking that every stored result in the folder was computed
-    with the same ``options`` (:func:`run_options`), and each of ``tasks`` stored from the same task.
+    with the same ``options`` ([`run_options`][]), and each of ``tasks`` stored from the same task.
 
     Raises:
         EvalOptionError: A stored result computed with other options (the message names each

@@ -1,7 +1,7 @@
-"""The exact greedy-match check: teacher-forced verdicts (:func:`teacher_forced_verdicts`), an
-answer spelt with other tokens decoded for real (:func:`greedy_match`), runs under a thought
-patch's weight form (:func:`match_under`), and the protocol's filter (:func:`chunk_filter`,
-:func:`example_verdicts`)."""
+"""The exact greedy-match check: teacher-forced verdicts ([`teacher_forced_verdicts`][]), an
+answer spelt with other tokens decoded for real ([`greedy_match`][]), runs under a thought
+patch's weight form ([`match_under`][]), and the protocol's filter ([`chunk_filter`][],
+[`example_verdicts`][])."""
 
 from collections.abc import Callable
 
@@ -109,7 +109,7 @@ def _decode_open(
     prefix: SharedPrefix | None = None,
 ) -> list[bool]:
     """Greedy decoding for real, for a batch of examples whose greedy tokens so far are ``paths``
-    (under ``hooks`` and whatever patch is applied, after ``prefix``, see :func:`greedy_decode`):
+    (under ``hooks`` and whatever patch is applied, after ``prefix``, see [`greedy_decode`][]):
     one token at a time, each example while its text fits its answer; right when it stops on the
     answer's text (whitespace normalised)."""
     prompts, answers = [], []
@@ -148,26 +148,26 @@ def greedy_match(
     The answer is compared as text, after normalising whitespace; the mean log-probability of the
     continuation's tokens comes from the same teacher-forced forward pass (one per batch). Where the greedy tokens leave the answer's tokens for a token whose text
     still fits the answer (another tokenization of the same text), that example is decoded for
-    real (:func:`tl_thoughts.stream.greedy_decode`, under the same hooks and patch) and compared as text.
+    real ([`tl_thoughts.stream.greedy_decode`][], under the same hooks and patch) and compared as text.
     With the chunk, no ``hooks`` and no hook attached to the model, the first tokens every prompt
     shares (the prefix and the chunk) run once, read from TransformerLens' key-value cache: the
     same verdicts (``tests/test_evaluation.py``).
 
     Args:
         model: The model (as it is: apply a patch around the call to test the patch).
-        examples: From :func:`tl_thoughts.evaluation.encode_task_examples`.
+        examples: From [`tl_thoughts.evaluation.encode_task_examples`][].
         with_chunk: Run the prompts with the chunk (``full``) or without (``reduced``).
         hooks: ``hooks(batch_examples, with_chunk)`` -> TransformerLens forward hooks for a batch
             (steering, task vectors).
-        stops: :func:`tl_thoughts.evaluation.stop_tokens` (computed if not given).
+        stops: [`tl_thoughts.evaluation.stop_tokens`][] (computed if not given).
         batch_size: Sequences per forward pass.
         unembed_weight: ``model.W_U.T.contiguous()`` if the caller has it (saves one copy of the
             unembedding per call).
         compare: ``"text"`` (the protocol) or ``"tokens"``: right only when the greedy tokens are
             the tokenizer's tokens of the answer (no decoding; stricter where the model spells an
             answer with other tokens).
-        prefix: :class:`tl_thoughts.stream.SharedPrefix`: the first tokens of every prompt (the
-            same in every prompt) read from its cache instead of run, as :func:`match_under`
+        prefix: [`tl_thoughts.stream.SharedPrefix`][]: the first tokens of every prompt (the
+            same in every prompt) read from its cache instead of run, as [`match_under`][]
             gives them (no ``hooks`` then).
 
     Returns:
@@ -222,10 +222,10 @@ def match_under(
     batch_size: int,
     unembed_weight: Float[Tensor, "d_vocab d_model"],
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
-    """:func:`greedy_match` without the chunk under a thought patch, in its weight form.
+    """[`greedy_match`][] without the chunk under a thought patch, in its weight form.
 
     One product per patched matrix where the activation form's hooks compute two. The positions the patch leaves
-    unpatched (:attr:`ThoughtPatch.unpatched_positions`, the same tokens in every prompt) run
+    unpatched ([`ThoughtPatch.unpatched_positions`][], the same tokens in every prompt) run
     once, unpatched, into TransformerLens' key-value cache, which the patched positions read: the
     values of ``with patch.apply(model): greedy_match(...)`` (the activation form), up to
     floating-point rounding (``tests/test_evaluation.py``).
@@ -272,8 +272,8 @@ def example_verdicts(
     """Every example of a task right with the chunk / right without it (no patch), by index.
 
     An example's verdicts do not depend on the seed's split, so the protocol computes them
-    once a task (:func:`tl_thoughts.evaluation.prepare_task`) and each seed filters its test
-    examples with them (:func:`tl_thoughts.evaluation.evaluate_seed`).
+    once a task ([`tl_thoughts.evaluation.prepare_task`][]) and each seed filters its test
+    examples with them ([`tl_thoughts.evaluation.evaluate_seed`][]).
 
     Example:
         >>> with_right, without_right = example_verdicts(model, task)  # doctest: +SKIP

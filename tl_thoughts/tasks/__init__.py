@@ -22,7 +22,7 @@ answer prefix a space, as in the demonstrations ``"x -> y\\n"``.
 
 ``queries`` are unlabelled queries: more inputs of the task, without answers, none of them an
 example's query. The benchmark answers them with the model itself, WITH the chunk, and fits every
-method on them too (``EvalConfig.n_queries``; see :func:`tl_thoughts.evaluation.query_answers`).
+method on them too (``EvalConfig.n_queries``; see [`tl_thoughts.evaluation.query_answers`][]).
 """
 
 import json
@@ -75,7 +75,7 @@ class Task:
         return self.answer_prefix + answer + self.answer_suffix
 
     def fit_examples(self, indices) -> list[tuple[str, str]]:
-        """``(query, continuation)`` pairs for :func:`tl_thoughts.fit_thought`."""
+        """``(query, continuation)`` pairs for [`tl_thoughts.fit_thought`][]."""
         return [(self.examples[i][0], self.continuation(self.examples[i][1])) for i in indices]
 
     def to_json(self) -> dict:
@@ -122,7 +122,7 @@ def _queries(data: dict, where: str, examples: set[str]) -> tuple[str, ...]:
 
 
 def task_from_dict(data: dict, where: str = "task", min_examples: int = MIN_EXAMPLES) -> Task:
-    """Validate and build a :class:`Task` from its JSON object.
+    """Validate and build a [`Task`][] from its JSON object.
 
     Raises:
         TaskFormatError: A missing or unknown key, a wrong type, an empty chunk, fewer than
