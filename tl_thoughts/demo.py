@@ -194,7 +194,7 @@ def _attribution(model, task, report, out, query, answer, few_shot, right, wrong
                        save=out / "direct_effect.png")
     norms = torch.full((len(tokens),), float("nan"))
     norms[few_shot.positions] = few_shot.vectors.norm(dim=-1).sum(0).float().cpu()
-    plots.token_bars(norms, tokens, chunk=few_shot.chunk, label="sum over layers of |implicit update vector|",
+    plots.token_bars(norms, tokens, chunk=few_shot.chunk, label="Σ over layers of |vector|",
                      title="size of the implicit update per kept token (the chunk's own tokens have none)",
                      save=out / "tokens.png")
     curve = analysis.layer_recovery(model, few_shot, pair)

@@ -228,10 +228,10 @@ def spectra(
         ax.plot(range(1, len(shown) + 1), shown, marker=".", label=f"{name} (rank {rank} of {len(data)})")
     ax.set_yscale("log")
     ax.set_xlim(0.5, longest + 0.5)
-    ax.set_xlabel(f"singular value index (descending; cut at the numerical rank: σ > {rtol:.0e} σ_max)")
+    ax.set_xlabel("singular value index (descending)")
     ax.set_ylabel("singular value" + (" / largest" if normalise else ""))
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, title=f"cut at the numerical rank: σ > {rtol:.0e} σ_max", title_fontsize=7)
     return _finish(fig, save)
 
 
