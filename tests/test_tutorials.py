@@ -42,3 +42,16 @@ def test_demo_command(tmp_path):
     assert (out / "past_tense.safetensors").exists()
     assert "| query | answer | with the chunk | without | without, patched |" in report
     assert "activation" in report and "weight" in report  # the equivalence report
+    # every query shown is answered right with the chunk (the demo checks it and says so), six of them
+    assert "of the first" in report and "every query shown is answered right with the chunk (checked)" in report
+    assert "WARNING" not in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| query")]
+    assert len(rows) == 6, rows
+    for row in rows:
+        _, query, answer, with_chunk, *_ = [cell.strip() for cell in row.split("|")]
+        assert with_chunk == repr(" " + answer), row
+    # the attribution analyses one of those queries
+    shown = {row.split("|")[1].strip() for row in rows}
+    section = report.split("## 3. Which heads carry the demonstrations' effect on `")[1]
+    assert section.split(" ->`")[0] in shown
+    assert "[demo] generate:" in done.stdout and "[demo] summary table:" in done.stdout  # a line per stage
