@@ -446,10 +446,11 @@ def run(
 
 
 def add_at_rows_hook(
-    rows: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]
+    rows: Int[Tensor, " n"], vectors: Float[Tensor, "*batch n d_model"]
 ) -> Callable[[Tensor, object], Tensor]:
     """A forward hook that adds ``vectors[i]`` to position ``rows[i]`` of a ``[batch pos d_model]``
-    activation, in every sequence of the batch."""
+    activation, in every sequence of the batch (or, given ``[batch, n, d_model]`` vectors, each
+    sequence's own)."""
 
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()

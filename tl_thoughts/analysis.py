@@ -322,29 +322,43 @@ class _ReducedRunner:
 
     def run(self, mask: Float[Tensor, "layer head"]) -> float:
         """The metric with the vectors of the heads where ``mask`` is 1 added back."""
+        return self.runs([mask])[0]
+
+    def runs(self, masks: list[Tensor], batch_size: int = 8) -> list[float]:
+        """:meth:`run` of each mask, ``batch_size`` masks in one batched forward pass (the same
+        reduced prompt in every row, each row with its own vectors added back)."""
+        values: list[float] = []
+        for b in range(0, len(masks), batch_size):
+            chunk = masks[b : b + batch_size]
+            added = torch.stack([self._added(mask) for mask in chunk])  # [batch, layer, kept, d_model]
+            used = torch.stack([mask.bool().any(1) for mask in chunk]).any(0)  # blocks with a vector added
+            hooks = [
+                (_tl.attn_out_name(layer), _tl.add_at_rows_hook(self.rows, added[:, layer]))
+                for layer in range(self.spec.n_layers)
+                if bool(used[layer])
+            ]
+            logits = _tl.run(self.model, self.tokens.expand(len(chunk), -1).contiguous(), None, hooks)
+            values += [_logit_metric(logits[i, self.row], self.answer_tokens) for i in range(len(chunk))]
+        return values
+
+    def _added(self, mask: Tensor) -> Tensor:
+        """``[layer, kept, d_model]`` the vectors that ``mask``'s heads add back."""
         heads = self.updates.head_vectors  # [layer, kept, head, d_model]
         if self.updates.pre_norm_vectors is None:
-            added = torch.einsum("lthd,lh->ltd", heads, mask.to(heads.dtype))
-        else:  # post-attention norm: only whole blocks can be added back, as the block's vector
-            whole = mask.bool().all(1)
-            if bool((mask.bool().any(1) & ~whole).any()):
-                raise UnsupportedArchitectureError(
-                    "adding back a subset of a block's heads: this model normalises the attention "
-                    "output before adding it to the residual stream, so the heads' vectors (taken "
-                    "before the norm) do not add up; only whole blocks can be added back "
-                    "(layer_recovery)"
-                )
-            added = self.updates.vectors * whole.to(heads.dtype)[:, None, None]
-        hooks = [
-            (_tl.attn_out_name(layer), _tl.add_at_rows_hook(self.rows, added[layer]))
-            for layer in range(self.spec.n_layers)
-            if bool(mask[layer].any())
-        ]
-        logits, _ = _tl.forward(self.model, self.tokens, fwd_hooks=hooks)
-        return _logit_metric(logits[0, self.row], self.answer_tokens)
+            return torch.einsum("lthd,lh->ltd", heads, mask.to(heads.dtype))
+        # post-attention norm: only whole blocks can be added back, as the block's vector
+        whole = mask.bool().all(1)
+        if bool((mask.bool().any(1) & ~whole).any()):
+            raise UnsupportedArchitectureError(
+                "adding back a subset of a block's heads: this model normalises the attention "
+                "output before adding it to the residual stream, so the heads' vectors (taken "
+                "before the norm) do not add up; only whole blocks can be added back "
+                "(layer_recovery)"
+            )
+        return self.updates.vectors * whole.to(heads.dtype)[:, None, None]
 
     def curve(self, masks: list[Tensor], ks: list[int], order: list[str], scores: Tensor) -> "RecoveryCurve":
-        values = [self.run(mask) for mask in masks]
+        values = self.runs(masks)
         reduced = values[ks.index(0)] if 0 in ks else self.run(torch.zeros_like(masks[0]))
         if self.full == reduced:
             raise ZeroDenominatorError(

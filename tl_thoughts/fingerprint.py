@@ -33,14 +33,13 @@ def fingerprint(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"{name}:{tuple(t.shape)};".encode())
-        bits = t.to(torch.float32).contiguous().cpu().view(torch.int32)
-        rows = bits.reshape(-1, bits.shape[-1]) if bits.dim() > 1 else bits.reshape(1, -1)
-        if t.dim() > 2:  # a stack of matrices: each matrix's columns, one per leading index
-            cols = bits.reshape(-1, bits.shape[-2], bits.shape[-1]).sum(-2, dtype=torch.int32)
-        else:
-            cols = rows.sum(0, dtype=torch.int32)
-        h.update(rows.sum(-1, dtype=torch.int32).numpy().tobytes())
-        h.update(cols.numpy().tobytes())
+        # no copy for a float32 tensor, also a transposed one (tl_thoughts' linear layout): the
+        # sums read it in place (integer sums do not depend on the order)
+        bits = t.to(torch.float32).cpu().view(torch.int32)
+        if bits.dim() < 2:
+            bits = bits.reshape(1, -1)
+        h.update(bits.sum(-1, dtype=torch.int32).flatten().numpy().tobytes())  # every row
+        h.update(bits.sum(-2, dtype=torch.int32).flatten().numpy().tobytes())  # every column, per matrix
     return h.hexdigest()
 
 
