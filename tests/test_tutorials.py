@@ -69,9 +69,10 @@ def test_notebook_runs(tutorial, tmp_path, kernel_name, monkeypatch):
     monkeypatch.setenv("TUTORIAL_OUT", str(tmp_path))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Jupyter
     nb = nbformat.read(tutorial.with_suffix(".ipynb"), as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=900,
+    client = nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=1800,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError (the cell, the traceback) when a cell fails
+    # (timeout: per cell; tutorial 2's protocol cell is the longest, minutes on a busy machine)
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs and all(name.startswith(tutorial.name[:3]) for name in pngs), pngs
     shown = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
