@@ -1,15 +1,30 @@
 # %% [markdown]
 # # Tutorial 1: a prompt chunk is exactly a weight update
 #
-# We remove an instruction from a chat prompt, compute the implicit update it induced in every
-# block at every later token, and check that the model run WITHOUT the instruction but with the
-# update reproduces the run WITH it: first with hooks (activation form), then with really
-# patched parameters and no hooks (weight form). Runs in about a minute on a CPU.
+# Put the instruction "Answer with yes or no." before "Can cats fly?" and SmolLM2's answer starts
+# with "No"; remove the instruction and it starts with "The". This tutorial removes the
+# instruction and makes the model answer "No" anyway, by changing its weights, exactly.
 #
-# Open it as a notebook with `jupytext --to notebook 01_exact_equivalence.py`, or run it as a
-# script: `python tutorials/01_exact_equivalence.py`.
+# **The chunk's effect.** Every token after the instruction attends to it: in each block, what a
+# token reads from the instruction's tokens is added to its attention output. Remove the
+# instruction and that contribution is missing at every later token and in every block, and
+# everything computed from it (the MLPs, the later blocks, the logits) changes: the answer starts
+# with "The" instead of "No". That difference is the chunk's effect.
+#
+# **The update.** The missing contribution is, in block `l` at token `t`, one vector: the full
+# run's attention output minus the attention output over the kept tokens alone (a *virtual weight
+# vector*). Add it back at every block and every token after the chunk, and the run WITHOUT the
+# instruction reproduces the run WITH it, to rounding. The same change can be written into the
+# weights instead: the MLP then reads a shifted input, and a low-rank patch of its input matrix
+# (a *virtual weight matrix*) turns the reduced input into the full one. Nothing is fitted or
+# approximated (the mathematics is in `docs/theory.md`). In float64 the logits agree to better
+# than 1e-12.
+#
+# Run it in Jupyter (`jupyter lab tutorials/`, after `pip install -e ".[notebooks]"`) or as a
+# script: `python tutorials/01_exact_equivalence.py`. About a minute on a CPU.
 
 # %%
+# %matplotlib inline
 import os
 from pathlib import Path
 
@@ -23,17 +38,33 @@ OUT = Path(os.environ.get("TUTORIAL_OUT", "tutorial_outputs"))
 model = load_default_model(dtype=torch.float64)  # float64: the equivalence is exact to ~1e-12
 
 # %% [markdown]
+# ## The example: with the instruction, without it, without it but patched
+# `verify` runs the prompt with the instruction, without it (each kept token at its original
+# position: THEORY section 1), and without it but patched (here the weight form). Typed afresh,
+# with the tokens shifted left, the prompt without the instruction starts its answer with "Cats":
+# the last section runs it that way.
+
+# %%
+instruction = "Answer with yes or no."
+prompt = model.tokenizer.apply_chat_template(
+    [{"role": "user", "content": instruction + "\nCan cats fly?"}],
+    tokenize=False, add_generation_prompt=True,
+)
+updates = tt.implicit_updates(model, prompt, instruction)  # the update, in every block
+report = tt.verify(model, updates)  # runs the prompt with, without, and without but patched
+for label, logits in (("with the instruction", report.full_logits[-1]),
+                      ("without it", report.forms["unpatched"].logits[-1]),
+                      ("without it, patched", report.forms["weight"].logits[-1])):
+    print(f"{label:>20}: top next tokens", model.to_str_tokens(logits.topk(3).indices))
+assert report.forms["unpatched"].logits[-1].argmax() != report.full_logits[-1].argmax()
+assert report.forms["weight"].logits[-1].argmax() == report.full_logits[-1].argmax()
+
+# %% [markdown]
 # ## The prompt and the chunk
 # The chunk is a substring of the prompt (or a `slice` of token positions). Every token after it
 # is "kept"; the tokens before it (here the chat template's prefix) are never affected.
 
 # %%
-instruction = "Answer with exactly one word, in French."
-prompt = model.tokenizer.apply_chat_template(
-    [{"role": "user", "content": instruction + "\nWhat animal says meow?"}],
-    tokenize=False, add_generation_prompt=True,
-)
-updates = tt.implicit_updates(model, prompt, instruction)
 print("chunk positions:", updates.chunk, "| kept positions after it:", updates.positions.tolist())
 print("virtual weight vectors:", tuple(updates.vectors.shape), "[layer, kept, d_model]")
 print("per head:", tuple(updates.head_vectors.shape), "[layer, kept, head, d_model]")
@@ -55,7 +86,6 @@ assert err < 1e-12
 # `W_gate`/`W_in` and of `W_out`, THEORY section 3).
 
 # %%
-report = tt.verify(model, updates)
 print(report)
 assert report.max_abs_logit_error < 1e-8 and report.argmax_agreement == 1.0
 fig = plots.verification_report(report, save=OUT / "01_verification.png")

@@ -1,17 +1,30 @@
 # %% [markdown]
 # # Tutorial 2: thought patches, fitted, saved, loaded, compared with steering
 #
-# The exact update of tutorial 1 depends on the token. A *thought patch* condenses it over many
-# queries into one token-independent weight update per block (THEORY section 4): a thought vector
-# (the attention output bias `b_O`) and thought matrices (`W_O`, `W_gate`, `W_in`, `W_out`). We fit one for a
-# few-shot task (past tense), run the model WITHOUT the demonstrations under the patch, save and
-# reload it, and compare it with the mean-difference steering vector it explains. A few minutes
-# on a CPU.
+# Show SmolLM2 six past-tense pairs ("smile -> smiled", "hear -> heard", ...) and then "swim ->",
+# and it answers " swam". Without the pairs, "<|im_start|>swim ->" means nothing to it: its top
+# next token is a blank. In this tutorial we fit ONE weight update per block from twenty examples,
+# and the model without the pairs answers " swam", " bought", " brought" again.
+#
+# **The chunk's effect, condensed.** Tutorial 1 showed that a chunk's effect is exactly a weight
+# update, but one that depends on the token: each query token gets its own vectors and rank-1
+# patches. A *thought patch* is one token-independent update per block (THEORY section 4): a
+# thought vector (a new attention output bias `b_O`) and thought matrices (patches of `W_O`,
+# `W_gate`, `W_in`, `W_out`), fitted by least squares so that, over many queries, the model
+# WITHOUT the chunk computes what it computes WITH it.
+#
+# **What it is for.** Once fitted, the patch is a small file: it carries the task without the
+# demonstrations in the prompt. We fit one, apply it, reduce its rank, refine it by gradient
+# descent, save and reload it, run the benchmark protocol on one seed, and compare it with the
+# mean-difference steering vector it explains. A few minutes on a CPU.
 
 # %%
+# %matplotlib inline
 import os
 import tempfile
 from pathlib import Path
+
+import torch
 
 import tl_thoughts as tt
 from tl_thoughts import analysis, evaluation, plots
@@ -24,6 +37,32 @@ task = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
 print(task.description)
 print(task.chunk)
 print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("went")))
+
+# %% [markdown]
+# ## The example: with the demonstrations, without them, without them but patched
+# The patch is fitted on 20 examples (the next section explains the options); the queries below
+# are not among them.
+
+# %%
+fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
+fit_config = tt.FitConfig.preset("benchmark")  # EvalConfig's options; tt.FitConfig.preset("paper"): the papers'
+patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), fit_config, template=task.template)
+
+
+def top_tokens(prompt, k=3):
+    with torch.no_grad():
+        return model.to_str_tokens(model(prompt)[0, -1].topk(k).indices)
+
+
+for query in ("swim", "buy", "bring"):
+    assert [q for q, _ in task.examples].index(query) not in fit_idx  # a test query
+    with_chunk, without = top_tokens(task.prompt(query, True)), top_tokens(task.prompt(query, False))
+    with patch.apply(model):  # the prompt below has no demonstrations
+        patched = top_tokens(task.prompt(query, False))
+    print(f"{query + ' ->':>9} with the demonstrations: {with_chunk}")
+    print(f"{'':>9} without them:            {without}")
+    print(f"{'':>9} without them, patched:   {patched}")
+    assert patched[0] == with_chunk[0] != without[0]
 
 # %% [markdown]
 # ## Fit
@@ -39,11 +78,8 @@ print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("we
 # unpatched too (`patch_prefix=False`).
 
 # %%
-fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
 config = evaluation.EvalConfig()
-fit_config = tt.FitConfig.preset("benchmark")  # EvalConfig's options; tt.FitConfig.preset("paper"): the papers'
-print(fit_config)
-patch = tt.fit_thought(model, task.chunk, task.fit_examples(fit_idx), fit_config, template=task.template)
+print(fit_config)  # the patch above: tt.fit_thought(model, task.chunk, fit examples, fit_config, ...)
 print(patch.summary_table())
 print("positions left unpatched:", patch.unpatched_positions)
 

@@ -1,13 +1,25 @@
 # %% [markdown]
 # # Tutorial 3: which heads carry a few-shot prompt's effect?
 #
-# The implicit update of a chunk decomposes exactly over attention heads. We look at a few-shot
-# antonym prompt: per-head attributions in TransformerLens' style (`"L{l}H{h}"` labels,
-# `pos_slice`), then the causal check: add back only the top-k heads' vectors to the prompt
-# without the demonstrations and measure how much of the logit difference returns. A few minutes
-# on a CPU.
+# After five antonym pairs ("hot -> cold", "big -> small", ...), SmolLM2 completes "fast ->" with
+# " slow"; without the pairs its top next token is a blank. Added back in every block, the exact
+# update of tutorial 1 restores " slow". But which attention heads carry it?
+#
+# **The chunk's effect, head by head.** A block's attention output is a sum over heads, and so is
+# the chunk's contribution to it: each head's virtual weight vector is what that head read from
+# the demonstrations (its output over all the tokens minus its output renormalised over the kept
+# tokens alone). The per-head vectors add up exactly to the block's vector, so the effect can be
+# attributed to heads the way TransformerLens attributes logits: the norm of each head's vector,
+# the attention it puts on the chunk, its direct effect on the answer's logit difference.
+#
+# **The causal check.** A direct effect is only the path straight to the logits. To know which
+# heads the effect needs, we add back only the top-k heads' vectors to the prompt without the
+# demonstrations and measure how much of the logit difference returns; at k = all heads it is
+# all of it, exactly. Per-head attributions in TransformerLens' style (`"L{l}H{h}"` labels,
+# `pos_slice`), heatmaps, per-token bars, recovery curves. A few minutes on a CPU.
 
 # %%
+# %matplotlib inline
 import os
 from pathlib import Path
 
@@ -34,8 +46,10 @@ report = tt.verify(model, updates, forms=("activation",))
 without_top = int(report.forms["unpatched"].logits[-1].argmax())
 right = model.to_single_token(" slow")
 pair = (right, without_top)
-print("with the chunk:", model.to_str_tokens(report.full_logits[-1].topk(3).indices))
-print("without it:    ", model.to_str_tokens(report.forms["unpatched"].logits[-1].topk(3).indices))
+print("with the demonstrations:      ", model.to_str_tokens(report.full_logits[-1].topk(3).indices))
+print("without them:                ", model.to_str_tokens(report.forms["unpatched"].logits[-1].topk(3).indices))
+print("without them, every head back:", model.to_str_tokens(report.forms["activation"].logits[-1].topk(3).indices))
+assert int(report.full_logits[-1].argmax()) == right == int(report.forms["activation"].logits[-1].argmax()) != without_top
 print("metric:", repr(model.to_single_str_token(right)), "-", repr(model.to_single_str_token(without_top)))
 
 # %% [markdown]
