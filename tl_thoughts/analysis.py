@@ -325,7 +325,7 @@ class _ReducedRunner:
         return self.runs([mask])[0]
 
     def runs(self, masks: list[Tensor], batch_size: int = 8) -> list[float]:
-        """:meth:`run` of each mask, ``batch_size`` masks in one batched forward pass (the same
+        """[`run`][] of each mask, ``batch_size`` masks in one batched forward pass (the same
         reduced prompt in every row, each row with its own vectors added back)."""
         values: list[float] = []
         for b in range(0, len(masks), batch_size):

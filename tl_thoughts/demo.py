@@ -128,7 +128,7 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32, *, timings: dict[str
 
 
 def _generate(model, prompts: list[str], stops, max_new_tokens: int = 10) -> list[str]:
-    """:func:`tl_thoughts.evaluation.greedy_generate` of several prompts at once (the same
+    """[`tl_thoughts.evaluation.greedy_generate`][] of several prompts at once (the same
     decoding, batched): through the key-value cache when no hook is attached (the prompts' shared
     first tokens, the chunk, run once), else every step from the start under the hooks."""
     tokens = [_tl.to_tokens(model, p)[0].cpu() for p in prompts]
@@ -145,7 +145,7 @@ def _generate(model, prompts: list[str], stops, max_new_tokens: int = 10) -> lis
 
 
 def _generations(model, task, patch, indices):
-    """The first :data:`N_SHOWN` test examples the model answers right with the chunk, with their
+    """The first [`N_SHOWN`][] test examples the model answers right with the chunk, with their
     generations ``(query, answer, with the chunk, without, without but patched)``, and the ones
     skipped ``(query, answer, generation with the chunk)``."""
     stops = evaluation.stop_tokens(model)

@@ -2,7 +2,7 @@
 curves, spectra, steering comparisons and the verification report.
 
 Every function returns a matplotlib ``Figure`` (it renders when it is the last expression of a
-notebook cell) and saves it as PNG when given ``save=path``. Figures are built without pyplot, so
+notebook cell with ``%matplotlib inline`` on, as in the tutorials' first cell) and saves it as PNG when given ``save=path``. Figures are built without pyplot, so
 scripts need no display and leak no global figure state. Each figure has a title, axes naming
 the quantity and the TransformerLens hook it is read at (``blocks.{l}.hook_resid_post``, ...), and
 legend entries that say what each line is; token labels keep their spaces, shown as ``␣``.
@@ -67,7 +67,7 @@ def head_heatmap(
 
     Args:
         scores: ``[layer, head]``, or ``[layer * head]`` stacked layer-major (as
-            :func:`tl_thoughts.analysis.head_attribution` returns a column) with ``n_heads``.
+            [`tl_thoughts.analysis.head_attribution`][] returns a column) with ``n_heads``.
         n_heads: Needed when ``scores`` is flat.
         title: Figure title (default: "score per head").
         label: Colour bar label: the quantity.
@@ -121,7 +121,7 @@ def token_bars(
     Args:
         values: ``[pos]``, one value per token (NaN for tokens without a value, e.g. the chunk).
         str_tokens: The ``pos`` token strings (``model.to_str_tokens``); shown with
-            :func:`visible_token` (spaces as ``␣``).
+            [`visible_token`][] (spaces as ``␣``).
         chunk: The chunk's positions (a slice, or a list of slices: ``updates.chunks``), shaded.
         title: Figure title (default: "value per token").
         label: Y-axis label: the quantity.
@@ -154,7 +154,7 @@ def token_bars(
 
 
 def _by_block(curve: "RecoveryCurve") -> bool:
-    """Whether the curve adds back whole blocks (:func:`tl_thoughts.analysis.layer_recovery`,
+    """Whether the curve adds back whole blocks ([`tl_thoughts.analysis.layer_recovery`][],
     components ``L{l}``) rather than heads (``L{l}H{h}``)."""
     return all(label[:1] == "L" and label[1:].isdigit() for label in curve.order)
 
@@ -163,8 +163,8 @@ def recovery_curve(curve: "RecoveryCurve", *, title: str = "", save: str | Path 
     """The causal check: fraction of the chunk's effect recovered against k, the number of
     components whose implicit-update vectors are added back (at ``blocks.{l}.hook_attn_out``) to
     the run without the chunk. The x label says what k counts: the top-k heads, best first
-    (:func:`tl_thoughts.analysis.top_k_recovery`), or the blocks ``0..k-1``, all their heads
-    (:func:`tl_thoughts.analysis.layer_recovery`).
+    ([`tl_thoughts.analysis.top_k_recovery`][]), or the blocks ``0..k-1``, all their heads
+    ([`tl_thoughts.analysis.layer_recovery`][]).
 
     Example:
         >>> fig = recovery_curve(tl_thoughts.analysis.layer_recovery(model, updates, (7, 3)), save="curve.png")
