@@ -55,7 +55,7 @@ def test_recovery_curve_label_says_what_k_counts(tiny):
     by_head = analysis.top_k_recovery(model, updates, PAIR)
     x_block = plots.recovery_curve(by_block).axes[0].get_xlabel()
     x_head = plots.recovery_curve(by_head).axes[0].get_xlabel()
-    assert "blocks 0..k-1" in x_block and "heads" not in x_block.split(",")[0]
+    assert "blocks 0..k-1" in x_block and "heads" not in x_block.split("\n")[0]
     assert "top-k heads" in x_head and "blocks 0..k-1" not in x_head
     for x in (x_block, x_head):
         assert "blocks.{l}.hook_attn_out" in x

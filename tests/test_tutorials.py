@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tl_thoughts.demo import N_SHOWN
+
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 REGENERATE = ".venv/bin/jupytext --update --to ipynb tutorials/0*.py"
@@ -109,7 +111,7 @@ def test_demo_command(tmp_path):
     assert "of the first" in report and "every query shown is answered right with the chunk (checked)" in report
     assert "WARNING" not in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| query")]
-    assert len(rows) == 6, rows
+    assert len(rows) == N_SHOWN, rows
     for row in rows:
         _, query, answer, with_chunk, *_ = [cell.strip() for cell in row.split("|")]
         assert with_chunk == repr(" " + answer), row

@@ -324,7 +324,7 @@ class _ReducedRunner:
         """The metric with the vectors of the heads where ``mask`` is 1 added back."""
         return self.runs([mask])[0]
 
-    def runs(self, masks: list[Tensor], batch_size: int = 8) -> list[float]:
+    def runs(self, masks: list[Tensor], batch_size: int = 32) -> list[float]:
         """[`run`][] of each mask, ``batch_size`` masks in one batched forward pass (the same
         reduced prompt in every row, each row with its own vectors added back)."""
         values: list[float] = []

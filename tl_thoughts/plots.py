@@ -168,8 +168,9 @@ def recovery_curve(curve: "RecoveryCurve", *, title: str = "", save: str | Path 
 
     Example:
         >>> fig = recovery_curve(tl_thoughts.analysis.layer_recovery(model, updates, (7, 3)), save="curve.png")
-        >>> fig.axes[0].get_xlabel()
-        'k: blocks 0..k-1 added back, all their heads (vectors at blocks.{l}.hook_attn_out)'
+        >>> print(fig.axes[0].get_xlabel())
+        k: blocks 0..k-1 added back
+        (all heads; vectors at blocks.{l}.hook_attn_out)
     """
     fig = _figure(5.0, 3.4)
     ax = fig.add_subplot()
@@ -179,10 +180,10 @@ def recovery_curve(curve: "RecoveryCurve", *, title: str = "", save: str | Path 
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="1: with the chunk")
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=0.8, label="0: without it, nothing added")
     if blocks:
-        ax.set_xlabel("k: blocks 0..k-1 added back, all their heads (vectors at blocks.{l}.hook_attn_out)")
+        ax.set_xlabel("k: blocks 0..k-1 added back\n(all heads; vectors at blocks.{l}.hook_attn_out)")
         default = "recovery by depth: the first k blocks' vectors added back"
     else:
-        ax.set_xlabel("k: top-k heads added back, best first (vectors at blocks.{l}.hook_attn_out)")
+        ax.set_xlabel("k: top-k heads added back, best first\n(vectors at blocks.{l}.hook_attn_out)")
         default = f"recovery by the top-k heads (first: {', '.join(curve.order[:3])})"
     ax.set_ylabel("fraction of the chunk's effect\non the metric recovered")
     ax.set_title(title or default, fontsize=10)
