@@ -86,6 +86,8 @@ def test_saved_as_factors_smaller_and_loaded_bit_identical(model, patch, tmp_pat
         with loaded.apply(model):
             after = model(tokens)
     assert torch.equal(before, after)
+    with patch.apply(model), pytest.raises(tt.InputError, match="applied to this model already"):
+        loaded.attach(model)  # the loaded copy holds the same factors: the same patch
     # a dense file (the layout before factors) still loads, to the same values
     dense = tt.ThoughtPatch.load(dense_path, model=model)
     assert not dense.factors and all(torch.equal(dense.deltas[k], patch.deltas[k]) for k in patch.deltas)

@@ -640,7 +640,14 @@ class ThoughtPatch:
 
     def _refuse_twice(self, state: "_ModelState") -> str:
         """The patch's key; raise ``InputError`` if it is applied to the model or merged into it."""
-        key = fingerprint({f"delta:{k}": v for k, v in self.deltas.items()}) + f":{self.unpatched_positions}"
+        held: dict[str, Tensor] = {}  # what the patch holds: factors are read as they are, not multiplied out
+        for name in self.deltas:
+            entry = self.deltas.stored(name)
+            if isinstance(entry, tuple):
+                held[f"left:{name}"], held[f"right:{name}"] = entry
+            else:
+                held[f"delta:{name}"] = entry
+        key = fingerprint(held) + f":{self.unpatched_positions}"
         for application in state.active:
             if application.key == key:
                 raise InputError(
