@@ -299,3 +299,21 @@ def test_generation_under_raw_torch_hooks_runs_whole_sequences():
     seen.clear()
     greedy_generate(model, "the cat sat on", max_new_tokens=3, stop_at_newline=False)
     assert seen == []  # removed: no hook, the cached path (and nothing recorded)
+
+
+def test_generating_several_prompts_gives_each_prompt_its_own_continuation():
+    """``greedy_generate_all`` (batched by length, the shared first tokens cached) gives every
+    prompt what ``greedy_generate`` gives it alone, with and without hooks attached."""
+    from tl_thoughts.evaluation import greedy_generate, greedy_generate_all
+
+    model = make_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    prompts = ["the cat sat on", "the cat sat on the mat and", "a big red hat", "the dog"]
+    together = greedy_generate_all(model, prompts, max_new_tokens=4, stop_at_newline=False)
+    assert together == [greedy_generate(model, p, max_new_tokens=4, stop_at_newline=False) for p in prompts]
+    assert len(set(together)) > 1  # the continuations differ: a mix-up of rows would show
+    model.add_hook("blocks.0.hook_attn_out", lambda act, hook: act * 1.5)
+    try:
+        hooked = greedy_generate_all(model, prompts, max_new_tokens=4, stop_at_newline=False)
+        assert hooked == [greedy_generate(model, p, max_new_tokens=4, stop_at_newline=False) for p in prompts]
+    finally:
+        model.reset_hooks()

@@ -195,6 +195,14 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     return found
 
 
+def has_hooks(model: HookedTransformer) -> bool:
+    """Whether any hook is attached: TransformerLens hooks ([`hooked_points`][]) or raw torch
+    forward hooks and pre-hooks ([`raw_torch_hooks`][]). Code that runs a model in pieces (a
+    key-value cache, one position a step) takes its whole-sequence path then, as hooks may read
+    positions from each sequence's start."""
+    return bool(hooked_points(model) or raw_torch_hooks(model))
+
+
 def check_no_hooks(model: HookedTransformer) -> None:
     """Refuse a model with hooks attached: they would change the runs the equivalence compares.
     Both TransformerLens hooks (on hook points) and raw torch forward hooks or pre-hooks (on any

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import tl_thoughts as tt
-from tl_thoughts import _tl, analysis, evaluation, plots, stream
+from tl_thoughts import _tl, analysis, evaluation, plots
 from tl_thoughts.models import load_default_model
 from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 from tl_thoughts.tasks import load_task, shipped_tasks
@@ -127,38 +127,20 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32, *, timings: dict[str
     return out
 
 
-def _generate(model, prompts: list[str], stops, max_new_tokens: int = 10) -> list[str]:
-    """[`tl_thoughts.evaluation.greedy_generate`][] of several prompts at once (the same
-    decoding, batched): through the key-value cache when no hook is attached (the prompts' shared
-    first tokens, the chunk, run once), else every step from the start under the hooks."""
-    tokens = [_tl.to_tokens(model, p)[0].cpu() for p in prompts]
-    unembed_weight = model.W_U.T.contiguous()
-
-    def keep(i: int, generated: list[int]) -> bool:
-        return len(generated) < max_new_tokens
-
-    if _tl.hooked_points(model) or _tl.raw_torch_hooks(model):
-        generated, _ = stream.greedy_decode(model, tokens, [[] for _ in tokens], keep, stops, unembed_weight)
-    else:
-        generated, _ = stream.greedy_decode_cached(model, tokens, keep, stops, unembed_weight)
-    return [model.tokenizer.decode(g) for g in generated]
-
-
 def _generations(model, task, patch, indices):
     """The first [`N_SHOWN`][] test examples the model answers right with the chunk, with their
     generations ``(query, answer, with the chunk, without, without but patched)``, and the ones
     skipped ``(query, answer, generation with the chunk)``."""
-    stops = evaluation.stop_tokens(model)
     examples = [task.examples[i] for i in indices]
     with _tl.linear_layout(model):  # many short runs: the gated MLPs' weights laid out once
-        with_chunk = _generate(model, [task.prompt(q, True) for q, _ in examples], stops)
+        with_chunk = evaluation.greedy_generate_all(model, [task.prompt(q, True) for q, _ in examples])
         right = [k for k, (_, a) in enumerate(examples) if with_chunk[k] == task.answer_prefix + a][:N_SHOWN]
         last = right[-1] if len(right) == N_SHOWN else len(examples) - 1
         skipped = [(q, a, with_chunk[k]) for k, (q, a) in enumerate(examples[: last + 1]) if k not in right]
         reduced = [task.prompt(examples[k][0], False) for k in right]
-        without = _generate(model, reduced, stops)
+        without = evaluation.greedy_generate_all(model, reduced)
         with patch.apply(model):
-            patched = _generate(model, reduced, stops)
+            patched = evaluation.greedy_generate_all(model, reduced)
     shown = [(*examples[k], with_chunk[k], w, p) for k, w, p in zip(right, without, patched)]
     for n, (q, _, w_c, w, p) in enumerate(shown, 1):
         print(f"  {n}/{N_SHOWN} {q!r}: with the chunk {w_c!r}, without {w!r}, patched {p!r}", flush=True)

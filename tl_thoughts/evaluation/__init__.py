@@ -105,7 +105,7 @@ _MODULES = MappingProxyType({
         "PART_METHODS", "EvalConfig", "EvalOptionError", "check_tasks", "fit_kinds"),
     "examples": ("TaskExample", "encode_task_example", "encode_task_examples", "n_positions_read",
         "stop_tokens"),
-    "decoding": ("QueryRun", "greedy_generate", "query_answers", "query_answers_with_rows",
+    "decoding": ("QueryRun", "greedy_generate", "greedy_generate_all", "query_answers", "query_answers_with_rows",
         "query_answers_with_runs", "query_full_rows"),
     "verdicts": ("HookFactory", "chunk_filter", "example_verdicts", "greedy_match", "match_under",
         "teacher_forced_verdicts"),
@@ -143,6 +143,7 @@ if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API do
     from tl_thoughts.evaluation.decoding import (
         QueryRun,
         greedy_generate,
+        greedy_generate_all,
         query_answers,
         query_answers_with_rows,
         query_answers_with_runs,
@@ -219,6 +220,7 @@ __all__ = [
     # decoding
     "QueryRun",
     "greedy_generate",
+    "greedy_generate_all",
     "query_answers",
     "query_answers_with_rows",
     "query_answers_with_runs",

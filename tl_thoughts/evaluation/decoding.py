@@ -207,19 +207,34 @@ def greedy_generate(
         >>> greedy_generate(model, "<|im_start|>walk -> walked\\ngo ->")  # doctest: +SKIP
         ' went'
     """
+    return greedy_generate_all(model, [prompt], max_new_tokens, stop_at_newline)[0]
+
+
+@torch.no_grad()
+def greedy_generate_all(
+    model: HookedTransformer, prompts: Sequence[str], max_new_tokens: int = 10, stop_at_newline: bool = True
+) -> list[str]:
+    """[`greedy_generate`][] of several prompts, decoded together (batched by length; the prompts'
+    shared first tokens run once through the key-value cache), each continuation the one
+    [`greedy_generate`][] gives its prompt alone.
+
+    Example:
+        >>> greedy_generate_all(model, ["<|im_start|>go ->", "<|im_start|>eat ->"])  # doctest: +SKIP
+        [' went', ' ate']
+    """
     if model.tokenizer is None:
         raise InputError("greedy_generate needs a model with a tokenizer")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = stop_tokens(model) if stop_at_newline else torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
-    tokens = _tl.to_tokens(model, prompt)[0].cpu()
+    tokens = [_tl.to_tokens(model, prompt)[0].cpu() for prompt in prompts]
     unembed_weight = model.W_U.T.contiguous()
 
     def keep(i: int, generated: list[int]) -> bool:
         return len(generated) < max_new_tokens
 
-    if _tl.hooked_points(model) or _tl.raw_torch_hooks(model):  # hooks see whole sequences
-        generated, _ = greedy_decode(model, [tokens], [[]], keep, stops, unembed_weight)
+    if _tl.has_hooks(model):  # hooks see whole sequences
+        generated, _ = greedy_decode(model, tokens, [[] for _ in tokens], keep, stops, unembed_weight)
     else:
-        generated, _ = greedy_decode_cached(model, [tokens], keep, stops, unembed_weight)
-    return model.tokenizer.decode(generated[0])
+        generated, _ = greedy_decode_cached(model, tokens, keep, stops, unembed_weight)
+    return [model.tokenizer.decode(g) for g in generated]

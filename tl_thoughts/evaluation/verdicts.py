@@ -189,7 +189,7 @@ def greedy_match(
     shared, kv = prefix if prefix is not None else (0, None)
     if prefix is not None and hooks is not None:
         raise InputError("hooks count positions from each sequence's start: no hooks with a prefix cache")
-    if prefix is None and with_chunk and hooks is None and examples and not (_tl.hooked_points(model) or _tl.raw_torch_hooks(model)):
+    if prefix is None and with_chunk and hooks is None and examples and not _tl.has_hooks(model):
         common = SharedPrefix.of(model, [e.enc.full for e in examples], upto=min(e.last_prompt_full for e in examples))
         shared, kv = common if common is not None else (0, None)
     for b in range(0, len(examples), batch_size):
