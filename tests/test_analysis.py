@@ -305,7 +305,12 @@ def test_steering_comparison_needs_vectors_and_statistics(fitted):
 def test_thought_matrix_spectrum(fitted):
     _, patch, _, _ = fitted
     sv = analysis.thought_matrix_spectrum(patch, 1)
-    assert_close(sv, torch.linalg.svdvals(patch.matrix(1)), 1e-10, "spectrum")
+    dense = torch.linalg.svdvals(patch.matrix(1).double())  # the matrix multiplied out
+    stored = patch.deltas.stored("blocks.1.mlp.W_in")
+    r = stored[1].shape[0] if isinstance(stored, tuple) else len(dense)  # factors: their r values
+    assert_close(sv, dense[:r], 1e-10, "spectrum")
+    assert isinstance(stored, tuple) and r < len(dense)  # a fitted patch holds W_in as factors
+    assert float(dense[r:].abs().max()) < 1e-10  # the others are zero
     with pytest.raises(tt.InputError):
         analysis.thought_matrix_spectrum(patch, 1, "W_gate")
 

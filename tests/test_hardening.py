@@ -348,10 +348,11 @@ def test_streamed_extraction_equals_the_cached_arithmetic(tiny_model):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_linear_layout_stores_the_gated_weights_transposed_and_restores_them(tiny_model, arch):
-    """``_tl.linear_layout`` (the evaluation's speed-up): inside, every gated MLP weight holds the
-    same values with ``W.T`` contiguous (TransformerLens' ``W.T.contiguous()`` copies nothing) and
-    the model computes the same logits; on exit, also on an exception, the original tensors are
-    back; models without gated MLPs are left alone."""
+    """``_tl.linear_layout`` (the speed-up of many short runs): inside, every gated MLP weight and
+    the unembedding hold the same values with ``W.T`` contiguous (TransformerLens'
+    ``W.T.contiguous()`` copies nothing) and the model computes the same logits, bit for bit; a
+    nested call copies nothing more; on exit, also on an exception, the original tensors are back;
+    models without gated MLPs have only their unembedding laid out."""
     from tl_thoughts import _tl
 
     model = tiny_model(arch)
@@ -364,11 +365,15 @@ def test_linear_layout_stores_the_gated_weights_transposed_and_restores_them(tin
     with pytest.raises(RuntimeError, match="inside"), _tl.linear_layout(model):
         changed = [n for n, p in model.named_parameters() if (p.data_ptr(), p.stride()) != storage[n]]
         gated = [_tl.param_name(layer, w) for layer in range(spec.n_layers) for w in ("W_gate", "W_in", "W_out")]
-        assert sorted(changed) == (sorted(gated) if spec.gated_mlp else [])
+        assert sorted(changed) == sorted((gated if spec.gated_mlp else []) + ["unembed.W_U"])
         for name in changed:
             param = model.get_parameter(name)
             assert param.T.is_contiguous() and torch.equal(param, originals[name])
-        assert_close(model(tokens), before, atol=1e-12)
+        assert torch.equal(model(tokens), before)
+        laid_out = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+        with _tl.linear_layout(model):  # nested: already laid out, nothing copied
+            assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == laid_out
+        assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == laid_out
         raise RuntimeError("inside")
     assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == storage
     assert_model_untouched(model, snapshot)

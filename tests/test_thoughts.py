@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tl_thoughts as tt
+from tl_thoughts import _tl
 from helpers import (
     fit,
     fit_all,
@@ -600,7 +601,9 @@ def test_only_splits_the_patch_into_its_vectors_and_its_matrices(fitted):
     tokens = model.to_tokens("<eos> the dog ran")
     with patch.apply(model):
         whole = model(tokens)
-    merged = tt.ThoughtPatch(deltas={**vectors.deltas, **matrices.deltas}, meta=patch.meta)
+    held = {k: part.deltas.stored(k) for part in (vectors, matrices) for k in part.deltas}  # dense or factors
+    merged = tt.ThoughtPatch(deltas={k: v for k, v in held.items() if not isinstance(v, tuple)},
+                             factors={k: v for k, v in held.items() if isinstance(v, tuple)}, meta=patch.meta)
     with merged.apply(model):
         assert torch.equal(model(tokens), whole)
     base = model(tokens)
@@ -883,3 +886,37 @@ def test_solve_mlp_inputs_maps_one_solve_through_every_input_matrix(text_models,
     for name in spec.mlp_input_matrices:
         W = _tl.mlp_matrix(model, 1, name).double()
         assert_close(got[f"blocks.1.mlp.{name}"], _weighted_ridge(a, diff @ W, w, 0.1), 1e-9, name)
+
+
+@pytest.mark.parametrize("patch_prefix", [True, False])
+def test_a_patch_applied_as_hooks_decodes_through_the_cache_as_on_whole_sequences(fitted, patch_prefix):
+    """A thought patch's activation hooks read how many positions a key-value cache holds, so
+    ``greedy_generate_all`` keeps its cached path under them (one new position a step), with the
+    continuations the whole-sequence path gives (forced here by a no-op hook of the user's)."""
+    from tl_thoughts.evaluation import greedy_generate_all
+
+    model, _ = fitted
+    patch = fit(model, CHUNK, EXAMPLES, template=PREFIXED, patch_prefix=patch_prefix, attention_matrix=True,
+                output_matrix=True, progress=False)
+    assert patch.factors, "some thought matrices held as factors: their hooks multiply by the factors"
+    prompts = ["<eos> the dog", "<eos> a big red hat", "<eos> the red cat sat"]
+    lengths: list[int] = []
+    with patch.apply(model, form="activation"):
+        assert _tl.has_hooks(model) and not _tl.has_whole_sequence_hooks(model)
+        spy = [("blocks.0.hook_resid_pre", lambda act, hook: lengths.append(act.shape[1]))]
+        remove_spy = _tl.attach_hooks(model, spy, cache_safe=True)  # records, and keeps the cached path
+        try:
+            cached = greedy_generate_all(model, prompts, max_new_tokens=4, stop_at_newline=False)
+        finally:
+            remove_spy()
+        assert 1 in lengths  # one new position a step: the cached path was taken
+        remove_user = _tl.attach_hooks(model, [("blocks.0.hook_resid_pre", lambda act, hook: None)])
+        try:
+            assert _tl.has_whole_sequence_hooks(model)  # a user's hook: whole sequences every step
+            whole = greedy_generate_all(model, prompts, max_new_tokens=4, stop_at_newline=False)
+        finally:
+            remove_user()
+    assert not _tl.has_hooks(model)
+    unpatched = greedy_generate_all(model, prompts, max_new_tokens=4, stop_at_newline=False)
+    assert cached == whole
+    assert cached != unpatched  # the patch changes the continuations: the check can fail

@@ -6,6 +6,7 @@ directly; they go through the functions here. A TransformerBridge backend would 
 
 import contextlib
 import itertools
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -197,10 +198,24 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
 
 def has_hooks(model: HookedTransformer) -> bool:
     """Whether any hook is attached: TransformerLens hooks ([`hooked_points`][]) or raw torch
-    forward hooks and pre-hooks ([`raw_torch_hooks`][]). Code that runs a model in pieces (a
-    key-value cache, one position a step) takes its whole-sequence path then, as hooks may read
-    positions from each sequence's start."""
+    forward hooks and pre-hooks ([`raw_torch_hooks`][])."""
     return bool(hooked_points(model) or raw_torch_hooks(model))
+
+
+def has_whole_sequence_hooks(model: HookedTransformer) -> bool:
+    """Whether a hook is attached that may read positions from each sequence's start: any hook of
+    [`has_hooks`][] except those attached by [`attach_hooks`][] with ``cache_safe=True`` (a
+    thought patch's activation form, which reads how many positions a key-value cache holds).
+    Code that runs a model in pieces (a key-value cache, one position a step) takes its
+    whole-sequence path when this is True."""
+    if raw_torch_hooks(model):
+        return True
+    safe = _CACHE_SAFE_LEVELS.get(model, set())
+    return any(
+        handle.context_level not in safe
+        for hp in model.hook_dict.values()
+        for handle in (*hp.fwd_hooks, *hp.bwd_hooks)
+    )
 
 
 def check_no_hooks(model: HookedTransformer) -> None:
@@ -284,20 +299,29 @@ def identity_tensors(model: HookedTransformer) -> list[Tensor]:
 
 
 _HOOK_LEVELS = itertools.count(1_000_000)  # above any TransformerLens context level
+# per model, the levels of hooks attached with cache_safe=True (see has_whole_sequence_hooks)
+_CACHE_SAFE_LEVELS: "weakref.WeakKeyDictionary[HookedTransformer, set[int]]" = weakref.WeakKeyDictionary()
 
 
-def attach_hooks(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Callable[[], None]:
+def attach_hooks(
+    model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]], *, cache_safe: bool = False
+) -> Callable[[], None]:
     """Add forward hooks and return the function that removes exactly these hooks (and no other:
     they carry a context level of their own, so hooks attached and removed in any order, or the
     user's own, are left alone). If adding one fails, those added are removed before the error
-    propagates."""
+    propagates. ``cache_safe=True`` declares that the hooks give the same values when a sequence
+    runs in pieces through a key-value cache as when it runs whole
+    ([`has_whole_sequence_hooks`][] then does not count them)."""
     level = next(_HOOK_LEVELS)
     touched = []
+    if cache_safe:
+        _CACHE_SAFE_LEVELS.setdefault(model, set()).add(level)
 
     def remove() -> None:
         for hook_point in touched:
             hook_point.remove_hooks("fwd", including_permanent=False, level=level)
         touched.clear()
+        _CACHE_SAFE_LEVELS.get(model, set()).discard(level)
 
     try:
         for name, hook in fwd_hooks:
@@ -504,20 +528,22 @@ def swapped_tensors(
 
 @contextlib.contextmanager
 def linear_layout(model: HookedTransformer) -> Iterator[None]:
-    """The gated MLPs' weights stored transposed in memory (the same values), so that
-    TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous and copies
-    nothing; the original tensors are put back on exit. Every product gives the same values as
-    before up to rounding order (a speed-up for many short runs, such as the evaluation's). Costs
-    one copy of those weights while inside."""
+    """The gated MLPs' weights and the unembedding ``W_U`` stored transposed in memory (the same
+    values), so that TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous
+    and copies nothing (it copies these weights at every forward pass otherwise); the original
+    tensors are put back on exit. ``F.linear`` gets the same operands either way, so every run
+    gives the same values, bit for bit. A speed-up for many short runs (the fits, the decoding,
+    the evaluation); costs one copy of those weights while inside; a nested call copies nothing."""
     spec = model_spec(model)
-    if not spec.gated_mlp:
-        yield
-        return
-    new = {
-        param_name(layer, weight): model.get_parameter(param_name(layer, weight)).detach().T.contiguous().T
-        for layer in range(spec.n_layers)
-        for weight in ("W_gate", "W_in", "W_out")
-    }
+    names = ["unembed.W_U"]
+    if spec.gated_mlp:
+        names += [param_name(layer, w) for layer in range(spec.n_layers) for w in ("W_gate", "W_in", "W_out")]
+    new = {}
+    for name in names:
+        weight = model.get_parameter(name)
+        if weight.T.is_contiguous():
+            continue  # already laid out (a nested call)
+        new[name] = weight.detach().T.contiguous().T
     with swapped_tensors(model, new):
         yield
 

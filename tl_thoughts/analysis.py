@@ -23,7 +23,7 @@ from tl_thoughts.errors import (
     ZeroDenominatorError,
     check_int,
 )
-from tl_thoughts.patch import ThoughtPatch
+from tl_thoughts.patch import ThoughtPatch, svdvals_of
 from tl_thoughts.updates import ImplicitUpdates
 
 METRICS = ("norm", "chunk_attention", "direct_effect")
@@ -185,6 +185,11 @@ def head_attribution(
     if metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
     check_updates(updates, model)
+    return _head_attribution(model, updates, metric, answer_tokens, pos_slice, per_head, return_labels)
+
+
+def _head_attribution(model, updates, metric, answer_tokens, pos_slice, per_head, return_labels):
+    """[`head_attribution`][] of updates already checked against ``model``."""
     heads = updates.head_vectors  # [layer, kept, head, d_model]
     n_layers, n_kept, n_heads, _ = heads.shape
     index = _positions(pos_slice, n_kept)
@@ -242,7 +247,13 @@ def direct_effect(
         >>> direct_effect(model, updates, answer_tokens=7).shape
         torch.Size([2, 5])
     """
-    return head_attribution(model, updates, metric="direct_effect", answer_tokens=answer_tokens, per_head=False)
+    check_updates(updates, model)
+    return _direct_effect(model, updates, answer_tokens)
+
+
+def _direct_effect(model, updates, answer_tokens) -> Tensor:
+    """[`direct_effect`][] of updates already checked against ``model``."""
+    return _head_attribution(model, updates, "direct_effect", answer_tokens, None, False, False)
 
 
 @dataclass(frozen=True)
@@ -289,8 +300,7 @@ class _ReducedRunner:
         if isinstance(answer_tokens, Tensor) or not isinstance(answer_tokens, (int, tuple)):
             raise ArgumentTypeError("the causal checks measure one logit or one logit difference: "
                                     "answer_tokens is a token id or a (correct, incorrect) pair")
-        check_updates(updates, model)
-        self.spec = _tl.model_spec(model)
+        self.spec = _tl.model_spec(model)  # the updates are checked against the model by the caller
         _tl.check_no_hooks(model)
         updates.require_complete("a causal check")
         if updates.dtype != self.spec.dtype:
@@ -401,6 +411,12 @@ def ablation_scores(
         >>> scores.shape  # [layer * head]
         torch.Size([8])
     """
+    check_updates(updates, model)
+    return _ablation_scores(model, updates, answer_tokens, position, progress)
+
+
+def _ablation_scores(model, updates, answer_tokens, position, progress) -> Tensor:
+    """[`ablation_scores`][] of updates already checked against ``model``."""
     from tqdm.auto import tqdm
 
     with _ReducedRunner(model, updates, answer_tokens, position) as runner:
@@ -479,12 +495,11 @@ def top_k_recovery(
     index = _kept_index(position, updates.vectors.shape[1])
     # scores first: they need the model with its own position tables (the runner swaps them)
     if ranking == "ablation":
-        scores = ablation_scores(model, updates, answer_tokens, position=position, progress=progress)
+        scores = _ablation_scores(model, updates, answer_tokens, position, progress)
         order = torch.argsort(scores, descending=True, stable=True)
     else:
-        scores = head_attribution(
-            model, updates, metric=ranking,
-            answer_tokens=answer_tokens if ranking == "direct_effect" else None,
+        scores = _head_attribution(
+            model, updates, ranking, answer_tokens if ranking == "direct_effect" else None, None, True, False
         )[:, index]
         order = torch.argsort(scores.abs(), descending=True, stable=True)
     with _ReducedRunner(model, updates, answer_tokens, position) as runner:
@@ -519,7 +534,7 @@ def layer_recovery(
     """
     check_updates(updates, model)
     index = _kept_index(position, updates.vectors.shape[1])
-    scores = direct_effect(model, updates, answer_tokens)[:, index]  # before the runner swaps tables
+    scores = _direct_effect(model, updates, answer_tokens)[:, index]  # before the runner swaps tables
     with _ReducedRunner(model, updates, answer_tokens, position) as runner:
         spec = runner.spec
         masks = []
@@ -650,18 +665,21 @@ def token_patch_spectrum(
 
 @torch.no_grad()
 def thought_matrix_spectrum(patch: ThoughtPatch, layer: int, name: str = "W_in") -> Float[Tensor, " rank"]:
-    """Singular values (descending) of the thought matrix of ``name`` at ``layer``.
+    """Singular values (descending, float64) of the thought matrix of ``name`` at ``layer``
+    ([`tl_thoughts.patch.svdvals_of`][]): for a matrix held as factors ``(left, right)`` of inner
+    size ``r`` (a fitted patch's), its ``r`` values, from the factors (the others are exactly zero;
+    the dense matrix is never formed); for a dense one, all ``min(rows, cols)`` of its SVD.
 
     Raises:
         InputError: The patch has no such matrix.
 
     Example:
-        >>> thought_matrix_spectrum(patch, layer=0).shape  # [min(d_model, d_mlp)]
-        torch.Size([16])
+        >>> thought_matrix_spectrum(patch, layer=0).shape  # held as factors of inner size 8: 8 values
+        torch.Size([8])
     """
     check_patch(patch)
     check_int(layer, "layer")
-    m = patch.matrix(layer, name)
-    if m is None:
+    key = _tl.param_name(layer, name)
+    if key not in patch.deltas:
         raise InputError(f"the patch has no thought matrix {name!r} at layer {layer} (layers {patch.layers})")
-    return torch.linalg.svdvals(m.double())
+    return svdvals_of(patch.deltas.stored(key))

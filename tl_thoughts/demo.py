@@ -70,7 +70,17 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32, *, timings: dict[str
     _say(report, "```\n" + str(verification) + "\n```")
     report.append("\n![per-layer residual error](verification.png)\n")
 
-    # 2. a thought patch for a few-shot task
+    # 2.-3.: many short runs: the weights laid out for TransformerLens' products once (same values)
+    with _tl.linear_layout(model):
+        _patch_and_attribution(model, out, report, timings)
+    _say(report, "\nStage times (s): " + ", ".join(f"{name} {t:.1f}" for name, t in timings.items()) + ".")
+    _say(report, f"\nDone in {time.perf_counter() - t0:.0f} s. Report: {out / 'report.md'}")
+    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    return out
+
+
+def _patch_and_attribution(model, out: Path, report: list[str], timings: dict[str, float]) -> None:
+    """Stages 2 (a thought patch for a few-shot task) and 3 (where its effect lives)."""
     task = load_task(next(p for p in shipped_tasks() if p.stem == DEMO_TASK))
     fit_idx, test_idx = evaluation.split(len(task.examples), 20, seed=0)
     with _stage(timings, "fit the thought patch"):
@@ -121,10 +131,6 @@ def run_demo(out: Path, dtype: torch.dtype = torch.float32, *, timings: dict[str
             _say(report, "\n## 3. No attribution: no query shown is answered differently without the chunk.\n")
         else:
             _attribution(model, task, report, out, *found)
-    _say(report, "\nStage times (s): " + ", ".join(f"{name} {t:.1f}" for name, t in timings.items()) + ".")
-    _say(report, f"\nDone in {time.perf_counter() - t0:.0f} s. Report: {out / 'report.md'}")
-    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    return out
 
 
 def _generations(model, task, patch, indices):
@@ -132,15 +138,19 @@ def _generations(model, task, patch, indices):
     generations ``(query, answer, with the chunk, without, without but patched)``, and the ones
     skipped ``(query, answer, generation with the chunk)``."""
     examples = [task.examples[i] for i in indices]
-    with _tl.linear_layout(model):  # many short runs: the gated MLPs' weights laid out once
-        with_chunk = evaluation.greedy_generate_all(model, [task.prompt(q, True) for q, _ in examples])
-        right = [k for k, (_, a) in enumerate(examples) if with_chunk[k] == task.answer_prefix + a][:N_SHOWN]
-        last = right[-1] if len(right) == N_SHOWN else len(examples) - 1
-        skipped = [(q, a, with_chunk[k]) for k, (q, a) in enumerate(examples[: last + 1]) if k not in right]
-        reduced = [task.prompt(examples[k][0], False) for k in right]
-        without = evaluation.greedy_generate_all(model, reduced)
-        with patch.apply(model):
-            patched = evaluation.greedy_generate_all(model, reduced)
+    with_chunk: list[str] = []
+    for part in (examples[: N_SHOWN + 1], examples[N_SHOWN + 1 :]):  # the rest only if needed
+        right = sum(g == task.answer_prefix + a for g, (_, a) in zip(with_chunk, examples))
+        if part and right < N_SHOWN:
+            with_chunk += evaluation.greedy_generate_all(model, [task.prompt(q, True) for q, _ in part])
+    examples = examples[: len(with_chunk)]
+    right = [k for k, (_, a) in enumerate(examples) if with_chunk[k] == task.answer_prefix + a][:N_SHOWN]
+    last = right[-1] if len(right) == N_SHOWN else len(examples) - 1
+    skipped = [(q, a, with_chunk[k]) for k, (q, a) in enumerate(examples[: last + 1]) if k not in right]
+    reduced = [task.prompt(examples[k][0], False) for k in right]
+    without = evaluation.greedy_generate_all(model, reduced)
+    with patch.apply(model):
+        patched = evaluation.greedy_generate_all(model, reduced)
     shown = [(*examples[k], with_chunk[k], w, p) for k, w, p in zip(right, without, patched)]
     for n, (q, _, w_c, w, p) in enumerate(shown, 1):
         print(f"  {n}/{N_SHOWN} {q!r}: with the chunk {w_c!r}, without {w!r}, patched {p!r}", flush=True)

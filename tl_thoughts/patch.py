@@ -142,6 +142,9 @@ class PatchDeltas(Mapping):
         entry = self._entries[name]
         return factor_product(*entry) if isinstance(entry, tuple) else entry
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries  # Mapping's own would multiply factors out to answer
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -630,7 +633,8 @@ class ThoughtPatch:
                 state.install(model)
                 raise
         else:
-            application.remove_hooks = _tl.attach_hooks(model, self.hooks(model))
+            # cache-safe: the hooks read how many positions a key-value cache holds (_Positions)
+            application.remove_hooks = _tl.attach_hooks(model, self.hooks(model), cache_safe=True)
             state.active.append(application)
         return lambda: state.remove(model, application)
 
@@ -671,6 +675,18 @@ class ThoughtPatch:
                 f"with patch_prefix=False), {why}"
             )
 
+    def _matrix(self, name: str) -> Tensor | tuple[Tensor, Tensor] | None:
+        """The delta of matrix ``name`` as its activation hook multiplies by it, with the input
+        dimensions flattened (``W_O``: heads and ``d_head``): dense, or the factors ``(left,
+        right)`` of a low-rank one; None if the patch has none."""
+        if name not in self.deltas:
+            return None
+        entry = self.deltas.stored(name)
+        if isinstance(entry, tuple):
+            left, right = entry
+            return left.reshape(-1, left.shape[-1]), right
+        return entry.flatten(0, -2)
+
     def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
         """TransformerLens forward hooks that add the patch's effect to the activations (from
         position [`unpatched_positions`][] on; each patched block's ``attn.hook_pattern`` then
@@ -684,8 +700,8 @@ class ThoughtPatch:
                 hooks.append((_tl.pattern_name(layer), where.read_offset))
             b_O = self.deltas.get(_tl.param_name(layer, "b_O"))
             b_out = self.deltas.get(_tl.param_name(layer, "b_out"))
-            W_O = self.deltas.get(_tl.param_name(layer, "W_O"))
-            W_out = self.deltas.get(_tl.param_name(layer, "W_out"))
+            W_O = self._matrix(_tl.param_name(layer, "W_O"))
+            W_out = self._matrix(_tl.param_name(layer, "W_out"))
             if W_O is not None:  # attn_out gains z @ dW_O: keep z, add at hook_attn_out
                 z_store: dict[str, Tensor] = {}
 
@@ -693,12 +709,12 @@ class ThoughtPatch:
                     store["x"] = act.flatten(-2)
 
                 hooks.append((_tl.z_name(layer), keep_z))
-                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O.flatten(0, 1), where)))
+                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O, where)))
             if b_O is not None:
                 hooks.append((_tl.attn_out_name(layer), _add_hook(b_O, where)))
             if b_out is not None:
                 hooks.append((_tl.mlp_out_name(layer), _add_hook(b_out, where)))
-            mats = {n: self.deltas[_tl.param_name(layer, n)] for n in spec.mlp_input_matrices
+            mats = {n: self._matrix(_tl.param_name(layer, n)) for n in spec.mlp_input_matrices
                     if _tl.param_name(layer, n) in self.deltas}
             if mats:
                 store: dict[str, Tensor] = {}
@@ -1005,9 +1021,18 @@ def _add_hook(vector: Tensor, where: _Positions):
     return hook
 
 
-def _matmul_hook(store: dict, matrix: Tensor, where: _Positions):
-    def hook(act: Tensor, hook) -> Tensor:
-        return _added_from(act, store["x"] @ matrix.to(act), where.start())
+def _matmul_hook(store: dict, matrix: Tensor | tuple[Tensor, Tensor], where: _Positions):
+    """A hook adding ``x @ matrix`` (``x`` kept in ``store`` by an earlier hook); a matrix held as
+    factors ``(left, right)`` is applied as ``(x @ left) @ right``, never multiplied out."""
+    if isinstance(matrix, tuple):
+        left, right = matrix
+
+        def hook(act: Tensor, hook) -> Tensor:
+            return _added_from(act, (store["x"] @ left.to(act)) @ right.to(act), where.start())
+    else:
+
+        def hook(act: Tensor, hook) -> Tensor:
+            return _added_from(act, store["x"] @ matrix.to(act), where.start())
 
     return hook
 

@@ -493,7 +493,8 @@ def fit_thought(
         >>> with patch.apply(model):  # doctest: +SKIP
         ...     logits = model("<prompt without the chunk>")
     """
-    return _fit(model, chunk, examples, FitConfig() if config is None else config, template, rows, progress, None)
+    with _tl.linear_layout(model):  # many short runs of the blocks: the weights laid out once
+        return _fit(model, chunk, examples, FitConfig() if config is None else config, template, rows, progress, None)
 
 
 def _fit(model, chunk, examples, config, template, rows, progress, memo) -> ThoughtPatch:
@@ -582,5 +583,6 @@ def fit_thoughts(
     if not isinstance(config, FitConfig):
         raise ArgumentTypeError(f"config must be a FitConfig, got {type(config).__name__}")
     memo: dict = {}
-    return {kind: _fit(model, chunk, examples, config.replace(fit=kind), template, rows, progress, memo)
-            for kind in fits}
+    with _tl.linear_layout(model):  # many short runs of the blocks: the weights laid out once
+        return {kind: _fit(model, chunk, examples, config.replace(fit=kind), template, rows, progress, memo)
+                for kind in fits}

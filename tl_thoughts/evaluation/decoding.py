@@ -199,9 +199,11 @@ def greedy_generate(
     at the first line break or special token when ``stop_at_newline``.
 
     One decoding path for the library ([`tl_thoughts.stream`][]): through TransformerLens'
-    key-value cache ([`tl_thoughts.stream.greedy_decode_cached`][]) when no hook is attached,
-    else every step from the start under the model's hooks ([`tl_thoughts.stream.greedy_decode`][]:
-    hooks that count positions, such as a patch's activation form, see whole sequences).
+    key-value cache ([`tl_thoughts.stream.greedy_decode_cached`][]) when no hook is attached or
+    only a thought patch's (its activation form reads how many positions the cache holds), else
+    every step from the start under the model's hooks ([`tl_thoughts.stream.greedy_decode`][]:
+    a user's hooks may count positions from each sequence's start, so they see whole sequences;
+    see [`tl_thoughts._tl.has_whole_sequence_hooks`][]).
 
     Example:
         >>> greedy_generate(model, "<|im_start|>walk -> walked\\ngo ->")  # doctest: +SKIP
@@ -233,8 +235,9 @@ def greedy_generate_all(
     def keep(i: int, generated: list[int]) -> bool:
         return len(generated) < max_new_tokens
 
-    if _tl.has_hooks(model):  # hooks see whole sequences
-        generated, _ = greedy_decode(model, tokens, [[] for _ in tokens], keep, stops, unembed_weight)
-    else:
-        generated, _ = greedy_decode_cached(model, tokens, keep, stops, unembed_weight)
+    with _tl.linear_layout(model):  # many short runs: the weights laid out once (the same values)
+        if _tl.has_whole_sequence_hooks(model):  # hooks see whole sequences (a patch's see a cache)
+            generated, _ = greedy_decode(model, tokens, [[] for _ in tokens], keep, stops, unembed_weight)
+        else:
+            generated, _ = greedy_decode_cached(model, tokens, keep, stops, unembed_weight)
     return [model.tokenizer.decode(g) for g in generated]
