@@ -448,3 +448,15 @@ def run_patch_sequence(model: HookedTransformer, patches: list, ops: list[tuple]
         except AssertionError as e:
             problems.append(f"after removing every handle: {e}")
     return problems
+
+
+def assert_same_logits_applied(model: HookedTransformer, first, second, text: str = " a big dog") -> None:
+    """Two patches (a fitted one and its loaded copy, say), each applied in turn, give the same
+    logits on ``text``, bit for bit."""
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        with first.apply(model):
+            before = model(tokens)
+        with second.apply(model):
+            after = model(tokens)
+    assert torch.equal(before, after)

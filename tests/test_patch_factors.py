@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close, fit, make_model, make_word_tokenizer
+from helpers import assert_close, assert_same_logits_applied, fit, make_model, make_word_tokenizer
 from safetensors import safe_open
 
 import tl_thoughts as tt
@@ -79,13 +79,7 @@ def test_saved_as_factors_smaller_and_loaded_bit_identical(model, patch, tmp_pat
     for name in patch.deltas:
         assert torch.equal(loaded.deltas[name], patch.deltas[name]), name  # bit for bit
         assert loaded.deltas[name].dtype == patch.deltas[name].dtype
-    tokens = model.to_tokens(" a big dog")
-    with torch.no_grad():
-        with patch.apply(model):
-            before = model(tokens)
-        with loaded.apply(model):
-            after = model(tokens)
-    assert torch.equal(before, after)
+    assert_same_logits_applied(model, patch, loaded)
     with patch.apply(model), pytest.raises(tt.InputError, match="applied to this model already"):
         loaded.attach(model)  # the loaded copy holds the same factors: the same patch
     # a dense file (the layout before factors) still loads, to the same values

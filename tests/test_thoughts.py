@@ -10,6 +10,7 @@ import torch
 import tl_thoughts as tt
 from tl_thoughts import _tl
 from helpers import (
+    assert_same_logits_applied,
     fit,
     fit_all,
     POST_NORM_ARCHITECTURES,
@@ -688,13 +689,7 @@ def test_save_load_apply_bit_identical(fitted, tmp_path):
     loaded = tt.ThoughtPatch.load(path, model=model)
     assert loaded.meta["chunk"] == CHUNK and loaded.meta["n_examples"] == len(EXAMPLES)
     assert loaded.meta["version"] == tt.__version__
-    tokens = model.to_tokens(" a big dog")
-    with torch.no_grad():
-        with patch.apply(model):
-            before = model(tokens)
-        with loaded.apply(model):
-            after = model(tokens)
-    assert torch.equal(before, after)
+    assert_same_logits_applied(model, patch, loaded)
 
 
 def test_load_refuses_other_model_shapes_and_identity(fitted, tmp_path):
