@@ -1,20 +1,64 @@
-"""The TransformerLens backend: everything that reads a HookedTransformer's weights, hooks and caches.
+"""The TransformerLens backend seam: everything that reads a model's weights, hooks and caches.
 
 The mathematics (``_math.py``) and the public objects never touch TransformerLens internals
-directly; they go through the functions here. A TransformerBridge backend would replace this module.
+directly; they go through the functions here. Two backends stand behind them:
+
+- a ``HookedTransformer`` (TransformerLens 3.9), the primary one, implemented in this module;
+- a ``TransformerBridge`` in compatibility mode (TransformerLens 4), where the functions below
+  delegate what differs to ``_bridge`` (weights as views of the HuggingFace parameters, positions
+  as ``position_ids``, hooks on the hook points). Functions a bridge cannot serve yet raise
+  ``UnsupportedArchitectureError`` saying so ([`require_hooked`][]).
+
+The interface, by concern: the model's shapes ([`model_spec`][]); its weights by TransformerLens
+name ([`weight`][], [`patched_values`][], [`swapped_tensors`][], [`computing_in`][]); hook names
+and hooks ([`attach_hooks`][], [`hooked`][], the ``*_name`` functions); runs ([`forward`][],
+[`run`][], the reduced prompt at its original positions: [`original_positions`][]); the
+block-by-block pieces and the key-value cache ([`embed`][], [`block_attention_kv`][],
+[`prefix_cache`][]: HookedTransformer only today).
 """
 
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
+from tl_thoughts import _bridge
 from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError
+
+try:  # TransformerLens 3.9
+    from transformer_lens import HookedTransformer
+except ImportError:  # TransformerLens 4 removed it
+    HookedTransformer = None
+
+_MODEL_CLASSES = tuple(c for c in (HookedTransformer, _bridge.TransformerBridge) if c is not None)
+Model = Union[_MODEL_CLASSES]  # noqa: UP007 (a union built from the classes installed)
+"""The models the library accepts: a HookedTransformer (TransformerLens 3.9) or a TransformerBridge
+(TransformerLens 4, in compatibility mode), whichever the installed TransformerLens has."""
+
+
+def is_bridge(model: object) -> bool:
+    """Whether ``model`` is a TransformerLens 4 ``TransformerBridge`` (else a HookedTransformer)."""
+    return _bridge.is_bridge(model)
+
+
+def require_hooked(model: object, what: str) -> None:
+    """Refuse a TransformerBridge for ``what``, a part of the library not ported to it yet.
+
+    Raises:
+        UnsupportedArchitectureError: ``model`` is a TransformerBridge.
+    """
+    if is_bridge(model):
+        raise UnsupportedArchitectureError(
+            f"{what} is not available on a TransformerBridge (TransformerLens 4) yet: it runs the model "
+            "block by block with TransformerLens' own key-value cache, which the bridge (a wrapped "
+            "HuggingFace model) does not have; use a HookedTransformer (TransformerLens 3.9) for it"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,7 +95,7 @@ class ModelSpec:
         return self.attn_post_norm is not None or self.mlp_post_norm is not None
 
 
-def model_spec(model: HookedTransformer) -> ModelSpec:
+def model_spec(model: Model) -> ModelSpec:
     """Check that the exact construction applies to ``model`` and read its shapes.
 
     Raises:
@@ -60,12 +104,11 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
             ([`check_dtypes`][]).
         UnsupportedArchitectureError: a config feature breaks exactness; the message says which.
     """
-    if not isinstance(model, HookedTransformer):
-        raise ArgumentTypeError(
-            f"model: expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
-        )
+    if not isinstance(model, _MODEL_CLASSES):
+        expected = " or ".join(f"{c.__module__.split('.')[0]}.{c.__name__}" for c in _MODEL_CLASSES)
+        raise ArgumentTypeError(f"model: expected a {expected}, got {type(model).__name__}")
     cfg = model.cfg
-    problems = []
+    problems = _bridge.problems(model) if is_bridge(model) else []
     if cfg.attention_dir != "causal":
         problems.append("attention_dir != 'causal': the chunk would change the prefix")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
@@ -73,13 +116,13 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
             f"positional_embedding_type={cfg.positional_embedding_type!r}: only learned absolute "
             "('standard') and 'rotary' positions are handled"
         )
-    if cfg.use_local_attn:
+    if getattr(cfg, "use_local_attn", False):
         problems.append("use_local_attn: a sliding window sees other keys once the chunk is gone")
     if getattr(cfg, "use_attention_sinks", False):
         problems.append("use_attention_sinks: the pattern rows do not sum to one")
     if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False):
         problems.append("use_logn_attn / use_dynamic_ntk_rope: queries depend on the sequence length")
-    if cfg.num_experts:
+    if getattr(cfg, "num_experts", None):
         problems.append("num_experts (mixture of experts) is not supported yet")
     post_only = _norm_names(cfg)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
     post = f"original_architecture={cfg.original_architecture!r} (post-norm blocks)"
@@ -89,7 +132,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         problems.append(f"{post} with parallel_attn_mlp (TransformerLens skips the MLP's post-norm there)")
     if post_only and (cfg.use_attn_in or cfg.use_split_qkv_input):
         problems.append(f"{post} with use_attn_in / use_split_qkv_input (no pre-norm to split)")
-    if cfg.load_in_4bit:
+    if getattr(cfg, "load_in_4bit", False):
         problems.append("load_in_4bit: weights are not plain tensors")
     if problems:
         raise UnsupportedArchitectureError(
@@ -97,7 +140,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         )
     check_dtypes(model)  # after the architecture: a refused feature may hold other dtypes (MoE routers)
     n_kv = cfg.n_key_value_heads
-    if n_kv is None or cfg.ungroup_grouped_query_attention:
+    if n_kv is None or getattr(cfg, "ungroup_grouped_query_attention", False):
         n_kv = cfg.n_heads
     return ModelSpec(
         n_layers=cfg.n_layers,
@@ -119,7 +162,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_dtypes(model: HookedTransformer) -> None:
+def check_dtypes(model: Model) -> None:
     """Refuse a model whose floating parameters have several dtypes, or another dtype than
     ``model.cfg.dtype`` (``model.half()``, ``.float()``, ``.double()``, ``.bfloat16()`` convert the
     parameters and leave the config as it was; TransformerLens casts some activations to
@@ -165,12 +208,12 @@ def _norm_names(cfg) -> dict[str, str | None]:
     )
 
 
-def hooked_points(model: HookedTransformer) -> list[str]:
+def hooked_points(model: Model) -> list[str]:
     """The names of the hook points with hooks attached (forward or backward)."""
     return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
 
 
-def raw_torch_hooks(model: HookedTransformer) -> list[str]:
+def raw_torch_hooks(model: Model) -> list[str]:
     """The forward hooks and forward pre-hooks that torch would run in a forward pass of ``model``
     and that TransformerLens' hook points do not manage (``register_forward_hook``,
     ``register_forward_pre_hook``, with or without kwargs, on any submodule; global module
@@ -181,12 +224,13 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     from transformer_lens.hook_points import HookPoint
 
     found = []
+    own = _bridge.own_hook if is_bridge(model) else (lambda fn: False)  # the bridge's wiring
     for name, module in model.named_modules():
         managed = {h.hook.id for h in module.fwd_hooks} if isinstance(module, HookPoint) else set()
         where = name or "the model itself"
-        if any(key not in managed for key in module._forward_hooks):
+        if any(key not in managed and not own(fn) for key, fn in module._forward_hooks.items()):
             found.append(f"{where} (forward hook)")
-        if module._forward_pre_hooks:
+        if any(not own(fn) for fn in module._forward_pre_hooks.values()):
             found.append(f"{where} (forward pre-hook)")
     if torch_module._global_forward_hooks:
         found.append("every module (global forward hook, register_module_forward_hook)")
@@ -195,7 +239,7 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     return found
 
 
-def has_hooks(model: HookedTransformer) -> bool:
+def has_hooks(model: Model) -> bool:
     """Whether any hook is attached: TransformerLens hooks ([`hooked_points`][]) or raw torch
     forward hooks and pre-hooks ([`raw_torch_hooks`][]). Code that runs a model in pieces (a
     key-value cache, one position a step) takes its whole-sequence path then, as hooks may read
@@ -203,7 +247,7 @@ def has_hooks(model: HookedTransformer) -> bool:
     return bool(hooked_points(model) or raw_torch_hooks(model))
 
 
-def check_no_hooks(model: HookedTransformer) -> None:
+def check_no_hooks(model: Model) -> None:
     """Refuse a model with hooks attached: they would change the runs the equivalence compares.
     Both TransformerLens hooks (on hook points) and raw torch forward hooks or pre-hooks (on any
     submodule, or global) are refused, each kind with how to remove it."""
@@ -231,7 +275,7 @@ def check_no_hooks(model: HookedTransformer) -> None:
 
 
 def to_tokens(
-    model: HookedTransformer, text: str, what: str = "the prompt", prepend_bos: bool | None = None
+    model: Model, text: str, what: str = "the prompt", prepend_bos: bool | None = None
 ) -> Int[Tensor, "1 pos"]:
     """``text`` tokenized with the model's own settings (``model.to_tokens``), never truncated:
     every text the library tokenizes goes through here. TransformerLens cuts a text longer than
@@ -259,25 +303,35 @@ def to_tokens(
     return tokens
 
 
-def model_device(model: HookedTransformer) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return model.W_E.device
 
 
-def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+def parameters(model: Model) -> dict[str, torch.nn.Parameter]:
     """The model's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...)."""
+    require_hooked(model, "reading every parameter by TransformerLens name")
     return dict(model.named_parameters())
 
 
-def patched_values(model: HookedTransformer, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def weight(model: Model, name: str) -> Tensor:
+    """One weight by TransformerLens name (``blocks.3.mlp.W_in``, ``blocks.3.attn.b_O``,
+    ``blocks.3.ln2.w``): the parameter of a HookedTransformer; on a TransformerBridge the view of
+    the HuggingFace parameter it exposes, zeros for a bias the checkpoint lacks."""
+    if is_bridge(model):
+        return _bridge.weight(model, name)
+    return model.get_parameter(name)
+
+
+def patched_values(model: Model, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``parameter + delta`` for each named delta (reshaped to the parameter, in its dtype)."""
     out = {}
     for name, delta in deltas.items():
-        param = model.get_parameter(name)  # one lookup (not a dict of every parameter per call)
+        param = weight(model, name)  # one lookup (not a dict of every parameter per call)
         out[name] = param.detach() + delta.reshape(param.shape).to(param)
     return out
 
 
-def identity_tensors(model: HookedTransformer) -> list[Tensor]:
+def identity_tensors(model: Model) -> list[Tensor]:
     """The three weights the fingerprint of format-1 patch files read (the embedding, the
     unembedding, the first query matrix), to check those files against their model."""
     return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
@@ -286,7 +340,7 @@ def identity_tensors(model: HookedTransformer) -> list[Tensor]:
 _HOOK_LEVELS = itertools.count(1_000_000)  # above any TransformerLens context level
 
 
-def attach_hooks(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Callable[[], None]:
+def attach_hooks(model: Model, fwd_hooks: list[tuple[str, Callable]]) -> Callable[[], None]:
     """Add forward hooks and return the function that removes exactly these hooks (and no other:
     they carry a context level of their own, so hooks attached and removed in any order, or the
     user's own, are left alone). If adding one fails, those added are removed before the error
@@ -301,6 +355,9 @@ def attach_hooks(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]
 
     try:
         for name, hook in fwd_hooks:
+            if is_bridge(model):  # the bridge's add_hook has no context level
+                touched.append(_bridge.attach_hook(model, name, hook, level))
+                continue
             if name not in model.hook_dict:
                 raise InputError(f"{name!r} is not a hook point of this model")
             model.add_hook(name, hook, dir="fwd", level=level)
@@ -312,7 +369,7 @@ def attach_hooks(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]
 
 
 @contextlib.contextmanager
-def hooked(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
+def hooked(model: Model, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
     """Temporary forward hooks, removed on exit (also on an exception); the user's own hooks,
     and hooks of other contexts (also exited in another order), are left alone.
 
@@ -383,19 +440,23 @@ def param_name(layer: int, weight: str) -> str:
 # --- weights ---
 
 
-def W_O(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_head d_model"]:
+def W_O(model: Model, layer: int) -> Float[Tensor, "head d_head d_model"]:
     return model.blocks[layer].attn.W_O
 
 
+def b_O(model: Model, layer: int) -> Float[Tensor, " d_model"]:
+    """The attention output bias (zeros where a bridged checkpoint has none)."""
+    return weight(model, param_name(layer, "b_O"))
+
+
 def attn_output(
-    model: HookedTransformer, layer: int, z: Float[Tensor, "... head d_head"]
+    model: Model, layer: int, z: Float[Tensor, "... head d_head"]
 ) -> Float[Tensor, "... d_model"]:
     """The attention output before any post-attention norm, ``sum_h z[h] @ W_O[h] + b_O``."""
-    attn = model.blocks[layer].attn
-    return z.flatten(-2) @ attn.W_O.flatten(0, 1) + attn.b_O
+    return z.flatten(-2) @ W_O(model, layer).flatten(0, 1) + b_O(model, layer)
 
 
-def mlp_matrix(model: HookedTransformer, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
+def mlp_matrix(model: Model, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
     return getattr(model.blocks[layer].mlp, name)
 
 
@@ -412,7 +473,7 @@ def expand_kv_heads(
 
 
 def forward(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "1 pos"],
     fwd_hooks: list[tuple[str, Callable]] | None = None,
     cache_names: list[str] | None = None,
@@ -438,7 +499,7 @@ def forward(
 
 
 def run(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     fwd_hooks: list[tuple[str, Callable]],
@@ -470,11 +531,22 @@ def add_at_rows_hook(
 
 @contextlib.contextmanager
 def swapped_tensors(
-    model: HookedTransformer, new: Mapping[str, Tensor], keep_dtype: bool = True
+    model: Model, new: Mapping[str, Tensor], keep_dtype: bool = True
 ) -> Iterator[None]:
     """Temporarily replace parameters or buffers of ``model`` by name; the original tensor objects
     are put back on exit, also on an exception, so the model is bit-identical afterwards. The
-    replacements are cast to the originals' dtype unless ``keep_dtype`` is False."""
+    replacements are cast to the originals' dtype unless ``keep_dtype`` is False.
+
+    On a TransformerBridge, TransformerLens weight names (``blocks.3.mlp.W_in``) are written
+    through the HuggingFace parameters they view (``_bridge.swapped_weights``); other names are
+    the bridge's own module paths (as ``named_parameters`` gives them)."""
+    if is_bridge(model):
+        views = {n: v for n, v in new.items() if _is_tl_weight_name(model, n)}
+        if views:
+            rest = {n: v for n, v in new.items() if n not in views}
+            with _bridge.swapped_weights(model, views), swapped_tensors(model, rest, keep_dtype):
+                yield
+            return
     saved: list[tuple[torch.nn.Module, str, Tensor, bool]] = []
     try:
         for full_name, value in new.items():
@@ -502,15 +574,26 @@ def swapped_tensors(
         _restore(saved)
 
 
+def _is_tl_weight_name(model: Model, name: str) -> bool:
+    """Whether ``name`` is a TransformerLens weight name rather than a module path of ``model``."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return True
+    return attr not in owner._parameters and attr not in owner._buffers
+
+
 @contextlib.contextmanager
-def linear_layout(model: HookedTransformer) -> Iterator[None]:
+def linear_layout(model: Model) -> Iterator[None]:
     """The gated MLPs' weights stored transposed in memory (the same values), so that
     TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous and copies
     nothing; the original tensors are put back on exit. Every product gives the same values as
     before up to rounding order (a speed-up for many short runs, such as the evaluation's). Costs
-    one copy of those weights while inside."""
+    one copy of those weights while inside. Nothing changes on a TransformerBridge (its weights are
+    the HuggingFace model's, already laid out for ``F.linear``)."""
     spec = model_spec(model)
-    if not spec.gated_mlp:
+    if not spec.gated_mlp or is_bridge(model):
         yield
         return
     new = {
@@ -530,8 +613,23 @@ def _restore(saved: list[tuple[torch.nn.Module, str, Tensor, bool]]) -> None:
             setattr(module, attr, original)
 
 
+@contextlib.contextmanager
+def original_positions(model: Model, spec: ModelSpec, positions: Int[Tensor, " T"]) -> Iterator[None]:
+    """Inside, a run of ``T`` tokens puts token ``i`` at position ``positions[i]`` (THEORY 1): the
+    HookedTransformer's position tables are swapped ([`position_tables`][]); a TransformerBridge
+    is handed the matching ``position_ids``. Put back on exit, also on an exception."""
+    if is_bridge(model):
+        if positions.numel() and int(positions.max()) >= model.cfg.n_ctx:
+            raise InputError(f"position {int(positions.max())} beyond the model's context ({model.cfg.n_ctx})")
+        with _bridge.original_positions(model, positions):
+            yield
+        return
+    with swapped_tensors(model, position_tables(model, spec, positions)):
+        yield
+
+
 def position_tables(
-    model: HookedTransformer, spec: ModelSpec, positions: Int[Tensor, " T"]
+    model: Model, spec: ModelSpec, positions: Int[Tensor, " T"]
 ) -> dict[str, Tensor]:
     """Replacement position tables that put reduced-run row ``i`` at original position
     ``positions[i]`` (THEORY 1): rows of ``W_pos`` for learned positions, rows of every block's
@@ -560,15 +658,16 @@ def position_tables(
 # --- block-level pieces, for streaming a stored residual through one block ---
 
 
-def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+def embed(model: Model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream entering block 0 (token + position embeddings, natural positions; the
     explicit all-ones mask keeps TransformerLens from guessing padding from pad-token ids)."""
+    require_hooked(model, "running a model block by block")
     with torch.no_grad():
         return model(tokens, stop_at_layer=0, attention_mask=torch.ones_like(tokens))
 
 
 def block_attention(
-    model: HookedTransformer, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"]]:
     """Block ``layer``'s attention output (``hook_attn_out``) and head outputs (``hook_z``) for a
     stored residual stream, causal, without an attention mask (right padding never reaches a real
@@ -577,11 +676,12 @@ def block_attention(
     return out, z
 
 
-def prefix_cache(model: HookedTransformer, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
+def prefix_cache(model: Model, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
     """TransformerLens' key-value cache of ``tokens`` (as the model is now: no hook, no patch
     should be attached), frozen: their keys and values at every block, read by the tokens that
     follow them (``model(rest, past_kv_cache=cache)``, or [`broadcast_cache`][] for one
     sequence read by a batch)."""
+    require_hooked(model, "a shared-prefix key-value cache")
     device = model_device(model)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
     with torch.no_grad():
@@ -605,7 +705,7 @@ AllKeysValues = tuple[Float[Tensor, "1 kv_pos kv_head d_head"], Float[Tensor, "1
 
 
 def block_attention_kv(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     resid_pre: Float[Tensor, "batch pos d_model"],
     prefix: KeysValues | None = None,
@@ -621,10 +721,12 @@ def block_attention_kv(
     (one sequence)."""
     from transformer_lens.utilities import repeat_along_head_dimension
 
+    require_hooked(model, "running a model block by block")
     block = model.blocks[layer]
     cfg = model.cfg
     if cfg.use_attn_in or cfg.use_split_qkv_input:
-        n_kv = cfg.n_key_value_heads if cfg.n_key_value_heads and not cfg.ungroup_grouped_query_attention else cfg.n_heads
+        n_kv = (cfg.n_key_value_heads if cfg.n_key_value_heads and not getattr(cfg, "ungroup_grouped_query_attention", False)
+                else cfg.n_heads)
         q_in = repeat_along_head_dimension(resid_pre, n_heads=cfg.n_heads)
         kv_in = repeat_along_head_dimension(resid_pre, n_heads=n_kv if cfg.use_split_qkv_input else cfg.n_heads)
     else:
@@ -650,7 +752,7 @@ def block_attention_kv(
 
 
 def block_mlp(
-    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
 ) -> Float[Tensor, "batch pos d_model"]:
     """Block ``layer``'s MLP output for an already normalised MLP input."""
     with torch.no_grad():
@@ -658,7 +760,7 @@ def block_mlp(
 
 
 def block_mlp_hidden(
-    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
     """Block ``layer``'s MLP output and hidden activations (``mlp.hook_post``, what ``W_out``
     reads) for an already normalised MLP input."""
@@ -672,14 +774,14 @@ def block_mlp_hidden(
     return out, store["post"]
 
 
-def final_scale_name(model: HookedTransformer) -> str | None:
+def final_scale_name(model: Model) -> str | None:
     """Hook name of the final norm's scale (``ln_final.hook_scale``), or None without a final norm."""
     if model.cfg.normalization_type is None or not hasattr(model, "ln_final"):
         return None
     return "ln_final.hook_scale"
 
 
-def final_norm(model: HookedTransformer, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+def final_norm(model: Model, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
     """The model's final norm (``ln_final``) applied to residual rows, as its forward pass applies
     it (none where ``normalization_type`` is None). Applying it to the rows that are unembedded,
     not to every position, gives the same values: the norm acts on each position alone."""
@@ -689,7 +791,7 @@ def final_norm(model: HookedTransformer, x: Float[Tensor, "*rows d_model"]) -> F
 
 
 def final_norm_linear(
-    model: HookedTransformer, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
+    model: Model, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
 ) -> Float[Tensor, "*rest kept d_model"]:
     """The final norm as a LINEAR map, its scale frozen (TransformerLens' ``apply_ln_to_stack``):
     centre (LN, LNPre), divide by ``scale``, multiply by ``ln_final.w`` (LN, RMS); no bias, so that
@@ -706,7 +808,7 @@ def final_norm_linear(
 
 
 def _norm(
-    model: HookedTransformer, layer: int, name: str | None, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, name: str | None, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """Apply the block's norm module ``name`` (weights included) on any leading shape; identity
     for ``None``."""
@@ -717,7 +819,7 @@ def _norm(
 
 
 def mlp_norm(
-    model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]
+    model: Model, layer: int, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's pre-MLP normalisation (``ln2``, weights included; identity for post-norm
     architectures such as OLMo 2) on any leading shape."""
@@ -725,7 +827,7 @@ def mlp_norm(
 
 
 def attn_post_norm(
-    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-attention normalisation (``ln1_post``, or ``ln1`` for OLMo 2); identity
     when the block has none."""
@@ -733,7 +835,7 @@ def attn_post_norm(
 
 
 def mlp_post_norm(
-    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-MLP normalisation (``ln2_post``, or ``ln2`` for OLMo 2); identity when
     the block has none."""
@@ -754,7 +856,7 @@ def norm_normalized_name(layer: int, norm: str) -> str:
 
 
 @contextlib.contextmanager
-def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]:
+def computing_in(model: Model, dtype: torch.dtype) -> Iterator[None]:
     """Run ``model`` in ``dtype`` for the duration of the context: every floating parameter and
     buffer is replaced by a converted copy and ``cfg.dtype`` is set (TransformerLens casts some
     activations to it); the original tensor objects and config are put back on exit, also on an
@@ -771,6 +873,16 @@ def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if is_bridge(model):  # float64 patterns in float64 (TransformerLens 4.3 computes them in float32)
+        with _bridge.float64_softmax(model), _computing_in(model, dtype):
+            yield
+        return
+    with _computing_in(model, dtype):
+        yield
+
+
+@contextlib.contextmanager
+def _computing_in(model: Model, dtype: torch.dtype) -> Iterator[None]:
     if dtype == model.cfg.dtype and all(p.dtype == dtype for p in model.parameters() if p.dtype.is_floating_point):
         yield
         return
