@@ -17,7 +17,7 @@ SEAMS = {"_math", "_tl", "_bridge"}  # private modules whose public names the pa
 
 # the floors, lowest first: a module may import its own floor and those below
 FLOORS = {
-    "errors": 0, "version": 0, "models": 0, "prompts": 0,
+    "errors": 0, "version": 0, "models": 0, "bridges": 0, "prompts": 0,
     "fingerprint": 1,
     "_math": 1,
     "_tl": 2, "_bridge": 2,
