@@ -53,9 +53,16 @@ def is_bridge(model: object) -> bool:
 
 def own_hook(fn: Callable) -> bool:
     """Whether a raw torch hook belongs to the bridge's own machinery (a TransformerBridge wires
-    torch hooks on the HuggingFace modules, e.g. to capture a norm's input): not a user's hook."""
+    torch hooks on the HuggingFace modules, e.g. to capture a norm's input; transformers adds
+    output-capturing hooks on the first ``run_with_cache``): not a user's hook."""
     fn = getattr(fn, "func", fn)  # functools.partial
-    return getattr(fn, "__module__", "").startswith("transformer_lens.model_bridge")
+    module = getattr(fn, "__module__", None) or ""
+    # the bridge's own wiring, and transformers' output capture (read-only, installed by
+    # run_with_cache: it records outputs while a capture is active and changes nothing)
+    return (
+        module.startswith("transformer_lens.model_bridge")
+        or module == "transformers.utils.output_capturing"
+    )
 
 
 def problems(model) -> list[str]:
@@ -70,9 +77,36 @@ def problems(model) -> list[str]:
     for flag in ("is_multimodal", "is_visual_model", "is_audio_model"):
         if getattr(cfg, flag, False):
             found.append(f"cfg.{flag}: only text-only causal language models are handled")
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    local = [i for i, kind in enumerate(layer_types) if "sliding" in str(kind)]
+    if window is not None and local and window < cfg.n_ctx:
+        found.append(
+            f"sliding-window attention (window {window} < n_ctx {cfg.n_ctx} in layers {local[:4]}...): a "
+            "window sees other keys once the chunk is gone"
+        )
+    if getattr(cfg, "original_architecture", None) is None and getattr(
+        cfg, "architecture", None
+    ) in ("Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        found.append(f"{cfg.architecture}: post-norm blocks are not handled on a bridge yet")
     if not getattr(model, "blocks", None):
         found.append("the bridge registers no 'blocks' stack (hook names blocks.{l}.* are needed)")
     return found
+
+
+def norm_names(model) -> dict[str, str | None]:
+    """The block's norm modules by role (``_tl.ModelSpec``'s fields), read from the bridge's first
+    block: ``ln1``/``ln2`` before the sublayers, ``ln1_post``/``ln2_post`` after them (Gemma 2/3)."""
+    block = model.blocks[0]
+    has = {name for name, _ in block.named_children()}
+    has_mlp = "mlp" in has
+    return dict(
+        attn_pre_norm="ln1" if "ln1" in has else None,
+        attn_post_norm="ln1_post" if "ln1_post" in has else None,
+        mlp_pre_norm="ln2" if has_mlp and "ln2" in has else None,
+        mlp_post_norm="ln2_post" if has_mlp and "ln2_post" in has else None,
+    )
 
 
 def weight(model, name: str) -> Tensor:

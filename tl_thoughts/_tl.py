@@ -124,7 +124,7 @@ def model_spec(model: Model) -> ModelSpec:
         problems.append("use_logn_attn / use_dynamic_ntk_rope: queries depend on the sequence length")
     if getattr(cfg, "num_experts", None):
         problems.append("num_experts (mixture of experts) is not supported yet")
-    post_only = _norm_names(cfg)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
+    post_only = _norm_names(model)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
     post = f"original_architecture={cfg.original_architecture!r} (post-norm blocks)"
     if post_only and cfg.use_normalization_before_and_after:
         problems.append(f"{post} with use_normalization_before_and_after (TransformerLens applies both)")
@@ -154,7 +154,7 @@ def model_spec(model: Model) -> ModelSpec:
         parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
         positional=cfg.positional_embedding_type,
         dtype=cfg.dtype,
-        **_norm_names(cfg),
+        **_norm_names(model),
     )
 
 
@@ -193,9 +193,15 @@ def check_dtypes(model: Model) -> None:
         )
 
 
-def _norm_names(cfg) -> dict[str, str | None]:
-    """The block's norm modules by role (see [`ModelSpec`][]), from the config."""
+def _norm_names(model: Model) -> dict[str, str | None]:
+    """The block's norm modules by role (see [`ModelSpec`][]), from the config (a
+    HookedTransformer) or from the block's modules (a TransformerBridge: its config does not say
+    whether a block has norms after its sublayers)."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if is_bridge(model):
+        return _bridge.norm_names(model)
+    cfg = model.cfg
 
     post_only = cfg.original_architecture in POST_NORM_ARCHITECTURES  # OLMo 2/3: norms after only
     both = bool(cfg.use_normalization_before_and_after) and cfg.normalization_type is not None
@@ -731,7 +737,7 @@ def block_attention_kv(
         kv_in = repeat_along_head_dimension(resid_pre, n_heads=n_kv if cfg.use_split_qkv_input else cfg.n_heads)
     else:
         q_in = kv_in = resid_pre
-    names = _norm_names(cfg)
+    names = _norm_names(model)
     pre = (lambda x: x) if names["attn_pre_norm"] is None else getattr(block, names["attn_pre_norm"])
     store: dict[str, Tensor] = {}
 
@@ -823,7 +829,7 @@ def mlp_norm(
 ) -> Float[Tensor, "... d_model"]:
     """The block's pre-MLP normalisation (``ln2``, weights included; identity for post-norm
     architectures such as OLMo 2) on any leading shape."""
-    return _norm(model, layer, _norm_names(model.cfg)["mlp_pre_norm"], resid)
+    return _norm(model, layer, _norm_names(model)["mlp_pre_norm"], resid)
 
 
 def attn_post_norm(
@@ -831,7 +837,7 @@ def attn_post_norm(
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-attention normalisation (``ln1_post``, or ``ln1`` for OLMo 2); identity
     when the block has none."""
-    return _norm(model, layer, _norm_names(model.cfg)["attn_post_norm"], x)
+    return _norm(model, layer, _norm_names(model)["attn_post_norm"], x)
 
 
 def mlp_post_norm(
@@ -839,7 +845,7 @@ def mlp_post_norm(
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-MLP normalisation (``ln2_post``, or ``ln2`` for OLMo 2); identity when
     the block has none."""
-    return _norm(model, layer, _norm_names(model.cfg)["mlp_post_norm"], x)
+    return _norm(model, layer, _norm_names(model)["mlp_post_norm"], x)
 
 
 def norm_scale_name(layer: int, norm: str) -> str:

@@ -109,6 +109,7 @@ def refine_thought(
         raise ArgumentTypeError(f"patch must be a ThoughtPatch (from fit_thought), got {type(patch).__name__}")
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    _tl.require_hooked(model, "refine_thought")
     patch.check_compatible(model)
     rows = _rows(model, patch, examples)
     n_layers = model.cfg.n_layers

@@ -499,6 +499,7 @@ def fit_thought(
 def _fit(model, chunk, examples, config, template, rows, progress, memo) -> ThoughtPatch:
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    _tl.require_hooked(model, "fit_thought")
     layers = _check_fit(spec, config, chunk, examples)
     if template is not None and not isinstance(template, PromptTemplate):
         raise ArgumentTypeError(f"template must be a PromptTemplate or None, got {type(template).__name__}")
