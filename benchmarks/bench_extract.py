@@ -10,17 +10,19 @@ Prints, measured in this one run (medians over repeats):
       largest difference between the two methods' vectors.
 
 Run: .venv/bin/python benchmarks/bench_extract.py [--pos 128] [--repeats 7]
+On TransformerLens 4 (a TransformerBridge over the same checkpoint):
+     .venv-tl4/bin/python benchmarks/bench_extract.py --backend bridge
 """
 
 import argparse
 
 import torch
+from _backends import BACKENDS, load_model
 from _timing import timed
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
 from tl_thoughts.chunks import resolve_chunk
-from tl_thoughts.models import load_default_model
 from tl_thoughts.prompts import PromptCase, chat_prompt
 from tl_thoughts.updates import updates_from_cache
 
@@ -42,7 +44,7 @@ def naive_vectors(model, tokens, span) -> torch.Tensor:
     reduced = tokens[:, kept]
     rows = torch.arange(span.start, kept.shape[0])
     vectors: list[torch.Tensor] = []
-    with _tl.swapped_tensors(model, _tl.position_tables(model, spec, kept)):
+    with _tl.original_positions(model, spec, kept):
         for layer in range(spec.n_layers):
             hooks = [
                 (_tl.attn_out_name(i), _tl.add_at_rows_hook(rows, vectors[i])) for i in range(layer)
@@ -57,9 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pos", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--backend", choices=BACKENDS, default="hooked")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = load_default_model()
+    model = load_model(args.backend)
     case = PromptCase("bench", "Summarise the story below in one sentence, in French.", STORY * 4)
     tokens = model.to_tokens(chat_prompt(model, case))[:, : args.pos]
     assert tokens.shape[1] == args.pos, f"prompt too short: {tokens.shape[1]} tokens"
@@ -76,7 +79,7 @@ def main() -> None:
         )
     ]
     print(
-        f"SmolLM2-135M-Instruct, {spec.n_layers} layers, {args.pos}-token prompt, chunk "
+        f"SmolLM2-135M-Instruct ({type(model).__name__}), {spec.n_layers} layers, {args.pos}-token prompt, chunk "
         f"positions {span.start}..{span.stop - 1}, {len(span.positions)} kept positions after it; "
         f"torch threads {torch.get_num_threads()}, {args.repeats} repeats (median)"
     )
