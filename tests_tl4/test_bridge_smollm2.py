@@ -43,3 +43,18 @@ def test_float64(smollm2):
     assert report.dtype == torch.float64 and smollm2.cfg.dtype == torch.float32
     for form in ("activation", "weight"):
         assert report[form].max_abs_logit_error <= 1e-8, report
+
+
+def test_the_docs_page_example_runs(smollm2, monkeypatch):
+    """docs/transformerlens4.md's Python block, on the module's model."""
+    import re
+    from pathlib import Path
+
+    import tl_thoughts.bridges
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "transformerlens4.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    monkeypatch.setattr(tl_thoughts.bridges, "load_default_bridge", lambda **kw: smollm2)
+    namespace: dict = {}
+    exec(compile(block, "transformerlens4.md", "exec"), namespace)
+    assert namespace["updates"].vectors.shape[0] == 30
