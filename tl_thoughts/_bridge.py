@@ -270,6 +270,48 @@ def original_positions(model, positions: Tensor) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def float64_throughout(model) -> Iterator[None]:
+    """Inside, a float64 bridge computes its attention softmax ([`float64_softmax`][]) and its
+    norms ([`float64_norms`][]) in float64, where TransformerLens 4.3 and HuggingFace round them
+    to float32; float32 and lower runs are unchanged. Undone on exit."""
+    with float64_softmax(model), float64_norms(model):
+        yield
+
+
+@contextlib.contextmanager
+def float64_norms(model) -> Iterator[None]:
+    """Inside, the bridge's RMS norms keep float64 inputs in float64.
+
+    In compatibility mode a norm bridge calls the HuggingFace module (``LlamaRMSNorm``,
+    ``Gemma3RMSNorm``...), which computes in float32 whatever the model's dtype. For float64
+    inputs each norm bridge takes TransformerLens' own path instead (``_python_norm_forward``:
+    the same formula, ``eps`` and weight, with the weight offset of Gemma's norms, in the input's
+    dtype); float32 inputs keep HuggingFace's. Wrapped on the instances, removed on exit."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+    except ImportError:  # another layout of TransformerLens: nothing to wrap
+        yield
+        return
+    wrapped = []
+    try:
+        for module in model.modules():
+            if not isinstance(module, NormalizationBridge) or "_hf_autograd_forward_with_hooks" in vars(module):
+                continue
+            original = module._hf_autograd_forward_with_hooks
+            python_path = module._python_norm_forward
+
+            def forward(x, _original=original, _python=python_path):
+                return _python(x) if x.dtype == torch.float64 else _original(x)
+
+            module.__dict__["_hf_autograd_forward_with_hooks"] = forward
+            wrapped.append(module)
+        yield
+    finally:
+        for module in wrapped:
+            del module.__dict__["_hf_autograd_forward_with_hooks"]
+
+
+@contextlib.contextmanager
 def float64_softmax(model) -> Iterator[None]:
     """Inside, the bridge's attention softmax keeps float64 scores in float64.
 

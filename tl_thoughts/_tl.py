@@ -881,8 +881,8 @@ def computing_in(model: Model, dtype: torch.dtype) -> Iterator[None]:
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
-    if is_bridge(model):  # float64 patterns in float64 (TransformerLens 4.3 computes them in float32)
-        with _bridge.float64_softmax(model), _computing_in(model, dtype):
+    if is_bridge(model):  # float64 patterns and norms (TransformerLens 4.3 / HF round them to float32)
+        with _bridge.float64_throughout(model), _computing_in(model, dtype):
             yield
         return
     with _computing_in(model, dtype):
