@@ -239,3 +239,23 @@ def test_hooks_of_the_user_are_refused_and_the_bridges_own_wiring_is_not(bridge)
             tt.implicit_updates(model, _tokens(), slice(3, 7))
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2"])
+def test_the_analysis_functions_run_on_a_bridge(bridge, arch):
+    from tl_thoughts import analysis
+
+    model = bridge(arch)
+    updates = tt.implicit_updates(model, _tokens(), slice(3, 7))
+    answer = (3, 4)
+    curve = analysis.layer_recovery(model, updates, answer)
+    assert abs(float(curve.values[-1]) - curve.full) <= 1e-10  # every block's vectors: the full run
+    assert abs(float(curve.values[0]) - curve.reduced) <= 1e-10
+    top = analysis.top_k_recovery(model, updates, answer)
+    assert abs(float(top.values[-1]) - top.full) <= 1e-10
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    norms = analysis.head_attribution(model, updates)
+    expected = updates.head_vectors.norm(dim=-1).permute(0, 2, 1).reshape(n_heads, -1)
+    assert torch.allclose(norms, expected, atol=1e-12, rtol=0)
+    assert analysis.ablation_scores(model, updates, answer).shape == (n_heads,)
+    assert analysis.direct_effect(model, updates, answer).shape == (model.cfg.n_layers, 7)

@@ -501,9 +501,15 @@ def forward(
             cache[_name] = act.detach()[0]
 
         hooks.append((name, save))
-    with torch.no_grad(), hooked(model, hooks):
+    with torch.no_grad(), hooked(model, hooks), _full_precision(model):
         logits = model(tokens, attention_mask=torch.ones_like(tokens))
     return logits, cache
+
+
+def _full_precision(model: Model) -> contextlib.AbstractContextManager:
+    """A bridge's float64 runs in float64 throughout (``_bridge.float64_throughout``); nothing for
+    a HookedTransformer. Every run through this seam ([`forward`][], [`run`][]) enters it."""
+    return _bridge.float64_throughout(model) if is_bridge(model) else contextlib.nullcontext()
 
 
 def run(
@@ -518,7 +524,7 @@ def run(
     after block ``stop_at_layer - 1``. Left padding is handled by TransformerLens (positions
     offset by the mask, padded keys masked)."""
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-    with torch.no_grad(), hooked(model, fwd_hooks):
+    with torch.no_grad(), hooked(model, fwd_hooks), _full_precision(model):
         return model(tokens, attention_mask=mask, stop_at_layer=stop_at_layer)
 
 
