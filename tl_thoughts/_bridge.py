@@ -35,18 +35,11 @@ except ImportError:
     TransformerBridge = None
 TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
 
-# the block weights a bridge exposes, by TransformerLens name, and the bridge component owning the
-# projection each one belongs to (where a missing bias is added)
+# the block weights a bridge exposes, by TransformerLens name, and, for the biases the library
+# patches or reads (vectors: one per output unit), the bridge component owning their projection
+# (where a missing bias is added). The query/key/value biases ([head, d_head]) are not handled.
 _BLOCK_WEIGHT = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.([Wb]_\w+)$")
-_BIAS_COMPONENT = {
-    "b_O": "o",
-    "b_Q": "q",
-    "b_K": "k",
-    "b_V": "v",
-    "b_in": "in",
-    "b_gate": "gate",
-    "b_out": "out",
-}
+_BIAS_COMPONENT = {"b_O": "o", "b_in": "in", "b_gate": "gate", "b_out": "out"}
 
 
 def is_bridge(model: object) -> bool:
@@ -142,6 +135,8 @@ def weight(model, name: str) -> Tensor:
 
 
 def _missing_bias(component, attr: str) -> bool:
+    if attr not in _BIAS_COMPONENT:
+        return False
     projection = getattr(component, _BIAS_COMPONENT.get(attr, ""), None)
     original = getattr(projection, "original_component", None)
     return original is not None and getattr(original, "bias", None) is None
