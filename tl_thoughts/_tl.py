@@ -47,17 +47,21 @@ def is_bridge(model: object) -> bool:
     return _bridge.is_bridge(model)
 
 
-def require_hooked(model: object, what: str) -> None:
-    """Refuse a TransformerBridge for ``what``, a part of the library not ported to it yet.
+_BLOCK_BY_BLOCK = ("it runs the model block by block with TransformerLens' own key-value cache, which the "
+                   "bridge (a wrapped HuggingFace model) does not have")
+
+
+def require_hooked(model: object, what: str, why: str = _BLOCK_BY_BLOCK) -> None:
+    """Refuse a TransformerBridge for ``what``, a part of the library not ported to it yet, saying
+    ``why``.
 
     Raises:
         UnsupportedArchitectureError: ``model`` is a TransformerBridge.
     """
     if is_bridge(model):
         raise UnsupportedArchitectureError(
-            f"{what} is not available on a TransformerBridge (TransformerLens 4) yet: it runs the model "
-            "block by block with TransformerLens' own key-value cache, which the bridge (a wrapped "
-            "HuggingFace model) does not have; use a HookedTransformer (TransformerLens 3.9) for it"
+            f"{what} is not available on a TransformerBridge (TransformerLens 4) yet: {why}; use a "
+            "HookedTransformer (TransformerLens 3.9) for it"
         )
 
 
@@ -317,7 +321,9 @@ def model_device(model: Model) -> torch.device:
 
 def parameters(model: Model) -> dict[str, torch.nn.Parameter]:
     """The model's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...)."""
-    require_hooked(model, "reading every parameter by TransformerLens name")
+    require_hooked(model, "reading every parameter by TransformerLens name (thought patches' identity, "
+                   "merge_into)", "a bridge's parameters are the HuggingFace model's, and a patch's identity "
+                   "and fingerprint are defined on the HookedTransformer's parameter names")
     return dict(model.named_parameters())
 
 
