@@ -55,8 +55,9 @@ def results(backend: str, n_prompts: int, rotary: dict | None = None) -> dict:
     if rotary is not None:  # computed under computing_in(float64): the tables stay float64 there
         from tl_thoughts import _tl
 
-        with _tl.computing_in(model, torch.float64), _tl.swapped_tensors(
-            model, hooked_with_rotary(model, *rotary), keep_dtype=False
+        with (
+            _tl.computing_in(model, torch.float64),
+            _tl.swapped_tensors(model, hooked_with_rotary(model, *rotary), keep_dtype=False),
         ):
             return _run(model, n_prompts, out)
     return _run(model, n_prompts, out)
@@ -68,8 +69,11 @@ def _run(model, n_prompts: int, out: dict) -> dict:
         updates = tt.implicit_updates(model, tokens, case.chunk, dtype=torch.float64)
         with torch.no_grad():
             logits = model(tokens, attention_mask=torch.ones_like(tokens))[0]
-        out[case.name] = dict(tokens=tokens.cpu(), logits=logits.cpu(),
-                              **{f: getattr(updates, f).cpu() for f in FIELDS})
+        out[case.name] = dict(
+            tokens=tokens.cpu(),
+            logits=logits.cpu(),
+            **{f: getattr(updates, f).cpu() for f in FIELDS},
+        )
     return out
 
 
@@ -77,9 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--save", help="(TransformerLens 4) compute on the bridge and save here")
-    which.add_argument("--compare", help="(TransformerLens 3.9) recompute and compare with this file")
+    which.add_argument(
+        "--compare", help="(TransformerLens 3.9) recompute and compare with this file"
+    )
     parser.add_argument("--prompts", type=int, default=len(SUITE))
-    parser.add_argument("--own-rotary", action="store_true", help="keep the HookedTransformer's own rotary tables")
+    parser.add_argument(
+        "--own-rotary", action="store_true", help="keep the HookedTransformer's own rotary tables"
+    )
     args = parser.parse_args()
     if args.save:
         torch.save(results("bridge", args.prompts), args.save)
@@ -88,9 +96,14 @@ def main() -> None:
     saved = torch.load(args.compare)
     rotary = saved.pop("rotary")
     mine = results("hooked", len(saved), None if args.own_rotary else rotary)
-    print("rotary tables:", "the HookedTransformer's own" if args.own_rotary else "the bridge's (HuggingFace's)")
-    print("| prompt | tokens | max abs diff vectors | head_vectors | mlp_in | mlp_in_with_chunk "
-          "| max abs vector | full-prompt logits diff |")
+    print(
+        "rotary tables:",
+        "the HookedTransformer's own" if args.own_rotary else "the bridge's (HuggingFace's)",
+    )
+    print(
+        "| prompt | tokens | max abs diff vectors | head_vectors | mlp_in | mlp_in_with_chunk "
+        "| max abs vector | full-prompt logits diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name, theirs in saved.items():
@@ -98,9 +111,12 @@ def main() -> None:
         assert torch.equal(ours["tokens"], theirs["tokens"]), f"{name}: the tokenizers disagree"
         diffs = [float((ours[f] - theirs[f]).abs().max()) for f in FIELDS]
         worst = max(worst, *diffs)
-        print(f"| {name} | {ours['tokens'].shape[1]} | " + " | ".join(f"{d:.1e}" for d in diffs)
-              + f" | {float(ours['vectors'].abs().max()):.2f}"
-              + f" | {float((ours['logits'] - theirs['logits']).abs().max()):.1e} |")
+        print(
+            f"| {name} | {ours['tokens'].shape[1]} | "
+            + " | ".join(f"{d:.1e}" for d in diffs)
+            + f" | {float(ours['vectors'].abs().max()):.2f}"
+            + f" | {float((ours['logits'] - theirs['logits']).abs().max()):.1e} |"
+        )
     print(f"\nworst float64 difference over {len(saved)} prompts: {worst:.2e}")
 
 

@@ -14,7 +14,9 @@ from tl_thoughts.errors import UnsupportedArchitectureError
 
 def test_a_transformerlens_3_bridge_is_refused_by_name(tiny_model):
     if _bridge.TransformerBridge is None or _bridge.TL_MAJOR >= 4:
-        pytest.fail(f"expected TransformerLens 3.9 here, found {importlib.metadata.version('transformer-lens')}")
+        pytest.fail(
+            f"expected TransformerLens 3.9 here, found {importlib.metadata.version('transformer-lens')}"
+        )
     bridge = object.__new__(_bridge.TransformerBridge)  # refused before anything of it is read
     assert _tl.is_bridge(bridge) and not _tl.is_bridge(tiny_model("ln_gelu_learned"))
     with pytest.raises(UnsupportedArchitectureError, match="written for TransformerLens 4"):

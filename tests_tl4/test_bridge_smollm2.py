@@ -38,7 +38,9 @@ def test_float32_both_forms_agree_with_the_full_run(smollm2, case):
 
 def test_float64(smollm2):
     case = CASES[0]
-    updates = tt.implicit_updates(smollm2, chat_prompt(smollm2, case), case.chunk, dtype=torch.float64)
+    updates = tt.implicit_updates(
+        smollm2, chat_prompt(smollm2, case), case.chunk, dtype=torch.float64
+    )
     report = tt.verify(smollm2, updates)
     assert report.dtype == torch.float64 and smollm2.cfg.dtype == torch.float32
     for form in ("activation", "weight"):

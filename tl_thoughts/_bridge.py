@@ -283,14 +283,18 @@ def float64_norms(model) -> Iterator[None]:
     the same formula, ``eps`` and weight, with the weight offset of Gemma's norms, in the input's
     dtype); float32 inputs keep HuggingFace's. Wrapped on the instances, removed on exit."""
     try:
-        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+        from transformer_lens.model_bridge.generalized_components.normalization import (
+            NormalizationBridge,
+        )
     except ImportError:  # another layout of TransformerLens: nothing to wrap
         yield
         return
     wrapped = []
     try:
         for module in model.modules():
-            if not isinstance(module, NormalizationBridge) or "_hf_autograd_forward_with_hooks" in vars(module):
+            if not isinstance(
+                module, NormalizationBridge
+            ) or "_hf_autograd_forward_with_hooks" in vars(module):
                 continue
             original = module._hf_autograd_forward_with_hooks
             python_path = module._python_norm_forward
