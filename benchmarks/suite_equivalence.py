@@ -6,21 +6,23 @@ template), the max |logit error| of the activation and weight forms over every k
 the argmax agreement, the max KL, and the unpatched reduced run's error (the chunk's own effect).
 
 Run: .venv/bin/python benchmarks/suite_equivalence.py [--dtype float32 float64]
+On TransformerLens 4 (a TransformerBridge over the same checkpoint):
+     .venv-tl4/bin/python benchmarks/suite_equivalence.py --backend bridge
 """
 
 import argparse
 
 import torch
+from _backends import BACKENDS, load_model
 
 import tl_thoughts as tt
-from tl_thoughts.models import load_default_model
 from tl_thoughts.prompts import SUITE, chat_prompt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def run(dtype: torch.dtype) -> list[dict]:
-    model = load_default_model(dtype=dtype)
+def run(dtype: torch.dtype, backend: str = "hooked") -> list[dict]:
+    model = load_model(backend, dtype)
     rows = []
     for case in SUITE:
         prompt = chat_prompt(model, case)
@@ -42,9 +44,9 @@ def run(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], dtype: str) -> str:
+def markdown(rows: list[dict], dtype: str, backend: str = "hooked") -> str:
     lines = [
-        f"**{dtype}**, {len(rows)} prompts: worst activation-form error "
+        f"**{dtype}**{' (TransformerBridge)' if backend == 'bridge' else ''}, {len(rows)} prompts: worst activation-form error "
         f"{max(r['activation'] for r in rows):.2e}, worst weight-form error "
         f"{max(r['weight'] for r in rows):.2e}, minimum argmax agreement "
         f"{100 * min(r['argmax'] for r in rows):.1f}%",
@@ -64,9 +66,10 @@ def markdown(rows: list[dict], dtype: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32", "float64"])
+    parser.add_argument("--backend", choices=BACKENDS, default="hooked")
     args = parser.parse_args()
     for name in args.dtype:
-        print(markdown(run(DTYPES[name]), name))
+        print(markdown(run(DTYPES[name], args.backend), name, args.backend))
         print()
 
 

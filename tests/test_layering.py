@@ -2,8 +2,8 @@
 name crosses a module (in the package, the tests, the benchmarks or the tutorials), and the
 evaluation package keeps small files with no module-level mutable state.
 
-The private modules ``_math`` (the mathematical kernel) and ``_tl`` (the TransformerLens backend
-seam) are the package's documented lower floors: they may be imported, but none of their own
+The private modules ``_math`` (the mathematical kernel), ``_tl`` (the TransformerLens backend
+seam) and ``_bridge`` (its TransformerLens 4 side, used by ``_tl`` only) are the package's documented lower floors: they may be imported, but none of their own
 underscore names may be used outside them."""
 
 import ast
@@ -13,14 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tl_thoughts"
-SEAMS = {"_math", "_tl"}  # private modules whose public names the package's floors use
+SEAMS = {"_math", "_tl", "_bridge"}  # private modules whose public names the package's floors use
 
 # the floors, lowest first: a module may import its own floor and those below
 FLOORS = {
-    "errors": 0, "version": 0, "models": 0, "prompts": 0,
+    "errors": 0, "version": 0, "models": 0, "bridges": 0, "prompts": 0,
     "fingerprint": 1,
     "_math": 1,
-    "_tl": 2,
+    "_tl": 2, "_bridge": 2,
     "chunks": 3, "templates": 3, "tasks": 3,
     "stream": 4,
     "updates": 5, "patch": 5,
@@ -73,7 +73,7 @@ def test_each_module_imports_only_its_floor_and_those_below(path):
             assert FLOORS[target] <= FLOORS[own], f"{own} (floor {FLOORS[own]}) imports {target} (floor {FLOORS[target]})"
 
 
-@pytest.mark.parametrize("path", _sources("tl_thoughts", "tests", "benchmarks", "tutorials"),
+@pytest.mark.parametrize("path", _sources("tl_thoughts", "tests", "tests_tl4", "benchmarks", "tutorials"),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_private_name_crosses_a_module(path):
     tree = ast.parse(path.read_text())
@@ -119,3 +119,4 @@ def test_fit_thought_is_small():
     tree = ast.parse(inspect.getsource(thoughts))
     body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_fit")
     assert body.end_lineno - body.lineno <= 80
+

@@ -1,7 +1,20 @@
-"""The TransformerLens backend: everything that reads a HookedTransformer's weights, hooks and caches.
+"""The TransformerLens backend seam: everything that reads a model's weights, hooks and caches.
 
 The mathematics (``_math.py``) and the public objects never touch TransformerLens internals
-directly; they go through the functions here. A TransformerBridge backend would replace this module.
+directly; they go through the functions here. Two backends stand behind them:
+
+- a ``HookedTransformer`` (TransformerLens 3.9), the primary one, implemented in this module;
+- a ``TransformerBridge`` in compatibility mode (TransformerLens 4), where the functions below
+  delegate what differs to ``_bridge`` (weights as views of the HuggingFace parameters, positions
+  as ``position_ids``, hooks on the hook points). Functions a bridge cannot serve yet raise
+  ``UnsupportedArchitectureError`` saying so ([`require_hooked`][]).
+
+The interface, by concern: the model's shapes ([`model_spec`][]); its weights by TransformerLens
+name ([`weight`][], [`patched_values`][], [`swapped_tensors`][], [`computing_in`][]); hook names
+and hooks ([`attach_hooks`][], [`hooked`][], the ``*_name`` functions); runs ([`forward`][],
+[`run`][], the reduced prompt at its original positions: [`original_positions`][]); the
+block-by-block pieces and the key-value cache ([`embed`][], [`block_attention_kv`][],
+[`prefix_cache`][]: HookedTransformer only today).
 """
 
 import contextlib
@@ -9,13 +22,48 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
+from tl_thoughts import _bridge
 from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError
+
+try:  # TransformerLens 3.9
+    from transformer_lens import HookedTransformer
+except ImportError:  # TransformerLens 4 removed it
+    HookedTransformer = None
+
+_MODEL_CLASSES = tuple(c for c in (HookedTransformer, _bridge.TransformerBridge) if c is not None)
+Model = Union[_MODEL_CLASSES]  # noqa: UP007 (a union built from the classes installed)
+"""The models the library accepts: a HookedTransformer (TransformerLens 3.9) or a TransformerBridge
+(TransformerLens 4, in compatibility mode), whichever the installed TransformerLens has."""
+
+
+def is_bridge(model: object) -> bool:
+    """Whether ``model`` is a TransformerLens 4 ``TransformerBridge`` (else a HookedTransformer)."""
+    return _bridge.is_bridge(model)
+
+
+_BLOCK_BY_BLOCK = ("it runs the model block by block with TransformerLens' own key-value cache, which the "
+                   "bridge (a wrapped HuggingFace model) does not have")
+
+
+def require_hooked(model: object, what: str, why: str = _BLOCK_BY_BLOCK) -> None:
+    """Refuse a TransformerBridge for ``what``, a part of the library not ported to it yet, saying
+    ``why``.
+
+    Raises:
+        UnsupportedArchitectureError: ``model`` is a TransformerBridge.
+    """
+    if is_bridge(model):
+        raise UnsupportedArchitectureError(
+            f"{what} is not available on a TransformerBridge (TransformerLens 4) yet: {why}; use a "
+            "HookedTransformer (TransformerLens 3.9) for it"
+        )
 
 
 @dataclass(frozen=True)
@@ -52,7 +100,7 @@ class ModelSpec:
         return self.attn_post_norm is not None or self.mlp_post_norm is not None
 
 
-def model_spec(model: HookedTransformer) -> ModelSpec:
+def model_spec(model: Model) -> ModelSpec:
     """Check that the exact construction applies to ``model`` and read its shapes.
 
     Raises:
@@ -61,12 +109,13 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
             ([`check_dtypes`][]).
         UnsupportedArchitectureError: a config feature breaks exactness; the message says which.
     """
-    if not isinstance(model, HookedTransformer):
-        raise ArgumentTypeError(
-            f"model: expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
-        )
+    if not isinstance(model, _MODEL_CLASSES):
+        expected = " or ".join(f"{c.__module__.split('.')[0]}.{c.__name__}" for c in _MODEL_CLASSES)
+        raise ArgumentTypeError(f"model: expected a {expected}, got {type(model).__name__}")
+    problems = _bridge.problems(model) if is_bridge(model) else []
+    if is_bridge(model) and _bridge.TL_MAJOR < 4:  # before reading anything of an earlier bridge
+        raise UnsupportedArchitectureError("tl_thoughts cannot use this model: " + "; ".join(problems))
     cfg = model.cfg
-    problems = []
     if cfg.attention_dir != "causal":
         problems.append("attention_dir != 'causal': the chunk would change the prefix")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
@@ -74,15 +123,15 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
             f"positional_embedding_type={cfg.positional_embedding_type!r}: only learned absolute "
             "('standard') and 'rotary' positions are handled"
         )
-    if cfg.use_local_attn:
+    if getattr(cfg, "use_local_attn", False):
         problems.append("use_local_attn: a sliding window sees other keys once the chunk is gone")
     if getattr(cfg, "use_attention_sinks", False):
         problems.append("use_attention_sinks: the pattern rows do not sum to one")
     if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False):
         problems.append("use_logn_attn / use_dynamic_ntk_rope: queries depend on the sequence length")
-    if cfg.num_experts:
+    if getattr(cfg, "num_experts", None):
         problems.append("num_experts (mixture of experts) is not supported yet")
-    post_only = _norm_names(cfg)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
+    post_only = _norm_names(model)["attn_pre_norm"] is None  # OLMo 2/3: norms after the sublayers only
     post = f"original_architecture={cfg.original_architecture!r} (post-norm blocks)"
     if post_only and cfg.use_normalization_before_and_after:
         problems.append(f"{post} with use_normalization_before_and_after (TransformerLens applies both)")
@@ -90,7 +139,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         problems.append(f"{post} with parallel_attn_mlp (TransformerLens skips the MLP's post-norm there)")
     if post_only and (cfg.use_attn_in or cfg.use_split_qkv_input):
         problems.append(f"{post} with use_attn_in / use_split_qkv_input (no pre-norm to split)")
-    if cfg.load_in_4bit:
+    if getattr(cfg, "load_in_4bit", False):
         problems.append("load_in_4bit: weights are not plain tensors")
     if problems:
         raise UnsupportedArchitectureError(
@@ -98,7 +147,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         )
     check_dtypes(model)  # after the architecture: a refused feature may hold other dtypes (MoE routers)
     n_kv = cfg.n_key_value_heads
-    if n_kv is None or cfg.ungroup_grouped_query_attention:
+    if n_kv is None or getattr(cfg, "ungroup_grouped_query_attention", False):
         n_kv = cfg.n_heads
     return ModelSpec(
         n_layers=cfg.n_layers,
@@ -112,7 +161,7 @@ def model_spec(model: HookedTransformer) -> ModelSpec:
         parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
         positional=cfg.positional_embedding_type,
         dtype=cfg.dtype,
-        **_norm_names(cfg),
+        **_norm_names(model),
     )
 
 
@@ -120,7 +169,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_dtypes(model: HookedTransformer) -> None:
+def check_dtypes(model: Model) -> None:
     """Refuse a model whose floating parameters have several dtypes, or another dtype than
     ``model.cfg.dtype`` (``model.half()``, ``.float()``, ``.double()``, ``.bfloat16()`` convert the
     parameters and leave the config as it was; TransformerLens casts some activations to
@@ -151,9 +200,15 @@ def check_dtypes(model: HookedTransformer) -> None:
         )
 
 
-def _norm_names(cfg) -> dict[str, str | None]:
-    """The block's norm modules by role (see [`ModelSpec`][]), from the config."""
+def _norm_names(model: Model) -> dict[str, str | None]:
+    """The block's norm modules by role (see [`ModelSpec`][]), from the config (a
+    HookedTransformer) or from the block's modules (a TransformerBridge: its config does not say
+    whether a block has norms after its sublayers)."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if is_bridge(model):
+        return _bridge.norm_names(model)
+    cfg = model.cfg
 
     post_only = cfg.original_architecture in POST_NORM_ARCHITECTURES  # OLMo 2/3: norms after only
     both = bool(cfg.use_normalization_before_and_after) and cfg.normalization_type is not None
@@ -166,12 +221,12 @@ def _norm_names(cfg) -> dict[str, str | None]:
     )
 
 
-def hooked_points(model: HookedTransformer) -> list[str]:
+def hooked_points(model: Model) -> list[str]:
     """The names of the hook points with hooks attached (forward or backward)."""
     return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
 
 
-def raw_torch_hooks(model: HookedTransformer) -> list[str]:
+def raw_torch_hooks(model: Model) -> list[str]:
     """The forward hooks and forward pre-hooks that torch would run in a forward pass of ``model``
     and that TransformerLens' hook points do not manage (``register_forward_hook``,
     ``register_forward_pre_hook``, with or without kwargs, on any submodule; global module
@@ -182,12 +237,13 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     from transformer_lens.hook_points import HookPoint
 
     found = []
+    own = _bridge.own_hook if is_bridge(model) else (lambda fn: False)  # the bridge's wiring
     for name, module in model.named_modules():
         managed = {h.hook.id for h in module.fwd_hooks} if isinstance(module, HookPoint) else set()
         where = name or "the model itself"
-        if any(key not in managed for key in module._forward_hooks):
+        if any(key not in managed and not own(fn) for key, fn in module._forward_hooks.items()):
             found.append(f"{where} (forward hook)")
-        if module._forward_pre_hooks:
+        if any(not own(fn) for fn in module._forward_pre_hooks.values()):
             found.append(f"{where} (forward pre-hook)")
     if torch_module._global_forward_hooks:
         found.append("every module (global forward hook, register_module_forward_hook)")
@@ -196,13 +252,13 @@ def raw_torch_hooks(model: HookedTransformer) -> list[str]:
     return found
 
 
-def has_hooks(model: HookedTransformer) -> bool:
+def has_hooks(model: Model) -> bool:
     """Whether any hook is attached: TransformerLens hooks ([`hooked_points`][]) or raw torch
     forward hooks and pre-hooks ([`raw_torch_hooks`][])."""
     return bool(hooked_points(model) or raw_torch_hooks(model))
 
 
-def has_whole_sequence_hooks(model: HookedTransformer) -> bool:
+def has_whole_sequence_hooks(model: Model) -> bool:
     """Whether a hook is attached that may read positions from each sequence's start: any hook of
     [`has_hooks`][] except those attached by [`attach_hooks`][] with ``cache_safe=True`` (a
     thought patch's activation form, which reads how many positions a key-value cache holds).
@@ -218,7 +274,7 @@ def has_whole_sequence_hooks(model: HookedTransformer) -> bool:
     )
 
 
-def check_no_hooks(model: HookedTransformer) -> None:
+def check_no_hooks(model: Model) -> None:
     """Refuse a model with hooks attached: they would change the runs the equivalence compares.
     Both TransformerLens hooks (on hook points) and raw torch forward hooks or pre-hooks (on any
     submodule, or global) are refused, each kind with how to remove it."""
@@ -246,7 +302,7 @@ def check_no_hooks(model: HookedTransformer) -> None:
 
 
 def to_tokens(
-    model: HookedTransformer, text: str, what: str = "the prompt", prepend_bos: bool | None = None
+    model: Model, text: str, what: str = "the prompt", prepend_bos: bool | None = None
 ) -> Int[Tensor, "1 pos"]:
     """``text`` tokenized with the model's own settings (``model.to_tokens``), never truncated:
     every text the library tokenizes goes through here. TransformerLens cuts a text longer than
@@ -274,25 +330,37 @@ def to_tokens(
     return tokens
 
 
-def model_device(model: HookedTransformer) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return model.W_E.device
 
 
-def parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+def parameters(model: Model) -> dict[str, torch.nn.Parameter]:
     """The model's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...)."""
+    require_hooked(model, "reading every parameter by TransformerLens name (thought patches' identity, "
+                   "merge_into)", "a bridge's parameters are the HuggingFace model's, and a patch's identity "
+                   "and fingerprint are defined on the HookedTransformer's parameter names")
     return dict(model.named_parameters())
 
 
-def patched_values(model: HookedTransformer, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def weight(model: Model, name: str) -> Tensor:
+    """One weight by TransformerLens name (``blocks.3.mlp.W_in``, ``blocks.3.attn.b_O``,
+    ``blocks.3.ln2.w``): the parameter of a HookedTransformer; on a TransformerBridge the view of
+    the HuggingFace parameter it exposes, zeros for a bias the checkpoint lacks."""
+    if is_bridge(model):
+        return _bridge.weight(model, name)
+    return model.get_parameter(name)
+
+
+def patched_values(model: Model, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``parameter + delta`` for each named delta (reshaped to the parameter, in its dtype)."""
     out = {}
     for name, delta in deltas.items():
-        param = model.get_parameter(name)  # one lookup (not a dict of every parameter per call)
+        param = weight(model, name)  # one lookup (not a dict of every parameter per call)
         out[name] = param.detach() + delta.reshape(param.shape).to(param)
     return out
 
 
-def identity_tensors(model: HookedTransformer) -> list[Tensor]:
+def identity_tensors(model: Model) -> list[Tensor]:
     """The three weights the fingerprint of format-1 patch files read (the embedding, the
     unembedding, the first query matrix), to check those files against their model."""
     return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
@@ -300,11 +368,11 @@ def identity_tensors(model: HookedTransformer) -> list[Tensor]:
 
 _HOOK_LEVELS = itertools.count(1_000_000)  # above any TransformerLens context level
 # per model, the levels of hooks attached with cache_safe=True (see has_whole_sequence_hooks)
-_CACHE_SAFE_LEVELS: "weakref.WeakKeyDictionary[HookedTransformer, set[int]]" = weakref.WeakKeyDictionary()
+_CACHE_SAFE_LEVELS: "weakref.WeakKeyDictionary[Model, set[int]]" = weakref.WeakKeyDictionary()
 
 
 def attach_hooks(
-    model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]], *, cache_safe: bool = False
+    model: Model, fwd_hooks: list[tuple[str, Callable]], *, cache_safe: bool = False
 ) -> Callable[[], None]:
     """Add forward hooks and return the function that removes exactly these hooks (and no other:
     they carry a context level of their own, so hooks attached and removed in any order, or the
@@ -325,6 +393,9 @@ def attach_hooks(
 
     try:
         for name, hook in fwd_hooks:
+            if is_bridge(model):  # the bridge's add_hook has no context level
+                touched.append(_bridge.attach_hook(model, name, hook, level))
+                continue
             if name not in model.hook_dict:
                 raise InputError(f"{name!r} is not a hook point of this model")
             model.add_hook(name, hook, dir="fwd", level=level)
@@ -336,7 +407,7 @@ def attach_hooks(
 
 
 @contextlib.contextmanager
-def hooked(model: HookedTransformer, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
+def hooked(model: Model, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
     """Temporary forward hooks, removed on exit (also on an exception); the user's own hooks,
     and hooks of other contexts (also exited in another order), are left alone.
 
@@ -407,19 +478,23 @@ def param_name(layer: int, weight: str) -> str:
 # --- weights ---
 
 
-def W_O(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_head d_model"]:
+def W_O(model: Model, layer: int) -> Float[Tensor, "head d_head d_model"]:
     return model.blocks[layer].attn.W_O
 
 
+def b_O(model: Model, layer: int) -> Float[Tensor, " d_model"]:
+    """The attention output bias (zeros where a bridged checkpoint has none)."""
+    return weight(model, param_name(layer, "b_O"))
+
+
 def attn_output(
-    model: HookedTransformer, layer: int, z: Float[Tensor, "... head d_head"]
+    model: Model, layer: int, z: Float[Tensor, "... head d_head"]
 ) -> Float[Tensor, "... d_model"]:
     """The attention output before any post-attention norm, ``sum_h z[h] @ W_O[h] + b_O``."""
-    attn = model.blocks[layer].attn
-    return z.flatten(-2) @ attn.W_O.flatten(0, 1) + attn.b_O
+    return z.flatten(-2) @ W_O(model, layer).flatten(0, 1) + b_O(model, layer)
 
 
-def mlp_matrix(model: HookedTransformer, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
+def mlp_matrix(model: Model, layer: int, name: str) -> Float[Tensor, "d_model d_mlp"]:
     return getattr(model.blocks[layer].mlp, name)
 
 
@@ -436,7 +511,7 @@ def expand_kv_heads(
 
 
 def forward(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "1 pos"],
     fwd_hooks: list[tuple[str, Callable]] | None = None,
     cache_names: list[str] | None = None,
@@ -456,13 +531,19 @@ def forward(
             cache[_name] = act.detach()[0]
 
         hooks.append((name, save))
-    with torch.no_grad(), hooked(model, hooks):
+    with torch.no_grad(), hooked(model, hooks), _full_precision(model):
         logits = model(tokens, attention_mask=torch.ones_like(tokens))
     return logits, cache
 
 
+def _full_precision(model: Model) -> contextlib.AbstractContextManager:
+    """A bridge's float64 runs in float64 throughout (``_bridge.float64_throughout``); nothing for
+    a HookedTransformer. Every run through this seam ([`forward`][], [`run`][]) enters it."""
+    return _bridge.float64_throughout(model) if is_bridge(model) else contextlib.nullcontext()
+
+
 def run(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     fwd_hooks: list[tuple[str, Callable]],
@@ -473,7 +554,7 @@ def run(
     after block ``stop_at_layer - 1``. Left padding is handled by TransformerLens (positions
     offset by the mask, padded keys masked)."""
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-    with torch.no_grad(), hooked(model, fwd_hooks):
+    with torch.no_grad(), hooked(model, fwd_hooks), _full_precision(model):
         return model(tokens, attention_mask=mask, stop_at_layer=stop_at_layer)
 
 
@@ -494,11 +575,22 @@ def add_at_rows_hook(
 
 @contextlib.contextmanager
 def swapped_tensors(
-    model: HookedTransformer, new: Mapping[str, Tensor], keep_dtype: bool = True
+    model: Model, new: Mapping[str, Tensor], keep_dtype: bool = True
 ) -> Iterator[None]:
     """Temporarily replace parameters or buffers of ``model`` by name; the original tensor objects
     are put back on exit, also on an exception, so the model is bit-identical afterwards. The
-    replacements are cast to the originals' dtype unless ``keep_dtype`` is False."""
+    replacements are cast to the originals' dtype unless ``keep_dtype`` is False.
+
+    On a TransformerBridge, TransformerLens weight names (``blocks.3.mlp.W_in``) are written
+    through the HuggingFace parameters they view (``_bridge.swapped_weights``); other names are
+    the bridge's own module paths (as ``named_parameters`` gives them)."""
+    if is_bridge(model):
+        views = {n: v for n, v in new.items() if _is_tl_weight_name(model, n)}
+        if views:
+            rest = {n: v for n, v in new.items() if n not in views}
+            with _bridge.swapped_weights(model, views), swapped_tensors(model, rest, keep_dtype):
+                yield
+            return
     saved: list[tuple[torch.nn.Module, str, Tensor, bool]] = []
     try:
         for full_name, value in new.items():
@@ -526,15 +618,30 @@ def swapped_tensors(
         _restore(saved)
 
 
+def _is_tl_weight_name(model: Model, name: str) -> bool:
+    """Whether ``name`` is a TransformerLens weight name rather than a module path of ``model``."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return True
+    return attr not in owner._parameters and attr not in owner._buffers
+
+
 @contextlib.contextmanager
-def linear_layout(model: HookedTransformer) -> Iterator[None]:
+def linear_layout(model: Model) -> Iterator[None]:
     """The gated MLPs' weights and the unembedding ``W_U`` stored transposed in memory (the same
     values), so that TransformerLens' ``F.linear(x, W.T.contiguous())`` finds ``W.T`` contiguous
     and copies nothing (it copies these weights at every forward pass otherwise); the original
     tensors are put back on exit. ``F.linear`` gets the same operands either way, so every run
     gives the same values, bit for bit. A speed-up for many short runs (the fits, the decoding,
-    the evaluation); costs one copy of those weights while inside; a nested call copies nothing."""
+    the evaluation); costs one copy of those weights while inside; a nested call copies nothing.
+    Nothing changes on a TransformerBridge (its weights are the HuggingFace model's, already laid
+    out for ``F.linear``)."""
     spec = model_spec(model)
+    if is_bridge(model):
+        yield
+        return
     names = ["unembed.W_U"]
     if spec.gated_mlp:
         names += [param_name(layer, w) for layer in range(spec.n_layers) for w in ("W_gate", "W_in", "W_out")]
@@ -556,8 +663,23 @@ def _restore(saved: list[tuple[torch.nn.Module, str, Tensor, bool]]) -> None:
             setattr(module, attr, original)
 
 
+@contextlib.contextmanager
+def original_positions(model: Model, spec: ModelSpec, positions: Int[Tensor, " T"]) -> Iterator[None]:
+    """Inside, a run of ``T`` tokens puts token ``i`` at position ``positions[i]`` (THEORY 1): the
+    HookedTransformer's position tables are swapped ([`position_tables`][]); a TransformerBridge
+    is handed the matching ``position_ids``. Put back on exit, also on an exception."""
+    if is_bridge(model):
+        if positions.numel() and int(positions.max()) >= model.cfg.n_ctx:
+            raise InputError(f"position {int(positions.max())} beyond the model's context ({model.cfg.n_ctx})")
+        with _bridge.original_positions(model, positions):
+            yield
+        return
+    with swapped_tensors(model, position_tables(model, spec, positions)):
+        yield
+
+
 def position_tables(
-    model: HookedTransformer, spec: ModelSpec, positions: Int[Tensor, " T"]
+    model: Model, spec: ModelSpec, positions: Int[Tensor, " T"]
 ) -> dict[str, Tensor]:
     """Replacement position tables that put reduced-run row ``i`` at original position
     ``positions[i]`` (THEORY 1): rows of ``W_pos`` for learned positions, rows of every block's
@@ -586,15 +708,16 @@ def position_tables(
 # --- block-level pieces, for streaming a stored residual through one block ---
 
 
-def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+def embed(model: Model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream entering block 0 (token + position embeddings, natural positions; the
     explicit all-ones mask keeps TransformerLens from guessing padding from pad-token ids)."""
+    require_hooked(model, "running a model block by block")
     with torch.no_grad():
         return model(tokens, stop_at_layer=0, attention_mask=torch.ones_like(tokens))
 
 
 def block_attention(
-    model: HookedTransformer, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"]]:
     """Block ``layer``'s attention output (``hook_attn_out``) and head outputs (``hook_z``) for a
     stored residual stream, causal, without an attention mask (right padding never reaches a real
@@ -603,11 +726,12 @@ def block_attention(
     return out, z
 
 
-def prefix_cache(model: HookedTransformer, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
+def prefix_cache(model: Model, tokens: Int[Tensor, "batch prefix"]) -> TransformerLensKeyValueCache:
     """TransformerLens' key-value cache of ``tokens`` (as the model is now: no hook, no patch
     should be attached), frozen: their keys and values at every block, read by the tokens that
     follow them (``model(rest, past_kv_cache=cache)``, or [`broadcast_cache`][] for one
     sequence read by a batch)."""
+    require_hooked(model, "a shared-prefix key-value cache")
     device = model_device(model)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
     with torch.no_grad():
@@ -631,7 +755,7 @@ AllKeysValues = tuple[Float[Tensor, "1 kv_pos kv_head d_head"], Float[Tensor, "1
 
 
 def block_attention_kv(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     resid_pre: Float[Tensor, "batch pos d_model"],
     prefix: KeysValues | None = None,
@@ -647,15 +771,17 @@ def block_attention_kv(
     (one sequence)."""
     from transformer_lens.utilities import repeat_along_head_dimension
 
+    require_hooked(model, "running a model block by block")
     block = model.blocks[layer]
     cfg = model.cfg
     if cfg.use_attn_in or cfg.use_split_qkv_input:
-        n_kv = cfg.n_key_value_heads if cfg.n_key_value_heads and not cfg.ungroup_grouped_query_attention else cfg.n_heads
+        n_kv = (cfg.n_key_value_heads if cfg.n_key_value_heads and not getattr(cfg, "ungroup_grouped_query_attention", False)
+                else cfg.n_heads)
         q_in = repeat_along_head_dimension(resid_pre, n_heads=cfg.n_heads)
         kv_in = repeat_along_head_dimension(resid_pre, n_heads=n_kv if cfg.use_split_qkv_input else cfg.n_heads)
     else:
         q_in = kv_in = resid_pre
-    names = _norm_names(cfg)
+    names = _norm_names(model)
     pre = (lambda x: x) if names["attn_pre_norm"] is None else getattr(block, names["attn_pre_norm"])
     store: dict[str, Tensor] = {}
 
@@ -676,7 +802,7 @@ def block_attention_kv(
 
 
 def block_mlp(
-    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
 ) -> Float[Tensor, "batch pos d_model"]:
     """Block ``layer``'s MLP output for an already normalised MLP input."""
     with torch.no_grad():
@@ -684,7 +810,7 @@ def block_mlp(
 
 
 def block_mlp_hidden(
-    model: HookedTransformer, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"]]:
     """Block ``layer``'s MLP output and hidden activations (``mlp.hook_post``, what ``W_out``
     reads) for an already normalised MLP input."""
@@ -698,14 +824,14 @@ def block_mlp_hidden(
     return out, store["post"]
 
 
-def final_scale_name(model: HookedTransformer) -> str | None:
+def final_scale_name(model: Model) -> str | None:
     """Hook name of the final norm's scale (``ln_final.hook_scale``), or None without a final norm."""
     if model.cfg.normalization_type is None or not hasattr(model, "ln_final"):
         return None
     return "ln_final.hook_scale"
 
 
-def final_norm(model: HookedTransformer, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+def final_norm(model: Model, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
     """The model's final norm (``ln_final``) applied to residual rows, as its forward pass applies
     it (none where ``normalization_type`` is None). Applying it to the rows that are unembedded,
     not to every position, gives the same values: the norm acts on each position alone."""
@@ -715,7 +841,7 @@ def final_norm(model: HookedTransformer, x: Float[Tensor, "*rows d_model"]) -> F
 
 
 def final_norm_linear(
-    model: HookedTransformer, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
+    model: Model, x: Float[Tensor, "*rest kept d_model"], scale: Float[Tensor, "kept 1"] | None
 ) -> Float[Tensor, "*rest kept d_model"]:
     """The final norm as a LINEAR map, its scale frozen (TransformerLens' ``apply_ln_to_stack``):
     centre (LN, LNPre), divide by ``scale``, multiply by ``ln_final.w`` (LN, RMS); no bias, so that
@@ -732,7 +858,7 @@ def final_norm_linear(
 
 
 def _norm(
-    model: HookedTransformer, layer: int, name: str | None, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, name: str | None, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """Apply the block's norm module ``name`` (weights included) on any leading shape; identity
     for ``None``."""
@@ -743,27 +869,27 @@ def _norm(
 
 
 def mlp_norm(
-    model: HookedTransformer, layer: int, resid: Float[Tensor, "... d_model"]
+    model: Model, layer: int, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's pre-MLP normalisation (``ln2``, weights included; identity for post-norm
     architectures such as OLMo 2) on any leading shape."""
-    return _norm(model, layer, _norm_names(model.cfg)["mlp_pre_norm"], resid)
+    return _norm(model, layer, _norm_names(model)["mlp_pre_norm"], resid)
 
 
 def attn_post_norm(
-    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-attention normalisation (``ln1_post``, or ``ln1`` for OLMo 2); identity
     when the block has none."""
-    return _norm(model, layer, _norm_names(model.cfg)["attn_post_norm"], x)
+    return _norm(model, layer, _norm_names(model)["attn_post_norm"], x)
 
 
 def mlp_post_norm(
-    model: HookedTransformer, layer: int, x: Float[Tensor, "... d_model"]
+    model: Model, layer: int, x: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """The block's post-MLP normalisation (``ln2_post``, or ``ln2`` for OLMo 2); identity when
     the block has none."""
-    return _norm(model, layer, _norm_names(model.cfg)["mlp_post_norm"], x)
+    return _norm(model, layer, _norm_names(model)["mlp_post_norm"], x)
 
 
 def norm_scale_name(layer: int, norm: str) -> str:
@@ -780,7 +906,7 @@ def norm_normalized_name(layer: int, norm: str) -> str:
 
 
 @contextlib.contextmanager
-def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]:
+def computing_in(model: Model, dtype: torch.dtype) -> Iterator[None]:
     """Run ``model`` in ``dtype`` for the duration of the context: every floating parameter and
     buffer is replaced by a converted copy and ``cfg.dtype`` is set (TransformerLens casts some
     activations to it); the original tensor objects and config are put back on exit, also on an
@@ -797,6 +923,16 @@ def computing_in(model: HookedTransformer, dtype: torch.dtype) -> Iterator[None]
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if is_bridge(model):  # float64 patterns and norms (TransformerLens 4.3 / HF round them to float32)
+        with _bridge.float64_throughout(model), _computing_in(model, dtype):
+            yield
+        return
+    with _computing_in(model, dtype):
+        yield
+
+
+@contextlib.contextmanager
+def _computing_in(model: Model, dtype: torch.dtype) -> Iterator[None]:
     if dtype == model.cfg.dtype and all(p.dtype == dtype for p in model.parameters() if p.dtype.is_floating_point):
         yield
         return

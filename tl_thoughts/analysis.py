@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import (
     ArgumentTypeError,
     InputError,
@@ -31,7 +31,7 @@ AnswerTokens = int | tuple[int, int] | Int[Tensor, " kept"] | Int[Tensor, "kept 
 PosSlice = int | slice | Sequence[int] | None
 
 
-def check_updates(updates: object, model: HookedTransformer | None = None) -> None:
+def check_updates(updates: object, model: Model | None = None) -> None:
     """Refuse anything but [`tl_thoughts.ImplicitUpdates`][] as ``updates``, and (when ``model``
     is given) updates computed on another model or with other weights
     ([`tl_thoughts.ImplicitUpdates.check_model`][]).
@@ -97,7 +97,7 @@ def _answer_ids(answer_tokens: AnswerTokens, n_kept: int, d_vocab: int) -> Int[T
 
 
 def _answer_directions(
-    model: HookedTransformer, answer_tokens: AnswerTokens, n_kept: int
+    model: Model, answer_tokens: AnswerTokens, n_kept: int
 ) -> Float[Tensor, "kept d_model"]:
     """Unembedding direction per kept position: ``W_U[:, c]`` or ``W_U[:, c] - W_U[:, i]``."""
     W_U = model.W_U.detach()
@@ -137,7 +137,7 @@ def _positions(pos_slice: PosSlice, n_kept: int) -> Int[Tensor, " n"]:
 
 @torch.no_grad()
 def head_attribution(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     *,
     metric: str = "norm",
@@ -232,7 +232,7 @@ def _head_attribution(model, updates, metric, answer_tokens, pos_slice, per_head
 
 
 def direct_effect(
-    model: HookedTransformer, updates: ImplicitUpdates, answer_tokens: AnswerTokens
+    model: Model, updates: ImplicitUpdates, answer_tokens: AnswerTokens
 ) -> Float[Tensor, "layer kept"]:
     """Direct effect of each block's virtual weight vector on a logit or logit difference:
     [`head_attribution`][] with ``metric="direct_effect", per_head=False``.
@@ -296,7 +296,7 @@ class _ReducedRunner:
     logit difference) at one kept position. Use as a context manager (the position tables are
     swapped in and restored on exit, also on an exception)."""
 
-    def __init__(self, model: HookedTransformer, updates: ImplicitUpdates, answer_tokens, position: int):
+    def __init__(self, model: Model, updates: ImplicitUpdates, answer_tokens, position: int):
         if isinstance(answer_tokens, Tensor) or not isinstance(answer_tokens, (int, tuple)):
             raise ArgumentTypeError("the causal checks measure one logit or one logit difference: "
                                     "answer_tokens is a token id or a (correct, incorrect) pair")
@@ -323,7 +323,7 @@ class _ReducedRunner:
         self._swap = None
 
     def __enter__(self) -> "_ReducedRunner":
-        self._swap = _tl.swapped_tensors(self.model, _tl.position_tables(self.model, self.spec, self.kept))
+        self._swap = _tl.original_positions(self.model, self.spec, self.kept)
         self._swap.__enter__()
         return self
 
@@ -390,7 +390,7 @@ class _ReducedRunner:
 
 @torch.no_grad()
 def ablation_scores(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     answer_tokens: int | tuple[int, int],
     *,
@@ -435,7 +435,7 @@ RANKINGS = METRICS + ("ablation",)
 
 @torch.no_grad()
 def top_k_recovery(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     answer_tokens: int | tuple[int, int],
     *,
@@ -514,7 +514,7 @@ def top_k_recovery(
 
 @torch.no_grad()
 def layer_recovery(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     answer_tokens: int | tuple[int, int],
     *,

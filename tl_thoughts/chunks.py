@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ArgumentTypeError, ChunkError, InputError
 
 Interval = slice | range | str
@@ -113,7 +113,7 @@ class Span:
 
 
 def resolve_tokens(
-    model: HookedTransformer, tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str
+    model: Model, tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str
 ) -> Int[Tensor, "1 pos"]:
     """Validate ``tokens`` (or tokenize a string with the model's own settings) as ``[1, pos]``.
 
@@ -158,7 +158,7 @@ def resolve_tokens(
     return tokens.to(_tl.model_device(model)).long()
 
 
-def resolve_chunk(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk: ChunkSpec) -> Span:
+def resolve_chunk(model: Model, tokens: Int[Tensor, "1 pos"], chunk: ChunkSpec) -> Span:
     """Resolve the chunk(s) to remove.
 
     One chunk is a ``slice`` or ``range`` of positions (step 1), or a substring of the prompt.
@@ -223,7 +223,7 @@ def resolve_chunk(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk:
     return span
 
 
-def _interval(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], chunk: Interval) -> tuple[int, int]:
+def _interval(model: Model, tokens: Int[Tensor, "1 pos"], chunk: Interval) -> tuple[int, int]:
     """One chunk as ``(start, stop)``."""
     n_pos = tokens.shape[1]
     if isinstance(chunk, range):
@@ -270,7 +270,7 @@ def _slice_bounds(chunk: slice, n_pos: int) -> tuple[int, int]:
     return start, stop
 
 
-def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], text: str) -> tuple[int, int]:
+def _substring_bounds(model: Model, tokens: Int[Tensor, "1 pos"], text: str) -> tuple[int, int]:
     if text == "":
         raise ChunkError("the chunk substring is empty")
     if model.tokenizer is None:
@@ -292,7 +292,7 @@ def _substring_bounds(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], te
 Piece = tuple[int, int, str]
 
 
-def token_pieces(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> list[Piece]:
+def token_pieces(model: Model, tokens: Int[Tensor, " pos"]) -> list[Piece]:
     """The prompt's text cut at token boundaries: ``(first token, one past the last, text)`` per
     piece, in order. A piece is one token (its ``to_str_tokens`` string), except where a character
     is split over several tokens (a multi-byte character in a byte-level tokenizer, e.g. an emoji):

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import FactoredMatrix, HookedTransformer
+from transformer_lens import FactoredMatrix
 
 from tl_thoughts import _math, _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ZeroDenominatorError
 from tl_thoughts.updates import ImplicitUpdates
 
@@ -49,25 +50,25 @@ class ExactWeightPatch:
     dtype: torch.dtype | None = None
 
     @torch.no_grad()
-    def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
+    def parameters(self, model: Model) -> dict[str, Tensor]:
         """The patched parameters (original + delta), dense, keyed by parameter name."""
         dense = {name: delta.AB for name, delta in self.matrices.items()}
         return _tl.patched_values(model, {**dense, **self.biases, **self.scales})
 
     @contextlib.contextmanager
-    def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
+    def applied(self, model: Model) -> Iterator[Model]:
         """Context manager: run ``model`` on the REDUCED prompt with the patched weights and the
         kept tokens at their original positions, in the patch's dtype; everything is restored on
         exit (also on errors)."""
         with _tl.computing_in(model, self.dtype or model.cfg.dtype):
             spec = _tl.model_spec(model)
-            tables = _tl.position_tables(model, spec, self.kept_positions.to(_tl.model_device(model)))
-            with _tl.swapped_tensors(model, {**self.parameters(model), **tables}):
+            kept = self.kept_positions.to(_tl.model_device(model))
+            with _tl.original_positions(model, spec, kept), _tl.swapped_tensors(model, self.parameters(model)):
                 yield model
 
 
 @torch.no_grad()
-def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> ExactWeightPatch:
+def exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPatch:
     """Fold the token-dependent updates into pure weight patches of every block (THEORY 3).
 
     The forms, per block:
@@ -112,7 +113,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
         return _exact_weight_patch(model, updates)
 
 
-def _exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> ExactWeightPatch:
+def _exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPatch:
     spec = _tl.model_spec(model)
     span = updates.span
     kept = span.kept_positions.to(updates.tokens.device)

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 
 def fingerprint(tensors: Mapping[str, Tensor]) -> str:
@@ -43,7 +42,7 @@ def fingerprint(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model: HookedTransformer) -> str:
+def model_fingerprint(model: torch.nn.Module) -> str:
     """The fingerprint of every parameter of ``model`` as it is now (patches applied included).
 
     Example:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import InputError, TLThoughtsError, check_int
 from tl_thoughts.fingerprint import fingerprint
 from tl_thoughts.version import __version__
@@ -36,7 +36,7 @@ class IncompatibleModelError(TLThoughtsError, ValueError):
     """A patch applied to (or loaded for) a model of other shapes or another identity."""
 
 
-def model_identity(model: HookedTransformer) -> dict:
+def model_identity(model: Model) -> dict:
     """Shapes and a fingerprint of every parameter ([`tl_thoughts.fingerprint.fingerprint`][]) of
     the model's own weights: those under any patch applied in its weight form right now (so that
     patches can be stacked), after any [`ThoughtPatch.merge_into`][] (a merged model is another
@@ -59,7 +59,7 @@ def model_identity(model: HookedTransformer) -> dict:
     return dict(model_name=cfg.model_name, shapes=shapes, fingerprint=h.hexdigest())
 
 
-def _legacy_fingerprint(model: HookedTransformer, shapes: dict) -> str:
+def _legacy_fingerprint(model: Model, shapes: dict) -> str:
     """The fingerprint of format-1 patch files: float32 bytes of the first 4096 values of W_E,
     W_U and the first query matrix."""
     h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
@@ -266,7 +266,7 @@ class ThoughtPatch:
     @classmethod
     @torch.no_grad()
     def create(
-        cls, model: HookedTransformer, deltas: Mapping[str, Tensor], steering: dict[str, Tensor], meta: dict
+        cls, model: Model, deltas: Mapping[str, Tensor], steering: dict[str, Tensor], meta: dict
     ) -> "ThoughtPatch":
         """A patch of ``model`` (``deltas``: dense tensors, or a [`PatchDeltas`][] holding
         factors), its identity, the library version and the format recorded in ``meta``."""
@@ -514,7 +514,7 @@ class ThoughtPatch:
 
     # --- applying ---
 
-    def check_compatible(self, model: HookedTransformer) -> None:
+    def check_compatible(self, model: Model) -> None:
         """Refuse a model of other shapes or another identity than the one the patch was fitted on
         (its own weights, under any patch applied in the weight form: [`model_identity`][]). A
         model that other patches were merged into ([`merge_into`][], in this process) since the
@@ -545,12 +545,12 @@ class ThoughtPatch:
             )
 
     @torch.no_grad()
-    def parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
+    def parameters(self, model: Model) -> dict[str, Tensor]:
         """The patched parameter values (original + delta), by name."""
         return _tl.patched_values(model, self.deltas)
 
     @contextlib.contextmanager
-    def apply(self, model: HookedTransformer, form: str | None = None) -> Iterator[HookedTransformer]:
+    def apply(self, model: Model, form: str | None = None) -> Iterator[Model]:
         """Context manager: ``model`` behaves as if the chunk were there (as far as the patch
         carries it); restored bit-identically on exit, also on an exception.
 
@@ -581,12 +581,12 @@ class ThoughtPatch:
         finally:
             remove()
 
-    def attach(self, model: HookedTransformer, form: str | None = None) -> "PatchHandle":
+    def attach(self, model: Model, form: str | None = None) -> "PatchHandle":
         """Apply the patch until ``handle.remove()`` (or the end of a ``with handle:`` block), as
         [`apply`][] does; handles can be removed in any order."""
         return PatchHandle(self._apply(model, form))
 
-    def merge_into(self, model: HookedTransformer) -> None:
+    def merge_into(self, model: Model) -> None:
         """Add the patch to the model's parameters FOR GOOD (explicit, not undone). Patches applied
         at the time stay applied, on top of the merged weights. The model's fingerprint changes;
         patches fitted on it before the merge still apply, on top of the merged one
@@ -611,7 +611,7 @@ class ThoughtPatch:
         state.merged_keys.append(key)
         state.install(model)
 
-    def _apply(self, model: HookedTransformer, form: str | None) -> Callable[[], None]:
+    def _apply(self, model: Model, form: str | None) -> Callable[[], None]:
         """Apply the patch (checked) and return the function that removes it."""
         if form is None:
             form = "activation" if self.unpatched_positions else "weight"
@@ -687,7 +687,7 @@ class ThoughtPatch:
             return left.reshape(-1, left.shape[-1]), right
         return entry.flatten(0, -2)
 
-    def hooks(self, model: HookedTransformer) -> list[tuple[str, object]]:
+    def hooks(self, model: Model) -> list[tuple[str, object]]:
         """TransformerLens forward hooks that add the patch's effect to the activations (from
         position [`unpatched_positions`][] on; each patched block's ``attn.hook_pattern`` then
         reads how many positions a key-value cache holds already, and raises ``InputError`` on a
@@ -788,7 +788,7 @@ class ThoughtPatch:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: HookedTransformer | None = None) -> "ThoughtPatch":
+    def load(cls, path: str | os.PathLike, model: Model | None = None) -> "ThoughtPatch":
         """Read a patch written by [`save`][]; refuse a truncated or corrupted file, edited
         tensors or metadata, and (when ``model`` is given) a model of other shapes or another
         identity. Thought matrices stored as factors are held as factors again (the same
@@ -905,7 +905,7 @@ class _ModelState:
     merged: list[tuple[str, str]] = field(default_factory=list)  # (label, fingerprint before)
     merged_keys: list[str] = field(default_factory=list)
 
-    def check_untouched(self, model: HookedTransformer) -> None:
+    def check_untouched(self, model: Model) -> None:
         """Raise ``InputError`` if a parameter no longer holds the tensor installed here (replaced
         since by other code, e.g. ``tl_thoughts.computing_in`` entered after the patch)."""
         params = _tl.parameters(model)
@@ -919,7 +919,7 @@ class _ModelState:
             )
 
     @torch.no_grad()
-    def install(self, model: HookedTransformer) -> None:
+    def install(self, model: Model) -> None:
         """Put own + the weight-form deltas in every parameter they change; own tensors back where
         none is left."""
         self.check_untouched(model)
@@ -941,7 +941,7 @@ class _ModelState:
             params[name].data = value
             self.installed[name] = value
 
-    def remove(self, model: HookedTransformer, application: _Application) -> None:
+    def remove(self, model: Model, application: _Application) -> None:
         if application not in self.active:
             return
         if application.form == "weight":
@@ -953,16 +953,16 @@ class _ModelState:
             application.remove_hooks()
 
 
-_STATES: "weakref.WeakKeyDictionary[HookedTransformer, _ModelState]" = weakref.WeakKeyDictionary()
+_STATES: "weakref.WeakKeyDictionary[Model, _ModelState]" = weakref.WeakKeyDictionary()
 
 
-def _state(model: HookedTransformer) -> _ModelState:
+def _state(model: Model) -> _ModelState:
     if model not in _STATES:
         _STATES[model] = _ModelState()
     return _STATES[model]
 
 
-def _own_parameters(model: HookedTransformer) -> dict[str, Tensor]:
+def _own_parameters(model: Model) -> dict[str, Tensor]:
     """The model's parameters by name, with each one a weight-form patch changes now replaced by
     the model's own tensor under it."""
     params = {n: p.detach() for n, p in _tl.parameters(model).items()}

@@ -7,7 +7,7 @@ chat-template prefix (system turn and ``<|im_start|>user``) and before the query
 
 from dataclasses import dataclass
 
-from transformer_lens import HookedTransformer
+import torch
 
 from tl_thoughts.errors import InputError
 
@@ -86,7 +86,7 @@ SUITE: tuple[PromptCase, ...] = (
 )
 
 
-def chat_prompt(model: HookedTransformer, case: PromptCase) -> str:
+def chat_prompt(model: torch.nn.Module, case: PromptCase) -> str:
     """The full prompt text of ``case`` in the model's chat template, ready for the assistant turn.
 
     Args:

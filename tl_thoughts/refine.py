@@ -13,16 +13,16 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.templates import Example, PromptTemplate, check_examples, encode_example
 from tl_thoughts.stream import pad_right, unpatched_prefix
 
 
-def _rows(model: HookedTransformer, patch: ThoughtPatch, examples: Sequence[Example]) -> list[tuple[Tensor, Tensor, Tensor]]:
+def _rows(model: Model, patch: ThoughtPatch, examples: Sequence[Example]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per example: the reduced prompt's tokens, the positions that predict the answer's tokens
     (the ``"answer"`` pool, in the reduced prompt) and those tokens."""
     try:
@@ -53,7 +53,7 @@ def check_options(steps: int, lr: float, prefix: str = "") -> None:
 
 
 def refine_thought(
-    model: HookedTransformer,
+    model: Model,
     patch: ThoughtPatch,
     examples: Sequence[Example],
     *,
@@ -109,6 +109,7 @@ def refine_thought(
         raise ArgumentTypeError(f"patch must be a ThoughtPatch (from fit_thought), got {type(patch).__name__}")
     _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    _tl.require_hooked(model, "refine_thought")
     patch.check_compatible(model)
     rows = _rows(model, patch, examples)
     n_layers = model.cfg.n_layers

@@ -35,9 +35,10 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError, check_int, check_number
 from tl_thoughts.templates import (
     POOLS,
@@ -115,7 +116,7 @@ def length_batches(key: Callable[[int], object], indices: Sequence[int], batch_s
 
 
 def run_to_end(
-    model: HookedTransformer,
+    model: Model,
     x: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
@@ -169,7 +170,7 @@ def _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden):
 
 
 def finish_block(
-    model: HookedTransformer,
+    model: Model,
     spec: _tl.ModelSpec,
     layer: int,
     resid_pre: Float[Tensor, "batch pos d_model"],
@@ -193,7 +194,7 @@ def finish_block(
 
 
 def finish_block_hidden(
-    model: HookedTransformer,
+    model: Model,
     spec: _tl.ModelSpec,
     layer: int,
     resid_pre: Float[Tensor, "batch pos d_model"],
@@ -371,7 +372,7 @@ class SharedStream:
     def length(self) -> int:
         return self.resid.shape[1]
 
-    def step(self, model: HookedTransformer, spec: _tl.ModelSpec, layer: int) -> "_tl.AllKeysValues | None":
+    def step(self, model: Model, spec: _tl.ModelSpec, layer: int) -> "_tl.AllKeysValues | None":
         """Run block ``layer`` on the shared positions; return their keys and values at this block
         (None when nothing is shared)."""
         if not self.length:
@@ -408,7 +409,7 @@ class StreamBatch:
 
     @classmethod
     def make(
-        cls, model: HookedTransformer, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], shared: int,
+        cls, model: Model, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], shared: int,
         base: bool,
     ) -> tuple["StreamBatch", Float[Tensor, "1 shared d_model"]]:
         """The batch, its prompts with the chunk from position ``shared`` on
@@ -436,7 +437,7 @@ class StreamBatch:
 
 
 def make_batches(
-    model: HookedTransformer, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], batch_size: int,
+    model: Model, encoded: Sequence[EncodedExample], rows: Sequence[FittedRows], batch_size: int,
     *, shared: int, base: bool, given: "PromptRows | None" = None, given_index: dict[int, Tensor] | None = None,
 ) -> tuple[list[list[int]], list[StreamBatch], SharedStream]:
     """The examples in [`StreamBatch`][] es of similar lengths ([`length_batches`][] on the
@@ -474,7 +475,7 @@ def make_batches(
 
 @torch.no_grad()
 def prompt_rows(
-    model: HookedTransformer,
+    model: Model,
     chunk: str,
     examples: Sequence[Example],
     *,
@@ -563,7 +564,7 @@ class SharedPrefix(NamedTuple):
 
     @classmethod
     def of(
-        cls, model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], upto: int | None = None
+        cls, model: Model, seqs: Sequence[Int[Tensor, " _pos"]], upto: int | None = None
     ) -> "SharedPrefix | None":
         """The tokens every one of ``seqs`` shares from its start (at most ``upto``, and at most
         one less than the shortest: [`shared_prefix_length`][tl_thoughts.templates.shared_prefix_length]), run
@@ -578,7 +579,7 @@ class SharedPrefix(NamedTuple):
         return cls.first(model, seqs[0], n) if n else None
 
     @classmethod
-    def first(cls, model: HookedTransformer, tokens: Int[Tensor, " pos"], length: int) -> "SharedPrefix":
+    def first(cls, model: Model, tokens: Int[Tensor, " pos"], length: int) -> "SharedPrefix":
         """The first ``length`` tokens of ``tokens`` and their cache (the caller checks that every
         prompt starts with them)."""
         if not 0 < length <= tokens.shape[0]:
@@ -586,7 +587,7 @@ class SharedPrefix(NamedTuple):
         return cls(length, _tl.prefix_cache(model, tokens[None, :length]))
 
 
-def unpatched_prefix(model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos"]], k: int) -> SharedPrefix | None:
+def unpatched_prefix(model: Model, seqs: Sequence[Int[Tensor, " _pos"]], k: int) -> SharedPrefix | None:
     """The [`SharedPrefix`][] of the first ``k`` tokens of every sequence: the positions a
     thought patch leaves unpatched (``ThoughtPatch.unpatched_positions``), run once unpatched for
     the patched positions to read. None for ``k = 0`` or no sequence.
@@ -607,7 +608,7 @@ def unpatched_prefix(model: HookedTransformer, seqs: Sequence[Int[Tensor, " _pos
 
 
 def run_block_after(
-    model: HookedTransformer,
+    model: Model,
     stack: Float[Tensor, "batch pos d_model"],
     layer: int,
     kv: TransformerLensKeyValueCache,
@@ -642,7 +643,7 @@ Keep = Callable[[int, list[int]], bool]  # keep(sequence index, tokens generated
 
 
 def row_logits(
-    model: HookedTransformer, rows: Float[Tensor, "rows d_model"], unembed_weight: Float[Tensor, "d_vocab d_model"]
+    model: Model, rows: Float[Tensor, "rows d_model"], unembed_weight: Float[Tensor, "d_vocab d_model"]
 ) -> Float[Tensor, "rows d_vocab"]:
     """The logits of residual rows after the last block: the final norm, then the unembedding.
 
@@ -669,7 +670,7 @@ def _advance(i: int, token: int, generated: list[list[int]], stopped: list[bool]
 
 
 def greedy_decode(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[Int[Tensor, " _pos"]],
     starts: Sequence[list[int]],
     keep: Keep,
@@ -715,7 +716,7 @@ Record = tuple[Float[Tensor, "layer1 pos d_model"], Float[Tensor, "layer pos d_m
 
 @torch.no_grad()
 def greedy_decode_cached(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[Int[Tensor, " _pos"]],
     keep: Keep,
     stops: Bool[Tensor, " d_vocab"],

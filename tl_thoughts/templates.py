@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.chunks import char_span_to_tokens, token_pieces
 from tl_thoughts.errors import ArgumentTypeError, ChunkError, InputError
 
@@ -56,7 +56,7 @@ class PromptTemplate:
         return lo, lo + len(chunk) + len(self.separator)
 
     @classmethod
-    def chat(cls, model: HookedTransformer, separator: str = "\n") -> "PromptTemplate":
+    def chat(cls, model: Model, separator: str = "\n") -> "PromptTemplate":
         """The model's chat template, chunk and query in one user turn, ready for the answer."""
         tok = model.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
@@ -99,7 +99,7 @@ def check_examples(examples: object, what: str = "examples", pairs: bool = False
             )
 
 
-def default_template(model: HookedTransformer) -> PromptTemplate:
+def default_template(model: Model) -> PromptTemplate:
     """The chat template when the tokenizer has one, else ``"{chunk}\\n{query}"``.
 
     Example:
@@ -152,7 +152,7 @@ class EncodedExample:
 
 
 def encode_example(
-    model: HookedTransformer, template: PromptTemplate, chunk: str, example: Example
+    model: Model, template: PromptTemplate, chunk: str, example: Example
 ) -> EncodedExample:
     """Tokenise one example with and without the chunk.
 

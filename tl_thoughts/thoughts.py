@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
 from tl_thoughts._math import RidgeRegression, ridge_solve
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
 from tl_thoughts.patch import PatchDeltas, ThoughtPatch, factor_product
 from tl_thoughts.stream import (
@@ -231,7 +231,7 @@ def _W_O_solution(regression, vector, ridge, n, n_heads, d_head):
 
 
 def solve_mlp_inputs(
-    model: HookedTransformer, layer: int, regression: RidgeRegression, ridge: float, n: float
+    model: Model, layer: int, regression: RidgeRegression, ridge: float, n: float
 ) -> dict[str, Float[Tensor, "d_model d_mlp"]]:
     """The MLP input thought matrices of block ``layer`` (``W_in``, and ``W_gate`` for gated MLPs),
     float64, by parameter name: the ridge regression ``M`` of the with-chunk minus without-chunk
@@ -453,7 +453,7 @@ def _unpatched_prefix(encoded: Sequence[EncodedExample], config: FitConfig) -> i
 
 @torch.no_grad()
 def fit_thought(
-    model: HookedTransformer,
+    model: Model,
     chunk: str,
     examples: Sequence[Example],
     config: FitConfig | None = None,
@@ -500,6 +500,7 @@ def fit_thought(
 def _fit(model, chunk, examples, config, template, rows, progress, memo) -> ThoughtPatch:
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
+    _tl.require_hooked(model, "fit_thought")
     layers = _check_fit(spec, config, chunk, examples)
     if template is not None and not isinstance(template, PromptTemplate):
         raise ArgumentTypeError(f"template must be a PromptTemplate or None, got {type(template).__name__}")
@@ -553,7 +554,7 @@ def _fit(model, chunk, examples, config, template, rows, progress, memo) -> Thou
 
 @torch.no_grad()
 def fit_thoughts(
-    model: HookedTransformer,
+    model: Model,
     chunk: str,
     examples: Sequence[Example],
     config: FitConfig | None = None,

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache, FactoredMatrix, HookedTransformer
+from transformer_lens import ActivationCache, FactoredMatrix
 
 from tl_thoughts import _math, _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
 from tl_thoughts.fingerprint import model_fingerprint
 from tl_thoughts.errors import (
@@ -192,7 +193,7 @@ class ImplicitUpdates:
                 f"{len(self.span.positions)} kept positions"
             )
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``InputError`` unless ``model`` has the weights these updates were computed with
         (the same fingerprint; a float64 copy of the model has the float32 model's): updates of
         another model, or of this one with other weights (a patch applied or removed since, a
@@ -295,7 +296,7 @@ def compute_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.
 
 @torch.no_grad()
 def implicit_updates(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str,
     chunk: ChunkSpec,
     *,
@@ -350,7 +351,7 @@ def implicit_updates(
 
 @torch.no_grad()
 def implicit_updates_batch(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str] | Sequence[Int[Tensor, " _"]] | Int[Tensor, "batch padded"],
     chunks: BatchChunkSpec,
     *,
@@ -418,7 +419,7 @@ def implicit_updates_batch(
 
 @torch.no_grad()
 def updates_from_cache(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"] | str,
     chunk: ChunkSpec | Span,
     cache: ActivationCache | Mapping[str, Tensor],
@@ -562,7 +563,7 @@ def _resolve_positions(span: Span, positions: Sequence[int] | Tensor | None) -> 
 
 
 def _pad_batch(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str] | Sequence[Tensor] | Tensor,
     attention_mask: Tensor | None,
     padding_side: str,
@@ -617,7 +618,7 @@ def _pad_batch(
     return padded, mask, rows
 
 
-def _row_tokens(model: HookedTransformer, padded: Tensor, rows: list[Tensor]) -> list[Tensor]:
+def _row_tokens(model: Model, padded: Tensor, rows: list[Tensor]) -> list[Tensor]:
     out = []
     for i, idx in enumerate(rows):
         try:
@@ -658,7 +659,7 @@ def _stats_from(
 
 
 def _extract(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     mask: Int[Tensor, "batch pos"] | None,
     jobs: list[_Job],
@@ -719,7 +720,7 @@ def _extract(
 
 
 def _assemble(
-    model: HookedTransformer,
+    model: Model,
     spec: _tl.ModelSpec,
     job: _Job,
     layers: tuple[int, ...],

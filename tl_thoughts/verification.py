@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.chunks import Span
 from tl_thoughts.errors import ArgumentTypeError, InputError
 from tl_thoughts.exact_weights import exact_weight_patch
@@ -183,7 +183,7 @@ class VerificationReport:
 
 
 def verify(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     forms: Sequence[str] = ("activation", "weight"),
 ) -> VerificationReport:
@@ -226,7 +226,7 @@ def verify(
         return _verify(model, updates, forms)
 
 
-def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[str]) -> VerificationReport:
+def _verify(model: Model, updates: ImplicitUpdates, forms: Sequence[str]) -> VerificationReport:
     spec = _tl.model_spec(model)
     span = updates.span
     kept = span.kept_positions.to(updates.tokens.device)
@@ -234,10 +234,8 @@ def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[
     resid_names = [_tl.resid_post_name(layer) for layer in range(spec.n_layers)]
     full_logits, full_cache = _tl.forward(model, updates.tokens, cache_names=resid_names)
     reference = (full_logits[0, kept], [full_cache[n][kept] for n in resid_names])
-    tables = _tl.position_tables(model, spec, kept)
-
     runs: dict[str, tuple[Tensor, list[Tensor]]] = {}
-    with _tl.swapped_tensors(model, tables):
+    with _tl.original_positions(model, spec, kept):
         logits, cache = _tl.forward(model, reduced, cache_names=resid_names)
         runs["unpatched"] = (logits[0], [cache[n] for n in resid_names])
         if "activation" in forms:
@@ -263,7 +261,7 @@ def _verify(model: HookedTransformer, updates: ImplicitUpdates, forms: Sequence[
 
 
 @contextlib.contextmanager
-def reduced_positions(model: HookedTransformer, updates: ImplicitUpdates | Span) -> Iterator[Int[Tensor, "1 T"]]:
+def reduced_positions(model: Model, updates: ImplicitUpdates | Span) -> Iterator[Int[Tensor, "1 T"]]:
     """Inside, a run of the REDUCED prompt (the prompt without the chunk) puts each of its tokens
     at its ORIGINAL position, as in the full prompt (THEORY 1); yields the reduced prompt
     (``updates.reduced_tokens``).
@@ -308,13 +306,12 @@ def reduced_positions(model: HookedTransformer, updates: ImplicitUpdates | Span)
             f"updates: expected ImplicitUpdates (or a Span), got {type(updates).__name__}"
         )
     spec = _tl.model_spec(model)
-    tables = _tl.position_tables(model, spec, span.kept_positions.to(_tl.model_device(model)))
-    with _tl.swapped_tensors(model, tables):
+    with _tl.original_positions(model, spec, span.kept_positions.to(_tl.model_device(model))):
         yield reduced
 
 
 def run_reduced(
-    model: HookedTransformer,
+    model: Model,
     updates: ImplicitUpdates,
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
     *,

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import TransformerLensKeyValueCache
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import InputError
 from tl_thoughts.evaluation.config import BASELINES, EvalConfig
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, n_positions_read
@@ -77,7 +78,7 @@ class DifferenceSums:
 
 @torch.no_grad()
 def difference_sums(
-    model: HookedTransformer, examples: list[TaskExample], pool: str, batch_size: int, full_rows: PromptRows | None = None
+    model: Model, examples: list[TaskExample], pool: str, batch_size: int, full_rows: PromptRows | None = None
 ) -> DifferenceSums:
     """[`DifferenceSums`][] over ``examples`` (none: zero sums). The positions every prompt with
     the chunk shares (the prefix and the chunk) run once, their keys and values read by every batch
@@ -160,7 +161,7 @@ def _rows_read(full_rows: PromptRows | None, examples: list[TaskExample], pool: 
 
 
 def mean_differences(
-    model: HookedTransformer, examples: list[TaskExample], pool: str, batch_size: int
+    model: Model, examples: list[TaskExample], pool: str, batch_size: int
 ) -> tuple[Float[Tensor, "layer1 d_model"], Float[Tensor, "layer d_model"]]:
     """The mean residual differences and the task vectors of some examples.
 
@@ -176,7 +177,7 @@ def mean_differences(
 
 
 def query_difference_sums(
-    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig,
+    model: Model, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig,
     query_rows: PromptRows | None = None,
 ) -> DifferenceSums | None:
     """The answered queries' part of the steering baselines' sums ([`DifferenceSums`][]).
@@ -354,7 +355,7 @@ def task_vector_edit(vectors: Tensor) -> ResidEdit:
 
 @torch.no_grad()
 def best_layers(
-    model: HookedTransformer, fit_set: list[TaskExample], edits: dict[str, ResidEdit], stops, batch_size: int,
+    model: Model, fit_set: list[TaskExample], edits: dict[str, ResidEdit], stops, batch_size: int,
     *, group_cost: int = SEARCH_GROUP_COST,
 ) -> dict[str, tuple[int, list[float], list[float]]]:
     """For each named residual edit, the layer whose edit does best on the fit examples.

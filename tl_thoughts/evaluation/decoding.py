@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ChunkError, InputError, UnsupportedArchitectureError
 from tl_thoughts.evaluation.config import EvalConfig, fit_kinds
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, stop_tokens
@@ -25,7 +25,7 @@ QueryRun = tuple[TaskExample, Tensor, tuple[Tensor, Tensor], int]
 
 @torch.no_grad()
 def query_answers(
-    model: HookedTransformer, task: Task, n: int, *, batch_size: int = 32, max_new_tokens: int = 16
+    model: Model, task: Task, n: int, *, batch_size: int = 32, max_new_tokens: int = 16
 ) -> list[tuple[str, str]]:
     """The first ``n`` of the task's unlabelled queries that the model answers with the chunk.
 
@@ -53,7 +53,7 @@ def query_answers(
 
 
 def query_answers_with_runs(
-    model: HookedTransformer, task: Task, n: int, batch_size: int, max_new_tokens: int, keep_runs: bool
+    model: Model, task: Task, n: int, batch_size: int, max_new_tokens: int, keep_runs: bool
 ) -> tuple[list[tuple[str, str]], list[QueryRun]]:
     """[`query_answers`][], and each answered query's run.
 
@@ -117,7 +117,7 @@ def query_answers_with_runs(
 
 
 def query_full_rows(
-    model: HookedTransformer, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig
+    model: Model, task: Task, queries: Sequence[tuple[str, str]], config: EvalConfig
 ) -> PromptRows | None:
     """The answered queries' prompts with the chunk, streamed once, at the rows the fits read.
 
@@ -139,7 +139,7 @@ def query_full_rows(
 
 
 def query_answers_with_rows(
-    model: HookedTransformer, task: Task, config: EvalConfig, *, max_new_tokens: int = 16
+    model: Model, task: Task, config: EvalConfig, *, max_new_tokens: int = 16
 ) -> tuple[list[tuple[str, str]], PromptRows | None]:
     """[`query_answers`][] of ``config.n_queries`` queries and their [`query_full_rows`][].
 
@@ -193,7 +193,7 @@ def query_answers_with_rows(
 
 @torch.no_grad()
 def greedy_generate(
-    model: HookedTransformer, prompt: str, max_new_tokens: int = 10, stop_at_newline: bool = True
+    model: Model, prompt: str, max_new_tokens: int = 10, stop_at_newline: bool = True
 ) -> str:
     """Greedy continuation of a prompt's text, as the model is (apply a patch around the call), cut
     at the first line break or special token when ``stop_at_newline``.
@@ -214,7 +214,7 @@ def greedy_generate(
 
 @torch.no_grad()
 def greedy_generate_all(
-    model: HookedTransformer, prompts: Sequence[str], max_new_tokens: int = 10, stop_at_newline: bool = True
+    model: Model, prompts: Sequence[str], max_new_tokens: int = 10, stop_at_newline: bool = True
 ) -> list[str]:
     """[`greedy_generate`][] of several prompts, decoded together (batched by length; the prompts'
     shared first tokens run once through the key-value cache), each continuation the one

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import ChunkError, InputError
 from tl_thoughts.tasks import Task
 from tl_thoughts.templates import EncodedExample, encode_example
@@ -44,7 +44,7 @@ class TaskExample:
         return self.enc.answer_start - 1 - (self.enc.stop - self.enc.start)
 
 
-def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence[int]) -> list[TaskExample]:
+def encode_task_examples(model: Model, task: Task, indices: Sequence[int]) -> list[TaskExample]:
     """Tokenise examples with and without the chunk (aligned positions, see
     [`tl_thoughts.templates.encode_example`][]), checking that the continuation ends with a token
     of its own holding the line break.
@@ -57,7 +57,7 @@ def encode_task_examples(model: HookedTransformer, task: Task, indices: Sequence
     return [encode_task_example(model, task, *task.examples[i]) for i in indices]
 
 
-def encode_task_example(model: HookedTransformer, task: Task, query: str, answer: str) -> TaskExample:
+def encode_task_example(model: Model, task: Task, query: str, answer: str) -> TaskExample:
     """Tokenise one ``(query, answer)`` pair of ``task`` (an example or an answered query), as
     [`encode_task_examples`][] does.
 
@@ -81,7 +81,7 @@ def encode_task_example(model: HookedTransformer, task: Task, query: str, answer
     return TaskExample(enc=enc, n_cont=n_cont)
 
 
-def stop_tokens(model: HookedTransformer) -> Bool[Tensor, " d_vocab"]:
+def stop_tokens(model: Model) -> Bool[Tensor, " d_vocab"]:
     """Tokens that end an answer under greedy decoding: a line break after optional spaces, or a
     special token (end of sequence, chat turn markers).
 

@@ -13,9 +13,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import InputError
 from tl_thoughts.evaluation.baselines import (
     DifferenceSums,
@@ -87,7 +87,7 @@ class SeedResult:
 
 @torch.no_grad()
 def choose_rank(
-    model: HookedTransformer,
+    model: Model,
     patch: ThoughtPatch,
     ranks: Sequence[int | None],
     fit_set: list[TaskExample],
@@ -200,7 +200,7 @@ class TaskInputs:
             raise InputError("config runs a steering baseline: query_sums are needed (see prepare_task)")
 
 
-def prepare_task(model: HookedTransformer, task: Task, config: EvalConfig) -> TaskInputs:
+def prepare_task(model: Model, task: Task, config: EvalConfig) -> TaskInputs:
     """What the protocol computes once a task for every seed.
 
     The task's [`tl_thoughts.evaluation.example_verdicts`][], its answered queries and their rows
@@ -221,7 +221,7 @@ def prepare_task(model: HookedTransformer, task: Task, config: EvalConfig) -> Ta
 
 @torch.no_grad()
 def evaluate_seed(
-    model: HookedTransformer,
+    model: Model,
     task: Task,
     config: EvalConfig,
     seed: int,
@@ -253,7 +253,7 @@ def evaluate_seed(
 
 
 def _evaluate_seed(
-    model: HookedTransformer, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
+    model: Model, task: Task, config: EvalConfig, seed: int, verdicts: tuple[Tensor, Tensor],
     queries: list[tuple[str, str]], query_sums: DifferenceSums | None, query_rows: PromptRows | None,
 ) -> SeedResult:
     stops = stop_tokens(model)
@@ -414,7 +414,7 @@ def _fields_of(cls: type, data: dict) -> dict:
 
 
 def evaluate_task(
-    model: HookedTransformer, task: Task, config: EvalConfig = EvalConfig(), progress: bool = True  # noqa: B008 (frozen)
+    model: Model, task: Task, config: EvalConfig = EvalConfig(), progress: bool = True  # noqa: B008 (frozen)
 ) -> TaskResult:
     """Run the protocol on a task for every seed of ``config``.
 
@@ -442,7 +442,7 @@ def evaluate_task(
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_model(dtype: torch.dtype, threads: int) -> HookedTransformer:
+def _worker_model(dtype: torch.dtype, threads: int) -> Model:
     """A worker process's own copy of the default model ([`evaluate_in_processes`][]), loaded
     once per process, after setting its torch threads."""
     from tl_thoughts.models import load_default_model

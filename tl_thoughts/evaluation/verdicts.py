@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_thoughts import _tl
+from tl_thoughts._tl import Model
 from tl_thoughts.errors import InputError
 from tl_thoughts.stream import SharedPrefix, greedy_decode, pad_right, row_logits, run_to_end, unpatched_prefix
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_examples, n_positions_read, stop_tokens
@@ -22,7 +22,7 @@ HookFactory = Callable[[list[TaskExample], bool], list[tuple[str, Callable]]]
 
 
 def teacher_forced_verdicts(
-    model: HookedTransformer,
+    model: Model,
     batch: list[TaskExample],
     seqs: list[Tensor],
     final_resid: Float[Tensor, "batch pos d_model"],
@@ -83,7 +83,7 @@ def _fits(text: str, answer: str) -> bool:
     return "\ufffd" in text or _norm(answer).startswith(_norm(text))
 
 
-def _open_path(model: HookedTransformer, targets: list[int], preds: list[int], stops: Tensor) -> list[int] | None:
+def _open_path(model: Model, targets: list[int], preds: list[int], stops: Tensor) -> list[int] | None:
     """For a continuation ``targets`` (answer tokens, then the line break) that the teacher-forced
     greedy predictions ``preds`` leave at their first wrong token: the greedy tokens up to and
     including that token, if greedy decoding may still spell the answer's text with other tokens
@@ -99,7 +99,7 @@ def _open_path(model: HookedTransformer, targets: list[int], preds: list[int], s
 
 @torch.no_grad()
 def _decode_open(
-    model: HookedTransformer,
+    model: Model,
     examples: list[TaskExample],
     with_chunk: bool,
     paths: list[list[int]],
@@ -132,7 +132,7 @@ def _decode_open(
 
 @torch.no_grad()
 def greedy_match(
-    model: HookedTransformer,
+    model: Model,
     examples: list[TaskExample],
     *,
     with_chunk: bool,
@@ -214,7 +214,7 @@ def greedy_match(
 
 
 def match_under(
-    model: HookedTransformer,
+    model: Model,
     patch: ThoughtPatch,
     examples: list[TaskExample],
     *,
@@ -246,7 +246,7 @@ def match_under(
 
 
 def chunk_filter(
-    model: HookedTransformer,
+    model: Model,
     examples: list[TaskExample],
     *,
     stops: Bool[Tensor, " d_vocab"] | None = None,
@@ -267,7 +267,7 @@ def chunk_filter(
 
 @torch.no_grad()
 def example_verdicts(
-    model: HookedTransformer, task: Task, *, batch_size: int = 32
+    model: Model, task: Task, *, batch_size: int = 32
 ) -> tuple[Bool[Tensor, " n_examples"], Bool[Tensor, " n_examples"]]:
     """Every example of a task right with the chunk / right without it (no patch), by index.
 
