@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, FactoredMatrix, HookedTransformer
 
 from tl_thoughts import _math, _tl
-from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
+from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, check_window, resolve_chunk, resolve_tokens
 from tl_thoughts.fingerprint import model_fingerprint
 from tl_thoughts.errors import (
     ArgumentTypeError,
@@ -462,6 +462,7 @@ def updates_from_cache(
         span = chunk
         if span.n_pos != tokens.shape[1]:
             raise InputError(f"chunk: a Span of a {span.n_pos}-token prompt, but tokens has {tokens.shape[1]} tokens")
+        check_window(model, span)  # as resolve_chunk does for the other chunk specifications
     else:
         span = resolve_chunk(model, tokens, chunk)
     acts = _cache_rows(spec, cache, tokens.shape[1])
