@@ -163,7 +163,8 @@ def rms_post_norm_patch(
     patch. Dividing by ``w`` elsewhere, instead of by the normalised output ``y / c`` everywhere
     (Goldwaser et al.'s ``dw = delta / f``, exact too), keeps the factors near ``w``: theirs reach
     1e2 times ``w`` where ``y`` is small, which amplifies the reduced run's rounding errors from
-    block to block (real Gemma 3 270M, one kept token: 2.5e5 in float64 after 18 blocks).
+    block to block (real Gemma 3 270M, one kept token: residual errors of 2.5e5 in float64 after 18 blocks,
+    measured at commit b2774a1).
 
     Args:
         y: The MLP output of the run to reproduce, before the norm.

