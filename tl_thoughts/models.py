@@ -507,7 +507,11 @@ def load_model(
 
     Args:
         name: The model's name.
-        dtype, device, n_ctx, cache_dir, refresh: As in [`load_default_model`][].
+        dtype: ``torch.float32`` (default) or ``torch.float64``.
+        device: Torch device.
+        n_ctx: Context length of the TransformerLens config.
+        cache_dir: Where converted weights are cached (default [`default_cache_dir`][]).
+        refresh: Rebuild the cache from the model's package.
 
     Returns:
         The model, in eval mode, with its weights unprocessed.
