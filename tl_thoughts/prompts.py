@@ -1,8 +1,12 @@
-"""Built-in prompts with an instruction or few-shot chunk, for the default chat model.
+"""Built-in prompts with an instruction or few-shot chunk, for the default chat model, and
+their plain-text form for base models (Gemma 3 270M).
 
 Each case is a user turn whose chunk (an instruction or demonstrations) is removed; the rest is
 the query. ``chat_prompt`` wraps it in the model's chat template, so the chunk sits after a
-chat-template prefix (system turn and ``<|im_start|>user``) and before the query.
+chat-template prefix (system turn and ``<|im_start|>user``) and before the query. A base model
+without a chat template reads ``case.user_message`` as plain text ([`suite_prompts`][]), after
+the BOS its tokenizer prepends; ``BASE_SUITE`` adds completions a base model continues
+naturally (a known fact, a story, a question-answer pair, code).
 """
 
 from dataclasses import dataclass
@@ -103,3 +107,68 @@ def chat_prompt(model: torch.nn.Module, case: PromptCase) -> str:
         tokenize=False,
         add_generation_prompt=True,
     )
+
+
+BASE_CASES: tuple[PromptCase, ...] = (
+    PromptCase(
+        "fact_everest",
+        "Mount Everest, in the Himalayas, is the highest mountain on Earth.",
+        "The highest mountain on Earth is Mount",
+        separator=" ",
+    ),
+    PromptCase(
+        "story_fox",
+        "Once upon a time, a small red fox named Pip lived in a forest by the river.",
+        "Every morning, the fox named",
+        separator=" ",
+    ),
+    PromptCase(
+        "qa_capital",
+        "Q: What is the capital of France?\nA: Paris",
+        "Q: What is the capital of Italy?\nA:",
+    ),
+    PromptCase(
+        "code_add",
+        "def add(a, b):\n    return a + b\n",
+        "def subtract(a, b):\n    return",
+    ),
+    PromptCase(
+        "list_days",
+        "Monday, Tuesday, Wednesday,",
+        "Thursday,",
+        separator=" ",
+    ),
+    PromptCase(
+        "definition",
+        "A glarb is a small blue bird that sings at night.",
+        "What sings at night? A",
+        separator=" ",
+    ),
+)
+"""Plain-text completions for base models: each chunk holds what the query's continuation uses."""
+
+BASE_SUITE: tuple[PromptCase, ...] = SUITE + BASE_CASES
+"""The suite a base model (no chat template) is checked on: [`SUITE`][] as plain text, then
+[`BASE_CASES`][]."""
+
+
+def suite_prompts(model: torch.nn.Module) -> list[tuple[PromptCase, str]]:
+    """The built-in suite as ``(case, prompt text)`` pairs for ``model``: [`SUITE`][] in the chat
+    template when the tokenizer has one ([`chat_prompt`][]); otherwise (a base model) every case
+    of [`BASE_SUITE`][] as the plain text ``case.user_message``.
+
+    Args:
+        model: A model with a tokenizer.
+
+    Returns:
+        The pairs, in suite order; ``case.chunk`` occurs once in each prompt.
+
+    Example:
+        >>> [case.name for case, _ in suite_prompts(model)][:2]  # doctest: +SKIP
+        ['french', 'antonym']
+    """
+    if model.tokenizer is None:
+        raise InputError("suite_prompts needs a model with a tokenizer")
+    if getattr(model.tokenizer, "chat_template", None):
+        return [(case, chat_prompt(model, case)) for case in SUITE]
+    return [(case, case.user_message) for case in BASE_SUITE]

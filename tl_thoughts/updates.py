@@ -17,7 +17,7 @@ from transformer_lens import ActivationCache, FactoredMatrix
 
 from tl_thoughts import _math, _tl
 from tl_thoughts._tl import Model
-from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, resolve_chunk, resolve_tokens
+from tl_thoughts.chunks import BatchChunkSpec, ChunkSpec, Span, check_window, resolve_chunk, resolve_tokens
 from tl_thoughts.fingerprint import model_fingerprint
 from tl_thoughts.errors import (
     ArgumentTypeError,
@@ -463,6 +463,7 @@ def updates_from_cache(
         span = chunk
         if span.n_pos != tokens.shape[1]:
             raise InputError(f"chunk: a Span of a {span.n_pos}-token prompt, but tokens has {tokens.shape[1]} tokens")
+        check_window(model, span)  # as resolve_chunk does for the other chunk specifications
     else:
         span = resolve_chunk(model, tokens, chunk)
     acts = _cache_rows(spec, cache, tokens.shape[1])
