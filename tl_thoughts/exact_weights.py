@@ -177,9 +177,9 @@ def _exact_weight_patch(model: Model, updates: ImplicitUpdates) -> ExactWeightPa
             # run's hidden row) and one common factor of the norm's scale undoes its new norm
             hidden = cache[_tl.mlp_post_name(layer)][kept[0]]
             W_out = _tl.mlp_matrix(model, layer, "W_out")
-            y = hidden @ W_out + model.get_parameter(_tl.param_name(layer, "b_out"))
+            y = hidden @ W_out + _tl.weight(model, _tl.param_name(layer, "b_out"))
             pname = _tl.norm_scale_name(layer, spec.mlp_post_norm)
-            dy, dw = _math.rms_post_norm_patch(y, delta_rows[0], model.get_parameter(pname),
+            dy, dw = _math.rms_post_norm_patch(y, delta_rows[0], _tl.weight(model, pname),
                                                 _tl.norm_eps(model, layer, spec.mlp_post_norm), pname)
             left, right = _math.min_norm_factors(hidden[None], dy[None], _tl.param_name(layer, "W_out"))
             matrices[_tl.param_name(layer, "W_out")] = FactoredMatrix(left, right)
