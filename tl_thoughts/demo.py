@@ -1,4 +1,4 @@
-"""``tl-thoughts demo``: the first thing a newcomer runs (about 20 s on a quiet 2-core CPU, 2.7 to 2.9
+"""``tl-thoughts demo``: the first thing a newcomer runs (about 16 s on a quiet 2-core CPU, 2.0 to 2.1
 times ``tl-thoughts verify``, as ``benchmarks/bench_demo.py`` measures).
 
 On the default model: (1) remove an instruction chunk from a chat prompt and print the exact
@@ -140,8 +140,8 @@ def _generations(model, task, patch, indices):
     examples = [task.examples[i] for i in indices]
     with_chunk: list[str] = []
     for part in (examples[: N_SHOWN + 1], examples[N_SHOWN + 1 :]):  # the rest only if needed
-        right = sum(g == task.answer_prefix + a for g, (_, a) in zip(with_chunk, examples))
-        if part and right < N_SHOWN:
+        n_right = sum(g == task.answer_prefix + a for g, (_, a) in zip(with_chunk, examples))
+        if part and n_right < N_SHOWN:
             with_chunk += evaluation.greedy_generate_all(model, [task.prompt(q, True) for q, _ in part])
     examples = examples[: len(with_chunk)]
     right = [k for k, (_, a) in enumerate(examples) if with_chunk[k] == task.answer_prefix + a][:N_SHOWN]

@@ -203,7 +203,7 @@ def greedy_generate(
     only a thought patch's (its activation form reads how many positions the cache holds), else
     every step from the start under the model's hooks ([`tl_thoughts.stream.greedy_decode`][]:
     a user's hooks may count positions from each sequence's start, so they see whole sequences;
-    see [`tl_thoughts._tl.has_whole_sequence_hooks`][]).
+    see `tl_thoughts._tl.has_whole_sequence_hooks`).
 
     Example:
         >>> greedy_generate(model, "<|im_start|>walk -> walked\\ngo ->")  # doctest: +SKIP
