@@ -60,3 +60,23 @@ def test_the_docs_page_example_runs(smollm2, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "transformerlens4.md", "exec"), namespace)
     assert namespace["updates"].vectors.shape[0] == 30
+
+
+def test_the_verify_command_runs_on_the_bridge(smollm2, monkeypatch, capsys):
+    """``tl-thoughts verify`` under TransformerLens 4: the default backend is the bridge
+    (``--backend auto``), both forms pass."""
+    import tl_thoughts.bridges
+    from tl_thoughts import cli
+
+    asked = {}
+
+    def load(**kw):
+        asked.update(kw)
+        return smollm2
+
+    monkeypatch.setattr(tl_thoughts.bridges, "load_default_bridge", load)
+    assert cli.main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert asked == {"dtype": torch.float32}
+    assert "(float32, TransformerBridge)" in out
+    assert "\nverdict: PASS (activation: " in out and "\nverdict: PASS (weight: " in out

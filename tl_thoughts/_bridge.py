@@ -22,7 +22,7 @@ too; this backend is written for and verified on 4.3, and a 3.9 bridge is refuse
 import contextlib
 import importlib.metadata
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -111,6 +111,17 @@ def norm_names(model) -> dict[str, str | None]:
     )
 
 
+def norm(module: torch.nn.Module, x: Tensor) -> Tensor:
+    """A block norm of the bridge (a ``NormalizationBridge``) applied to ``x`` as its forward pass
+    applies it, without its ``hook_in`` / ``hook_out``: a bridge's ``blocks.{l}.hook_resid_mid``
+    is ``ln2.hook_in`` itself, so a hook there that normalises its activation (a thought patch's
+    activation form) would call itself through the module's forward."""
+    config = module.config
+    if module.use_native_layernorm_autograd or getattr(config, "layer_norm_folding", False):
+        return module._hf_autograd_forward_with_hooks(x)  # float64_norms' wrapper, if inside it
+    return module._python_norm_forward(x)
+
+
 def weight(model, name: str) -> Tensor:
     """A weight of the bridge by TransformerLens name (``blocks.3.mlp.W_in``, ``blocks.3.ln2.w``,
     ``W_E``...): the view the bridge exposes, or zeros for a bias the checkpoint lacks.
@@ -126,7 +137,10 @@ def weight(model, name: str) -> Tensor:
             return torch.zeros(
                 _bias_size(model, component, attr), dtype=model.cfg.dtype, device=model.W_E.device
             )
-        return getattr(component, attr)
+        value = getattr(component, attr)
+        if value is None and attr in _BIAS_COMPONENT:  # a bias added by a swap: the bridge reads None
+            value = getattr(component, _BIAS_COMPONENT[attr]).original_component.bias
+        return value
     try:
         module_name, _, attr = name.rpartition(".")
         return getattr(model.get_submodule(module_name) if module_name else model, attr)
@@ -164,22 +178,48 @@ def _owner(model, name: str, view: Tensor) -> tuple[torch.nn.Module, str, torch.
     )
 
 
-@contextlib.contextmanager
-def swapped_weights(model, new: Mapping[str, Tensor]) -> Iterator[None]:
-    """Temporarily give the bridge's TransformerLens-named weights the values ``new`` (full
-    values, the weight's shape, cast to its dtype): each is written into a copy of the
-    HuggingFace parameter it views, which replaces that parameter's data; a missing bias is added
-    as a parameter. Everything is put back on exit, also on an exception.
+class WeightSwap:
+    """Weights installed by [`install_weights`][]: ``restore()`` puts the bridge back as it was
+    (a second call does nothing); ``moved()`` names the weights whose parameter no longer holds
+    what was put there (replaced since by other code, e.g. ``tl_thoughts.computing_in`` entered
+    afterwards)."""
+
+    def __init__(self) -> None:
+        # (module, attribute, its original data or None for a bias added here, the tensor put
+        # there, the TransformerLens names written into it)
+        self.saved: list[tuple[torch.nn.Module, str, Tensor | None, Tensor, list[str]]] = []
+
+    def moved(self) -> list[str]:
+        out = []
+        for module, attr, _, put, names in self.saved:
+            now = getattr(module, attr, None)
+            if now is None or now.data.data_ptr() != put.data_ptr() or now.dtype != put.dtype:
+                out.extend(names)
+        return out
+
+    def restore(self) -> None:
+        for module, attr, original, _, _ in reversed(self.saved):
+            if original is None:
+                setattr(module, attr, None)  # a bias added for the swap: removed
+            else:
+                getattr(module, attr).data = original
+        self.saved.clear()
+
+
+def install_weights(model, new: Mapping[str, Tensor]) -> WeightSwap:
+    """Give the bridge's TransformerLens-named weights the values ``new`` (full values, the
+    weight's shape, cast to its dtype) until ``restore()`` is called on the returned
+    [`WeightSwap`][]: each is written into a copy of the HuggingFace parameter it views, which
+    replaces that parameter's data; a missing bias is added as a parameter. If installing fails,
+    what was installed is undone before the error propagates.
 
     Raises:
         InputError: a shape that is not the weight's.
         UnsupportedArchitectureError: a weight that is not a view of a parameter.
     """
-    saved: list[
-        tuple[torch.nn.Module, str, object]
-    ] = []  # (module, attribute, original data or None)
+    swap = WeightSwap()
     try:
-        copies: dict[int, tuple[torch.nn.Module, str, torch.nn.Parameter, Tensor]] = {}
+        copies: dict[int, tuple[torch.nn.Module, str, torch.nn.Parameter, Tensor, list[str]]] = {}
         for name, value in new.items():
             match = _BLOCK_WEIGHT.match(name)
             component = getattr(model.blocks[int(match[1])], match[2]) if match else None
@@ -190,10 +230,10 @@ def swapped_weights(model, new: Mapping[str, Tensor]) -> Iterator[None]:
                     raise InputError(
                         f"{name}: replacement has shape {tuple(value.shape)}, expected {size}"
                     )
-                saved.append((owner, "bias", None))
                 owner.bias = torch.nn.Parameter(
                     value.detach().to(owner.weight).clone(), requires_grad=False
                 )
+                swap.saved.append((owner, "bias", None, owner.bias, [name]))
                 continue
             view = weight(model, name)
             if tuple(value.shape) != tuple(view.shape):
@@ -202,28 +242,99 @@ def swapped_weights(model, new: Mapping[str, Tensor]) -> Iterator[None]:
                 )
             module, attr, param = _owner(model, name, view)
             if id(param) not in copies:
-                copies[id(param)] = (module, attr, param, param.detach().clone())
+                copies[id(param)] = (module, attr, param, param.detach().clone(), [])
             copy = copies[id(param)][3]
+            copies[id(param)][4].append(name)
             offset = view.storage_offset() - param.storage_offset()
             copy.as_strided(view.shape, view.stride(), offset).copy_(value.detach())
-        for module, attr, param, copy in copies.values():
-            saved.append((module, attr, param.data))
+        for module, attr, param, copy, names in copies.values():
+            swap.saved.append((module, attr, param.data, copy, names))
             param.data = copy
     except BaseException:
-        _restore(saved)
+        swap.restore()
         raise
+    return swap
+
+
+@contextlib.contextmanager
+def swapped_weights(model, new: Mapping[str, Tensor]) -> Iterator[None]:
+    """Temporarily give the bridge's TransformerLens-named weights the values ``new``
+    ([`install_weights`][]); everything is put back on exit, also on an exception.
+
+    Raises:
+        InputError: a shape that is not the weight's.
+        UnsupportedArchitectureError: a weight that is not a view of a parameter.
+    """
+    swap = install_weights(model, new)
     try:
         yield
     finally:
-        _restore(saved)
+        swap.restore()
 
 
-def _restore(saved: list[tuple[torch.nn.Module, str, object]]) -> None:
-    for module, attr, original in reversed(saved):
-        if original is None:
-            setattr(module, attr, None)  # a bias added for the swap: removed
-        else:
-            getattr(module, attr).data = original
+def unstored_weights(model, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that no parameter of the bridge holds: the biases the checkpoint lacks
+    (they read as zeros; a swap adds them for its duration only)."""
+    out = []
+    for name in names:
+        match = _BLOCK_WEIGHT.match(name)
+        if match and _missing_bias(getattr(model.blocks[int(match[1])], match[2]), match[3]):
+            out.append(name)
+    return out
+
+
+def tl_weights(model) -> dict[str, Tensor]:
+    """The bridge's weights under the names and shapes of the parameters the equivalent
+    HookedTransformer (TransformerLens 3.9) has: ``embed.W_E``, ``pos_embed.W_pos`` (learned
+    positions), per block the norms' ``w`` (and ``b`` for LayerNorm), ``attn.W_Q``, ``W_K``,
+    ``W_V``, ``W_O`` and their biases (``_W_K``, ``_W_V``, ``_b_K``, ``_b_V`` with grouped-query
+    attention, as TransformerLens stores them), ``attn.q_norm.w`` / ``k_norm.w`` where present,
+    ``mlp.W_in``, ``W_gate`` (gated), ``W_out``, ``b_in``, ``b_out``, then ``ln_final.w`` (``b``)
+    and ``unembed.W_U``, ``b_U``. Each is the view the bridge exposes (the checkpoint's values),
+    or zeros (+0.0) for a bias the checkpoint lacks, as TransformerLens' weight conversions write
+    them. A fingerprint of these equals the HookedTransformer's for architectures whose
+    TransformerLens 3.9 conversion keeps the checkpoint's values (Llama, GPT-2...); not for
+    Gemma, whose conversion folds the embedding scale and the norms' ``1 +`` into the weights."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    grouped = n_kv != cfg.n_heads
+    device = model.W_E.device
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=model.W_E.dtype, device=device)
+
+    norm_params = {"LN": ("w", "b"), "RMS": ("w",)}.get(cfg.normalization_type, ())
+    out: dict[str, Tensor] = {"embed.W_E": model.W_E}
+    if cfg.positional_embedding_type == "standard":
+        out["pos_embed.W_pos"] = model.W_pos
+    roles = norm_names(model)
+    for layer, block in enumerate(model.blocks):
+        prefix = f"blocks.{layer}."
+        for module in roles.values():
+            if module is not None:
+                for p in norm_params:
+                    out[f"{prefix}{module}.{p}"] = getattr(getattr(block, module), p)
+        attn = block.attn
+        for kind, n in (("Q", cfg.n_heads), ("K", n_kv), ("V", n_kv)):
+            tl = f"{prefix}attn.{'_' if grouped and kind != 'Q' else ''}"
+            out[f"{tl}W_{kind}"] = getattr(attn, f"W_{kind}")
+            bias = getattr(attn, f"b_{kind}", None)
+            out[f"{tl}b_{kind}"] = zeros(n, cfg.d_head) if bias is None else bias
+        out[f"{prefix}attn.W_O"] = attn.W_O
+        out[f"{prefix}attn.b_O"] = weight(model, f"{prefix}attn.b_O")
+        for qk in ("q_norm", "k_norm"):
+            if getattr(attn, qk, None) is not None:
+                out[f"{prefix}attn.{qk}.w"] = getattr(attn, qk).w
+        if getattr(block, "mlp", None) is not None and not getattr(cfg, "attn_only", False):
+            for attr in (("W_gate",) if cfg.gated_mlp else ()) + ("W_in", "W_out", "b_in", "b_out"):
+                name = f"{prefix}mlp.{attr}"
+                value = weight(model, name)
+                out[name] = zeros(cfg.d_mlp) if value is None else value
+    for p in norm_params:
+        out[f"ln_final.{p}"] = getattr(model.ln_final, p)
+    out["unembed.W_U"] = model.W_U
+    out["unembed.b_U"] = zeros(cfg.d_vocab) if getattr(model, "b_U", None) is None else model.b_U
+    return out
 
 
 @contextlib.contextmanager

@@ -344,11 +344,47 @@ def model_device(model: Model) -> torch.device:
 
 
 def parameters(model: Model) -> dict[str, torch.nn.Parameter]:
-    """The model's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...)."""
-    require_hooked(model, "reading every parameter by TransformerLens name (thought patches' identity, "
-                   "merge_into)", "a bridge's parameters are the HuggingFace model's, and a patch's identity "
-                   "and fingerprint are defined on the HookedTransformer's parameter names")
+    """The HookedTransformer's parameters by TransformerLens name (``blocks.3.mlp.W_in``, ...), to
+    assign their data; [`weights`][] reads the same names on either backend."""
+    require_hooked(model, "assigning parameters by TransformerLens name", "a bridge's TransformerLens "
+                   "weights are views of the HuggingFace parameters (weights, install_weights)")
     return dict(model.named_parameters())
+
+
+def weights(model: Model) -> dict[str, Tensor]:
+    """Every weight of the model by TransformerLens parameter name, as a HookedTransformer names
+    its parameters (``embed.W_E``, ``blocks.3.attn._W_K``, ``blocks.3.mlp.b_out``...): the
+    parameters of a HookedTransformer; on a TransformerBridge the same names and shapes, read
+    from the views it exposes, zeros for a bias the checkpoint lacks (``_bridge.tl_weights``).
+    A model identity computed on these is backend-independent: the same checkpoint gives the
+    same fingerprint on either backend (where TransformerLens 3.9's conversion keeps the
+    checkpoint's values: Llama, GPT-2; see docs/transformerlens4.md)."""
+    if is_bridge(model):
+        return _bridge.tl_weights(model)
+    return dict(model.named_parameters())
+
+
+def install_weights(model: Model, values: Mapping[str, Tensor]) -> "_bridge.WeightSwap":
+    """Give a TransformerBridge's TransformerLens-named weights ``values`` until ``restore()`` is
+    called on the returned handle (``moved()`` on it names the weights replaced since by other
+    code): written through the HuggingFace parameters they view, a missing bias added. The
+    handle-returning form of [`swapped_tensors`][] on a bridge (a HookedTransformer's parameters
+    are assigned directly).
+
+    Raises:
+        ArgumentTypeError: ``model`` is not a TransformerBridge.
+        InputError: a shape that is not the weight's.
+        UnsupportedArchitectureError: a weight that is not a view of a parameter.
+    """
+    if not is_bridge(model):
+        raise ArgumentTypeError("install_weights is for a TransformerBridge; assign a HookedTransformer's parameters")
+    return _bridge.install_weights(model, values)
+
+
+def unstored_weights(model: Model, names: list[str]) -> list[str]:
+    """Those of ``names`` that no parameter holds: on a TransformerBridge, the biases its
+    checkpoint lacks (they read as zeros); none on a HookedTransformer."""
+    return _bridge.unstored_weights(model, names) if is_bridge(model) else []
 
 
 def weight(model: Model, name: str) -> Tensor:
@@ -369,10 +405,10 @@ def patched_values(model: Model, deltas: Mapping[str, Tensor]) -> dict[str, Tens
     return out
 
 
-def identity_tensors(model: Model) -> list[Tensor]:
-    """The three weights the fingerprint of format-1 patch files read (the embedding, the
-    unembedding, the first query matrix), to check those files against their model."""
-    return [model.W_E, model.W_U, model.blocks[0].attn.W_Q]
+IDENTITY_NAMES = ("embed.W_E", "unembed.W_U", "blocks.0.attn.W_Q")
+"""The three weights the fingerprint of format-1 patch files read (the embedding, the
+unembedding, the first query matrix), by [`weights`][] name, to check those files against their
+model."""
 
 
 _HOOK_LEVELS = itertools.count(1_000_000)  # above any TransformerLens context level
@@ -874,6 +910,8 @@ def _norm(
     if name is None:
         return x
     shape = x.shape  # differentiable: the activation form of a patch is trained through it (refine_thought)
+    if is_bridge(model):  # without the norm's hook_in / hook_out (a bridge's hook_resid_mid IS ln2.hook_in)
+        return _bridge.norm(getattr(model.blocks[layer], name), x.reshape(1, -1, shape[-1])).reshape(shape)
     return getattr(model.blocks[layer], name)(x.reshape(1, -1, shape[-1])).reshape(shape)
 
 

@@ -110,14 +110,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if (args.prompt is None) != (args.chunk is None):
         print("error: --prompt and --chunk go together", file=sys.stderr)
         return 2
+    # auto: the HookedTransformer where TransformerLens has it (3.9), a TransformerBridge on 4
+    backend = args.backend if args.backend != "auto" else ("hooked" if _tl.HookedTransformer else "bridge")
+    if backend == "hooked" and _tl.HookedTransformer is None:
+        print("error: --backend hooked needs TransformerLens 3.9 (this environment has TransformerLens 4, "
+              "which removed HookedTransformer): use --backend bridge, or the main environment", file=sys.stderr)
+        return 2
+    if backend == "bridge" and _tl.HookedTransformer is not None:  # 3.9's earlier bridge is not this backend's
+        print("error: --backend bridge needs TransformerLens 4 (this environment has TransformerLens 3.9): run it "
+              "in .venv-tl4 (bash scripts/setup_tl4.sh creates it)", file=sys.stderr)
+        return 2
+    if backend == "bridge" and args.model is not None:
+        print("error: --backend bridge loads the default model only (SmolLM2-135M-Instruct); --model is for "
+              "the HookedTransformer backend", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    if args.model is None:
+    if backend == "bridge":
+        from tl_thoughts.bridges import load_default_bridge
+
+        model = load_default_bridge(dtype=_torch_dtype(args.dtype))
+    elif args.model is None:
         model = load_default_model(dtype=_torch_dtype(args.dtype))
     elif args.model in MODEL_NAMES:  # the models that install offline (gemma-3-270m), before TransformerLens' names
         model = load_model(args.model, dtype=_torch_dtype(args.dtype))
     else:
         model = load_pretrained_model(args.model, dtype=_torch_dtype(args.dtype))
-    print(f"loaded {model.cfg.model_name} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    kind = "TransformerBridge" if backend == "bridge" else "HookedTransformer"
+    print(f"loaded {model.cfg.model_name} ({args.dtype}, {kind}) in {time.perf_counter() - t0:.1f} s")
     if args.prompt is not None:
         prompt, chunk = args.prompt, args.chunk
     elif model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None):
@@ -259,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  tl-thoughts verify --dtype float64 --forms weight\n"
             "  tl-thoughts verify --model gemma-3-270m               # Gemma 3 270M, offline\n"
             "  tl-thoughts verify --model gpt2\n"
+            "  tl-thoughts verify --backend bridge                   # TransformerLens 4 (.venv-tl4)\n"
             "  tl-thoughts verify --prompt \"Answer in French. The cat is\" --chunk \"Answer in French.\""
         ),
     )
@@ -268,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "loaded with HookedTransformer.from_pretrained (e.g. gpt2, meta-llama/Llama-3.2-1B; needs "
                         "the network or the local Hugging Face cache); default: the embedded "
                         "SmolLM2-135M-Instruct, offline")
+    p.add_argument("--backend", choices=["auto", "hooked", "bridge"], default="auto",
+                   help="'hooked': a HookedTransformer (TransformerLens 3.9); 'bridge': a TransformerBridge "
+                        "(TransformerLens 4, the .venv-tl4 environment; the default model only, "
+                        "tl_thoughts.bridges.load_default_bridge); default 'auto': the HookedTransformer where "
+                        "the installed TransformerLens has it, else the bridge")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the dtype the model is loaded and run in (default: %(default)s; the verdict's "
                         f"tolerance on max |dlogit|: {tolerances})")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tl_thoughts import _tl
 from tl_thoughts._tl import Model
-from tl_thoughts.errors import InputError, TLThoughtsError, check_int
+from tl_thoughts.errors import InputError, TLThoughtsError, UnsupportedArchitectureError, check_int
 from tl_thoughts.fingerprint import fingerprint
 from tl_thoughts.version import __version__
 
@@ -42,6 +42,12 @@ def model_identity(model: Model) -> dict:
     patches can be stacked), after any [`ThoughtPatch.merge_into`][] (a merged model is another
     model). A patch is only ever applied to the model it was fitted on.
 
+    The identity does not depend on the backend: the parameters are read by their
+    HookedTransformer names and shapes (on a TransformerBridge, the views it exposes and zeros
+    for the biases its checkpoint lacks, as TransformerLens' conversion writes them), so the same
+    weights give the same identity on a HookedTransformer (TransformerLens 3.9) and on a
+    TransformerBridge (TransformerLens 4), and a patch saved on one loads into the other.
+
     Example:
         >>> sorted(model_identity(model))
         ['fingerprint', 'model_name', 'shapes']
@@ -64,8 +70,7 @@ def _legacy_fingerprint(model: Model, shapes: dict) -> str:
     W_U and the first query matrix."""
     h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode())
     own = _own_parameters(model)
-    for t in _tl.identity_tensors(model):
-        name = next(n for n, p in _tl.parameters(model).items() if p is t)
+    for name in _tl.IDENTITY_NAMES:
         h.update(own[name].detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -270,7 +275,7 @@ class ThoughtPatch:
     ) -> "ThoughtPatch":
         """A patch of ``model`` (``deltas``: dense tensors, or a [`PatchDeltas`][] holding
         factors), its identity, the library version and the format recorded in ``meta``."""
-        params = _tl.parameters(model)
+        params = _tl.weights(model)
         deltas = PatchDeltas(deltas)
         for name in deltas:
             if name not in params or params[name].shape != deltas.shape(name):
@@ -601,6 +606,11 @@ class ThoughtPatch:
         state = _state(model)
         key = self._refuse_twice(state)
         self.check_compatible(model)
+        if unstored := _tl.unstored_weights(model, list(self.deltas)):
+            raise UnsupportedArchitectureError(
+                f"merge_into: this TransformerBridge's checkpoint has no {unstored[0]} (it reads as zeros): "
+                "merging would add parameters to the HuggingFace model; apply the patch instead (apply/attach)"
+            )
         before = model_identity(model)["fingerprint"]
         own = _own_parameters(model)
         with torch.no_grad():
@@ -904,13 +914,19 @@ class _ModelState:
     installed: dict[str, Tensor] = field(default_factory=dict)
     merged: list[tuple[str, str]] = field(default_factory=list)  # (label, fingerprint before)
     merged_keys: list[str] = field(default_factory=list)
+    # a TransformerBridge's installed weights (its TransformerLens weights are views of the
+    # HuggingFace parameters: written through them, _tl.install_weights); None on a HookedTransformer
+    swap: object | None = None
 
     def check_untouched(self, model: Model) -> None:
         """Raise ``InputError`` if a parameter no longer holds the tensor installed here (replaced
         since by other code, e.g. ``tl_thoughts.computing_in`` entered after the patch)."""
-        params = _tl.parameters(model)
-        moved = [n for n, t in self.installed.items() if params[n].data.data_ptr() != t.data_ptr()
-                 or params[n].dtype != t.dtype]
+        if _tl.is_bridge(model):
+            moved = self.swap.moved() if self.swap is not None else []
+        else:
+            params = _tl.parameters(model)
+            moved = [n for n, t in self.installed.items() if params[n].data.data_ptr() != t.data_ptr()
+                     or params[n].dtype != t.dtype]
         if moved:
             raise InputError(
                 f"{moved[0]} was replaced since the patch was applied (by code that swaps parameters, "
@@ -923,12 +939,15 @@ class _ModelState:
         """Put own + the weight-form deltas in every parameter they change; own tensors back where
         none is left."""
         self.check_untouched(model)
-        params = _tl.parameters(model)
         wanted: dict[str, list[Tensor]] = {}
         for application in self.active:
             if application.form == "weight":
                 for name, delta in application.deltas.items():
                     wanted.setdefault(name, []).append(delta)
+        if _tl.is_bridge(model):
+            self._install_on_bridge(model, wanted)
+            return
+        params = _tl.parameters(model)
         for name in list(self.own):
             if name not in wanted:
                 params[name].data = self.own.pop(name)
@@ -940,6 +959,27 @@ class _ModelState:
                 value = value + delta.reshape(own.shape).to(own)
             params[name].data = value
             self.installed[name] = value
+
+    def _install_on_bridge(self, model: Model, wanted: dict[str, list[Tensor]]) -> None:
+        """A bridge's weights are views of its HuggingFace parameters: the previous installation
+        is undone, then own + the deltas installed anew (``own``: the views of the parameters'
+        own data, zeros for a bias the checkpoint lacks)."""
+        if self.swap is not None:
+            self.swap.restore()
+            self.swap = None
+        self.own.clear()
+        self.installed.clear()
+        if not wanted:
+            return
+        own = {name: _tl.weight(model, name).detach() for name in wanted}
+        values = {}
+        for name, deltas in wanted.items():
+            value = own[name]
+            for delta in deltas:
+                value = value + delta.reshape(value.shape).to(value)
+            values[name] = value
+        self.swap = _tl.install_weights(model, values)
+        self.own, self.installed = own, values
 
     def remove(self, model: Model, application: _Application) -> None:
         if application not in self.active:
@@ -965,7 +1005,7 @@ def _state(model: Model) -> _ModelState:
 def _own_parameters(model: Model) -> dict[str, Tensor]:
     """The model's parameters by name, with each one a weight-form patch changes now replaced by
     the model's own tensor under it."""
-    params = {n: p.detach() for n, p in _tl.parameters(model).items()}
+    params = {n: p.detach() for n, p in _tl.weights(model).items()}
     if model in _STATES:
         params.update(_STATES[model].own)
     return params
