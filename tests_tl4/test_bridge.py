@@ -259,12 +259,3 @@ def test_the_analysis_functions_run_on_a_bridge(bridge, arch):
     assert torch.allclose(norms, expected, atol=1e-12, rtol=0)
     assert analysis.ablation_scores(model, updates, answer).shape == (n_heads,)
     assert analysis.direct_effect(model, updates, answer).shape == (model.cfg.n_layers, 7)
-
-
-def test_thought_patches_refuse_a_bridge_by_name(bridge):
-    model = bridge("llama_gqa")
-    patch = tt.ThoughtPatch({"blocks.0.mlp.b_out": torch.zeros(32, dtype=torch.float64)})
-    with pytest.raises(UnsupportedArchitectureError, match="identity"):
-        with patch.apply(model):
-            pass
-    assert not _instance_attributes(model) and not _tl.has_hooks(model)
