@@ -9,7 +9,7 @@ Prints, measured in this one run (medians over repeats):
       prompt once per layer, each run patched with the layers below (target >= 10x), with the
       largest difference between the two methods' vectors.
 
-Run: .venv/bin/python benchmarks/bench_extract.py [--pos 128] [--repeats 7]
+Run: .venv/bin/python benchmarks/bench_extract.py [--pos 128] [--repeats 7] [--threads 1]
 On TransformerLens 4 (a TransformerBridge over the same checkpoint):
      .venv-tl4/bin/python benchmarks/bench_extract.py --backend bridge
 """
@@ -61,8 +61,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--backend", choices=BACKENDS, default="hooked")
     parser.add_argument("--skip-naive", action="store_true", help="skip (b), the naive method")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a machine shared with other jobs")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load_model(args.backend)
     case = PromptCase("bench", "Summarise the story below in one sentence, in French.", STORY * 4)
     tokens = model.to_tokens(chat_prompt(model, case))[:, : args.pos]
