@@ -12,7 +12,7 @@ each form it supports) and ``OUT_DIR/hooked.json`` with the model's identity:
 - ``readme.safetensors``: the README's past-tense patch (``FitConfig.preset("benchmark")``, a
   template that keeps the BOS unpatched): activation form only.
 
-``hooked_side.py --tiny ARCH WEIGHTS`` prints the identity of a tiny model instead ([`tiny_identity`][]).
+``hooked_side.py --tiny ARCH WEIGHTS`` prints the identity of a tiny model instead (``tiny_identity``).
 """
 
 import json
@@ -27,7 +27,7 @@ EXAMPLES = ["What is the colour of the sky?", "Name a fruit.", "What do cats dri
 README_CHUNK = "walk -> walked\ngo -> went\neat -> ate\n"
 README_EXAMPLES = [("run", " ran\n"), ("write", " wrote\n"), ("sing", " sang\n"), ("jump", " jumped\n")]
 README_TEMPLATE = "<|im_start|>{chunk}{query} ->"
-QUERIES = ["What is the capital of Italy?", "Name an animal that flies.", "swim", "The cat is"]
+QUERIES = ["What is the capital of Italy?", "Name an animal that flies."]
 
 
 def main(out: Path) -> None:
@@ -69,7 +69,7 @@ def chat_texts(model) -> list[str]:
 
     template = tt.PromptTemplate(README_TEMPLATE, separator="")
     chat = [model.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                add_generation_prompt=True) for q in QUERIES[:2]]
+                                                add_generation_prompt=True) for q in QUERIES]
     return [template.render("swim"), template.render("cook"), *chat]
 
 
