@@ -191,6 +191,7 @@ ATTN_ONLY_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.attn_only]
 PRE_NORM_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.post_norm]
 PRE_NORM_MLP_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if not a.post_norm and not a.attn_only]
 POST_NORM_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.post_norm]
+POST_NORM_MLP_ARCHITECTURES: list[str] = [a.name for a in _ARCH_LIST if a.post_norm and not a.attn_only]
 
 
 def make_config(arch: str, dtype: torch.dtype = torch.float64, **extra) -> HookedTransformerConfig:

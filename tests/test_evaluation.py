@@ -12,6 +12,7 @@ import torch
 from helpers import (
     ARCHITECTURES,
     D_VOCAB,
+    POST_NORM_MLP_ARCHITECTURES,
     PRE_NORM_MLP_ARCHITECTURES,
     assert_close,
     assert_model_untouched,
@@ -128,14 +129,18 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(tiny_model, arch, share
                 _, cache = model.run_with_cache(run[None])
             want_pre = torch.stack([cache[f"blocks.{layer}.hook_resid_pre"][0] for layer in range(n_layers)]
                                    + [cache[f"blocks.{n_layers - 1}.hook_resid_post"][0]])[:, first:]
-            want_attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] for layer in range(n_layers)])[:, first:]
+            post = _tl.model_spec(model).attn_post_norm  # recorded before it: the norm's input
+            want_attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] if post is None else
+                                     (cache[f"blocks.{layer}.{post}.hook_normalized"]
+                                      * cache[f"blocks.{layer}.{post}.hook_scale"])[0]
+                                     for layer in range(n_layers)])[:, first:]
             assert_close(pre, want_pre, 1e-10, f"recorded resid (from {first})")
             assert_close(attn, want_attn, 1e-10, f"recorded attn_out (from {first})")
     with pytest.raises(tt.InputError, match="record_from"):
         S.greedy_decode_cached(model, prompts, keep, stops, unembed, records=[])
 
 
-@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES + POST_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_runs_under_a_patch_use_its_weight_form(text_models, arch, prefixed):
     """The protocol runs a thought patch in its weight form (``match_under``), the positions it
@@ -223,10 +228,6 @@ def test_mean_differences_equal_whole_runs(text_models, arch, pool):
     with pytest.raises(tt.InputError, match="no pooled position"):
         none.means()
     # the sums with the chunk read from the prompts' rows streamed once (as the protocol's queries')
-    if _tl.model_spec(model).post_norm:  # streamed as fit_thought streams, which does not support these blocks
-        with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
-            tt.prompt_rows(model, chunk, pairs, template=template, pool=pool)
-        return
     rows = tt.prompt_rows(model, chunk, pairs, template=template, pool=pool, query_weight=0.5, batch_size=3)
     read = E.difference_sums(model, examples, pool, 3, rows)
     assert_close(read.means()[0], diff / n_pos, 1e-10, "mean differences from the rows")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import (
     ARCHITECTURES,
-    POST_NORM_ARCHITECTURES,
+    POST_NORM_MLP_ARCHITECTURES,
     PRE_NORM_MLP_ARCHITECTURES,
     assert_close,
     random_tokens,
@@ -80,12 +80,14 @@ def test_run_block_after_equals_the_block_on_whole_sequences(tiny_model, arch):
         assert torch.equal(S.run_block_after(model, stack, n_layers, kv, p, 2), stack)  # past the last block
 
 
-@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES + POST_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_prompt_rows_are_the_whole_runs_at_the_fitted_rows(text_models, arch, share_prefix):
     """``prompt_rows``: each prompt with the chunk's ``resid_pre`` of every block, the residual after
-    the last one and every block's ``hook_attn_out``, at its fitted rows (``fitted_rows``), as
-    ``run_with_cache`` on the prompt alone gives them; ``finish_block`` streams the blocks."""
+    the last one and every block's attention output (``hook_attn_out``; before the post-attention
+    norm where there is one: the norm's input, rebuilt from its hooks), at its fitted rows
+    (``fitted_rows``), as ``run_with_cache`` on the prompt alone gives them; ``finish_block``
+    streams the blocks (post-norms included)."""
     model = text_models(arch)
     rows = tt.prompt_rows(model, CHUNK, EXAMPLES, template=PREFIXED, pool="answer", query_weight=0.1, batch_size=3,
                           share_prefix=share_prefix)
@@ -99,7 +101,10 @@ def test_prompt_rows_are_the_whole_runs_at_the_fitted_rows(text_models, arch, sh
             _, cache = model.run_with_cache(encoded.full[None])
         pre = torch.stack([cache[f"blocks.{layer}.hook_resid_pre"][0] for layer in range(n_layers)]
                           + [cache[f"blocks.{n_layers - 1}.hook_resid_post"][0]])
-        attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] for layer in range(n_layers)])
+        post = _tl.model_spec(model).attn_post_norm
+        attn = torch.stack([cache[f"blocks.{layer}.hook_attn_out"][0] if post is None else
+                            (cache[f"blocks.{layer}.{post}.hook_normalized"] * cache[f"blocks.{layer}.{post}.hook_scale"])[0]
+                            for layer in range(n_layers)])
         assert_close(rows.pre[:, idx], pre[:, fitted.positions], 1e-10, f"resid_pre rows of {ex}")
         assert_close(rows.attn[:, idx], attn[:, fitted.positions], 1e-10, f"attn_out rows of {ex}")
         # the pooled rows first (weight 1), then the query rows the pool leaves out (weight 0.1)
@@ -110,13 +115,6 @@ def test_prompt_rows_are_the_whole_runs_at_the_fitted_rows(text_models, arch, sh
         tt.prompt_rows(model, CHUNK, EXAMPLES + EXAMPLES[:1], template=PREFIXED, pool="answer")
     with pytest.raises(tt.InputError, match="pool"):
         tt.prompt_rows(model, CHUNK, EXAMPLES, template=PREFIXED, pool="nope")
-
-
-@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
-def test_post_norm_blocks_are_refused_by_the_streams(text_models, arch):
-    model = text_models(arch)
-    with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
-        tt.prompt_rows(model, CHUNK, EXAMPLES, template=TEMPLATE)
 
 
 def test_unpatched_prefix_refuses_prompts_that_differ_within_it(tiny_model):

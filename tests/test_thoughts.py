@@ -13,7 +13,9 @@ from helpers import (
     assert_same_logits_applied,
     fit,
     fit_all,
+    ARCHS,
     POST_NORM_ARCHITECTURES,
+    POST_NORM_MLP_ARCHITECTURES,
     PRE_NORM_MLP_ARCHITECTURES,
     assert_close,
     assert_model_untouched,
@@ -369,12 +371,105 @@ def test_one_example_one_token_reproduces_full_run(text_models, arch, site):
     assert_model_untouched(model, snapshot)
 
 
-@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
-def test_post_norm_models_are_refused_with_the_reason(text_models, arch):
+# --- 2b. blocks with norms after their sublayers (Gemma 2/3, OLMo 2) --------------------------------
+
+
+def _before_norm(cache, layer: int, norm: str, rows) -> torch.Tensor:
+    """A block norm's input at ``rows`` of a run's cache: its normalised input times its scale
+    (TransformerLens hooks no norm's input)."""
+    return (cache[f"blocks.{layer}.{norm}.hook_normalized"] * cache[f"blocks.{layer}.{norm}.hook_scale"])[0, rows]
+
+
+@pytest.mark.parametrize("arch", [a for a in POST_NORM_ARCHITECTURES if ARCHS[a].rotary])
+def test_post_norm_one_example_one_token_reproduces_full_run(text_models, arch):
+    """One kept token and the default options for the model (the vector on ``b_O``, before the
+    post-attention norm): the thought patch is the exact token patch, in both forms. (Rotary
+    models: with learned absolute positions the lone token's position embedding differs, which no
+    attention-side vector carries through a norm.)"""
     model = text_models(arch)
     snapshot = param_snapshot(model)
-    with pytest.raises(tt.UnsupportedArchitectureError, match="norms after their sublayers"):
-        fit(model, CHUNK, [" dog"], template=TEMPLATE, progress=False)
+    config = tt.FitConfig.default_for(model).replace(ridge=0.0)
+    assert (config.vector_site, config.vector_target) == ("attn_out", "attention")
+    if not _tl.model_spec(model).has_mlp:
+        config = config.replace(fit="vector")
+    patch = tt.fit_thought(model, CHUNK, [" dog"], config, template=TEMPLATE, progress=False)
+    assert set(patch.deltas) >= {f"blocks.{layer}.attn.b_O" for layer in range(model.cfg.n_layers)}
+    full, reduced = model.to_tokens(CHUNK + " dog"), model.to_tokens(" dog")
+    with torch.no_grad():
+        reference, unpatched = model(full)[0, -1], model(reduced)[0, -1]
+        assert (unpatched - reference).abs().max() > 1e-2  # the chunk matters
+        for form in ("weight", "activation"):
+            with patch.apply(model, form=form):
+                assert_close(model(reduced)[0, -1], reference, EXACT, f"{form} form")
+    assert_model_untouched(model, snapshot)
+
+
+@pytest.mark.parametrize("arch", POST_NORM_MLP_ARCHITECTURES)
+def test_post_norm_fit_equals_independent_least_squares(text_models, arch):
+    """Per block, under the patches below (read from plain runs, the norms' inputs rebuilt from
+    their hooks): the thought vector is the mean change of the attention output BEFORE the
+    post-attention norm, ``W_O``'s matrix the weighted ridge regression of what it leaves on the
+    head outputs, the MLP input matrices the regressions on the normalised MLP inputs, and
+    ``W_out``'s matrix the regression of the MLP output's change before the post-MLP norm on the
+    hidden activations; the weight and activation forms (hooks before the norms) agree."""
+    model = text_models(arch)
+    spec = _tl.model_spec(model)
+    qw, ridge = 0.3, 0.05
+    patch = fit(model, CHUNK, EXAMPLES, template=TEMPLATE, ridge=ridge, pool="answer", vector_site="attn_out",
+                vector_target="attention", attention_matrix=True, output_matrix=True, query_weight=qw,
+                layers=[0, 1], progress=False)
+    encoded = [encode_example(model, TEMPLATE, CHUNK, ex) for ex in EXAMPLES]
+    an, mn = spec.attn_post_norm, spec.mlp_post_norm
+    for layer in (0, 1):
+        names = [f"blocks.{layer}.{n}.hook_{k}" for n in (an, mn) for k in ("normalized", "scale")]
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.mlp.hook_post"]
+        below = _only(patch, lambda k, l, top=layer: l < top)
+        attention_side = _only(patch, lambda k, l, top=layer: l < top or (l == top and ".attn." in k))
+        inner = _only(patch, lambda k, l, top=layer: l < top or (l == top and not k.endswith(".W_out")))
+        D, Z, A, U, M, H, W = [], [], [], {n: [] for n in spec.mlp_input_matrices}, [], [], []
+        for ex in encoded:
+            rows, w = _rows(ex, qw)
+            red_rows = ex.to_reduced(rows)
+            full = _read(model, ex.full[None], names)
+            red = _read(model, ex.reduced[None], names, below if layer else None)
+            red_attn = _read(model, ex.reduced[None], names, attention_side)
+            red_inner = _read(model, ex.reduced[None], names, inner)
+            D.append(_before_norm(full, layer, an, rows) - _before_norm(red, layer, an, red_rows))
+            Z.append(red[f"blocks.{layer}.attn.hook_z"][0, red_rows].flatten(1))
+            a_c = _tl.mlp_norm(model, layer, full[f"blocks.{layer}.hook_resid_mid"][0, rows])
+            a = _tl.mlp_norm(model, layer, red_attn[f"blocks.{layer}.hook_resid_mid"][0, red_rows])
+            A.append(a)
+            for name in U:
+                U[name].append((a_c - a) @ getattr(model.blocks[layer].mlp, name))
+            M.append(_before_norm(full, layer, mn, rows) - _before_norm(red_inner, layer, mn, red_rows))
+            H.append(red_inner[f"blocks.{layer}.mlp.hook_post"][0, red_rows])
+            W.append(w)
+        D, Z, A, M, H, W = (torch.cat(t) for t in (D, Z, A, M, H, W))
+        vector = D[W == 1].mean(0)
+        assert_close(patch.vector(layer), vector, EXACT, f"vector L{layer}")
+        assert_close(patch.matrix(layer, "W_O"), _weighted_ridge(Z, D - vector, W, ridge), EXACT, f"W_O L{layer}")
+        for name, rows_u in U.items():
+            assert_close(patch.matrix(layer, name), _weighted_ridge(A, torch.cat(rows_u), W, ridge), EXACT,
+                         f"{name} L{layer}")
+        assert_close(patch.matrix(layer, "W_out"), _weighted_ridge(H, M, W, ridge), EXACT, f"W_out L{layer}")
+    base, by_weight, by_hooks = _runs_by_form(model, patch, model.to_tokens(" a big dog"))
+    assert (by_weight - base).abs().max() > 1e-3
+    assert_close(by_weight, by_hooks, EXACT, "weight vs activation form")
+
+
+@pytest.mark.parametrize("arch", POST_NORM_ARCHITECTURES)
+def test_post_norm_options_that_cannot_fit_are_refused_with_the_reason(text_models, arch):
+    """A residual-difference target, or a vector on ``b_out`` (before the MLP's post-norm), is
+    refused on a model with norms after its sublayers, naming the options to use."""
+    model = text_models(arch)
+    snapshot = param_snapshot(model)
+    fit_kind = "both" if _tl.model_spec(model).has_mlp else "vector"
+    with pytest.raises(tt.InputError, match="norms after its sublayers.*vector_target='residual'"):
+        fit(model, CHUNK, [" dog"], template=TEMPLATE, fit=fit_kind, vector_site="attn_out", progress=False)
+    if _tl.model_spec(model).has_mlp:
+        with pytest.raises(tt.InputError, match="vector_site='b_out'"):
+            tt.fit_thought(model, CHUNK, [" dog"], tt.FitConfig.preset("paper"), template=TEMPLATE, progress=False)
+    assert tt.FitConfig.default_for(model) != tt.FitConfig()
     assert_model_untouched(model, snapshot)
 
 
@@ -388,7 +483,7 @@ def fitted(text_models):
     return model, patch
 
 
-@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES + POST_NORM_MLP_ARCHITECTURES)
 def test_fit_thoughts_equals_separate_fits(text_models, arch):
     """Fitting the three kinds at once (the prompts with the chunk streamed once) gives bit for bit
     the patches of separate ``fit_thought`` calls, whatever the order of the kinds."""
@@ -408,7 +503,7 @@ def test_fit_thoughts_equals_separate_fits(text_models, arch):
         fit_all(model, CHUNK, EXAMPLES, fits="both", **options)
 
 
-@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES + POST_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, prefixed):
     """The positions every prompt with the chunk shares (the template's prefix and the chunk) run
@@ -453,7 +548,7 @@ def test_the_shared_positions_run_once_and_give_the_same_fit(text_models, arch, 
     assert shared_stream_length(encoded, [fitted_rows(e, "answer", 0.1) for e in encoded]) == (1 if prefixed else 0)
 
 
-@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_MLP_ARCHITECTURES + POST_NORM_MLP_ARCHITECTURES)
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_given_full_rows_give_the_same_fit(text_models, arch, prefixed):
     """Some examples' prompts with the chunk streamed once (``prompt_rows``, as the protocol

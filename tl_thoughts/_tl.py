@@ -762,12 +762,14 @@ def embed(model: Model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batc
 
 
 def block_attention(
-    model: Model, layer: int, resid_pre: Float[Tensor, "batch pos d_model"]
+    model: Model, layer: int, resid_pre: Float[Tensor, "batch pos d_model"], normed: bool = True
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"]]:
     """Block ``layer``'s attention output (``hook_attn_out``) and head outputs (``hook_z``) for a
     stored residual stream, causal, without an attention mask (right padding never reaches a real
-    position under causal attention), natural positions. Mirrors ``TransformerBlock.forward``."""
-    out, z, _ = block_attention_kv(model, layer, resid_pre)
+    position under causal attention), natural positions. Mirrors ``TransformerBlock.forward``.
+    ``normed=False``: the attention output before the block's post-attention norm (where ``b_O``
+    is added; the same as ``hook_attn_out`` for blocks without one)."""
+    out, z, _ = block_attention_kv(model, layer, resid_pre, normed=normed)
     return out, z
 
 
@@ -804,6 +806,7 @@ def block_attention_kv(
     layer: int,
     resid_pre: Float[Tensor, "batch pos d_model"],
     prefix: KeysValues | None = None,
+    normed: bool = True,
 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_head"], AllKeysValues]:
     """[`block_attention`][] after a shared prefix: ``resid_pre`` holds the positions that follow
     ``prefix``, the keys and values (as TransformerLens caches them, before rotary) of the prefix's
@@ -813,7 +816,8 @@ def block_attention_kv(
     recomputing the prefix (TransformerLens' ``TransformerLensKeyValueCacheEntry``). Also returns
     this block's keys and values of the whole sequence (prefix included) of the FIRST sequence of
     the batch: the ``prefix`` argument of the next positions when ``resid_pre`` is a prefix itself
-    (one sequence)."""
+    (one sequence). ``normed=False``: the attention output before the post-attention norm, as in
+    [`block_attention`][]."""
     from transformer_lens.utilities import repeat_along_head_dimension
 
     require_hooked(model, "running a model block by block")
@@ -843,7 +847,8 @@ def block_attention_kv(
     with torch.no_grad(), hooked(model, [(z_name(layer), keep_z)]):
         out = block.attn(query_input=pre(q_in), key_input=pre(kv_in), value_input=pre(kv_in),
                          past_kv_cache_entry=entry)
-    return attn_post_norm(model, layer, out), store["z"], (entry.past_keys[:1], entry.past_values[:1])
+    out = attn_post_norm(model, layer, out) if normed else out
+    return out, store["z"], (entry.past_keys[:1], entry.past_values[:1])
 
 
 def block_mlp(
@@ -947,6 +952,21 @@ def norm_scale_name(layer: int, norm: str) -> str:
 def norm_eps(model: Model, layer: int, norm: str) -> float:
     """The epsilon a block norm adds to the mean square inside its square root."""
     return float(getattr(model.blocks[layer], norm).eps)
+
+
+def norm_kind(model: Model, layer: int, norm: str) -> str:
+    """``"RMS"`` for a block norm that divides by the root mean square (TransformerLens' ``RMSNorm``
+    and ``RMSNormPre``: its ``hook_normalized`` receives the input divided by ``hook_scale``), else
+    the module's class name (``LayerNorm``...)."""
+    from transformer_lens.components import RMSNorm, RMSNormPre
+
+    module = getattr(model.blocks[layer], norm)
+    return "RMS" if isinstance(module, (RMSNorm, RMSNormPre)) else type(module).__name__
+
+
+def norm_scale_hook_name(layer: int, norm: str) -> str:
+    """Hook name of a block norm's scale (``blocks.3.ln1_post.hook_scale``)."""
+    return f"blocks.{layer}.{norm}.hook_scale"
 
 
 def norm_normalized_name(layer: int, norm: str) -> str:

@@ -712,18 +712,19 @@ class ThoughtPatch:
             b_out = self.deltas.get(_tl.param_name(layer, "b_out"))
             W_O = self._matrix(_tl.param_name(layer, "W_O"))
             W_out = self._matrix(_tl.param_name(layer, "W_out"))
-            if W_O is not None:  # attn_out gains z @ dW_O: keep z, add at hook_attn_out
+            attn_adders, mlp_adders = [], []  # hooks adding to the attention / MLP output
+            if W_O is not None:  # attn_out gains z @ dW_O: keep z, add to the attention output
                 z_store: dict[str, Tensor] = {}
 
                 def keep_z(act, hook, store=z_store):
                     store["x"] = act.flatten(-2)
 
                 hooks.append((_tl.z_name(layer), keep_z))
-                hooks.append((_tl.attn_out_name(layer), _matmul_hook(z_store, W_O, where)))
+                attn_adders.append(_matmul_hook(z_store, W_O, where))
             if b_O is not None:
-                hooks.append((_tl.attn_out_name(layer), _add_hook(b_O, where)))
+                attn_adders.append(_add_hook(b_O, where))
             if b_out is not None:
-                hooks.append((_tl.mlp_out_name(layer), _add_hook(b_out, where)))
+                mlp_adders.append(_add_hook(b_out, where))
             mats = {n: self._matrix(_tl.param_name(layer, n)) for n in spec.mlp_input_matrices
                     if _tl.param_name(layer, n) in self.deltas}
             if mats:
@@ -743,7 +744,11 @@ class ThoughtPatch:
                     store["x"] = act
 
                 hooks.append((_tl.mlp_post_name(layer), keep_post))
-                hooks.append((_tl.mlp_out_name(layer), _matmul_hook(post_store, W_out, where)))
+                mlp_adders.append(_matmul_hook(post_store, W_out, where))
+            # where a post-norm follows the sublayer, its output changes before the norm, as the
+            # weights' deltas change it (b_O and W_O inside the attention, b_out and W_out inside the MLP)
+            hooks += _output_hooks(model, layer, spec.attn_post_norm, _tl.attn_out_name(layer), attn_adders)
+            hooks += _output_hooks(model, layer, spec.mlp_post_norm, _tl.mlp_out_name(layer), mlp_adders)
         return hooks
 
     # --- saving and loading ---
@@ -1075,6 +1080,39 @@ def _matmul_hook(store: dict, matrix: Tensor | tuple[Tensor, Tensor], where: _Po
             return _added_from(act, store["x"] @ matrix.to(act), where.start())
 
     return hook
+
+
+def _output_hooks(model: Model, layer: int, norm: str | None, out_name: str, adders: list) -> list:
+    """Hooks adding the ``adders``' changes to a sublayer's output: at ``out_name``
+    (``hook_attn_out``, ``hook_mlp_out``) where no norm follows the sublayer; else to the input of
+    the block's post-norm ``norm`` (an RMSNorm: Gemma 2/3's ``ln1_post``/``ln2_post``, OLMo 2's
+    ``ln1``/``ln2``), which TransformerLens does not hook: ``hook_scale`` keeps the norm's scale,
+    and at ``hook_normalized`` the input is rebuilt (normalised input times scale, to rounding),
+    changed, and normalised again with the norm's epsilon."""
+    if not adders:
+        return []
+    if norm is None:
+        return [(out_name, add) for add in adders]
+    kind = _tl.norm_kind(model, layer, norm)
+    if kind != "RMS":
+        raise UnsupportedArchitectureError(
+            f"blocks.{layer}.{norm} is a {kind} norm after the sublayer: the activation form of a patch changes the "
+            "sublayer's output before such a norm only for RMS norms (Gemma 2/3, OLMo 2)"
+        )
+    eps = _tl.norm_eps(model, layer, norm)
+    store: dict[str, Tensor] = {}
+
+    def keep_scale(act: Tensor, hook) -> None:
+        store["scale"] = act
+
+    def renormalise(act: Tensor, hook) -> Tensor:
+        x = act * store["scale"]  # the norm's input
+        for add in adders:
+            x = add(x, hook)
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    return [(_tl.norm_scale_hook_name(layer, norm), keep_scale),
+            (_tl.norm_normalized_name(layer, norm), renormalise)]
 
 
 def _cell(value, width: int, spec: str) -> str:

@@ -39,7 +39,7 @@ from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyVal
 
 from tl_thoughts import _tl
 from tl_thoughts._tl import Model
-from tl_thoughts.errors import ArgumentTypeError, InputError, UnsupportedArchitectureError, check_int, check_number
+from tl_thoughts.errors import ArgumentTypeError, InputError, check_int, check_number
 from tl_thoughts.templates import (
     POOLS,
     EncodedExample,
@@ -52,6 +52,7 @@ from tl_thoughts.templates import (
 )
 
 __all__ = [
+    "BlockParts",
     "FittedRows",
     "PromptRows",
     "SharedPrefix",
@@ -59,6 +60,7 @@ __all__ = [
     "StreamBatch",
     "finish_block",
     "finish_block_hidden",
+    "finish_block_parts",
     "fitted_rows",
     "greedy_decode",
     "greedy_decode_cached",
@@ -66,7 +68,6 @@ __all__ = [
     "make_batches",
     "pad_right",
     "prompt_rows",
-    "refuse_post_norm",
     "row_logits",
     "run_block_after",
     "run_to_end",
@@ -140,33 +141,26 @@ def run_to_end(
     return model(x, start_at_layer=start_at_layer, stop_at_layer=stop, attention_mask=mask, past_kv_cache=cache)
 
 
-def refuse_post_norm(spec: _tl.ModelSpec, what: str) -> None:
-    """Raise [`UnsupportedArchitectureError`][tl_thoughts.errors.UnsupportedArchitectureError] for blocks with norms after
-    their sublayers, which the block-by-block streams (and so ``what``) do not support: a
-    token-independent vector would have to be added after the norm, where the block has no bias.
+class BlockParts(NamedTuple):
+    """A block's MLP half ([`finish_block_parts`][]): ``resid_post``, the MLP's hidden activations
+    (``mlp.hook_post``) and its output before the block's post-MLP norm, if any (``hook_mlp_out``
+    otherwise: where ``b_out`` and ``W_out`` act)."""
 
-    Example:
-        >>> from tl_thoughts import _tl
-        >>> refuse_post_norm(_tl.model_spec(model), "my method")  # pre-norm blocks: nothing raised
-    """
-    if spec.post_norm:
-        raise UnsupportedArchitectureError(
-            f"{what} streams the blocks as fit_thought does, which does not support blocks with norms after "
-            "their sublayers (Gemma 2/3 use_normalization_before_and_after, OLMo 2): a token-independent vector "
-            "would have to be added after the norm, where the block has no bias to carry it. The exact updates, "
-            "their verification and their weight form do support these models."
-        )
+    resid_post: Float[Tensor, "batch pos d_model"]
+    hidden: Float[Tensor, "batch pos d_mlp"]
+    mlp_out: Float[Tensor, "batch pos d_model"]
 
 
-def _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden):
-    """``resid_post`` of block ``layer`` (and, with ``hidden``, the MLP's hidden activations)."""
+def _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden) -> BlockParts:
+    """Block ``layer``'s MLP half (the hidden activations only with ``hidden``; else None)."""
     mlp_resid = resid_pre if spec.parallel_attn_mlp else resid_pre + attn_out
     with _tl.swapped_tensors(model, mlp_patched or {}):
         mlp_in = _tl.mlp_norm(model, layer, mlp_resid)
         if hidden:
             mlp_out, post = _tl.block_mlp_hidden(model, layer, mlp_in)
-            return resid_pre + attn_out + mlp_out, post
-        return resid_pre + attn_out + _tl.block_mlp(model, layer, mlp_in), None
+        else:
+            mlp_out, post = _tl.block_mlp(model, layer, mlp_in), None
+        return BlockParts(resid_pre + attn_out + _tl.mlp_post_norm(model, layer, mlp_out), post, mlp_out)
 
 
 def finish_block(
@@ -177,8 +171,10 @@ def finish_block(
     attn_out: Float[Tensor, "batch pos d_model"],
     mlp_patched: dict[str, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """``resid_post`` of block ``layer`` from its input and its (already patched) attention output,
-    the block's MLP parameters replaced for the call by ``mlp_patched`` (full values, by name).
+    """``resid_post`` of block ``layer`` from its input and its (already patched) attention output
+    (after the block's post-attention norm, if any: ``hook_attn_out``), the block's MLP parameters
+    replaced for the call by ``mlp_patched`` (full values, by name); the MLP's post-norm, if any, is
+    applied to its output.
 
     Example:
         >>> from tl_thoughts import _tl
@@ -190,7 +186,7 @@ def finish_block(
     """
     if not spec.has_mlp:
         return resid_pre + attn_out
-    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=False)[0]
+    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=False).resid_post
 
 
 def finish_block_hidden(
@@ -213,6 +209,30 @@ def finish_block_hidden(
     """
     if not spec.has_mlp:
         raise InputError("an attention-only block has no MLP hidden activations")
+    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=True)[:2]
+
+
+def finish_block_parts(
+    model: Model,
+    spec: _tl.ModelSpec,
+    layer: int,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    attn_out: Float[Tensor, "batch pos d_model"],
+    mlp_patched: dict[str, Tensor] | None = None,
+) -> BlockParts:
+    """[`finish_block_hidden`][] and the MLP's output before the block's post-MLP norm
+    ([`BlockParts`][]): what a ``W_out`` patch changes in a block with norms after its sublayers.
+
+    Example:
+        >>> from tl_thoughts import _tl
+        >>> x = _tl.embed(model, torch.tensor([[1, 2, 3]]))
+        >>> attn, _ = _tl.block_attention(model, 0, x)
+        >>> parts = finish_block_parts(model, _tl.model_spec(model), 0, x, attn)
+        >>> torch.equal(parts.resid_post, x + attn + parts.mlp_out)  # no post-MLP norm here
+        True
+    """
+    if not spec.has_mlp:
+        raise InputError("an attention-only block has no MLP")
     return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=True)
 
 
@@ -276,7 +296,8 @@ class PromptRows:
         positions: ``[rows]`` each row's position in its prompt.
         pre: ``[n_layers + 1, rows, d_model]`` ``resid_pre`` of every block, then the residual after
             the last one.
-        attn: ``[n_layers, rows, d_model]`` every block's attention output (``hook_attn_out``).
+        attn: ``[n_layers, rows, d_model]`` every block's attention output before the block's
+            post-attention norm, if it has one (``hook_attn_out`` otherwise): where ``b_O`` is added.
     """
 
     pool: str
@@ -309,7 +330,8 @@ class PromptRows:
         """[`PromptRows`][] from each example's rows, in the examples' order: ``parts[i]`` holds
         ``encoded[i]``'s prompt with the chunk at its fitted positions ``positions[i]``
         (``resid_pre`` of every block then the residual after the last one, ``[n_layers + 1,
-        rows, d_model]``, and every block's attention output, ``[n_layers, rows, d_model]``).
+        rows, d_model]``, and every block's attention output before its post-attention norm, if
+        any, ``[n_layers, rows, d_model]``).
 
         Raises:
             InputError: an example given twice (the same prompt with the chunk), or rows that are
@@ -503,7 +525,6 @@ def prompt_rows(
             rows, to rounding; slower).
 
     Raises:
-        UnsupportedArchitectureError: blocks with norms after their sublayers.
         InputError: no examples, an example given twice, a bad option.
 
     Example:
@@ -512,7 +533,6 @@ def prompt_rows(
     """
     spec = _tl.model_spec(model)
     _tl.check_no_hooks(model)
-    refuse_post_norm(spec, "prompt_rows")
     if pool not in POOLS:
         raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
     check_number(query_weight, "query_weight")  # finite, >= 0
@@ -532,10 +552,10 @@ def prompt_rows(
     for layer in range(spec.n_layers):
         kv = common.step(model, spec, layer)
         for j, b in enumerate(batches):
-            attn_full, _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
+            attn_full, _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv, normed=False)
             pre[j].append(b.full[b.rows_full])
             attn[j].append(attn_full[b.rows_full])
-            b.full = finish_block(model, spec, layer, b.full, attn_full)
+            b.full = finish_block(model, spec, layer, b.full, _tl.attn_post_norm(model, layer, attn_full))
     for j, b in enumerate(batches):
         pre[j].append(b.full[b.rows_full])
     parts: list[tuple[Tensor, Tensor] | None] = [None] * len(encoded)  # per example: its rows (resid_pre, attn_out)
@@ -737,8 +757,10 @@ def greedy_decode_cached(
     ``records`` (a list, with ``record_from``): appended, for each prompt, the residual stream it ran
     through, from position ``record_from`` to the last one run (the prompt, then every generated
     token but the last: the stop token, or the one ``keep`` refused): ``(resid_pre of every block
-    then the residual after the last one [n_layers + 1, pos, d_model], every block's hook_attn_out
-    [n_layers, pos, d_model])``, as the run computes them.
+    then the residual after the last one [n_layers + 1, pos, d_model], every block's attention
+    output before its post-attention norm, if any (``hook_attn_out`` otherwise; the norm's input
+    rebuilt as its normalised input times its scale, to rounding) [n_layers, pos, d_model])``, as
+    the run computes them ([`PromptRows`][]).
 
     Example:
         >>> prompts = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])]
@@ -761,7 +783,9 @@ def greedy_decode_cached(
     shared = shared_prefix_length(prompts)  # the first tokens every prompt shares (the prefix and the chunk) run once
     n_layers = model.cfg.n_layers
     pre_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [_tl.resid_post_name(n_layers - 1)]
-    attn_names = [_tl.attn_out_name(layer) for layer in range(n_layers)]
+    post = _tl.model_spec(model).attn_post_norm  # recorded before it: its input, normalised times scale
+    attn_names = [_tl.norm_normalized_name(layer, post) if post else _tl.attn_out_name(layer) for layer in range(n_layers)]
+    scale_names = [_tl.norm_scale_hook_name(layer, post) for layer in range(n_layers)] if post else []
     store: dict[str, Tensor] = {}
 
     def save(act, hook):
@@ -770,12 +794,14 @@ def greedy_decode_cached(
     recording = records is not None
     if recording and record_from is None:
         raise InputError("records need record_from")
-    hooks = [(name, save) for name in pre_names + attn_names] if recording else []
+    hooks = [(name, save) for name in pre_names + attn_names + scale_names] if recording else []
     parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in prompts]
 
     def record(rows: list[int], first: int) -> None:
         """The rows just run (positions ``first`` on) of the sequences ``rows``."""
         pre, attn = torch.stack([store[n] for n in pre_names]), torch.stack([store[n] for n in attn_names])
+        if scale_names:
+            attn = attn * torch.stack([store[n] for n in scale_names])
         lo = max(0, record_from - first)
         if lo < pre.shape[2]:
             for r, i in enumerate(rows):

@@ -34,9 +34,9 @@ from tl_thoughts.stream import (
     PromptRows,
     finish_block,
     finish_block_hidden,
+    finish_block_parts,
     fitted_rows,
     make_batches,
-    refuse_post_norm,
     shared_stream_length,
 )
 from tl_thoughts.templates import (
@@ -54,6 +54,7 @@ __all__ = [
     "SITES",
     "TARGETS",
     "FitConfig",
+    "check_post_norm",
     "fit_thought",
     "fit_thoughts",
     "ridge_solve",
@@ -165,6 +166,20 @@ class FitConfig:
         if not isinstance(name, str) or name not in PRESETS:
             raise InputError(f"unknown FitConfig preset {name!r}; choose from {sorted(PRESETS)}")
         return PRESETS[name].replace(**changes)
+
+    @classmethod
+    def default_for(cls, model: Model) -> "FitConfig":
+        """The default options for ``model`` (what [`fit_thought`][] uses without a config):
+        ``FitConfig()``, or, for a model with norms after its sublayers (Gemma 2/3, OLMo 2),
+        ``FitConfig(vector_site="attn_out", vector_target="attention")`` ([`check_post_norm`][]).
+
+        Example:
+            >>> FitConfig.default_for(model) == FitConfig()  # a pre-norm model
+            True
+        """
+        if _tl.model_spec(model).post_norm:
+            return cls(vector_site="attn_out", vector_target="attention")
+        return cls()
 
     def replace(self, **changes) -> "FitConfig":
         """A copy with ``changes`` (validated; an unknown option is refused, naming it)."""
@@ -317,20 +332,23 @@ class _Fitter:
             if self.memo is not None:
                 self.memo["shared", layer] = self.common.resid  # after the block
         for j, (b, c) in enumerate(zip(self.batches, self.scratch)):
+            # the attention outputs before the block's post-attention norm, if any ("m": where b_O and
+            # W_O act), and after it ("attn": what the residual stream gains)
             if b.given is not None:  # the full prompts' rows, given (PromptRows)
-                c["pre_full"], c["attn_rows"] = b.given[0][layer], b.given[1][layer]
+                c["pre_full"], m_rows = b.given[0][layer], b.given[1][layer]
             else:
                 if self.memo is not None and (j, layer) in self.memo:
                     c["attn_full"], c["next_full"] = self.memo[j, layer]
                 else:
-                    c["attn_full"], _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv)
-                c["pre_full"], c["attn_rows"] = b.full[b.rows_full], c["attn_full"][b.rows_full]
+                    c["attn_full"], _, _ = _tl.block_attention_kv(model, layer, b.full, prefix=kv, normed=False)
+                c["pre_full"], m_rows = b.full[b.rows_full], c["attn_full"][b.rows_full]
+            c["attn_rows"] = _tl.attn_post_norm(model, layer, m_rows)
             pre_full, attn_rows = c["pre_full"], c["attn_rows"]  # [n, d_model] at the fitted rows
-            c["attn_red"], c["z_red"] = _tl.block_attention(model, layer, b.reduced)
-            if cfg.vector_target == "residual":
-                delta = (pre_full + attn_rows) - (b.reduced + c["attn_red"])[b.rows_reduced]
+            c["m_red"], c["z_red"] = _tl.block_attention(model, layer, b.reduced, normed=False)
+            if cfg.vector_target == "residual":  # pre-norm blocks only (_check_fit): m is the attention output
+                delta = (pre_full + attn_rows) - (b.reduced + c["m_red"])[b.rows_reduced]
             else:
-                delta = attn_rows - c["attn_red"][b.rows_reduced]
+                delta = m_rows - c["m_red"][b.rows_reduced]
             delta = delta.double()
             sum_delta += delta[b.in_pool].sum(0)
             if fitting and self.want_matrix and cfg.attention_matrix:
@@ -361,15 +379,16 @@ class _Fitter:
         self.deltas.put(name, delta)
         return delta
 
-    def patch_attention(self, vector: Tensor | None, dW_O: Tensor | None) -> None:
-        """The reduced stream's attention output under this block's attention-side patches."""
+    def patch_attention(self, layer: int, vector: Tensor | None, dW_O: Tensor | None) -> None:
+        """The reduced stream's attention output under this block's attention-side patches (added
+        before the post-attention norm, if any, as ``b_O`` and ``W_O`` act), after that norm."""
         for c in self.scratch:
-            attn = c.pop("attn_red")
+            attn = c.pop("m_red")
             if vector is not None and self.bias == "b_O":
                 attn = attn + vector.to(attn.dtype)
             if dW_O is not None:
                 attn = attn + c["z_red"].flatten(2) @ dW_O.to(attn.dtype)
-            c["attn_red"] = attn
+            c["attn_red"] = _tl.attn_post_norm(self.model, layer, attn)
 
     def mlp_regression(self, layer: int) -> RidgeRegression:
         """The rows of the MLP input matrices' regression: ``a`` (reduced) against ``a_C - a``."""
@@ -398,11 +417,20 @@ class _Fitter:
                 if "next_full" in c:
                     b.full = c.pop("next_full")
                 else:
-                    b.full = finish_block(model, spec, layer, b.full, attn_full)
+                    b.full = finish_block(model, spec, layer, b.full, _tl.attn_post_norm(model, layer, attn_full))
                     if self.memo is not None:
                         self.memo[j, layer] = (attn_full, b.full)
                 post_full = b.full[b.rows_full] if fit_out else None
-            if fit_out:  # resid_post and h under the block's other patches; the rows' residual differences
+            if fit_out and spec.mlp_post_norm is not None:
+                # a post-norm follows the MLP: W_out's target is the change of the MLP's output before
+                # it (the full prompts' MLP on their rows minus the reduced one's, under its input patches)
+                mid, attn_red = b.reduced, c.pop("attn_red")
+                parts = finish_block_parts(model, spec, layer, mid, attn_red, new)
+                mlp_full = finish_block_parts(model, spec, layer, c["pre_full"][None], c["attn_rows"][None]).mlp_out[0]
+                h_fit.add(parts.hidden[b.rows_reduced].double(),
+                          (mlp_full - parts.mlp_out[b.rows_reduced]).double(), b.weights)
+                b.reduced, c["post"], c["mid"], c["mlp_out"] = parts.resid_post, parts.hidden, mid + attn_red, parts.mlp_out
+            elif fit_out:  # resid_post and h under the block's other patches; the rows' residual differences
                 b.reduced, c["post"] = finish_block_hidden(model, spec, layer, b.reduced, c.pop("attn_red"), new)
                 h_fit.add(c["post"][b.rows_reduced].double(), (post_full - b.reduced[b.rows_reduced]).double(), b.weights)
             else:
@@ -411,10 +439,13 @@ class _Fitter:
                 b.base = finish_block(model, spec, layer, b.base, c.pop("attn_base"))
         return h_fit
 
-    def close(self, dW_out: Tensor | None) -> None:
+    def close(self, layer: int, dW_out: Tensor | None) -> None:
         """The reduced stream after the block's ``W_out`` patch; the unpatched prefix restored."""
         for b, c in zip(self.batches, self.scratch):
-            if dW_out is not None:
+            if dW_out is not None and "mlp_out" in c:  # before the MLP's post-norm
+                b.reduced = c["mid"] + _tl.mlp_post_norm(
+                    self.model, layer, c["mlp_out"] + c["post"] @ dW_out.to(b.reduced.dtype))
+            elif dW_out is not None:
                 b.reduced = b.reduced + c["post"] @ dW_out.to(b.reduced.dtype)
             if self.prefix:  # the positions before the chunk's place, left unpatched: as in the full run
                 b.reduced[:, : self.prefix] = self.common.resid[:, : self.prefix] if self.common.length \
@@ -424,9 +455,9 @@ class _Fitter:
 
 def _check_fit(spec: _tl.ModelSpec, config: FitConfig, chunk: str, examples: Sequence[Example]) -> list[int]:
     """The blocks to fit; raises for what the model or the inputs cannot give."""
-    refuse_post_norm(spec, "fit_thought")
     if not isinstance(config, FitConfig):
         raise ArgumentTypeError(f"config must be a FitConfig (e.g. FitConfig.preset('paper')), got {type(config).__name__}")
+    check_post_norm(spec, config)
     if config.fit != "vector" and not spec.has_mlp:
         raise InputError("attention-only model: only fit='vector' is possible (no MLP matrix)")
     if not isinstance(chunk, str):
@@ -438,6 +469,33 @@ def _check_fit(spec: _tl.ModelSpec, config: FitConfig, chunk: str, examples: Seq
     if layers[-1] >= spec.n_layers:
         raise InputError(f"FitConfig.layers must be a subset of 0..{spec.n_layers - 1}, got {config.layers}")
     return layers
+
+
+def check_post_norm(spec: _tl.ModelSpec, config: FitConfig) -> None:
+    """Raise ``InputError`` for the options a model with norms after its sublayers (Gemma 2/3, OLMo
+    2) cannot fit: there the thought vector and the ``W_O`` matrix are fitted to the attention
+    output's change BEFORE the post-attention norm, where ``b_O`` and ``W_O`` act (this library's
+    extension of the papers' fit to such blocks), so ``vector_target`` must be ``"attention"``
+    (the residual difference lies after the norm, where no bias carries it) and a fitted vector
+    sits on ``b_O`` (``vector_site="attn_out"``: ``b_out`` lies before the MLP's post-norm, which
+    would rescale it). [`FitConfig.default_for`][] gives these options.
+
+    Example:
+        >>> check_post_norm(_tl.model_spec(model), FitConfig())  # pre-norm blocks: nothing raised
+    """
+    if not spec.post_norm:
+        return
+    wrong = []
+    if config.vector_target != "attention":
+        wrong.append(f"vector_target={config.vector_target!r} (use 'attention')")
+    if config.vector_site != "attn_out" and config.fit in ("vector", "both") and spec.has_mlp:
+        wrong.append(f"vector_site={config.vector_site!r} (use 'attn_out')")
+    if wrong:
+        raise InputError(
+            "this model has norms after its sublayers (Gemma 2/3, OLMo 2): the thought vector is fitted before the "
+            f"post-attention norm, on b_O; FitConfig has {' and '.join(wrong)}. FitConfig.default_for(model) and "
+            "FitConfig.preset('benchmark') give such options"
+        )
 
 
 def _unpatched_prefix(encoded: Sequence[EncodedExample], config: FitConfig) -> int:
@@ -468,7 +526,7 @@ def fit_thought(
         model: The model (not modified; no hooks may be attached).
         chunk: The chunk's text (an instruction, demonstrations, knowledge).
         examples: Queries (strings) or ``(query, answer)`` pairs; answers are teacher-forced.
-        config: The options ([`FitConfig`][]; default ``FitConfig()``; presets
+        config: The options ([`FitConfig`][]; default [`FitConfig.default_for`][]``(model)``; presets
             ``FitConfig.preset("paper")`` and ``FitConfig.preset("benchmark")``).
         template: Where chunk and query go (default: the model's chat template, chunk and query in
             one user turn, or ``"{chunk}\\n{query}"`` without a chat template).
@@ -485,8 +543,7 @@ def fit_thought(
     Raises:
         InputError: an empty chunk or no examples, hooks on the model, nothing to pool, a matrix
             fit on an attention-only model, rows kept for other options.
-        UnsupportedArchitectureError: blocks with norms after their sublayers (no bias after the
-            norm to carry a vector).
+        InputError: options a model with norms after its sublayers cannot fit ([`check_post_norm`][]).
 
     Example:
         >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
@@ -494,7 +551,8 @@ def fit_thought(
         ...     logits = model("<prompt without the chunk>")
     """
     with _tl.linear_layout(model):  # many short runs of the blocks: the weights laid out once
-        return _fit(model, chunk, examples, FitConfig() if config is None else config, template, rows, progress, None)
+        return _fit(model, chunk, examples, FitConfig.default_for(model) if config is None else config, template, rows,
+                    progress, None)
 
 
 def _fit(model, chunk, examples, config, template, rows, progress, memo) -> ThoughtPatch:
@@ -533,7 +591,7 @@ def _fit(model, chunk, examples, config, template, rows, progress, memo) -> Thou
                                      f.n_weight, spec.n_heads, spec.d_head)
             dW_O = f.store(_tl.param_name(layer, "W_O"), solution, (spec.n_heads, spec.d_head, spec.d_model))
             dW_O = dW_O.flatten(0, 1)
-        f.patch_attention(vector if fitting and f.want_vector else None, dW_O)
+        f.patch_attention(layer, vector if fitting and f.want_vector else None, dW_O)
         if fitting and f.want_matrix and spec.has_mlp:
             for name, solution in _mlp_input_solutions(model, layer, f.mlp_regression(layer), config.ridge,
                                                         f.n_weight).items():
@@ -544,7 +602,7 @@ def _fit(model, chunk, examples, config, template, rows, progress, memo) -> Thou
         if fit_out:  # [d_mlp, d_model]
             dW_out = f.store(_tl.param_name(layer, "W_out"), _solution(h_fit, config.ridge, f.n_weight),
                              (spec.d_mlp, spec.d_model))
-        f.close(dW_out)
+        f.close(layer, dW_out)
     meta = dict(chunk=chunk, template=dict(text=template.text, separator=template.separator), layers=layers,
                 options=config.options(), n_examples=len(examples), n_tokens=n_tokens)
     if prefix:
@@ -580,7 +638,7 @@ def fit_thoughts(
         raise ArgumentTypeError(f"fits must be a list of distinct fits from {FITS}, got {fits!r}")
     if not fits or len(set(fits)) != len(fits) or any(f not in FITS for f in fits):
         raise InputError(f"fits must be distinct fits from {FITS}, not empty, got {fits!r}")
-    config = FitConfig() if config is None else config
+    config = FitConfig.default_for(model) if config is None else config
     if not isinstance(config, FitConfig):
         raise ArgumentTypeError(f"config must be a FitConfig, got {type(config).__name__}")
     memo: dict = {}

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tl_thoughts import _tl
 from tl_thoughts._tl import Model
-from tl_thoughts.errors import ChunkError, InputError, UnsupportedArchitectureError
+from tl_thoughts.errors import ChunkError, InputError
 from tl_thoughts.evaluation.config import EvalConfig, fit_kinds
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, stop_tokens
 from tl_thoughts.tasks import Task
@@ -153,18 +153,11 @@ def query_answers_with_rows(
 
     Raises:
         InputError: Fewer than ``config.n_queries`` usable queries.
-        UnsupportedArchitectureError: rows wanted on a model with norms after its sublayers (as
-            [`tl_thoughts.stream.prompt_rows`][]).
 
     Example:
         >>> queries, rows = query_answers_with_rows(model, task, config)  # doctest: +SKIP
     """
     want_rows = config.n_queries > 0 and bool(fit_kinds(config.methods))
-    if want_rows and _tl.model_spec(model).post_norm:
-        raise UnsupportedArchitectureError(
-            "the queries' rows are read as fit_thought reads them, which does not support blocks with norms "
-            "after their sublayers (Gemma 2/3 use_normalization_before_and_after, OLMo 2)"
-        )
     queries, runs = query_answers_with_runs(model, task, config.n_queries, config.batch_size, max_new_tokens,
                                             keep_runs=want_rows)
     if not want_rows:
