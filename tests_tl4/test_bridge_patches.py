@@ -12,10 +12,8 @@ from tl_thoughts import _tl
 from tl_thoughts.errors import InputError, UnsupportedArchitectureError
 from tl_thoughts.patch import IncompatibleModelError, model_identity
 
-# Gemma 3 (norms after the sublayers): the weight form only; the activation form's hooks for
-# post-norm blocks are being reworked (ThoughtPatch.hooks), on both backends
-ACTIVATION_ARCHS = ("llama_gqa", "gpt2", "native_ln", "native_rms_gqa")
-WEIGHT_ARCHS = (*ACTIVATION_ARCHS, "gemma3")
+# Gemma 3: norms after the sublayers (the activation form changes the post-norms' input)
+ARCHS = ("llama_gqa", "gpt2", "gemma3", "native_ln", "native_rms_gqa")
 
 
 def _tokens(seed: int = 1, n: int = 11, batch: int = 2) -> torch.Tensor:
@@ -52,7 +50,7 @@ def _logits(model, tokens):
     return _tl.run(model, tokens, None, [])
 
 
-@pytest.mark.parametrize("arch", ACTIVATION_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_weight_and_activation_forms_agree_and_restore(arch):
     model = make_bridge(arch)
     before, identity = _state(model), model_identity(model)

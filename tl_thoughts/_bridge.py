@@ -122,6 +122,14 @@ def norm(module: torch.nn.Module, x: Tensor) -> Tensor:
     return module._python_norm_forward(x)
 
 
+def norm_kind(module: torch.nn.Module) -> str:
+    """``"RMS"`` for a norm bridge that divides by the root mean square (its ``hook_normalized``
+    receives the input divided by ``hook_scale``), else the wrapped module's class name."""
+    if getattr(module, "uses_rms_norm", False):
+        return "RMS"
+    return type(getattr(module, "original_component", module)).__name__
+
+
 def weight(model, name: str) -> Tensor:
     """A weight of the bridge by TransformerLens name (``blocks.3.mlp.W_in``, ``blocks.3.ln2.w``,
     ``W_E``...): the view the bridge exposes, or zeros for a bias the checkpoint lacks.

@@ -958,9 +958,11 @@ def norm_kind(model: Model, layer: int, norm: str) -> str:
     """``"RMS"`` for a block norm that divides by the root mean square (TransformerLens' ``RMSNorm``
     and ``RMSNormPre``: its ``hook_normalized`` receives the input divided by ``hook_scale``), else
     the module's class name (``LayerNorm``...)."""
+    module = getattr(model.blocks[layer], norm)
+    if is_bridge(model):  # a NormalizationBridge over the HuggingFace norm
+        return _bridge.norm_kind(module)
     from transformer_lens.components import RMSNorm, RMSNormPre
 
-    module = getattr(model.blocks[layer], norm)
     return "RMS" if isinstance(module, (RMSNorm, RMSNormPre)) else type(module).__name__
 
 
