@@ -28,7 +28,7 @@ class PromptTemplate:
     chunk is rendered as ``chunk + separator``, and that whole piece is what is removed: the
     reduced prompt is ``text`` with ``{chunk}`` replaced by nothing.
 
-    ``text`` may start with ``{bos}`` ([`BOS`][]): the model's BOS token, so that the prompt
+    ``text`` may start with ``{bos}`` (``templates.BOS``): the model's BOS token, so that the prompt
     without the chunk keeps a fixed first token on any model with one. Such a template is rendered
     for a model ([`for_model`][]: [`encode_example`][] does, so do ``fit_thought`` and the
     benchmark); [`render`][] refuses it unresolved.
