@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  tl-thoughts eval --suite --out results\n"
             "  tl-thoughts eval --suite --also thought_patch_refined --out results_refined\n"
-            "  tl-thoughts eval --suite --model gemma-3-270m --jobs 1 --out results_gemma\n"
+            "  tl-thoughts eval --suite --model gemma-3-270m --methods with_chunk without_chunk task_vector \\\n"
+            "      --queries 0 --jobs 1 --out results_gemma       # Gemma 3 270M: no thought patch yet\n"
             "  tl-thoughts eval --task my_task.json --out results --seeds 0 --queries 0"
         ),
     )
