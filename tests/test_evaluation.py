@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     ARCHITECTURES,
+    make_word_tokenizer,
     D_VOCAB,
     POST_NORM_MLP_ARCHITECTURES,
     PRE_NORM_MLP_ARCHITECTURES,
@@ -27,7 +28,7 @@ from tl_thoughts import evaluation as E
 from tl_thoughts import stream as S
 from tl_thoughts.evaluation import decoding, protocol
 from tl_thoughts.tasks import MIN_EXAMPLES, TaskFormatError, load_task, shipped_tasks, task_from_dict
-from tl_thoughts.templates import shared_prefix_length
+from tl_thoughts.templates import PromptTemplate, bos_text, encode_example, shared_prefix_length
 
 # --- the task format (no model needed) -------------------------------------------------------------
 
@@ -280,6 +281,8 @@ def test_task_defaults_and_rendering():
         ({"examples": [{"query": "q", "answer": "a"}]}, "at least 60"),
         ({"extra": 1}, "unknown keys"),
         ({"template": {"text": "{query}"}}, "exactly once"),
+        ({"template": {"text": "{chunk}{bos}{query}"}}, "may only start the text"),
+        ({"template": {"text": "{bos}{chunk}{bos}{query}"}}, "may only start the text, once"),
         ({"answer_suffix": " "}, "line break"),
         ({"examples": [{"query": "q", "answer": "a"}] * MIN_EXAMPLES}, "twice"),
         ({"examples": [{"query": f"q{i}", "answer": " a"} for i in range(MIN_EXAMPLES)]}, "whitespace"),
@@ -295,6 +298,114 @@ def test_task_defaults_and_rendering():
 def test_bad_task_files_are_refused(changes, message):
     with pytest.raises(TaskFormatError, match=message):
         task_from_dict(_task_dict(**changes))
+
+
+# --- {bos}: the model's BOS token at the start of a template ----------------------------------------
+
+BOS_TEMPLATE = PromptTemplate("{bos}{chunk}{query}", separator="")
+
+
+def _bos_model(fresh_model, prepends: bool, bos_token: str | None = "<eos>"):
+    """A tiny model with the word tokenizer, whose BOS token is ``bos_token`` (``"<eos>"``: id 1);
+    ``prepends``: its tokenization prepends that token itself (``cfg.default_prepend_bos``), as
+    Gemma's does, or not, as SmolLM2's."""
+    model = fresh_model("ln_gelu_learned", tokenizer=make_word_tokenizer())
+    model.tokenizer.bos_token = bos_token
+    model.cfg.default_prepend_bos = prepends
+    return model
+
+
+@pytest.mark.parametrize("prepends", [False, True], ids=["bos-as-text", "bos-prepended"])
+def test_bos_gives_the_models_bos_token_once(fresh_model, prepends):
+    """``{bos}`` is the BOS token as the first token, once, with and without the chunk: its text where
+    the tokenization does not prepend it (SmolLM2), nothing where it does (Gemma; the literal text
+    would give it twice); the same tokens as the template written for that model."""
+    model = _bos_model(fresh_model, prepends)
+    bos = model.tokenizer.bos_token_id
+    assert bos_text(model) == ("" if prepends else "<eos>")
+    literal = PromptTemplate(("" if prepends else "<eos>") + "{chunk}{query}", separator="")
+    enc = encode_example(model, BOS_TEMPLATE, "the cat", (" sat", " on"))
+    same = encode_example(model, literal, "the cat", (" sat", " on"))
+    assert torch.equal(enc.full, same.full) and torch.equal(enc.reduced, same.reduced)
+    assert (enc.start, enc.stop, enc.answer_start) == (same.start, same.stop, same.answer_start)
+    for tokens in (enc.full, enc.reduced):
+        assert int(tokens[0]) == bos and int((tokens == bos).sum()) == 1
+    assert (enc.start, enc.stop) == (1, 3)
+    task = task_from_dict(_task_dict(chunk="the cat", template={"text": "{bos}{chunk}{query}", "separator": ""}))
+    for with_chunk in (True, False):  # the prompt's text tokenises as the protocol's tokens
+        text = task.prompt(" sat", with_chunk, model)
+        assert text.startswith("<eos>") != prepends
+        expected = enc.full[:enc.answer_start] if with_chunk else enc.reduced[:2]
+        assert _tl.to_tokens(model, text)[0].tolist() == expected.tolist()
+
+
+def test_a_template_the_model_cannot_honour_is_refused(fresh_model):
+    """``{bos}`` on a model without a BOS token, or one its tokenization does not give as one token,
+    is an error naming the template and the model (never the text ``{bos}`` tokenised as it is)."""
+    task = task_from_dict(_task_dict(chunk="the cat", template={"text": "{bos}{chunk}{query}", "separator": ""}))
+    for bos_token, reason in [(None, "has no BOS token"), ("cat dog", "neither by itself nor from its text")]:
+        model = _bos_model(fresh_model, prepends=False, bos_token=bos_token)
+        name = model.cfg.model_name
+        for call in (lambda: encode_example(model, BOS_TEMPLATE, "the cat", (" sat", " on")),
+                     lambda: task.prompt(" sat", True, model),
+                     lambda: E.encode_task_example(model, task, "q1", "a1"),
+                     lambda: tt.fit_thought(model, "the cat", [(" sat", " on")], template=BOS_TEMPLATE,
+                                            progress=False)):
+            with pytest.raises(tt.InputError) as info:
+                call()
+            message = str(info.value)
+            assert "'{bos}{chunk}{query}'" in message and repr(name) in message and reason in message, message
+    for call in (lambda: task.prompt(" sat", True), lambda: BOS_TEMPLATE.render(" sat")):  # no model given
+        with pytest.raises(tt.InputError, match=r"starts with \{bos\}.*for_model"):
+            call()
+
+
+def test_shipped_templates_start_with_the_bos_placeholder():
+    for path in shipped_tasks():
+        template = load_task(path).template
+        assert (template.text, template.separator) == ("{bos}{chunk}{query} ->", ""), path.name
+
+
+@pytest.mark.real_model
+def test_shipped_prompts_on_smollm2_are_the_literal_bos_tokens(smollm2):
+    """On SmolLM2 the shipped tasks' ``{bos}`` is ``<|im_start|>``: every example's and query's tokens,
+    with and without the chunk, are token for token those of the templates written with the literal
+    ``<|im_start|>`` (the shipped files before ``{bos}``), and so are the prompts' texts."""
+    literal = PromptTemplate("<|im_start|>{chunk}{query} ->", separator="")
+    for path in shipped_tasks():
+        task = load_task(path)
+        before = dataclasses.replace(task, template=literal)
+        for query, answer in task.examples:
+            new, old = E.encode_task_example(smollm2, task, query, answer), E.encode_task_example(smollm2, before,
+                                                                                                  query, answer)
+            assert torch.equal(new.enc.full, old.enc.full) and torch.equal(new.enc.reduced, old.enc.reduced)
+            assert (new.enc.start, new.enc.stop, new.enc.answer_start, new.n_cont) == (
+                old.enc.start, old.enc.stop, old.enc.answer_start, old.n_cont)
+            assert int(new.enc.full[0]) == smollm2.tokenizer.bos_token_id == 1
+        for query in task.queries[:40]:
+            new = encode_example(smollm2, task.template, task.chunk, query)
+            assert torch.equal(new.full, encode_example(smollm2, literal, task.chunk, query).full)
+            for with_chunk in (True, False):
+                assert task.prompt(query, with_chunk, smollm2) == before.prompt(query, with_chunk)
+
+
+@pytest.mark.gemma
+def test_shipped_prompts_on_gemma_start_with_one_bos():
+    """On Gemma 3 270M (its tokenization prepends ``<bos>``), the shipped tasks' prompts start with
+    one ``<bos>``, with and without the chunk, and hold no trace of SmolLM2's ``<|im_start|>``."""
+    from tl_thoughts.models import load_model
+
+    gemma = load_model("gemma-3-270m")
+    bos = gemma.tokenizer.bos_token_id
+    assert bos_text(gemma) == ""
+    for path in shipped_tasks():
+        task = load_task(path)
+        for query, answer in task.examples[:10]:
+            enc = E.encode_task_example(gemma, task, query, answer).enc
+            for tokens in (enc.full, enc.reduced):
+                assert int(tokens[0]) == bos and int((tokens == bos).sum()) == 1
+            assert enc.start == 1 and "im_start" not in gemma.tokenizer.decode(enc.full)
+            assert task.prompt(query, True, gemma) == task.chunk + query + " ->"
 
 
 def test_load_task_errors(tmp_path):
@@ -446,7 +557,7 @@ def test_teacher_forced_check_equals_greedy_generation(smollm2, slice_task):
     for with_chunk in (True, False):
         right, _ = E.greedy_match(smollm2, examples, with_chunk=with_chunk, batch_size=5)
         for (query, answer), verdict in zip(slice_task.examples[:12], right.tolist()):
-            generated = E.greedy_generate(smollm2, slice_task.prompt(query, with_chunk), max_new_tokens=8)
+            generated = E.greedy_generate(smollm2, slice_task.prompt(query, with_chunk, smollm2), max_new_tokens=8)
             assert verdict == (" ".join(generated.split()) == answer), (query, generated, verdict)
     # both outcomes occur, so the comparison is not vacuous
     assert E.greedy_match(smollm2, examples, with_chunk=True)[0].any()
@@ -466,8 +577,8 @@ def test_protocol_invariants_on_a_slice(smollm2, slice_task):
         # the filter, recomputed independently by greedy generation (seed 0: CI time)
         for i in seed_result.test_indices if seed_result.seed == 0 else []:
             query, answer = slice_task.examples[i]
-            right_with = " ".join(E.greedy_generate(smollm2, slice_task.prompt(query, True)).split()) == answer
-            right_without = " ".join(E.greedy_generate(smollm2, slice_task.prompt(query, False)).split()) == answer
+            right_with = " ".join(E.greedy_generate(smollm2, slice_task.prompt(query, True, smollm2)).split()) == answer
+            right_without = " ".join(E.greedy_generate(smollm2, slice_task.prompt(query, False, smollm2)).split()) == answer
             assert (i in seed_result.filtered_indices) == (right_with and not right_without), i
         n = len(seed_result.filtered_indices)
         assert n > 0
@@ -798,7 +909,7 @@ def test_query_answers_are_the_models_greedy_answers_with_the_chunk(smollm2, sli
     used = {q for q, _ in pairs}
     last = slice_task.queries.index(pairs[-1][0])
     for query in slice_task.queries[: last + 1]:
-        text = E.greedy_generate(smollm2, slice_task.prompt(query, True), max_new_tokens=16)
+        text = E.greedy_generate(smollm2, slice_task.prompt(query, True, smollm2), max_new_tokens=16)
         usable = text.startswith(" ") and text[1:] == text[1:].strip() != ""
         assert (query in used) == usable, (query, text)
         if usable:

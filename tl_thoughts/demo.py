@@ -142,12 +142,12 @@ def _generations(model, task, patch, indices):
     for part in (examples[: N_SHOWN + 1], examples[N_SHOWN + 1 :]):  # the rest only if needed
         n_right = sum(g == task.answer_prefix + a for g, (_, a) in zip(with_chunk, examples))
         if part and n_right < N_SHOWN:
-            with_chunk += evaluation.greedy_generate_all(model, [task.prompt(q, True) for q, _ in part])
+            with_chunk += evaluation.greedy_generate_all(model, [task.prompt(q, True, model) for q, _ in part])
     examples = examples[: len(with_chunk)]
     right = [k for k, (_, a) in enumerate(examples) if with_chunk[k] == task.answer_prefix + a][:N_SHOWN]
     last = right[-1] if len(right) == N_SHOWN else len(examples) - 1
     skipped = [(q, a, with_chunk[k]) for k, (q, a) in enumerate(examples[: last + 1]) if k not in right]
-    reduced = [task.prompt(examples[k][0], False) for k in right]
+    reduced = [task.prompt(examples[k][0], False, model) for k in right]
     without = evaluation.greedy_generate_all(model, reduced)
     with patch.apply(model):
         patched = evaluation.greedy_generate_all(model, reduced)
@@ -163,7 +163,7 @@ def _attribution_query(model, task, shown):
     for query, answer, _, without, _ in shown:
         if without.startswith(task.answer_prefix + answer):
             continue  # right without the chunk too: no effect to attribute at the first answer token
-        few_shot = tt.implicit_updates(model, task.prompt(query, True), task.chunk)
+        few_shot = tt.implicit_updates(model, task.prompt(query, True, model), task.chunk)
         with torch.no_grad():  # the reduced prompt at its original positions, unpatched: one run
             wrong = int(tt.run_reduced(model, few_shot, patched=False)[0, -1].argmax())
         right = int(_tl.to_tokens(model, task.answer_prefix + answer, what="the answer", prepend_bos=False)[0, 0])

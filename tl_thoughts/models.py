@@ -270,6 +270,22 @@ def load_pretrained_model(name: str, *, dtype: torch.dtype = torch.float32, devi
         >>> model.cfg.n_layers  # doctest: +SKIP
         12
     """
+    official = _pretrained_official_name(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            model = HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
+    except (OSError, ValueError, ImportError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ModelLoadError(f"cannot load model {name!r} ({official}): {type(e).__name__}: {reason}") from None
+    model.eval()
+    return model
+
+
+def _pretrained_official_name(name: str) -> str:
+    """TransformerLens' official name of ``name``, after the checks made before anything is
+    fetched ([`load_pretrained_model`][]): a name TransformerLens knows, whose weights are in the
+    local Hugging Face cache or reachable."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
@@ -290,15 +306,7 @@ def load_pretrained_model(name: str, *, dtype: torch.dtype = torch.float32, devi
             f"{why}; download them once with network access (or gated models: huggingface-cli login), or run "
             "without --model for the embedded default model"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            model = HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
-    except (OSError, ValueError, ImportError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise ModelLoadError(f"cannot load model {name!r} ({official}): {type(e).__name__}: {reason}") from None
-    model.eval()
-    return model
+    return official
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -538,3 +546,51 @@ def load_model(
     if name == GEMMA_MODEL_NAME:
         return load_gemma_model(**options)
     raise ModelLoadError(f"cannot load model {name!r} offline: the models that install offline are {list(MODEL_NAMES)}")
+
+
+def check_model_name(name: str | None) -> None:
+    """Check, without loading anything, that [`load_named_model`][] can load ``name``: the checks
+    it makes before loading (the commands check their ``--model`` with it before any other work).
+
+    ``None`` and the names of ``MODEL_NAMES`` need their package installed (the Gemma package's
+    parts present); any other name must be a TransformerLens pretrained name whose weights are in
+    the local Hugging Face cache or reachable ([`load_pretrained_model`][]'s checks).
+
+    Raises:
+        ModelLoadError: the name and the reason (for a missing package, the install command).
+
+    Example:
+        >>> check_model_name(None)  # the embedded default model: nothing raised
+    """
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ModelLoadError(f"cannot load model {name!r}: a model name is a non-empty string")
+    if name is None or name == DEFAULT_MODEL_NAME:
+        try:
+            smollm2_gguf_path()
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelLoadError(f"cannot load model {DEFAULT_MODEL_NAME!r}: {e}") from None
+    elif name == GEMMA_MODEL_NAME:
+        gemma_package()
+    else:
+        _pretrained_official_name(name)
+
+
+def load_named_model(name: str | None = None, *, dtype: torch.dtype = torch.float32) -> HookedTransformer:
+    """The model a command's ``--model NAME`` names: ``None``, the embedded default model
+    ([`load_default_model`][]); a name of ``MODEL_NAMES`` (``"gemma-3-270m"``), offline
+    ([`load_model`][]; taken before TransformerLens' names, so never fetched); any other name,
+    a TransformerLens pretrained model ([`load_pretrained_model`][]).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded (the message names it and says why).
+
+    Example:
+        >>> model = load_named_model("gemma-3-270m")  # doctest: +SKIP
+        >>> model.cfg.n_layers  # doctest: +SKIP
+        18
+    """
+    if name is None:
+        return load_default_model(dtype=dtype)
+    if name in MODEL_NAMES:
+        return load_model(name, dtype=dtype)
+    return load_pretrained_model(name, dtype=dtype)

@@ -15,6 +15,9 @@ from tl_thoughts.errors import ArgumentTypeError, ChunkError, InputError
 
 Example = str | tuple[str, str]
 POOLS = ("query", "answer", "kept", "all")
+BOS = "{bos}"
+"""The placeholder of the model's BOS token at the start of a template's text
+([`PromptTemplate.for_model`][] renders it for a model: [`bos_text`][])."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,11 @@ class PromptTemplate:
     ``text`` holds the placeholders ``{chunk}`` and ``{query}`` once each, the chunk first. The
     chunk is rendered as ``chunk + separator``, and that whole piece is what is removed: the
     reduced prompt is ``text`` with ``{chunk}`` replaced by nothing.
+
+    ``text`` may start with ``{bos}`` (``templates.BOS``): the model's BOS token, so that the prompt
+    without the chunk keeps a fixed first token on any model with one. Such a template is rendered
+    for a model ([`for_model`][]: [`encode_example`][] does, so do ``fit_thought`` and the
+    benchmark); [`render`][] refuses it unresolved.
 
     Example:
         >>> t = PromptTemplate("Q: {chunk}{query}\\nA:", separator=" ")
@@ -44,9 +52,47 @@ class PromptTemplate:
             raise InputError(f"PromptTemplate.text holds '{{chunk}}' and '{{query}}' exactly once each, got {self.text!r}")
         if self.text.index("{chunk}") > self.text.index("{query}"):
             raise InputError("PromptTemplate.text: the chunk must come before the query in the template")
+        if BOS in self.text and (self.text.count(BOS) != 1 or not self.text.startswith(BOS)):
+            raise InputError(f"PromptTemplate.text: '{BOS}' (the model's BOS token) may only start the text, "
+                             f"once; got {self.text!r}")
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the text starts with ``{bos}``, which [`for_model`][] renders for a model."""
+        return self.text.startswith(BOS)
+
+    def for_model(self, model: Model) -> "PromptTemplate":
+        """This template with ``{bos}`` rendered for ``model`` ([`bos_text`][]: nothing where the
+        model's tokenization prepends the BOS token itself, else the BOS token's text); the
+        template itself when it holds no ``{bos}``.
+
+        Raises:
+            InputError: ``model`` has no BOS token, or one that its tokenization does not give as
+                one token at the start of a prompt; the message names the template and the model.
+
+        Example:
+            >>> PromptTemplate("{bos}{chunk}{query} ->", separator="").for_model(smollm2).text  # doctest: +SKIP
+            '<|im_start|>{chunk}{query} ->'
+            >>> PromptTemplate("{bos}{chunk}{query} ->", separator="").for_model(gemma).text  # doctest: +SKIP
+            '{chunk}{query} ->'
+        """
+        if not self.needs_model:
+            return self
+        try:
+            piece = bos_text(model)
+        except InputError as e:
+            raise InputError(f"the template {self.text!r} starts with {BOS}: {e}") from None
+        return PromptTemplate(text=piece + self.text[len(BOS):], separator=self.separator)
 
     def render(self, query: str, chunk: str | None = None) -> str:
-        """The prompt for ``query``, with ``chunk`` (and the separator) or without it."""
+        """The prompt for ``query``, with ``chunk`` (and the separator) or without it.
+
+        Raises:
+            InputError: The text starts with ``{bos}``: render ``template.for_model(model)``.
+        """
+        if self.needs_model:
+            raise InputError(f"the template {self.text!r} starts with {BOS}, the model's BOS token: render it for "
+                             "a model, template.for_model(model).render(...)")
         piece = "" if chunk is None else chunk + self.separator
         return self.text.replace("{chunk}", piece).replace("{query}", query)
 
@@ -67,6 +113,36 @@ class PromptTemplate:
             add_generation_prompt=True,
         )
         return cls(text=text, separator=separator)
+
+
+def bos_text(model: Model) -> str:
+    """What ``{bos}`` at the start of a template renders as for ``model``, so that the prompt's
+    first token is the model's BOS token: ``""`` where the model's tokenization
+    (``model.to_tokens``, ``cfg.default_prepend_bos``) prepends that token itself (Gemma), else the
+    BOS token's text (SmolLM2's ``<|im_start|>``).
+
+    Raises:
+        InputError: No tokenizer, no BOS token, or a tokenization that gives neither (the empty
+            text as the BOS token alone or as nothing, the BOS token's text as the BOS token); the
+            message names the model.
+
+    Example:
+        >>> bos_text(smollm2), bos_text(gemma)  # doctest: +SKIP
+        ('<|im_start|>', '')
+    """
+    tok = model.tokenizer
+    name = getattr(model.cfg, "model_name", None) or type(model).__name__
+    if tok is None or tok.bos_token is None or tok.bos_token_id is None:
+        raise InputError(f"model {name!r} has no BOS token (its tokenizer's bos_token is None)")
+    bos = int(tok.bos_token_id)
+    empty = _tl.to_tokens(model, "", what="the empty text")[0].tolist()
+    if empty == [bos]:
+        return ""  # prepended by the tokenization
+    alone = _tl.to_tokens(model, tok.bos_token, what="the BOS token's text")[0].tolist()
+    if empty == [] and alone == [bos]:
+        return tok.bos_token
+    raise InputError(f"model {name!r}: its tokenization gives the BOS token {tok.bos_token!r} (id {bos}) neither "
+                     f"by itself nor from its text (the empty text gives {empty}, {tok.bos_token!r} gives {alone})")
 
 
 def check_examples(examples: object, what: str = "examples", pairs: bool = False) -> None:
@@ -156,7 +232,8 @@ def encode_example(
 ) -> EncodedExample:
     """Tokenise one example with and without the chunk.
 
-    The reduced tokens are the full tokens minus the chunk's tokens, so that positions align; if
+    A template starting with ``{bos}`` is rendered for the model first
+    ([`PromptTemplate.for_model`][]). The reduced tokens are the full tokens minus the chunk's tokens, so that positions align; if
     tokenising the reduced text directly gives other tokens, a warning says so (the patch is then
     fitted on a tokenisation the user would not type).
 
@@ -172,6 +249,7 @@ def encode_example(
     if not isinstance(chunk, str):
         raise ArgumentTypeError(f"chunk must be a string, got {type(chunk).__name__}")
     check_examples([example], what="example")
+    template = template.for_model(model)  # {bos}: the model's BOS token
     query, answer = (example, "") if isinstance(example, str) else example
     prompt = template.render(query, chunk)
     text = prompt + answer

@@ -36,7 +36,7 @@ model = load_default_model()
 task = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
 print(task.description)
 print(task.chunk)
-print(repr(task.prompt("go", with_chunk=True)), "->", repr(task.continuation("went")))
+print(repr(task.prompt("go", with_chunk=True, model=model)), "->", repr(task.continuation("went")))
 
 # %% [markdown]
 # ## The example: with the demonstrations, without them, without them but patched
@@ -56,9 +56,10 @@ def top_tokens(prompt, k=3):
 
 for query in ("swim", "buy", "bring"):
     assert [q for q, _ in task.examples].index(query) not in fit_idx  # a test query
-    with_chunk, without = top_tokens(task.prompt(query, True)), top_tokens(task.prompt(query, False))
+    with_chunk = top_tokens(task.prompt(query, True, model))
+    without = top_tokens(task.prompt(query, False, model))
     with patch.apply(model):  # the prompt below has no demonstrations
-        patched = top_tokens(task.prompt(query, False))
+        patched = top_tokens(task.prompt(query, False, model))
     print(f"{query + ' ->':>9} with the demonstrations: {with_chunk}")
     print(f"{'':>9} without them:            {without}")
     print(f"{'':>9} without them, patched:   {patched}")
@@ -72,7 +73,8 @@ for query in ("swim", "buy", "bring"):
 # thought matrix on `W_O` that maps each token's head outputs to what the vector leaves of its
 # change, the MLP-input matrices, and a thought matrix on `W_out` that maps the MLP's hidden
 # activations to what is left of the residual difference, all also fitted on the query tokens at
-# weight 0.1. The prompts start with the `<|im_start|>` token: without a fixed first token,
+# weight 0.1. The prompts start with the model's BOS token (`{bos}` in the template, `<|im_start|>`
+# on SmolLM2): without a fixed first token,
 # removing the chunk removes the attention sink, and no token-independent patch recovers (see
 # `docs/benchmark.md`). The chunk cannot change that first token, and the patch leaves it
 # unpatched too (`patch_prefix=False`).
@@ -93,9 +95,9 @@ print("positions left unpatched:", patch.unpatched_positions)
 # %%
 for i in test_idx[:8]:
     query, answer = task.examples[i]
-    without = evaluation.greedy_generate(model, task.prompt(query, False))
+    without = evaluation.greedy_generate(model, task.prompt(query, False, model))
     with patch.apply(model):
-        patched = evaluation.greedy_generate(model, task.prompt(query, False))
+        patched = evaluation.greedy_generate(model, task.prompt(query, False, model))
     print(f"{query:>8} (expected {answer!r}): without {without!r:<24} patched {patched!r}")
 
 # %% [markdown]
@@ -139,7 +141,7 @@ loaded = tt.ThoughtPatch.load(path, model=model)
 print(loaded.meta["chunk"] == task.chunk, loaded.meta["n_examples"], loaded.meta["n_tokens"])
 query = task.examples[test_idx[0]][0]
 with loaded.apply(model):
-    print(query, "->", evaluation.greedy_generate(model, task.prompt(query, False)))
+    print(query, "->", evaluation.greedy_generate(model, task.prompt(query, False, model)))
 
 # %% [markdown]
 # ## The protocol on the test examples, against the steering baselines

@@ -1,7 +1,8 @@
 """The protocol's options ([`EvalConfig`][], validated when made; [`check_tasks`][] for the
-tasks), its method names, and which least-squares fits a set of methods needs ([`fit_kinds`][]).
+tasks, [`check_model`][] for the model's name), its method names, and which least-squares fits a set of methods needs ([`fit_kinds`][]).
 
-This module imports neither torch nor TransformerLens (the command line's parser reads it)."""
+This module imports neither torch nor TransformerLens (the command line's parser reads it;
+[`check_model`][] imports them when called)."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -226,6 +227,36 @@ def _is_int(value) -> bool:
 
 def _is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_model(name: str | None) -> None:
+    """Check, before anything is loaded, that the model named ``name`` can be loaded for the
+    benchmark: ``tl-thoughts eval --model NAME`` and
+    [`tl_thoughts.evaluation.evaluate_in_processes`][] (``model=``) call it first.
+
+    The names are those of ``tl-thoughts verify --model``
+    ([`tl_thoughts.models.load_named_model`][]): None or ``"SmolLM2-135M-Instruct"``, the
+    embedded default model; ``"gemma-3-270m"`` (its package installed); a TransformerLens
+    pretrained name whose weights are in the local Hugging Face cache or reachable
+    ([`tl_thoughts.models.check_model_name`][]).
+
+    Raises:
+        EvalOptionError: The model cannot be loaded; the message names it and says why (for a
+            missing package, the install command).
+
+    Example:
+        >>> check_model(None)
+        >>> check_model("")
+        Traceback (most recent call last):
+        ...
+        tl_thoughts.evaluation.config.EvalOptionError: cannot load model '': a model name is a non-empty string
+    """
+    from tl_thoughts.models import ModelLoadError, check_model_name  # torch: imported when called
+
+    try:
+        check_model_name(name)
+    except ModelLoadError as e:
+        raise EvalOptionError(str(e)) from None
 
 
 def check_tasks(tasks: Sequence["Task"], config: EvalConfig) -> None:

@@ -29,10 +29,19 @@ from tl_thoughts.evaluation.baselines import (
     task_vector_edit,
     task_vector_hooks,
 )
-from tl_thoughts.evaluation.config import BASELINES, PART_METHODS, EvalConfig, EvalOptionError, check_tasks, fit_kinds
+from tl_thoughts.evaluation.config import (
+    BASELINES,
+    PART_METHODS,
+    EvalConfig,
+    EvalOptionError,
+    check_model,
+    check_tasks,
+    fit_kinds,
+)
 from tl_thoughts.evaluation.decoding import query_answers_with_rows
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, encode_task_examples, stop_tokens
 from tl_thoughts.evaluation.verdicts import HookFactory, example_verdicts, greedy_match, match_under
+from tl_thoughts.models import DEFAULT_MODEL_NAME
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.tasks import Task
@@ -442,26 +451,26 @@ def evaluate_task(
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_model(dtype: torch.dtype, threads: int) -> Model:
-    """A worker process's own copy of the default model ([`evaluate_in_processes`][]), loaded
-    once per process, after setting its torch threads."""
-    from tl_thoughts.models import load_default_model
+def _worker_model(name: str, dtype: torch.dtype, threads: int) -> Model:
+    """A worker process's own copy of the model named ``name`` ([`evaluate_in_processes`][]),
+    loaded once per process, after setting its torch threads."""
+    from tl_thoughts.models import load_named_model
 
     torch.set_num_threads(threads)
-    return load_default_model(dtype=dtype)
+    return load_named_model(name, dtype=dtype)
 
 
-def _worker_prepare(task: Task, config: EvalConfig, dtype: torch.dtype, threads: int) -> TaskInputs:
+def _worker_prepare(task: Task, config: EvalConfig, name: str, dtype: torch.dtype, threads: int) -> TaskInputs:
     """A task's [`prepare_task`][], in a worker process."""
-    model = _worker_model(dtype, threads)
+    model = _worker_model(name, dtype, threads)
     _tl.check_no_hooks(model)
     return prepare_task(model, task, config)
 
 
-def _worker_seed(task: Task, config: EvalConfig, seed: int, inputs: TaskInputs, dtype: torch.dtype,
+def _worker_seed(task: Task, config: EvalConfig, seed: int, inputs: TaskInputs, name: str, dtype: torch.dtype,
                  threads: int) -> SeedResult:
     """A seed's [`evaluate_seed`][], in a worker process."""
-    model = _worker_model(dtype, threads)
+    model = _worker_model(name, dtype, threads)
     _tl.check_no_hooks(model)
     return evaluate_seed(model, task, config, seed, inputs)
 
@@ -470,14 +479,17 @@ def evaluate_in_processes(
     tasks: Sequence[Task],
     config: EvalConfig = EvalConfig(),  # noqa: B008 (a frozen dataclass)
     *,
+    model: str = DEFAULT_MODEL_NAME,
     jobs: int = 2,
     dtype: torch.dtype = torch.float32,
     threads: int = 1,
     on_result: Callable[[TaskResult], None] | None = None,
 ) -> list[TaskResult]:
-    """[`evaluate_task`][] for every task on the default model, in worker processes.
+    """[`evaluate_task`][] for every task on the model named ``model``, in worker processes.
 
-    ``jobs`` worker processes of ``threads`` torch threads each (each loads its own copy of the
+    ``model``: the name of a model that [`tl_thoughts.models.load_named_model`][] loads (default:
+    the embedded default model; ``"gemma-3-270m"``; a TransformerLens pretrained name), checked
+    first ([`check_model`][]). ``jobs`` worker processes of ``threads`` torch threads each (each loads its own copy of the
     model, once; the workers take one unit at a time: a task's [`prepare_task`][], then each of
     its seeds; the biggest tasks first). On this
     project's 2-core machine this is as fast as one process with both threads
@@ -488,8 +500,9 @@ def evaluate_in_processes(
     count may change the order of floating-point sums inside torch's kernels.
 
     Raises:
-        EvalOptionError: ``jobs`` or ``threads`` below 1, or ``config`` cannot run on ``tasks``
-            ([`check_tasks`][]), before any process starts.
+        EvalOptionError: ``jobs`` or ``threads`` below 1, ``config`` cannot run on ``tasks``
+            ([`check_tasks`][]), or ``model`` cannot be loaded ([`check_model`][]), before any
+            process starts.
 
     Example:
         >>> from tl_thoughts.tasks import load_task, shipped_tasks
@@ -502,15 +515,16 @@ def evaluate_in_processes(
             or jobs < 1 or threads < 1:
         raise EvalOptionError(f"jobs and threads must be integers >= 1, got {jobs!r} and {threads!r}")
     check_tasks(tasks, config)
+    check_model(model)
     order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i].examples))  # the biggest tasks first
     seeds: dict[int, dict[int, SeedResult]] = {i: {} for i in range(len(tasks))}
     queries: dict[int, list[tuple[str, str]]] = {}
     results: dict[int, TaskResult] = {}
     workers = min(jobs, len(tasks) * len(config.seeds))
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_model, initargs=(dtype, threads)) as pool:
+                             initializer=_worker_model, initargs=(model, dtype, threads)) as pool:
         # every task's inputs (its verdicts with and without the chunk, ...) first, then its seeds as they arrive
-        pending = {pool.submit(_worker_prepare, tasks[i], config, dtype, threads): (i, None) for i in order}
+        pending = {pool.submit(_worker_prepare, tasks[i], config, model, dtype, threads): (i, None) for i in order}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -519,7 +533,7 @@ def evaluate_in_processes(
                     inputs = future.result()
                     queries[i] = list(inputs.queries)
                     for s in config.seeds:
-                        pending[pool.submit(_worker_seed, tasks[i], config, s, inputs, dtype, threads)] = (i, s)
+                        pending[pool.submit(_worker_seed, tasks[i], config, s, inputs, model, dtype, threads)] = (i, s)
                     continue
                 seeds[i][seed] = future.result()
                 if len(seeds[i]) == len(config.seeds):

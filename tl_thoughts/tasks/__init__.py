@@ -7,7 +7,7 @@ The format (all keys but ``description``, ``template``, ``answer_prefix``, ``ans
       "name": "past_tense",
       "description": "An English verb to its simple past tense.",
       "chunk": "walk -> walked\\nsee -> saw\\n",
-      "template": {"text": "{chunk}{query} ->", "separator": ""},
+      "template": {"text": "{bos}{chunk}{query} ->", "separator": ""},
       "answer_prefix": " ",
       "answer_suffix": "\\n",
       "examples": [{"query": "go", "answer": "went"}, ...],
@@ -18,7 +18,9 @@ The prompt WITH the chunk is ``template.render(query, chunk)``, WITHOUT it
 ``template.render(query)``; the expected continuation is ``answer_prefix + answer`` and then a
 line break (``answer_suffix``, which must hold a line break: it is where greedy decoding stops).
 The default template is ``{"text": "{chunk}{query} ->", "separator": ""}`` and the default
-answer prefix a space, as in the demonstrations ``"x -> y\\n"``.
+answer prefix a space, as in the demonstrations ``"x -> y\\n"``. A template's text may start
+with ``{bos}``: the model's BOS token (the shipped tasks' templates do), rendered for each model
+when prompts are tokenised ([`tl_thoughts.templates.PromptTemplate.for_model`][]).
 
 ``queries`` are unlabelled queries: more inputs of the task, without answers, none of them an
 example's query. The benchmark answers them with the model itself, WITH the chunk, and fits every
@@ -29,8 +31,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from tl_thoughts.errors import ArgumentTypeError, InputError, check_int
 from tl_thoughts.templates import PromptTemplate
+
+if TYPE_CHECKING:
+    from tl_thoughts._tl import Model
 
 DATA = Path(__file__).parent / "data"
 REQUIRED = ("name", "chunk", "examples")
@@ -66,9 +73,22 @@ class Task:
     examples: tuple[tuple[str, str], ...]
     queries: tuple[str, ...] = ()
 
-    def prompt(self, query: str, with_chunk: bool) -> str:
-        """The prompt for ``query`` with or without the chunk."""
-        return self.template.render(query, self.chunk if with_chunk else None)
+    def prompt(self, query: str, with_chunk: bool, model: "Model | None" = None) -> str:
+        """The prompt for ``query`` with or without the chunk, for ``model``: its text tokenises
+        (``model.to_tokens``) as the benchmark's tokens. A template starting with ``{bos}`` (the
+        shipped tasks') needs the model ([`tl_thoughts.templates.PromptTemplate.for_model`][]).
+
+        Raises:
+            InputError: The template starts with ``{bos}`` and no model is given, or the model has
+                no BOS token its tokenization gives.
+
+        Example:
+            >>> task = load_task(shipped_tasks()[0])
+            >>> task.prompt("tall", False, smollm2)  # doctest: +SKIP
+            '<|im_start|>tall ->'
+        """
+        template = self.template if model is None else self.template.for_model(model)
+        return template.render(query, self.chunk if with_chunk else None)
 
     def continuation(self, answer: str) -> str:
         """The expected continuation: prefix, answer, and the line break that ends it."""
