@@ -167,7 +167,7 @@ def bad_inputs() -> list[dict]:
         "float16 compute dtype": (model, lambda m: tt.implicit_updates(m, toks, slice(2, 4), dtype=torch.float16), tt.InputError),
         "model with a hook attached": (hooked, lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
         "alibi positions": (make_model("ln_gelu_learned", positional_embedding_type="alibi"), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
-        "local attention": (make_model("ln_gelu_learned", use_local_attn=True, window_size=4, attn_types=["global", "local"]), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
+        "local attention, a key back in the window": (make_model("ln_gelu_learned", use_local_attn=True, window_size=4, attn_types=["global", "local"]), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.InputError),
         "mixture of experts": (make_model("rms_gated_silu_rotary_gqa", num_experts=2, experts_per_token=1), lambda m: tt.implicit_updates(m, toks, slice(2, 4)), tt.UnsupportedArchitectureError),
         "thought patch on a post-norm model, residual target": (make_model("olmo2_rms_gated_silu_rotary", tokenizer=make_word_tokenizer()), lambda m: tt.fit_thought(m, "the cat", [" sat"], tt.FitConfig(), progress=False), tt.InputError),
         "more kept tokens than d_model (weight form)": (make_model("ln_gelu_learned"), lambda m: tt.verify(m, tt.implicit_updates(m, _tokens(45, 3)[None], slice(2, 4)), forms=("weight",)), tt.ZeroDenominatorError),

@@ -450,3 +450,29 @@ def test_stored_results_are_written_whole(tmp_path):
     stored = E.stored_task_results([task], options, tmp_path / "out")["a"]
     assert json.dumps(stored.to_json()) == json.dumps(_result("a").to_json())
     assert E.task_result_path(tmp_path, "x/../y").name == "x%2F..%2Fy.json"
+
+
+def test_eval_refuses_the_papers_method_on_a_post_norm_model_before_loading(tmp_path, monkeypatch, capsys):
+    """``thought_patch_paper`` (its vector on ``b_out``) cannot fit a model with norms after its
+    sublayers: ``--model gemma-3-270m`` with the default methods is refused before loading, naming
+    the methods to run; the Python API refuses it on a loaded post-norm model and in processes."""
+    calls, loads = [], []
+    _fake_evaluation(monkeypatch, calls, loads=loads)
+    argv = ["eval", "--task", str(_task_file(tmp_path, "a")), "--out", str(tmp_path / "out"), "--queries", "0",
+            "--model", "gemma-3-270m"]
+    assert cli.main(argv) == 2
+    err = _one_error_line(capsys)
+    assert "thought_patch_paper" in err and "--methods with_chunk without_chunk" in err
+    assert loads == [] and calls == [] and not (tmp_path / "out").exists()
+    assert cli.main([*argv, "--methods", "with_chunk", "without_chunk", "thought_patch"]) == 0 and calls == ["a"]
+    monkeypatch.undo()
+    monkeypatch.setattr("tl_thoughts.models.gemma_package", lambda: None)  # installed or not
+    task = task_from_dict(json.loads(_task_file(tmp_path, "b").read_text()))
+    with pytest.raises(E.EvalOptionError, match="thought_patch_paper"):
+        E.evaluate_in_processes([task], E.EvalConfig(n_queries=0), model="gemma-3-270m")
+    E.check_post_norm_methods(E.EvalConfig(), post_norm=False)  # pre-norm: every method
+    from helpers import make_model, make_word_tokenizer
+
+    post_norm = make_model("olmo2_rms_gated_silu_rotary", tokenizer=make_word_tokenizer())
+    with pytest.raises(E.EvalOptionError, match="thought_patch_paper"):
+        E.evaluate_task(post_norm, task, E.EvalConfig(n_queries=0), progress=False)

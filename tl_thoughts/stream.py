@@ -207,9 +207,8 @@ def finish_block_hidden(
         >>> tuple(post.shape)
         (1, 3, 32)
     """
-    if not spec.has_mlp:
-        raise InputError("an attention-only block has no MLP hidden activations")
-    return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=True)[:2]
+    parts = finish_block_parts(model, spec, layer, resid_pre, attn_out, mlp_patched)
+    return parts.resid_post, parts.hidden
 
 
 def finish_block_parts(
@@ -232,7 +231,7 @@ def finish_block_parts(
         True
     """
     if not spec.has_mlp:
-        raise InputError("an attention-only block has no MLP")
+        raise InputError("an attention-only block has no MLP hidden activations")
     return _mlp_half(model, spec, layer, resid_pre, attn_out, mlp_patched, hidden=True)
 
 

@@ -74,7 +74,7 @@ Every run of prompts goes through the stream engine ([`tl_thoughts.stream`][]: p
 by length, the shared prefix's key-value cache, runs to the last block, greedy decoding, the rows a
 fit reads). The package's modules, each using only those above it:
 
-- ``config``: [`EvalConfig`][], [`check_tasks`][], [`check_model`][], [`EvalOptionError`][], the method
+- ``config``: [`EvalConfig`][], [`check_tasks`][], [`check_model`][], [`check_post_norm_methods`][], [`EvalOptionError`][], the method
   names, [`fit_kinds`][];
 - ``examples``: [`TaskExample`][] (a task's example tokenised with and without the chunk),
   [`stop_tokens`][];
@@ -102,7 +102,8 @@ from typing import TYPE_CHECKING
 # module -> the public names it defines (imported when one of them is first read)
 _MODULES = MappingProxyType({
     "config": ("BASELINES", "DEFAULT_METHODS", "FIT_METHODS", "FITTED_ALONE", "METHODS", "ON_REQUEST",
-        "PART_METHODS", "EvalConfig", "EvalOptionError", "check_model", "check_tasks", "fit_kinds"),
+        "PART_METHODS", "EvalConfig", "EvalOptionError", "check_model", "check_post_norm_methods", "check_tasks",
+        "fit_kinds"),
     "examples": ("TaskExample", "encode_task_example", "encode_task_examples", "n_positions_read",
         "stop_tokens"),
     "decoding": ("QueryRun", "greedy_generate", "greedy_generate_all", "query_answers", "query_answers_with_rows",
@@ -131,6 +132,7 @@ if TYPE_CHECKING:  # the same names, for static tools (type checkers, the API do
         ON_REQUEST,
         PART_METHODS,
         check_model,
+        check_post_norm_methods,
         check_tasks,
         fit_kinds,
     )
@@ -211,6 +213,7 @@ __all__ = [
     "EvalConfig",
     "EvalOptionError",
     "check_model",
+    "check_post_norm_methods",
     "check_tasks",
     "fit_kinds",
     # examples

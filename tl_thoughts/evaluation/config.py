@@ -259,6 +259,27 @@ def check_model(name: str | None) -> None:
         raise EvalOptionError(str(e)) from None
 
 
+def check_post_norm_methods(config: EvalConfig, post_norm: bool) -> None:
+    """Refuse, before the work, the methods a model with norms after its sublayers (Gemma 2/3,
+    OLMo 2; ``post_norm``) cannot run: ``thought_patch_paper``, whose ``"paper"`` preset puts the
+    vector on ``b_out``, before the MLP's post-norm ([`tl_thoughts.thoughts.check_post_norm`][]).
+    ``tl-thoughts eval`` calls it before loading a model of ``models.POST_NORM_MODEL_NAMES``;
+    [`tl_thoughts.evaluation.evaluate_task`][] on the model it is given.
+
+    Raises:
+        EvalOptionError: such a method on such a model, naming the methods to run instead.
+
+    Example:
+        >>> check_post_norm_methods(EvalConfig(), post_norm=False)
+    """
+    if post_norm and "thought_patch_paper" in config.methods:
+        others = " ".join(m for m in config.methods if m != "thought_patch_paper")
+        raise EvalOptionError(
+            "thought_patch_paper fits the papers' form, its vector on the MLP output bias b_out, which a model with "
+            "norms after its sublayers (Gemma 2/3, OLMo 2) rescales: leave it out (--methods " + others + ")"
+        )
+
+
 def check_tasks(tasks: Sequence["Task"], config: EvalConfig) -> None:
     """Check, before any model runs, that ``config`` can run on ``tasks``.
 

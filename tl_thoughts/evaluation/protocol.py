@@ -35,13 +35,14 @@ from tl_thoughts.evaluation.config import (
     EvalConfig,
     EvalOptionError,
     check_model,
+    check_post_norm_methods,
     check_tasks,
     fit_kinds,
 )
 from tl_thoughts.evaluation.decoding import query_answers_with_rows
 from tl_thoughts.evaluation.examples import TaskExample, encode_task_example, encode_task_examples, stop_tokens
 from tl_thoughts.evaluation.verdicts import HookFactory, example_verdicts, greedy_match, match_under
-from tl_thoughts.models import DEFAULT_MODEL_NAME
+from tl_thoughts.models import DEFAULT_MODEL_NAME, POST_NORM_MODEL_NAMES
 from tl_thoughts.patch import ThoughtPatch
 from tl_thoughts.refine import refine_thought
 from tl_thoughts.tasks import Task
@@ -440,7 +441,7 @@ def evaluate_task(
         >>> result.summary("thought_patch")["accuracy"]  # doctest: +SKIP
     """
     check_tasks([task], config)
-    _tl.model_spec(model)
+    check_post_norm_methods(config, _tl.model_spec(model).post_norm)
     _tl.check_no_hooks(model)
     inputs = prepare_task(model, task, config)  # once for every seed
     seeds = [
@@ -516,6 +517,7 @@ def evaluate_in_processes(
         raise EvalOptionError(f"jobs and threads must be integers >= 1, got {jobs!r} and {threads!r}")
     check_tasks(tasks, config)
     check_model(model)
+    check_post_norm_methods(config, model in POST_NORM_MODEL_NAMES)
     order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i].examples))  # the biggest tasks first
     seeds: dict[int, dict[int, SeedResult]] = {i: {} for i in range(len(tasks))}
     queries: dict[int, list[tuple[str, str]]] = {}
