@@ -958,10 +958,7 @@ class _ModelState:
                 params[name].data = self.own.pop(name)
                 del self.installed[name]
         for name, deltas in wanted.items():
-            own = self.own.setdefault(name, params[name].data)
-            value = own
-            for delta in deltas:
-                value = value + delta.reshape(own.shape).to(own)
+            value = _with_deltas(self.own.setdefault(name, params[name].data), deltas)
             params[name].data = value
             self.installed[name] = value
 
@@ -977,12 +974,7 @@ class _ModelState:
         if not wanted:
             return
         own = {name: _tl.weight(model, name).detach() for name in wanted}
-        values = {}
-        for name, deltas in wanted.items():
-            value = own[name]
-            for delta in deltas:
-                value = value + delta.reshape(value.shape).to(value)
-            values[name] = value
+        values = {name: _with_deltas(own[name], deltas) for name, deltas in wanted.items()}
         self.swap = _tl.install_weights(model, values)
         self.own, self.installed = own, values
 
@@ -999,6 +991,14 @@ class _ModelState:
 
 
 _STATES: "weakref.WeakKeyDictionary[Model, _ModelState]" = weakref.WeakKeyDictionary()
+
+
+def _with_deltas(own: Tensor, deltas: list[Tensor]) -> Tensor:
+    """``own`` plus ``deltas``, added in order (each reshaped and cast to ``own``)."""
+    value = own
+    for delta in deltas:
+        value = value + delta.reshape(own.shape).to(own)
+    return value
 
 
 def _state(model: Model) -> _ModelState:

@@ -420,16 +420,16 @@ class _Fitter:
                     b.full = finish_block(model, spec, layer, b.full, _tl.attn_post_norm(model, layer, attn_full))
                     if self.memo is not None:
                         self.memo[j, layer] = (attn_full, b.full)
-                post_full = b.full[b.rows_full] if fit_out else None
+                post_full = b.full[b.rows_full] if fit_out and spec.mlp_post_norm is None else None
             if fit_out and spec.mlp_post_norm is not None:
                 # a post-norm follows the MLP: W_out's target is the change of the MLP's output before
                 # it (the full prompts' MLP on their rows minus the reduced one's, under its input patches)
-                mid, attn_red = b.reduced, c.pop("attn_red")
-                parts = finish_block_parts(model, spec, layer, mid, attn_red, new)
+                pre, attn_red = b.reduced, c.pop("attn_red")
+                parts = finish_block_parts(model, spec, layer, pre, attn_red, new)
                 mlp_full = finish_block_parts(model, spec, layer, c["pre_full"][None], c["attn_rows"][None]).mlp_out[0]
                 h_fit.add(parts.hidden[b.rows_reduced].double(),
                           (mlp_full - parts.mlp_out[b.rows_reduced]).double(), b.weights)
-                b.reduced, c["post"], c["mid"], c["mlp_out"] = parts.resid_post, parts.hidden, mid + attn_red, parts.mlp_out
+                b.reduced, c["post"], c["mid"], c["mlp_out"] = parts.resid_post, parts.hidden, pre + attn_red, parts.mlp_out
             elif fit_out:  # resid_post and h under the block's other patches; the rows' residual differences
                 b.reduced, c["post"] = finish_block_hidden(model, spec, layer, b.reduced, c.pop("attn_red"), new)
                 h_fit.add(c["post"][b.rows_reduced].double(), (post_full - b.reduced[b.rows_reduced]).double(), b.weights)
@@ -542,8 +542,8 @@ def fit_thought(
 
     Raises:
         InputError: an empty chunk or no examples, hooks on the model, nothing to pool, a matrix
-            fit on an attention-only model, rows kept for other options.
-        InputError: options a model with norms after its sublayers cannot fit ([`check_post_norm`][]).
+            fit on an attention-only model, rows kept for other options, options a model with
+            norms after its sublayers cannot fit ([`check_post_norm`][]).
 
     Example:
         >>> patch = tl_thoughts.fit_thought(model, "Answer in French.", ["cat", "dog"])  # doctest: +SKIP
